@@ -1,0 +1,38 @@
+"""meepo: a reliable distributed task queue with a SQL ledger and a Redis transport."""
+
+from .errors import (
+    CommitModeError,
+    ConfigError,
+    JobNotFoundError,
+    LedgerUnavailableError,
+    MeepoError,
+    NotRunningHereError,
+    PayloadError,
+    SchemaError,
+    StaleCommitError,
+    TransportUnavailableError,
+    UnavailableError,
+)
+from .records import Job, JobRecord, Status
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommitModeError",
+    "ConfigError",
+    "Job",
+    "JobNotFoundError",
+    "JobRecord",
+    "LedgerUnavailableError",
+    "MeepoError",
+    "NotRunningHereError",
+    "PayloadError",
+    "SchemaError",
+    "StaleCommitError",
+    "Status",
+    "Task",
+    "TransportUnavailableError",
+    "UnavailableError",
+    "__version__",
+]

@@ -1,0 +1,65 @@
+"""Turning ``db=`` and ``redis=`` arguments into shared, fork-safe clients.
+
+Tasks in one process that name the same URL share one Engine (one connection pool) and
+one Redis client. After ``fork`` the child drops the parent's pooled connections
+(redis-py does this by itself on the first command in the child).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import redis as redis_lib
+from sqlalchemy import Engine
+
+from .config import default_db_url, default_redis_url, home_dir
+from .errors import ConfigError
+from .ledger import make_engine
+from .transport import make_client
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+_clients: dict[str, redis_lib.Redis] = {}
+
+
+def engine_for(db: str | Engine | None) -> Engine:
+    if isinstance(db, Engine):
+        return db
+    if db is None:
+        db = default_db_url()
+    if not isinstance(db, str):
+        raise ConfigError(f"db must be a URL or a sqlalchemy Engine, not {type(db).__name__}")
+    with _lock:
+        engine = _engines.get(db)
+        if engine is None:
+            engine = _engines[db] = make_engine(db, pool_size=20, max_overflow=20)
+        return engine
+
+
+def redis_for(client: str | redis_lib.Redis | None) -> redis_lib.Redis:
+    if isinstance(client, redis_lib.Redis):
+        return client
+    if client is None:
+        client = default_redis_url()
+        if client is None:
+            from .transport.embedded import embedded_redis_url
+
+            client = embedded_redis_url(home_dir() / "redis")
+    if not isinstance(client, str):
+        raise ConfigError(
+            f"redis must be a URL or a redis.Redis client, not {type(client).__name__}"
+        )
+    with _lock:
+        found = _clients.get(client)
+        if found is None:
+            found = _clients[client] = make_client(client)
+        return found
+
+
+def _after_fork() -> None:
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork)

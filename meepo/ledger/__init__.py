@@ -1,0 +1,15 @@
+"""The ledger: all SQL. The source of truth for every job."""
+
+from .engine import make_engine
+from .ledger import CHUNK, NEVER_DISPATCHED, Ledger, Outcome, Pair, TaskStats, Zombie
+
+__all__ = [
+    "CHUNK",
+    "NEVER_DISPATCHED",
+    "Ledger",
+    "Outcome",
+    "Pair",
+    "TaskStats",
+    "Zombie",
+    "make_engine",
+]

@@ -1,0 +1,92 @@
+"""Engines and driver-error translation for the ledger."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+
+from ..config import mask_url
+from ..errors import ConfigError, LedgerUnavailableError, SchemaError
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An Engine for ``url`` set up for meepo's access pattern.
+
+    SQLite: WAL journal, a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction,
+    so that the consumer's threads queue for the write lock instead of failing with
+    "database is locked" when a read transaction tries to upgrade.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"invalid database URL {mask_url(str(url))!r}: {exc}") from None
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif backend == "mysql":
+        options["pool_recycle"] = 3600
+    options.update(kwargs)
+    try:
+        engine = create_engine(parsed, **options)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"cannot use database URL {mask_url(str(url))!r}: {exc}") from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"the driver for {parsed.drivername!r} is not installed ({exc}); "
+            "for PostgreSQL: pip install 'meepo[postgres]'"
+        ) from None
+    if backend == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event own BEGIN
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_MISSING_TABLE_MARKERS = (
+    "no such table",  # SQLite
+    "doesn't exist",  # MySQL / MariaDB (1146)
+    "does not exist",  # PostgreSQL (42P01)
+    "undefinedtable",
+)
+
+
+@contextlib.contextmanager
+def translate_errors(url: str, table: str | None = None) -> Iterator[None]:
+    """Turn driver errors into meepo errors, the URL's password masked."""
+    try:
+        yield
+    except DBAPIError as exc:
+        text = str(exc.orig) if exc.orig is not None else str(exc)
+        if table is not None and any(m in text.lower() for m in _MISSING_TABLE_MARKERS):
+            raise SchemaError(
+                f"the ledger table {table!r} does not exist in {mask_url(url)}: "
+                "run `meepo db upgrade` (or pass init_db=True)"
+            ) from exc
+        raise LedgerUnavailableError(
+            f"database error on {mask_url(url)}: {mask_url(text.strip().splitlines()[0])}"
+        ) from exc
+    except SQLAlchemyError as exc:
+        raise LedgerUnavailableError(f"database error on {mask_url(url)}: {exc}") from exc

@@ -1,0 +1,696 @@
+"""Every SQL statement meepo runs against the jobs table, one method per transition.
+
+Each transition is a compare-and-set on ``commit_id`` that increments it (DESIGN.md,
+invariant 2): it names its precondition (``status`` and ``commit_id``) in the WHERE
+clause, and a row that does not match is left alone and reported back as lost.
+Batches share round trips but never the check: ``(id, commit_id) IN (…)`` keeps the
+per-job compare-and-set, ``id IN (…)`` in front of it keeps the primary key in use.
+
+Statements, by caller:
+
+* producer: :meth:`insert` (one row or a multi-row INSERT … RETURNING)
+* consumer: :meth:`claim` (todo → doing), :meth:`heartbeat` (lease renewal, no
+  transition), :meth:`finish` (doing → done | failed | todo), :meth:`release`
+  (doing → todo, unstarted jobs at shutdown)
+* reaper: :meth:`expired_leases` + :meth:`reap` (doing → todo | done | failed),
+  :meth:`sweep` (todo past its dispatch deadline → todo with a new commit_id),
+  :meth:`due_todo` (read-only, for re-dispatch after Redis lost its data)
+* admin: :meth:`commit_one`, :meth:`repush`, :meth:`get`, :meth:`stats`, :meth:`find`
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Row,
+    Table,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from ..errors import JobNotFoundError, StaleCommitError
+from ..records import Job, JobRecord, Status
+from .engine import translate_errors
+from .schema import jobs_table
+from .types import UTC
+
+Pair = tuple[int, int]
+"""``(job id, commit_id)``: one claim of one job, the unit every transition checks."""
+
+#: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
+NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: Rows per statement for batched transitions (keeps IN lists and packets bounded).
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A consumer's verdict on one claimed job, for :meth:`Ledger.finish`."""
+
+    job_id: int
+    commit_id: int
+    status: Status
+    error: str | None = None
+    run_at: datetime | None = None  # when a todo outcome is due again (backoff)
+
+
+@dataclass(frozen=True)
+class Zombie:
+    id: int
+    commit_id: int
+    failed_times: int
+
+
+@dataclass
+class TaskStats:
+    task_id: str
+    counts: dict[Status, int] = field(default_factory=dict)
+    oldest_todo: datetime | None = None
+
+
+class _Mismatch(Exception):
+    """Internal: a batched compare-and-set hit fewer rows than it named."""
+
+
+def _inserted_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def _error_text(error: str | None) -> str | None:
+    if error is None:
+        return None
+    return error if len(error) <= 4000 else error[:3997] + "..."
+
+
+class Ledger:
+    """The jobs table of one ledger (shared by many tasks), behind named transitions."""
+
+    def __init__(self, engine: Engine, table_name: str) -> None:
+        self.engine = engine
+        self.table: Table = jobs_table(table_name)
+        self.table_name = table_name
+        self.url = engine.url.render_as_string(hide_password=True)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction on a pooled connection, errors translated to meepo's."""
+        with translate_errors(self.url, self.table_name), self.engine.begin() as conn:
+            yield conn
+
+    def _pairs_where(self, pairs: Sequence[Pair]) -> ColumnElement[bool]:
+        t = self.table
+        ids = [p[0] for p in pairs]
+        if len(pairs) == 1:
+            return and_(t.c.id == pairs[0][0], t.c.commit_id == pairs[0][1])
+        return and_(t.c.id.in_(ids), tuple_(t.c.id, t.c.commit_id).in_(list(pairs)))
+
+    def _cas(
+        self,
+        conn: Connection,
+        pairs: Sequence[Pair],
+        from_status: Iterable[Status],
+        values: dict[str, Any],
+    ) -> int:
+        t = self.table
+        statuses = [s.value for s in from_status]
+        cond = t.c.status == statuses[0] if len(statuses) == 1 else t.c.status.in_(statuses)
+        stmt = (
+            update(t)
+            .where(self._pairs_where(pairs), cond)
+            .values(commit_id=t.c.commit_id + 1, **values)
+        )
+        return int(conn.execute(stmt).rowcount)
+
+    def _transition(
+        self,
+        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
+        conn: Connection | None = None,
+    ) -> set[Pair]:
+        """Apply compare-and-set groups; return the pairs that won.
+
+        Fast path: one UPDATE per group in one transaction; when every row matched, all
+        won. Otherwise (someone else moved a job meanwhile) the transaction is rolled
+        back and redone one row at a time, so exactly the winners change.
+        """
+        groups = [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
+        if not groups:
+            return set()
+        if conn is not None:
+            return self._transition_rows(conn, groups)
+        try:
+            with self.begin() as c:
+                for pairs, statuses, values in groups:
+                    for i in range(0, len(pairs), CHUNK):
+                        chunk = pairs[i : i + CHUNK]
+                        if self._cas(c, chunk, statuses, values) != len(chunk):
+                            raise _Mismatch
+        except _Mismatch:
+            with self.begin() as c:
+                return self._transition_rows(c, groups)
+        return {p for pairs, _, _ in groups for p in pairs}
+
+    def _transition_rows(
+        self,
+        conn: Connection,
+        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
+    ) -> set[Pair]:
+        won: set[Pair] = set()
+        for pairs, statuses, values in groups:
+            for pair in pairs:
+                if self._cas(conn, [pair], statuses, values) == 1:
+                    won.add(pair)
+        return won
+
+    # -- producer ---------------------------------------------------------------------
+
+    def insert(
+        self,
+        task_id: str,
+        payloads: Sequence[bytes],
+        *,
+        now: datetime,
+        run_at: datetime | None = None,
+        expires_at: datetime,
+        conn: Connection | None = None,
+    ) -> list[int]:
+        """INSERT todo rows (commit_id 0) and return their ids in payload order.
+
+        With ``conn`` the rows join the caller's transaction; otherwise they are
+        committed before this returns.
+        """
+        if conn is None:
+            with self.begin() as c:
+                return self._insert(c, task_id, payloads, now, run_at, expires_at)
+        with translate_errors(self.url, self.table_name):
+            return self._insert(conn, task_id, payloads, now, run_at, expires_at)
+
+    def _insert(
+        self,
+        conn: Connection,
+        task_id: str,
+        payloads: Sequence[bytes],
+        now: datetime,
+        run_at: datetime | None,
+        expires_at: datetime,
+    ) -> list[int]:
+        t = self.table
+        due = run_at or now
+        rows = [
+            {
+                "task_id": task_id,
+                "status": Status.TODO.value,
+                "payload": p,
+                "failed_times": 0,
+                "commit_id": 0,
+                "created_at": now,
+                "updated_at": now,
+                "run_at": due,
+                "expires_at": expires_at,
+            }
+            for p in payloads
+        ]
+        dialect = conn.dialect
+        if len(rows) == 1:
+            if dialect.insert_returning:
+                return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
+            return [_inserted_id(conn.execute(insert(t), rows[0]))]
+        ids: list[int] = []
+        if dialect.insert_executemany_returning_sort_by_parameter_order:
+            stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
+            for i in range(0, len(rows), CHUNK):
+                ids.extend(int(x) for x in conn.execute(stmt, rows[i : i + CHUNK]).scalars())
+            return ids
+        for row in rows:  # MySQL (not MariaDB): no INSERT … RETURNING
+            ids.append(_inserted_id(conn.execute(insert(t), row)))
+        return ids
+
+    def mark_due(self, pairs: Sequence[Pair]) -> None:
+        """Mark todo rows as never dispatched (their message was not sent), so the next
+        dispatch sweep sends them."""
+        if not pairs:
+            return
+        t = self.table
+        with self.begin() as conn:
+            for i in range(0, len(pairs), CHUNK):
+                chunk = sorted(set(pairs[i : i + CHUNK]))
+                conn.execute(
+                    update(t)
+                    .where(self._pairs_where(chunk), t.c.status == Status.TODO.value)
+                    .values(expires_at=NEVER_DISPATCHED)
+                )
+
+    # -- consumer ---------------------------------------------------------------------
+
+    def claim(
+        self,
+        task_id: str,
+        pairs: Sequence[Pair],
+        *,
+        now: datetime,
+        lease_until: datetime,
+        worker: str,
+    ) -> list[Job]:
+        """todo → doing for every ``(id, commit_id)`` that is still current.
+
+        Returns the jobs this call won, with their new commit_id; stale, duplicate and
+        foreign messages simply do not come back. PostgreSQL and SQLite do it in one
+        ``UPDATE … RETURNING``; MySQL/MariaDB lock the rows with ``SELECT … FOR UPDATE``
+        and update the winners.
+        """
+        want = sorted(set(pairs))
+        if not want:
+            return []
+        t = self.table
+        values = {
+            "status": Status.DOING.value,
+            "commit_id": t.c.commit_id + 1,
+            "updated_at": now,
+            "expires_at": lease_until,
+            "worker": worker,
+        }
+        ids = sorted({p[0] for p in want})
+        with self.begin() as conn:
+            if conn.dialect.update_returning:
+                stmt = (
+                    update(t)
+                    .where(
+                        self._pairs_where(want),
+                        t.c.status == Status.TODO.value,
+                        t.c.task_id == task_id,
+                    )
+                    .values(**values)
+                    .returning(t.c.id, t.c.commit_id, t.c.failed_times, t.c.payload)
+                )
+                rows: Sequence[Row[Any]] = conn.execute(stmt).all()
+                return sorted(
+                    (
+                        Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id)
+                        for r in rows
+                    ),
+                    key=lambda j: j.id,
+                )
+            locked = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.status, t.c.failed_times, t.c.payload)
+                .where(t.c.id.in_(ids), t.c.task_id == task_id)
+                .order_by(t.c.id)
+                .with_for_update()
+            ).all()
+            wanted = set(want)
+            winners = [
+                r for r in locked if r.status == Status.TODO.value and (r.id, r.commit_id) in wanted
+            ]
+            if not winners:
+                return []
+            win_pairs = [(r.id, r.commit_id) for r in winners]
+            conn.execute(
+                update(t)
+                .where(self._pairs_where(win_pairs), t.c.status == Status.TODO.value)
+                .values(**values)
+            )
+            return [
+                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + 1)
+                for r in winners
+            ]
+
+    def heartbeat(self, pairs: Sequence[Pair], *, lease_until: datetime) -> set[Pair]:
+        """Extend the leases of running jobs; return the pairs that are no longer ours.
+
+        Not a transition: commit_id is checked, not incremented.
+        """
+        want = sorted(set(pairs))
+        if not want:
+            return set()
+        t = self.table
+        lost: set[Pair] = set()
+        with self.begin() as conn:
+            for i in range(0, len(want), CHUNK):
+                chunk = want[i : i + CHUNK]
+                n = conn.execute(
+                    update(t)
+                    .where(self._pairs_where(chunk), t.c.status == Status.DOING.value)
+                    .values(expires_at=lease_until)
+                ).rowcount
+                if n == len(chunk):
+                    continue
+                current = {
+                    (r.id, r.commit_id)
+                    for r in conn.execute(
+                        select(t.c.id, t.c.commit_id).where(
+                            t.c.id.in_([p[0] for p in chunk]), t.c.status == Status.DOING.value
+                        )
+                    )
+                }
+                lost.update(p for p in chunk if p not in current)
+        return lost
+
+    def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
+        t = self.table
+        values: dict[str, Any] = {"status": o.status.value, "updated_at": now}
+        if o.status is Status.DONE:
+            values["expires_at"] = None
+        elif o.status is Status.FAILED:
+            values["expires_at"] = None
+            values["failed_times"] = t.c.failed_times + 1
+            values["last_error"] = _error_text(o.error)
+        else:  # TODO: back on the queue, due at run_at
+            due = o.run_at or now
+            values["failed_times"] = t.c.failed_times + 1
+            values["last_error"] = _error_text(o.error)
+            values["run_at"] = due
+            values["expires_at"] = max(due, now) + lease
+        return values
+
+    def finish(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        now: datetime,
+        redispatch_timeout: timedelta,
+    ) -> set[Pair]:
+        """Group commit: doing → done | failed | todo for each outcome whose commit_id is
+        current. Returns the ``(id, old commit_id)`` pairs that took effect.
+
+        ``todo`` and ``failed`` count a failed attempt (failed_times + 1); a todo row is
+        due again at ``run_at`` and expires for re-dispatch ``redispatch_timeout`` later.
+        """
+        groups: dict[tuple[Any, ...], tuple[list[Pair], dict[str, Any]]] = {}
+        for o in outcomes:
+            key = (o.status, o.error, o.run_at)
+            if key not in groups:
+                groups[key] = ([], self._outcome_values(o, now, redispatch_timeout))
+            groups[key][0].append((o.job_id, o.commit_id))
+        return self._transition([(p, [Status.DOING], v) for p, v in groups.values()])
+
+    def release(self, pairs: Sequence[Pair], *, now: datetime, expires_at: datetime) -> set[Pair]:
+        """doing → todo without counting a failure: claimed jobs that never started
+        (the consumer is shutting down). Returns the pairs that took effect."""
+        values = {"status": Status.TODO.value, "updated_at": now, "expires_at": expires_at}
+        return self._transition([(pairs, [Status.DOING], values)])
+
+    # -- reaper -----------------------------------------------------------------------
+
+    def expired_leases(self, task_id: str, *, now: datetime, limit: int) -> list[Zombie]:
+        """doing rows whose lease ran out (their consumer died or froze)."""
+        t = self.table
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.failed_times)
+                .where(
+                    t.c.task_id == task_id,
+                    t.c.status == Status.DOING.value,
+                    t.c.expires_at < now,
+                )
+                .order_by(t.c.expires_at)
+                .limit(limit)
+            ).all()
+        return [Zombie(r.id, r.commit_id, r.failed_times) for r in rows]
+
+    def reap(
+        self,
+        zombies: Sequence[Zombie],
+        *,
+        dst: Status,
+        max_failed_times: int,
+        now: datetime,
+        redispatch_timeout: timedelta,
+    ) -> tuple[list[Pair], int]:
+        """Apply the zombie policy to expired leases.
+
+        A reaped lease counts as a failed attempt (so a job that kills its worker every
+        time still ends). ``dst=todo`` re-queues it, or fails it once failed_times
+        reaches max_failed_times; ``done``/``failed`` close it. Returns the re-queued
+        ``(id, new commit_id)`` pairs and the number closed.
+        """
+        error = "lease expired: the consumer stopped heartbeating (died, froze or lost)"
+        requeue: list[Pair] = []
+        close: dict[Status, list[Pair]] = {}
+        final: Status
+        for z in zombies:
+            if dst is Status.TODO and z.failed_times + 1 < max_failed_times:
+                requeue.append((z.id, z.commit_id))
+            else:
+                final = Status.FAILED if dst is Status.TODO else dst
+                close.setdefault(final, []).append((z.id, z.commit_id))
+        groups: list[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]] = []
+        t = self.table
+        if requeue:
+            groups.append(
+                (
+                    requeue,
+                    [Status.DOING],
+                    {
+                        "status": Status.TODO.value,
+                        "failed_times": t.c.failed_times + 1,
+                        "last_error": error,
+                        "updated_at": now,
+                        "run_at": now,
+                        "expires_at": now + redispatch_timeout,
+                    },
+                )
+            )
+        for final, pairs in close.items():
+            groups.append(
+                (
+                    pairs,
+                    [Status.DOING],
+                    {
+                        "status": final.value,
+                        "failed_times": t.c.failed_times + 1,
+                        "last_error": error,
+                        "updated_at": now,
+                        "expires_at": None,
+                    },
+                )
+            )
+        won = self._transition(groups)
+        requeued = [(i, c + 1) for i, c in requeue if (i, c) in won]
+        return requeued, len(won) - len(requeued)
+
+    def dispatch_deadline(self, pair: Pair) -> datetime | None:
+        """The dispatch deadline of a todo row if ``pair`` is still its current claim."""
+        t = self.table
+        with self.begin() as conn:
+            return conn.execute(
+                select(t.c.expires_at).where(
+                    self._pairs_where([pair]), t.c.status == Status.TODO.value
+                )
+            ).scalar()
+
+    def sweep(
+        self,
+        task_id: str,
+        *,
+        now: datetime,
+        cutoff: datetime,
+        limit: int,
+        redispatch_timeout: timedelta,
+    ) -> list[Pair]:
+        """Due todo rows whose dispatch deadline is before ``cutoff`` (never dispatched,
+        or their message was lost) get a new commit_id and are returned for
+        re-dispatch; their old messages, if any, become stale.
+
+        The caller picks ``cutoff`` so that rows whose message is still waiting in the
+        queue are left alone (see the reaper)."""
+        t = self.table
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id)
+                .where(
+                    t.c.task_id == task_id,
+                    t.c.status == Status.TODO.value,
+                    t.c.expires_at < cutoff,
+                    t.c.run_at <= now,
+                )
+                .order_by(t.c.expires_at)
+                .limit(limit)
+            ).all()
+        pairs = [(r.id, r.commit_id) for r in rows]
+        won = self._transition(
+            [(pairs, [Status.TODO], {"updated_at": now, "expires_at": now + redispatch_timeout})]
+        )
+        return sorted((i, c + 1) for i, c in won)
+
+    def due_todo(
+        self, task_id: str, *, now: datetime, after: tuple[datetime, int] | None, limit: int
+    ) -> list[tuple[int, int, datetime]]:
+        """A page of due todo rows ``(id, commit_id, expires_at)`` in index order, for
+        re-dispatch after Redis lost its data. Read-only: a message carrying the current
+        commit_id is always safe to send again."""
+        t = self.table
+        cond = [
+            t.c.task_id == task_id,
+            t.c.status == Status.TODO.value,
+            t.c.run_at <= now,
+            t.c.expires_at.is_not(None),
+        ]
+        if after is not None:
+            exp, last_id = after
+            cond.append(or_(t.c.expires_at > exp, and_(t.c.expires_at == exp, t.c.id > last_id)))
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.expires_at)
+                .where(*cond)
+                .order_by(t.c.expires_at, t.c.id)
+                .limit(limit)
+            ).all()
+        return [(r.id, r.commit_id, r.expires_at) for r in rows]
+
+    # -- admin ------------------------------------------------------------------------
+
+    def _record(self, r: Row[Any]) -> JobRecord:
+        return JobRecord(
+            id=r.id,
+            task_id=r.task_id,
+            status=Status(r.status),
+            payload=bytes(r.payload),
+            failed_times=r.failed_times,
+            commit_id=r.commit_id,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            run_at=r.run_at,
+            expires_at=r.expires_at,
+            worker=r.worker,
+            last_error=r.last_error,
+        )
+
+    def get(self, job_id: int, task_id: str | None = None) -> JobRecord | None:
+        t = self.table
+        stmt = select(t).where(t.c.id == job_id)
+        if task_id is not None:
+            stmt = stmt.where(t.c.task_id == task_id)
+        with self.begin() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else self._record(row)
+
+    def commit_one(
+        self,
+        task_id: str,
+        outcome: Outcome,
+        *,
+        now: datetime,
+        redispatch_timeout: timedelta,
+    ) -> int:
+        """One fenced commit from outside the consumer; returns the new commit_id.
+
+        Raises JobNotFoundError for an unknown id, StaleCommitError when the commit_id
+        is not the current claim's (nothing is changed then).
+        """
+        t = self.table
+        values = self._outcome_values(outcome, now, redispatch_timeout)
+        pair = (outcome.job_id, outcome.commit_id)
+        with self.begin() as conn:
+            n = conn.execute(
+                update(t)
+                .where(
+                    self._pairs_where([pair]),
+                    t.c.status == Status.DOING.value,
+                    t.c.task_id == task_id,
+                )
+                .values(commit_id=t.c.commit_id + 1, **values)
+            ).rowcount
+            if n == 1:
+                return outcome.commit_id + 1
+            row = conn.execute(
+                select(t.c.status, t.c.commit_id).where(
+                    t.c.id == outcome.job_id, t.c.task_id == task_id
+                )
+            ).first()
+        if row is None:
+            raise JobNotFoundError(f"task {task_id!r} has no job {outcome.job_id}")
+        raise StaleCommitError(
+            outcome.job_id,
+            outcome.commit_id,
+            f"job {outcome.job_id}: commit_id {outcome.commit_id} is stale (the job is "
+            f"{row.status} at commit_id {row.commit_id}); nothing was changed",
+        )
+
+    def find(
+        self,
+        *,
+        task_id: str | None = None,
+        ids: Sequence[int] | None = None,
+        status: Status | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[int, str, int, Status]]:
+        """``(id, task_id, commit_id, status)`` of the jobs matching every given filter,
+        by id (``since``/``until`` bound ``updated_at``)."""
+        t = self.table
+        cond: list[ColumnElement[bool]] = []
+        if task_id is not None:
+            cond.append(t.c.task_id == task_id)
+        if ids is not None:
+            cond.append(t.c.id.in_(list(ids)))
+        if status is not None:
+            cond.append(t.c.status == status.value)
+        if since is not None:
+            cond.append(t.c.updated_at >= since)
+        if until is not None:
+            cond.append(t.c.updated_at < until)
+        stmt = select(t.c.id, t.c.task_id, t.c.commit_id, t.c.status).where(*cond).order_by(t.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.begin() as conn:
+            return [(r.id, r.task_id, r.commit_id, Status(r.status)) for r in conn.execute(stmt)]
+
+    def repush(
+        self,
+        pairs: Sequence[Pair],
+        *,
+        now: datetime,
+        redispatch_timeout: timedelta,
+    ) -> set[Pair]:
+        """Any status → todo, due now, failed_times reset to 0 (an admin's fresh start).
+
+        Returns the ``(id, new commit_id)`` pairs that took effect; a job that moved
+        since ``pairs`` was read is skipped (read it again and retry).
+        """
+        values = {
+            "status": Status.TODO.value,
+            "failed_times": 0,
+            "updated_at": now,
+            "run_at": now,
+            "expires_at": now + redispatch_timeout,
+        }
+        won = self._transition([(pairs, list(Status), values)])
+        return {(i, c + 1) for i, c in won}
+
+    def stats(self, task_id: str | None = None) -> list[TaskStats]:
+        """Counts by status and the oldest due todo, per task."""
+        t = self.table
+        counts = select(t.c.task_id, t.c.status, func.count()).group_by(t.c.task_id, t.c.status)
+        oldest = (
+            select(t.c.task_id, func.min(t.c.run_at))
+            .where(t.c.status == Status.TODO.value)
+            .group_by(t.c.task_id)
+        )
+        if task_id is not None:
+            counts = counts.where(t.c.task_id == task_id)
+            oldest = oldest.where(t.c.task_id == task_id)
+        out: dict[str, TaskStats] = {}
+        with self.begin() as conn:
+            for tid, status, n in conn.execute(counts):
+                out.setdefault(tid, TaskStats(tid)).counts[Status(status)] = int(n)
+            for tid, when in conn.execute(oldest):
+                out.setdefault(tid, TaskStats(tid)).oldest_todo = when
+        return [out[k] for k in sorted(out)]

@@ -1,0 +1,176 @@
+"""Running the Alembic migrations in ``migrations/`` (programmatically or from alembic).
+
+Every ledger table has its own Alembic version table (``<table>_version``), so tasks
+with their own ``table_name`` migrate independently of the shared ``meepo_jobs``.
+Concurrent upgrades (many processes starting with ``init_db=True``) are serialised by
+a database lock: ``pg_advisory_lock`` on PostgreSQL, ``GET_LOCK`` on MySQL/MariaDB and
+the ``BEGIN IMMEDIATE`` write lock on SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, pool, text
+
+from ..config import DEFAULT_TABLE, check_table_name, default_db_url, mask_url
+from ..errors import SchemaError
+from .engine import make_engine, translate_errors
+from .schema import version_table_name
+
+TABLE_ATTR = "meepo_table"
+TABLE_ENV = "MEEPO_TABLE"
+
+
+def script_location() -> Path:
+    """The migrations folder: packaged as ``meepo/_migrations`` or, in a source checkout,
+    ``migrations/`` at the top of the repository."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError("meepo's migrations folder is missing from this installation")
+
+
+def alembic_config(table: str = DEFAULT_TABLE, connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location()))
+    cfg.attributes[TABLE_ATTR] = check_table_name(table)
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def table_name() -> str:
+    """The ledger table the running migration applies to (called by migration scripts)."""
+    from alembic import context
+
+    return str(context.config.attributes[TABLE_ATTR])
+
+
+def head() -> str:
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    return heads[0]
+
+
+def _lock(conn: Connection, table: str) -> None:
+    name = conn.dialect.name
+    if name == "postgresql":
+        key = zlib.crc32(f"meepo-migrate:{table}".encode())
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+    elif name == "mysql":
+        got = conn.execute(
+            text("SELECT GET_LOCK(:n, 120)"), {"n": f"meepo-migrate:{table}"}
+        ).scalar()
+        if got != 1:
+            raise SchemaError(f"timed out waiting for the migration lock of {table!r}")
+
+
+def _unlock(conn: Connection, table: str) -> None:
+    name = conn.dialect.name
+    if name == "postgresql":
+        key = zlib.crc32(f"meepo-migrate:{table}".encode())
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    elif name == "mysql":
+        conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": f"meepo-migrate:{table}"})
+
+
+def run_env(context: Any) -> None:
+    """The body of ``migrations/env.py``."""
+    cfg: Config = context.config
+    table = cfg.attributes.get(TABLE_ATTR)
+    if table is None:
+        table = context.get_x_argument(as_dictionary=True).get("table")
+    table = check_table_name(table or os.environ.get(TABLE_ENV) or DEFAULT_TABLE)
+    cfg.attributes[TABLE_ATTR] = table
+    version_table = version_table_name(table)
+
+    if context.is_offline_mode():
+        url = cfg.get_main_option("sqlalchemy.url") or default_db_url()
+        context.configure(url=url, literal_binds=True, version_table=version_table)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+
+    given: Connection | None = cfg.attributes.get("connection")
+    if given is not None:
+        _run_online(context, given, table, version_table)
+        return
+    url = cfg.get_main_option("sqlalchemy.url") or default_db_url()
+    engine = make_engine(url, poolclass=pool.NullPool)
+    try:
+        with translate_errors(url), engine.connect() as conn:
+            _run_online(context, conn, table, version_table)
+    finally:
+        engine.dispose()
+
+
+def _run_online(context: Any, conn: Connection, table: str, version_table: str) -> None:
+    _lock(conn, table)
+    try:
+        if conn.in_transaction():
+            conn.commit()
+        context.configure(connection=conn, version_table=version_table)
+        with context.begin_transaction():
+            context.run_migrations()
+        if conn.in_transaction():
+            conn.commit()
+    finally:
+        _unlock(conn, table)
+        if conn.in_transaction():
+            conn.commit()
+
+
+def upgrade(engine: Engine, table: str = DEFAULT_TABLE, revision: str = "head") -> None:
+    """Bring ``table`` (and its companions) to ``revision`` through the migrations."""
+    with translate_errors(str(engine.url)), engine.connect() as conn:
+        command.upgrade(alembic_config(table, conn), revision)
+
+
+def downgrade(engine: Engine, table: str = DEFAULT_TABLE, revision: str = "-1") -> None:
+    with translate_errors(str(engine.url)), engine.connect() as conn:
+        command.downgrade(alembic_config(table, conn), revision)
+
+
+def current(engine: Engine, table: str = DEFAULT_TABLE) -> str | None:
+    """The revision ``table`` is at, or None when it was never migrated."""
+    check_table_name(table)
+    with translate_errors(str(engine.url)), engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": version_table_name(table)})
+        rev = ctx.get_current_revision()
+        if conn.in_transaction():
+            conn.commit()
+        return rev
+
+
+def check(engine: Engine, table: str = DEFAULT_TABLE) -> None:
+    """Raise SchemaError unless ``table`` is at the head revision."""
+    rev = current(engine, table)
+    want = head()
+    if rev != want:
+        where = mask_url(str(engine.url.render_as_string(hide_password=True)))
+        state = "does not exist" if rev is None else f"is at revision {rev}, not {want}"
+        raise SchemaError(
+            f"the ledger table {table!r} in {where} {state}: "
+            "run `meepo db upgrade` (or pass init_db=True)"
+        )
+
+
+__all__ = [
+    "alembic_config",
+    "check",
+    "current",
+    "downgrade",
+    "head",
+    "run_env",
+    "script_location",
+    "table_name",
+    "upgrade",
+]

@@ -1,0 +1,76 @@
+"""Plain records: job states, the job handed to a handler, a ledger row. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class Status(str, enum.Enum):
+    """The closed set of job states, stored as these strings in the ledger.
+
+    * ``todo``   - waiting to run. Left by: a consumer's claim.
+    * ``doing``  - claimed by a consumer that holds a lease. Left by: that consumer's
+      commit, the reaper when the lease expires, or an admin repush.
+    * ``done``   - finished. Terminal; left only by an admin repush.
+    * ``failed`` - gave up (max_failed_times reached, or committed failed). Terminal;
+      left only by an admin repush.
+    """
+
+    TODO = "todo"
+    DOING = "doing"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.DONE, Status.FAILED)
+
+    @classmethod
+    def parse(cls, value: str | Status) -> Status:
+        """Accept a Status or its string; anything else is a ValueError naming the choices."""
+        if isinstance(value, Status):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            choices = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown status {value!r}: expected one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a handler receives: one claimed run of a job.
+
+    ``commit_id`` is the fencing token of this claim: pass it as
+    ``task.commit(job.id, status, commit_id=job.commit_id)`` when the job is finished
+    from another thread, process or service.
+    """
+
+    id: int
+    task_id: str
+    payload: bytes = field(repr=False)
+    failed_times: int
+    commit_id: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's row in the ledger, as returned by ``Task.get``."""
+
+    id: int
+    task_id: str
+    status: Status
+    payload: bytes = field(repr=False)
+    failed_times: int
+    commit_id: int
+    created_at: datetime
+    updated_at: datetime
+    run_at: datetime
+    expires_at: datetime | None
+    worker: str | None
+    last_error: str | None

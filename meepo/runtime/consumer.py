@@ -1,0 +1,433 @@
+"""A process's consumers of one task: fetcher, executors, committer and heartbeat.
+
+::
+
+    fetcher ──LPOP n / BLPOP──► claim (one CAS UPDATE for the batch) ──► work queue
+    executors (parallel_num threads) ── run handler ──► outcome queue
+    committer ── group commit (one UPDATE per status) ──► re-dispatch retries
+    heartbeat ── one UPDATE renews every lease this process holds
+
+Round trips are shared, checks are not: every claim, commit and lease renewal is a
+per-job compare-and-set on ``commit_id`` (see :mod:`meepo.ledger.ledger`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..config import Options
+from ..dispatch import Dispatcher
+from ..errors import (
+    LedgerUnavailableError,
+    MeepoError,
+    NotRunningHereError,
+    StaleCommitError,
+    UnavailableError,
+)
+from ..ledger import CHUNK, Outcome, Pair
+from ..records import Job, Status
+from ..transport import decode
+
+log = logging.getLogger("meepo.consumer")
+
+Handler = Callable[[Job], Any]
+
+
+def worker_name() -> str:
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Backoff:
+    """Exponential wait between retries against a server that is down."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap, self.next = first, cap, first
+
+    def wait(self, stop: threading.Event) -> None:
+        stop.wait(self.next)
+        self.next = min(self.cap, self.next * 2)
+
+    def reset(self) -> None:
+        self.next = self.first
+
+
+def error_summary(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+@dataclass
+class _Commit:
+    outcome: Outcome
+    future: Future[bool] | None = None
+
+
+@dataclass
+class Counters:
+    claimed: int = 0
+    done: int = 0
+    retried: int = 0
+    failed: int = 0
+    stale: int = 0
+    dropped: int = 0
+
+
+class Consumer:
+    """Runs ``handler`` for one task in ``options.parallel_num`` threads."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        options: Options,
+        handler: Handler,
+        clock: Callable[[], datetime],
+        retry_delay: Callable[[int], float] | None = None,
+    ) -> None:
+        self.d = dispatcher
+        self.task_id = dispatcher.task_id
+        self.opts = options
+        self.handler = handler
+        self.clock = clock
+        self.retry_delay = retry_delay
+        self.worker = worker_name()
+        self.counters = Counters()
+        self.capacity = options.parallel_num + options.prefetch
+        self._lease = timedelta(seconds=options.lease)
+        self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
+        self._lock = threading.Lock()
+        self._slot = threading.Condition(self._lock)
+        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._stop_fetch = threading.Event()
+        self._stop_hb = threading.Event()
+        self._abandon = threading.Event()  # committer: stop retrying a dead database
+        self._fetcher: threading.Thread | None = None
+        self._executors: list[threading.Thread] = []
+        self._committer: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
+        self.running = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.running = True
+        name = f"meepo-{self.task_id}"
+        self._committer = threading.Thread(
+            target=self._commit_loop, name=f"{name}-committer", daemon=True
+        )
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name=f"{name}-heartbeat", daemon=True
+        )
+        self._executors = [
+            threading.Thread(target=self._exec_loop, name=f"{name}-exec-{i}", daemon=True)
+            for i in range(self.opts.parallel_num)
+        ]
+        self._fetcher = threading.Thread(target=self._fetch_loop, name=f"{name}-fetch", daemon=True)
+        for t in [self._committer, self._heartbeat, *self._executors, self._fetcher]:
+            t.start()
+
+    def stop(self, grace: float | None = None) -> bool:
+        """Graceful stop: no new pops, unstarted claimed jobs go back to the queue,
+        running jobs get ``grace`` seconds to finish and are committed. Returns False
+        if some handler was still running when the grace period ran out (its job is
+        left to the reaper)."""
+        if not self.running:
+            return True
+        grace = self.opts.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        self._stop_fetch.set()
+        with self._slot:
+            self._slot.notify_all()
+        if self._fetcher is not None:
+            self._fetcher.join()
+        unstarted: list[Job] = []
+        while True:
+            try:
+                job = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                unstarted.append(job)
+        for _ in self._executors:
+            self._work.put(None)
+        if unstarted:
+            self._release(unstarted)
+        for t in self._executors:
+            t.join(max(0.0, deadline - time.monotonic()))
+        clean = not any(t.is_alive() for t in self._executors)
+        if not clean:
+            log.warning(
+                "task %s: handlers still running after the %.1fs grace period; their jobs "
+                "are left to the reaper",
+                self.task_id,
+                grace,
+            )
+        self._commits.put(None)
+        if self._committer is not None:
+            self._committer.join(max(5.0, deadline - time.monotonic()))
+            if self._committer.is_alive():
+                self._abandon.set()
+                self._committer.join(5.0)
+        self._stop_hb.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(5.0)
+        self.running = False
+        return clean
+
+    def _release(self, jobs: list[Job]) -> None:
+        pairs = [(j.id, j.commit_id) for j in jobs]
+        try:
+            self.d.release(pairs)
+        except MeepoError as exc:
+            log.warning("task %s: could not release %d job(s): %s", self.task_id, len(pairs), exc)
+        self._forget(pairs)
+
+    def _forget(self, pairs: list[Pair]) -> None:
+        with self._slot:
+            for i, c in pairs:
+                if self._held.get(i) == c:
+                    del self._held[i]
+            self._slot.notify_all()
+
+    @property
+    def held(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._held)
+
+    # -- fetcher ----------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        backoff = Backoff()
+        while not self._stop_fetch.is_set():
+            with self._slot:
+                free = self.capacity - len(self._held)
+                if free <= 0:
+                    self._slot.wait(0.5)
+                    continue
+            try:
+                messages = self.d.transport.pop(min(free, CHUNK), timeout=1.0)
+            except UnavailableError as exc:
+                log.warning("task %s: cannot pop: %s (retrying)", self.task_id, exc)
+                backoff.wait(self._stop_fetch)
+                continue
+            if not messages:
+                backoff.reset()
+                continue
+            pairs: list[Pair] = []
+            for m in messages:
+                pair = decode(m)
+                if pair is None:
+                    self.counters.dropped += 1
+                    log.warning("task %s: dropped a malformed message %r", self.task_id, m[:80])
+                else:
+                    pairs.append(pair)
+            try:
+                self._claim(pairs)
+                backoff.reset()
+            except MeepoError as exc:
+                log.warning("task %s: claim failed: %s (retrying)", self.task_id, exc)
+                # hand the messages back; the ledger sweep covers a failure here
+                with contextlib.suppress(UnavailableError):
+                    self.d.transport.send(pairs)
+                backoff.wait(self._stop_fetch)
+
+    def _claim(self, pairs: list[Pair]) -> None:
+        if not pairs:
+            return
+        now = self.clock()
+        jobs = self.d.ledger.claim(
+            self.task_id, pairs, now=now, lease_until=now + self._lease, worker=self.worker
+        )
+        stale = len(set(pairs)) - len(jobs)
+        if stale:
+            self.counters.dropped += stale
+            log.debug("task %s: dropped %d stale or duplicate message(s)", self.task_id, stale)
+        if not jobs:
+            return
+        self.counters.claimed += len(jobs)
+        with self._lock:
+            for j in jobs:
+                self._held[j.id] = j.commit_id
+        for j in jobs:
+            log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
+            self._work.put(j)
+
+    # -- executors --------------------------------------------------------------------
+
+    def _exec_loop(self) -> None:
+        while True:
+            job = self._work.get()
+            if job is None:
+                return
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        self._local.job = job
+        error: str | None = None
+        try:
+            self.handler(job)
+        except BaseException as exc:  # any handler failure is the job's, never the worker's
+            error = error_summary(exc)
+            log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
+        finally:
+            self._local.job = None
+        if self.opts.auto_commit:
+            self._commits.put(_Commit(self._auto_outcome(job, error)))
+            return
+        with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
+            if self._held.get(job.id) == job.commit_id:
+                del self._held[job.id]
+                self._slot.notify_all()
+                log.info(
+                    "task %s: job %d returned without a commit; the reaper will apply the "
+                    "zombie policy when its lease expires",
+                    self.task_id,
+                    job.id,
+                )
+
+    def _auto_outcome(self, job: Job, error: str | None) -> Outcome:
+        if error is None:
+            return Outcome(job.id, job.commit_id, Status.DONE)
+        if job.failed_times + 1 >= self.opts.max_failed_times:
+            return Outcome(job.id, job.commit_id, Status.FAILED, error)
+        run_at = None
+        if self.retry_delay is not None:
+            delay = self.retry_delay(job.failed_times + 1)
+            if delay > 0:
+                run_at = self.clock() + timedelta(seconds=delay)
+        return Outcome(job.id, job.commit_id, Status.TODO, error, run_at)
+
+    # -- manual commit ----------------------------------------------------------------
+
+    def current_job(self) -> Job | None:
+        job: Job | None = getattr(self._local, "job", None)
+        return job
+
+    def claim_of(self, job_id: int) -> int | None:
+        """The commit_id this process holds for ``job_id`` (None if it holds none)."""
+        job = self.current_job()
+        if job is not None and job.id == job_id:
+            return job.commit_id
+        with self._lock:
+            return self._held.get(job_id)
+
+    def commit(self, outcome: Outcome) -> None:
+        """A handler's commit, sent through the committer (shares its round trips).
+        Raises StaleCommitError if the claim is no longer current."""
+        if not self.running or self._commits is None:
+            raise NotRunningHereError("the consumer is not running")
+        fut: Future[bool] = Future()
+        self._commits.put(_Commit(outcome, fut))
+        if not fut.result():
+            raise StaleCommitError(outcome.job_id, outcome.commit_id)
+
+    # -- committer --------------------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        while True:
+            first = self._commits.get()
+            batch: list[_Commit] = []
+            last = first is None
+            if first is not None:
+                batch.append(first)
+            while not last and len(batch) < CHUNK:
+                try:
+                    item = self._commits.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    last = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._commit_batch(batch)
+            if last:
+                return
+
+    def _commit_batch(self, batch: list[_Commit]) -> None:
+        outcomes = [c.outcome for c in batch]
+        backoff = Backoff()
+        won: set[Pair] | None = None
+        while won is None:
+            try:
+                won = self.d.finish(outcomes)
+            except (LedgerUnavailableError, MeepoError) as exc:
+                if self._abandon.is_set():
+                    log.error(
+                        "task %s: gave up committing %d job(s) at shutdown: %s; the reaper "
+                        "will recover them",
+                        self.task_id,
+                        len(batch),
+                        exc,
+                    )
+                    won = set()
+                    break
+                log.warning("task %s: commit failed: %s (retrying)", self.task_id, exc)
+                backoff.wait(self._abandon)
+        self._forget([(o.job_id, o.commit_id) for o in outcomes])
+        for c in batch:
+            o = c.outcome
+            ok = (o.job_id, o.commit_id) in won
+            if ok:
+                if o.status is Status.DONE:
+                    self.counters.done += 1
+                elif o.status is Status.FAILED:
+                    self.counters.failed += 1
+                else:
+                    self.counters.retried += 1
+                log.info("task %s: job %d committed %s", self.task_id, o.job_id, o.status.value)
+            else:
+                self.counters.stale += 1
+                if c.future is None:
+                    log.warning(
+                        "task %s: job %d: commit %s rejected, commit_id %d is stale (reaped "
+                        "or repushed meanwhile)",
+                        self.task_id,
+                        o.job_id,
+                        o.status.value,
+                        o.commit_id,
+                    )
+            if c.future is not None:
+                c.future.set_result(ok)
+
+    # -- heartbeat --------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop_hb.wait(self.opts.heartbeat_interval):
+            self.heartbeat_once()
+
+    def heartbeat_once(self) -> set[Pair]:
+        """Renew every lease this process holds; returns the claims found lost."""
+        with self._lock:
+            pairs = list(self._held.items())
+        if not pairs:
+            return set()
+        try:
+            lost = self.d.ledger.heartbeat(pairs, lease_until=self.clock() + self._lease)
+        except MeepoError as exc:
+            log.warning("task %s: heartbeat failed: %s", self.task_id, exc)
+            return set()
+        if lost:
+            log.warning(
+                "task %s: lost the lease of job(s) %s (reaped or repushed); their commits "
+                "will be rejected",
+                self.task_id,
+                sorted(i for i, _ in lost),
+            )
+            self._forget(sorted(lost))
+        return lost

@@ -1,0 +1,386 @@
+"""``Task``: the public face of meepo, composing the ledger, the transport and the runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from types import FrameType, TracebackType
+from typing import Any
+
+import redis as redis_lib
+from sqlalchemy import Connection, Engine, event
+
+from . import config
+from .config import DEFAULT_PREFIX, DEFAULT_TABLE, Options, mask_url
+from .connect import engine_for, redis_for
+from .dispatch import Dispatcher
+from .errors import (
+    CommitModeError,
+    ConfigError,
+    JobNotFoundError,
+    NotRunningHereError,
+    PayloadError,
+    StaleCommitError,
+)
+from .ledger import Ledger, Outcome
+from .ledger import migrate as migrations
+from .records import Job, JobRecord, Status
+from .runtime import Consumer, Reaper
+from .transport import Transport
+
+log = logging.getLogger("meepo")
+
+JobFunc = Callable[[Job], Any]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+_migrated: set[tuple[str, str]] = set()
+_migrate_lock = threading.Lock()
+
+
+class Task:
+    """A named queue of jobs: push from anywhere, consume where ``job_func`` is given.
+
+    A Task without ``job_func`` is a producer: it pushes, commits, repushes and reads,
+    and never starts consumers. Any number of processes may build a Task for the same
+    task id at once. See the README for every option.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        db: str | Engine | None = None,
+        redis: str | redis_lib.Redis | None = None,
+        job_func: JobFunc | None = None,
+        *,
+        parallel_num: int = 10,
+        max_failed_times: int = 3,
+        auto_commit: bool = True,
+        zombie_dst_status: Status | str = Status.TODO,
+        zombie_period: float | timedelta = 20.0,
+        zombie_timeout: float | timedelta = 20.0,
+        zombie_limit: int = 1000,
+        table_name: str | None = None,
+        list_name_prefix: str | None = None,
+        init_db: bool = False,
+        lease: float | timedelta | None = None,
+        prefetch: int | None = None,
+        shutdown_grace: float | timedelta = 30.0,
+        poll_interval: float | timedelta = 0.5,
+        max_payload_bytes: int = 1024 * 1024,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.task_id = config.check_task_id(task_id)
+        if job_func is not None and not callable(job_func):
+            raise ConfigError(f"job_func must be callable, not {type(job_func).__name__}")
+        try:
+            dst = Status.parse(zombie_dst_status)
+        except ValueError as exc:
+            raise ConfigError(f"zombie_dst_status: {exc}") from None
+        if dst is Status.DOING:
+            raise ConfigError("zombie_dst_status must be todo, done or failed, not doing")
+        parallel = config.positive_int(parallel_num, "parallel_num")
+        timeout = config.seconds(zombie_timeout, "zombie_timeout")
+        self.options = Options(
+            parallel_num=parallel,
+            max_failed_times=config.positive_int(max_failed_times, "max_failed_times"),
+            auto_commit=bool(auto_commit),
+            zombie_dst_status=dst,
+            zombie_period=config.seconds(zombie_period, "zombie_period"),
+            zombie_timeout=timeout,
+            zombie_limit=config.positive_int(zombie_limit, "zombie_limit"),
+            lease=timeout if lease is None else config.seconds(lease, "lease"),
+            prefetch=parallel if prefetch is None else _non_negative(prefetch, "prefetch"),
+            shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
+            poll_interval=config.seconds(poll_interval, "poll_interval"),
+            max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),
+        )
+        self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
+        if list_name_prefix is None:
+            list_name_prefix = (
+                DEFAULT_PREFIX if table_name is None else f"{DEFAULT_PREFIX}{self.table_name}:"
+            )
+        self.list_name_prefix = config.check_prefix(list_name_prefix)
+        self.job_func = job_func
+        self.clock = clock or utcnow
+
+        self.engine = engine_for(db)
+        self.redis = redis_for(redis)
+        self.ledger = Ledger(self.engine, self.table_name)
+        self.transport = Transport(self.redis, self.task_id, self.list_name_prefix)
+        self.dispatcher = Dispatcher(
+            self.ledger, self.transport, self.task_id, self.clock, timedelta(seconds=timeout)
+        )
+        self._consumer: Consumer | None = None
+        self._reaper: Reaper | None = None
+        self._stopped = threading.Event()
+        self._state_lock = threading.Lock()
+        if init_db:
+            self.migrate()
+
+    def __repr__(self) -> str:
+        return (
+            f"Task({self.task_id!r}, db={mask_url(self.ledger.url)!r}, "
+            f"redis={self.transport.where!r}, table={self.table_name!r})"
+        )
+
+    # -- schema -----------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring this task's ledger table to the head revision (the Alembic migrations)."""
+        key = (self.ledger.url, self.table_name)
+        with _migrate_lock:
+            if key in _migrated:
+                return
+            migrations.upgrade(self.engine, self.table_name)
+            _migrated.add(key)
+
+    # -- producing --------------------------------------------------------------------
+
+    def _check_payloads(self, payloads: Sequence[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        limit = self.options.max_payload_bytes
+        for i, p in enumerate(payloads):
+            if not isinstance(p, (bytes, bytearray, memoryview)):
+                where = "payload" if len(payloads) == 1 else f"payload #{i}"
+                raise TypeError(
+                    f"{where} must be bytes, not {type(p).__name__} "
+                    "(encode it first, e.g. json.dumps(obj).encode())"
+                )
+            b = bytes(p)
+            if len(b) > limit:
+                raise PayloadError(f"payload of {len(b)} bytes exceeds max_payload_bytes={limit}")
+            out.append(b)
+        return out
+
+    def push(self, payload: bytes, *, connection: Any = None) -> int:
+        """Store a job and dispatch it; returns its id once the ledger row is committed.
+
+        With ``connection`` (a SQLAlchemy Connection or ORM Session) the row joins the
+        caller's transaction and is dispatched only after that transaction commits.
+        """
+        return self.push_many([payload], connection=connection)[0]
+
+    def push_many(self, payloads: Sequence[bytes], *, connection: Any = None) -> list[int]:
+        """Store many jobs in one INSERT and dispatch them in one pipelined RPUSH."""
+        if isinstance(payloads, (bytes, bytearray, str)):
+            raise TypeError("push_many takes a sequence of bytes payloads, not one payload")
+        checked = self._check_payloads(list(payloads))
+        if not checked:
+            return []
+        if connection is None:
+            return self.dispatcher.push(checked)
+        return self._push_in_transaction(checked, connection)
+
+    def _push_in_transaction(self, payloads: list[bytes], connection: Any) -> list[int]:
+        if isinstance(connection, Connection):
+            # meepo cannot observe a Connection's commit, so the rows are written as
+            # never dispatched: the first dispatch sweep after the commit sends them.
+            return self.dispatcher.insert(payloads, connection, due_now=True)
+        from sqlalchemy.orm import Session
+
+        if not isinstance(connection, Session):
+            raise TypeError(
+                "connection must be a SQLAlchemy Connection or Session, "
+                f"not {type(connection).__name__}"
+            )
+        ids = self.dispatcher.insert(payloads, connection.connection())
+        pending: list[tuple[Dispatcher, list[int]]] = connection.info.setdefault(
+            "meepo_pending", []
+        )
+        pending.append((self.dispatcher, ids))
+        if not connection.info.get("meepo_hooked"):
+            connection.info["meepo_hooked"] = True
+            event.listen(connection, "after_commit", _session_committed)
+            event.listen(connection, "after_rollback", _session_rolled_back)
+        return ids
+
+    # -- committing -------------------------------------------------------------------
+
+    def commit(
+        self,
+        job_id: int,
+        status: Status | str,
+        *,
+        commit_id: int | None = None,
+        delay: float | timedelta | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Finish a job in manual-commit mode: ``done``, ``failed`` or ``todo`` (run it
+        again, after ``delay`` seconds if given).
+
+        Inside the handler the claim is known; from elsewhere pass ``commit_id`` (the
+        ``Job.commit_id`` the handler received). A stale commit_id raises
+        StaleCommitError and changes nothing.
+        """
+        if self.job_func is not None and self.options.auto_commit:
+            raise CommitModeError(
+                f"task {self.task_id!r} commits automatically (auto_commit=True): the "
+                "handler's return or exception is its commit; use auto_commit=False to "
+                "commit by hand"
+            )
+        st = Status.parse(status)
+        if st is Status.DOING:
+            raise ValueError("commit status must be done, failed or todo, not doing")
+        consumer = self._consumer
+        held = consumer.claim_of(job_id) if consumer is not None else None
+        if commit_id is None:
+            if held is None:
+                raise NotRunningHereError(
+                    f"job {job_id} is not running in this process: pass commit_id= (the "
+                    "Job.commit_id its handler received)"
+                )
+            commit_id = held
+        run_at = None
+        if delay is not None and st is Status.TODO:
+            run_at = self.clock() + timedelta(
+                seconds=config.seconds(delay, "delay", allow_zero=True)
+            )
+        outcome = Outcome(job_id, commit_id, st, error, run_at)
+        if consumer is not None and consumer.running and held == commit_id:
+            consumer.commit(outcome)
+        else:
+            self.dispatcher.commit_one(outcome)
+
+    def repush(self, job_id: int) -> int:
+        """Put a job of any status back on the queue as todo (failed_times reset to 0);
+        returns its new commit_id. A running consumer's later commit is then stale."""
+        for _ in range(10):
+            rows = self.ledger.find(task_id=self.task_id, ids=[job_id])
+            if not rows:
+                raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+            _, _, commit_id, _ = rows[0]
+            won = self.dispatcher.repush([(job_id, commit_id)])
+            if won:
+                return next(iter(won))[1]
+        raise StaleCommitError(job_id, commit_id, f"job {job_id} kept changing; try again")
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get(self, job_id: int) -> JobRecord | None:
+        """The job's ledger row, or None if this task has no such job."""
+        return self.ledger.get(job_id, self.task_id)
+
+    def depth(self) -> int:
+        """Messages waiting in Redis for this task."""
+        return self.transport.depth()
+
+    # -- consuming --------------------------------------------------------------------
+
+    @property
+    def consumer(self) -> Consumer | None:
+        return self._consumer
+
+    @property
+    def reaper(self) -> Reaper:
+        """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
+        if self._reaper is None:
+            self._reaper = Reaper(self.dispatcher, self.options, self.clock)
+        return self._reaper
+
+    def start(self) -> None:
+        """Start the consumers and the reaper in background threads."""
+        if self.job_func is None:
+            raise ConfigError(f"task {self.task_id!r} has no job_func: it can push but not consume")
+        with self._state_lock:
+            if self._consumer is not None and self._consumer.running:
+                return
+            migrations.check(self.engine, self.table_name)
+            self._stopped.clear()
+            self._consumer = Consumer(self.dispatcher, self.options, self.job_func, self.clock)
+            self._consumer.start()
+            self.reaper.start()
+            log.info(
+                "task %s: %d consumer(s) started on %s and %s",
+                self.task_id,
+                self.options.parallel_num,
+                mask_url(self.ledger.url),
+                self.transport.where,
+            )
+
+    def stop(self, wait: bool = True, grace: float | None = None) -> bool:
+        """Stop consuming. With ``wait``, running jobs get ``grace`` seconds
+        (``shutdown_grace`` by default) to finish and be committed; returns False if
+        some were still running then (the reaper recovers them)."""
+        with self._state_lock:
+            consumer, self._consumer = self._consumer, None
+        clean = True
+        if consumer is not None:
+            if wait:
+                clean = consumer.stop(grace)
+            else:
+                threading.Thread(target=consumer.stop, args=(grace,), daemon=True).start()
+        if self._reaper is not None:
+            self._reaper.stop()
+        self._stopped.set()
+        return clean
+
+    def run(self) -> None:
+        """Consume until SIGINT/SIGTERM or ``stop()``; blocks.
+
+        The first signal stops popping and lets running jobs finish (``shutdown_grace``);
+        a second one exits the process at once (the reaper recovers what was running).
+        """
+        self.start()
+        restore = self._install_signals()
+        try:
+            self._stopped.wait()
+        finally:
+            for sig, old in restore.items():
+                signal.signal(sig, old)
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        hits = {"n": 0}
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            hits["n"] += 1
+            if hits["n"] > 1:
+                log.warning("task %s: second signal, exiting now", self.task_id)
+                os._exit(1)
+            log.info(
+                "task %s: %s received, finishing running jobs (a second signal exits now)",
+                self.task_id,
+                signal.Signals(signum).name,
+            )
+            threading.Thread(target=self.stop, name="meepo-shutdown", daemon=True).start()
+
+        old: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, on_signal)
+        return old
+
+    def __enter__(self) -> Task:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _non_negative(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _session_committed(session: Any) -> None:
+    pending: list[tuple[Dispatcher, list[int]]] = session.info.pop("meepo_pending", [])
+    for dispatcher, ids in pending:
+        dispatcher.send([(i, 0) for i in ids])
+
+
+def _session_rolled_back(session: Any) -> None:
+    session.info.pop("meepo_pending", None)
