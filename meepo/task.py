@@ -104,8 +104,11 @@ class Task:
         )
         self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
         if list_name_prefix is None:
+            # table_name="meepo_jobs" is the default table: same keys as no table_name.
             list_name_prefix = (
-                DEFAULT_PREFIX if table_name is None else f"{DEFAULT_PREFIX}{self.table_name}:"
+                DEFAULT_PREFIX
+                if self.table_name == DEFAULT_TABLE
+                else f"{DEFAULT_PREFIX}{self.table_name}:"
             )
         self.list_name_prefix = config.check_prefix(list_name_prefix)
         self.job_func = job_func

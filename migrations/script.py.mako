@@ -7,15 +7,17 @@ Create Date: ${create_date}
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from alembic import op
 
 ${imports if imports else ""}
 from meepo.ledger.migrate import table_name  # noqa: F401
 
-revision = ${repr(up_revision)}
-down_revision = ${repr(down_revision)}
-branch_labels = ${repr(branch_labels)}
-depends_on = ${repr(depends_on)}
+revision: str = ${repr(up_revision)}
+down_revision: str | Sequence[str] | None = ${repr(down_revision)}
+branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
+depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
 
 def upgrade() -> None:

@@ -376,7 +376,9 @@ class Ledger:
             values["failed_times"] = t.c.failed_times + 1
             values["last_error"] = _error_text(o.error)
             values["run_at"] = due
-            values["expires_at"] = max(due, now) + lease
+            # Due later: the dispatch sweep sends it once due. Due now: the caller sends
+            # it, and the sweep re-sends it if it is still unclaimed ``lease`` later.
+            values["expires_at"] = due if due > now else now + lease
         return values
 
     def finish(
@@ -632,9 +634,10 @@ class Ledger:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int | None = None,
+        after_id: int | None = None,
     ) -> list[tuple[int, str, int, Status]]:
         """``(id, task_id, commit_id, status)`` of the jobs matching every given filter,
-        by id (``since``/``until`` bound ``updated_at``)."""
+        by id (``since``/``until`` bound ``updated_at``; ``after_id`` pages by id)."""
         t = self.table
         cond: list[ColumnElement[bool]] = []
         if task_id is not None:
@@ -647,6 +650,8 @@ class Ledger:
             cond.append(t.c.updated_at >= since)
         if until is not None:
             cond.append(t.c.updated_at < until)
+        if after_id is not None:
+            cond.append(t.c.id > after_id)
         stmt = select(t.c.id, t.c.task_id, t.c.commit_id, t.c.status).where(*cond).order_by(t.c.id)
         if limit is not None:
             stmt = stmt.limit(limit)

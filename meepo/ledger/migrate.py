@@ -113,19 +113,29 @@ def run_env(context: Any) -> None:
 
 
 def _run_online(context: Any, conn: Connection, table: str, version_table: str) -> None:
+    if conn.in_transaction():
+        conn.commit()
+    if conn.dialect.name == "sqlite":
+        # The lock is SQLite's write lock: the engine begins with ``BEGIN IMMEDIATE``
+        # and every step runs inside this one transaction (alembic joins it), so a
+        # second process waits, then finds the table at head and does nothing.
+        with conn.begin():
+            context.configure(connection=conn, version_table=version_table)
+            context.run_migrations()
+        return
     _lock(conn, table)
     try:
-        if conn.in_transaction():
-            conn.commit()
+        conn.commit()  # the lock belongs to the session, not to this transaction
         context.configure(connection=conn, version_table=version_table)
         with context.begin_transaction():
             context.run_migrations()
         if conn.in_transaction():
             conn.commit()
     finally:
-        _unlock(conn, table)
         if conn.in_transaction():
-            conn.commit()
+            conn.rollback()
+        _unlock(conn, table)
+        conn.commit()
 
 
 def upgrade(engine: Engine, table: str = DEFAULT_TABLE, revision: str = "head") -> None:

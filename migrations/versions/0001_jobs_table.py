@@ -7,16 +7,18 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sqlalchemy as sa
 from alembic import op
 
 from meepo.ledger.migrate import table_name
 from meepo.ledger.types import JobId, Payload, UTCDateTime
 
-revision = "0001"
-down_revision = None
-branch_labels = None
-depends_on = None
+revision: str = "0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -1,0 +1,420 @@
+"""Operations on a ledger table as a whole: what the CLI (and a web dashboard) call.
+
+A thin layer over the ledger, the transport and the dispatcher: no SQL and no Redis
+commands of its own. Repush goes through :class:`~meepo.dispatch.Dispatcher`, so the
+ledger row moves (a compare-and-set) before its message is sent, to the queue of the
+job's own task:
+
+* the default table ``meepo_jobs``: keys prefixed ``meepo:``;
+* a table of its own: ``meepo:<table>:`` (the same rule as ``Task``);
+* or an explicit ``prefix`` (for tasks built with ``list_name_prefix=``).
+
+Redis is only contacted by the operations that need it (repush, stats), so
+``db`` commands and ``jobs show`` work with Redis down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis as redis_lib
+from sqlalchemy import Engine
+
+from .config import (
+    DEFAULT_PREFIX,
+    DEFAULT_TABLE,
+    check_prefix,
+    check_table_name,
+    check_task_id,
+    positive_int,
+)
+from .connect import engine_for, redis_for
+from .dispatch import Dispatcher
+from .errors import ConfigError, JobNotFoundError, MeepoError
+from .ledger import CHUNK, Ledger
+from .ledger import migrate as migrations
+from .records import JobRecord, Status
+from .transport import Transport
+
+#: ``progress(done, total)`` after each chunk; ``total`` is None when not known ahead.
+Progress = Callable[[int, int | None], None]
+
+#: How many times a job that moved between the read and the compare-and-set is re-read
+#: and tried again before it is reported as skipped.
+RETRIES = 5
+
+
+class TaskNotFoundError(MeepoError, LookupError):
+    """No job of this task exists in the ledger table."""
+
+
+def default_prefix(table: str) -> str:
+    """The Redis key prefix of the tasks of ``table`` (when they set no prefix)."""
+    return DEFAULT_PREFIX if table == DEFAULT_TABLE else f"{DEFAULT_PREFIX}{table}:"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class RepushedJob:
+    """One job a repush moved (or, in a dry run, would move) back to todo."""
+
+    id: int
+    task_id: str
+    previous: Status
+    commit_id: int  # the new commit_id; in a dry run the current one
+
+
+@dataclass
+class RepushResult:
+    dry_run: bool
+    jobs: list[RepushedJob] = field(default_factory=list)
+    #: Jobs that kept changing under the repush (a consumer or reaper moved them
+    #: between the read and the compare-and-set every time); left as they were.
+    skipped: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.jobs)
+
+    def by_task(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for j in self.jobs:
+            out[j.task_id] = out.get(j.task_id, 0) + 1
+        return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task's line in ``meepo stats``."""
+
+    task_id: str
+    counts: dict[Status, int]
+    oldest_todo: datetime | None
+    #: Seconds since the oldest todo job became due (0 when it is not due yet).
+    oldest_todo_age: float | None
+    #: Messages waiting in the task's Redis queue.
+    queue_depth: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "counts": {s.value: self.counts.get(s, 0) for s in Status},
+            "total": self.total,
+            "oldest_todo": None if self.oldest_todo is None else self.oldest_todo.isoformat(),
+            "oldest_todo_age": self.oldest_todo_age,
+            "queue_depth": self.queue_depth,
+        }
+
+
+@dataclass(frozen=True)
+class DbState:
+    table: str
+    current: str | None
+    head: str
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.head
+
+
+def record_dict(rec: JobRecord) -> dict[str, Any]:
+    """A JSON-ready view of a ledger row (payload as UTF-8 text, undecodable bytes
+    escaped, and its size)."""
+
+    def when(d: datetime | None) -> str | None:
+        return None if d is None else d.isoformat()
+
+    return {
+        "id": rec.id,
+        "task_id": rec.task_id,
+        "status": rec.status.value,
+        "failed_times": rec.failed_times,
+        "commit_id": rec.commit_id,
+        "created_at": when(rec.created_at),
+        "updated_at": when(rec.updated_at),
+        "run_at": when(rec.run_at),
+        "expires_at": when(rec.expires_at),
+        "worker": rec.worker,
+        "last_error": rec.last_error,
+        "payload": rec.payload.decode("utf-8", errors="backslashreplace"),
+        "payload_size": len(rec.payload),
+    }
+
+
+class Admin:
+    """Admin operations on one ledger table (every task in it)."""
+
+    def __init__(
+        self,
+        db: str | Engine | None = None,
+        redis: str | redis_lib.Redis | None = None,
+        *,
+        table: str | None = None,
+        prefix: str | None = None,
+        redispatch_timeout: float = 20.0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.table = check_table_name(table or DEFAULT_TABLE)
+        self.prefix = check_prefix(default_prefix(self.table) if prefix is None else prefix)
+        self.clock = clock or utcnow
+        self.redispatch_timeout = timedelta(seconds=redispatch_timeout)
+        self.engine = engine_for(db)
+        self.ledger = Ledger(self.engine, self.table)
+        self._redis_arg = redis
+        self._redis: redis_lib.Redis | None = None
+        self._dispatchers: dict[str, Dispatcher] = {}
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def redis(self) -> redis_lib.Redis:
+        """The Redis client, made on first use (so ledger-only commands never need it)."""
+        if self._redis is None:
+            self._redis = redis_for(self._redis_arg)
+        return self._redis
+
+    def transport(self, task_id: str) -> Transport:
+        return Transport(self.redis, task_id, self.prefix)
+
+    def dispatcher(self, task_id: str) -> Dispatcher:
+        d = self._dispatchers.get(task_id)
+        if d is None:
+            d = self._dispatchers[task_id] = Dispatcher(
+                self.ledger, self.transport(task_id), task_id, self.clock, self.redispatch_timeout
+            )
+        return d
+
+    def require_task(self, task_id: str) -> str:
+        """``task_id`` if the table holds at least one of its jobs, else TaskNotFoundError."""
+        check_task_id(task_id)
+        if not self.ledger.find(task_id=task_id, limit=1):
+            raise TaskNotFoundError(f"no task {task_id!r} in table {self.table!r}")
+        return task_id
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def job(self, job_id: int, task_id: str | None = None) -> JobRecord:
+        """A job's ledger row; JobNotFoundError if there is none."""
+        if task_id is not None:
+            check_task_id(task_id)
+        rec = self.ledger.get(job_id, task_id)
+        if rec is None:
+            where = f"task {task_id!r} in table" if task_id is not None else "table"
+            raise JobNotFoundError(f"no job {job_id} in {where} {self.table!r}")
+        return rec
+
+    def repush(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        status: Status | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        task_id: str | None = None,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> RepushResult:
+        """Put jobs back on their task's queue as todo (failed_times reset to 0).
+
+        Either ``ids`` (any status; each job's task is read from its row, ``task_id``
+        narrows; an id that does not exist is a JobNotFoundError and nothing changes),
+        or a filter: ``status`` with optional ``since``/``until`` (bounds on
+        ``updated_at``), ``limit`` and ``task_id`` (an unknown task is a
+        TaskNotFoundError). Jobs are handled ``CHUNK`` at a time, each chunk one
+        compare-and-set per task followed by one pipelined RPUSH; ``progress`` is called
+        after each chunk. ``dry_run`` reads only and returns what would be repushed.
+        """
+        if (ids is None) == (status is None):
+            raise ConfigError("repush takes either job ids or a status filter")
+        if task_id is not None:
+            self.require_task(task_id)
+        result = RepushResult(dry_run=dry_run)
+        if ids is not None:
+            if since is not None or until is not None or limit is not None:
+                raise ConfigError("since, until and limit filter by status, not by ids")
+            self._repush_ids(list(dict.fromkeys(ids)), task_id, result, progress)
+        else:
+            st = Status.parse(status) if status is not None else None
+            if limit is not None:
+                positive_int(limit, "limit")
+            self._repush_filter(st, since, until, limit, task_id, result, progress)
+        return result
+
+    def _repush_ids(
+        self,
+        ids: list[int],
+        task_id: str | None,
+        result: RepushResult,
+        progress: Progress | None,
+    ) -> None:
+        rows: list[tuple[int, str, int, Status]] = []
+        for i in range(0, len(ids), CHUNK):
+            rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + CHUNK]))
+        missing = sorted(set(ids) - {r[0] for r in rows})
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            where = f"task {task_id!r} in table" if task_id is not None else "table"
+            noun = "job" if len(missing) == 1 else "jobs"
+            raise JobNotFoundError(
+                f"no {noun} {shown}{more} in {where} {self.table!r}; nothing was repushed"
+            )
+        order = {job_id: n for n, job_id in enumerate(ids)}
+        rows.sort(key=lambda r: order[r[0]])
+        done = 0
+        for i in range(0, len(rows), CHUNK):
+            chunk = rows[i : i + CHUNK]
+            self._apply(chunk, result, lambda lost: self.ledger.find(task_id=task_id, ids=lost))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(rows))
+
+    def _repush_filter(
+        self,
+        status: Status | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int | None,
+        task_id: str | None,
+        result: RepushResult,
+        progress: Progress | None,
+    ) -> None:
+        def find(**kwargs: Any) -> list[tuple[int, str, int, Status]]:
+            return self.ledger.find(
+                task_id=task_id, status=status, since=since, until=until, **kwargs
+            )
+
+        after: int | None = None
+        done = 0
+        while limit is None or done < limit:
+            want = CHUNK if limit is None else min(CHUNK, limit - done)
+            rows = find(limit=want, after_id=after)
+            if not rows:
+                break
+            after = rows[-1][0]
+            self._apply(rows, result, lambda lost: find(ids=lost))
+            done += len(rows)
+            if progress is not None:
+                progress(done, limit)
+            if len(rows) < want:
+                break
+
+    def _apply(
+        self,
+        rows: Sequence[tuple[int, str, int, Status]],
+        result: RepushResult,
+        reread: Callable[[list[int]], list[tuple[int, str, int, Status]]],
+    ) -> None:
+        """Repush ``rows`` task by task; a job that moved meanwhile is re-read (it must
+        still match) and tried again, up to RETRIES times."""
+        if result.dry_run:
+            result.jobs.extend(RepushedJob(i, t, s, c) for i, t, c, s in rows)
+            return
+        pending = list(rows)
+        for _ in range(RETRIES):
+            lost: list[int] = []
+            for task_id, group in _by_task(pending).items():
+                before = {i: s for i, _, _, s in group}
+                # The ledger's compare-and-set first, then one pipelined RPUSH. If Redis
+                # is down the rows stay todo and the dispatch sweep sends them later.
+                new = dict(self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group]))
+                for i, _, _, _ in group:
+                    if i in new:
+                        result.jobs.append(RepushedJob(i, task_id, before[i], new[i]))
+                    else:
+                        lost.append(i)
+            if not lost:
+                return
+            pending = reread(sorted(lost))
+            if not pending:
+                return  # they no longer match the filter: not ours to repush
+        result.skipped.extend(sorted(i for i, _, _, _ in pending))
+
+    # -- stats ------------------------------------------------------------------------
+
+    def stats(self, task_id: str | None = None) -> list[TaskSummary]:
+        """Every task of the table (or one): counts by status, the age of the oldest
+        todo job, and the depth of its Redis queue."""
+        if task_id is not None:
+            check_task_id(task_id)
+        found = self.ledger.stats(task_id)
+        if task_id is not None and not found:
+            raise TaskNotFoundError(f"no task {task_id!r} in table {self.table!r}")
+        now = self.clock()
+        out: list[TaskSummary] = []
+        for s in found:
+            age = None
+            if s.oldest_todo is not None:
+                age = max(0.0, (now - s.oldest_todo).total_seconds())
+            out.append(
+                TaskSummary(
+                    task_id=s.task_id,
+                    counts={st: s.counts.get(st, 0) for st in Status},
+                    oldest_todo=s.oldest_todo,
+                    oldest_todo_age=age,
+                    queue_depth=self.transport(s.task_id).depth(),
+                )
+            )
+        return out
+
+    # -- schema -----------------------------------------------------------------------
+
+    def db_current(self) -> DbState:
+        return DbState(self.table, migrations.current(self.engine, self.table), migrations.head())
+
+    def db_upgrade(self, revision: str = "head") -> DbState:
+        with _alembic_errors(revision):
+            migrations.upgrade(self.engine, self.table, revision)
+        return self.db_current()
+
+    def db_downgrade(self, revision: str = "-1") -> DbState:
+        with _alembic_errors(revision):
+            migrations.downgrade(self.engine, self.table, revision)
+        return self.db_current()
+
+
+def _by_task(
+    rows: Iterable[tuple[int, str, int, Status]],
+) -> dict[str, list[tuple[int, str, int, Status]]]:
+    out: dict[str, list[tuple[int, str, int, Status]]] = {}
+    for r in rows:
+        out.setdefault(r[1], []).append(r)
+    return out
+
+
+@contextlib.contextmanager
+def _alembic_errors(revision: str) -> Iterator[None]:
+    """Alembic's own errors (an unknown revision, nothing to downgrade) as ConfigError."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        text = str(exc).strip().splitlines()
+        reason = text[0] if text else type(exc).__name__
+        raise ConfigError(f"revision {revision!r}: {reason}") from exc
+
+
+__all__ = [
+    "Admin",
+    "DbState",
+    "Progress",
+    "RepushResult",
+    "RepushedJob",
+    "TaskNotFoundError",
+    "TaskSummary",
+    "default_prefix",
+    "record_dict",
+]
