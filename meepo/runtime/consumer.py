@@ -153,16 +153,12 @@ class Consumer:
         self._stop_fetch.set()
         with self._slot:
             self._slot.notify_all()
+        # Take the claimed-but-unstarted jobs from the executors now, not only after the
+        # fetcher's blocking pop returns: a stopping consumer starts nothing new.
+        unstarted = self._drain_work()
         if self._fetcher is not None:
             self._fetcher.join()
-        unstarted: list[Job] = []
-        while True:
-            try:
-                job = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                unstarted.append(job)
+        unstarted += self._drain_work()  # the fetcher's last batch
         for _ in self._executors:
             self._work.put(None)
         if unstarted:
@@ -188,6 +184,16 @@ class Consumer:
             self._heartbeat.join(5.0)
         self.running = False
         return clean
+
+    def _drain_work(self) -> list[Job]:
+        jobs: list[Job] = []
+        while True:
+            try:
+                job = self._work.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
 
     def _release(self, jobs: list[Job]) -> None:
         pairs = [(j.id, j.commit_id) for j in jobs]

@@ -39,19 +39,25 @@ Pair = tuple[int, int]
 CHUNK = 1000
 #: How long the recovery lock of one epoch is held (seconds).
 RECOVERY_LOCK_TTL = 60
+#: The largest id or commit_id a message may carry (BIGINT columns).
+MAX_INT64 = 2**63 - 1
 
 
 def make_client(url: str) -> redis.Redis:
     """A redis-py client for ``url`` with timeouts and reconnect retries set for meepo."""
+    extra: dict[str, Any] = {}
+    if not url.startswith("unix:"):
+        # TCP only: redis-py's unix socket connections reject socket_keepalive.
+        extra["socket_keepalive"] = True
     try:
         return redis.Redis.from_url(
             url,
             socket_connect_timeout=5,
             socket_timeout=30,  # above the BLPOP timeout
-            socket_keepalive=True,
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **extra,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {mask_url(url)!r}: {exc}") from None
@@ -62,11 +68,15 @@ def encode(pair: Pair) -> bytes:
 
 
 def decode(message: bytes) -> Pair | None:
-    """``b"12:3"`` → ``(12, 3)``; None for anything else."""
+    """``b"12:3"`` → ``(12, 3)``; None for anything else (including numbers past a
+    64-bit column, which the database drivers refuse to bind)."""
     head, sep, tail = message.partition(b":")
     if not sep or not head.isdigit() or not tail.isdigit():
         return None
-    return int(head), int(tail)
+    job_id, commit_id = int(head), int(tail)
+    if job_id > MAX_INT64 or commit_id > MAX_INT64:
+        return None
+    return job_id, commit_id
 
 
 def new_epoch() -> bytes:
