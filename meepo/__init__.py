@@ -10,6 +10,7 @@ from .errors import (
     PayloadError,
     SchemaError,
     StaleCommitError,
+    TaskNotFoundError,
     TransportUnavailableError,
     UnavailableError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "StaleCommitError",
     "Status",
     "Task",
+    "TaskNotFoundError",
     "TransportUnavailableError",
     "UnavailableError",
     "__version__",

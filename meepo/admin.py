@@ -25,16 +25,16 @@ import redis as redis_lib
 from sqlalchemy import Engine
 
 from .config import (
-    DEFAULT_PREFIX,
     DEFAULT_TABLE,
     check_prefix,
     check_table_name,
     check_task_id,
+    default_prefix,
     positive_int,
 )
 from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
-from .errors import ConfigError, JobNotFoundError, MeepoError
+from .errors import ConfigError, JobNotFoundError, TaskNotFoundError
 from .ledger import CHUNK, Ledger
 from .ledger import migrate as migrations
 from .records import JobRecord, Status
@@ -46,15 +46,6 @@ Progress = Callable[[int, int | None], None]
 #: How many times a job that moved between the read and the compare-and-set is re-read
 #: and tried again before it is reported as skipped.
 RETRIES = 5
-
-
-class TaskNotFoundError(MeepoError, LookupError):
-    """No job of this task exists in the ledger table."""
-
-
-def default_prefix(table: str) -> str:
-    """The Redis key prefix of the tasks of ``table`` (when they set no prefix)."""
-    return DEFAULT_PREFIX if table == DEFAULT_TABLE else f"{DEFAULT_PREFIX}{table}:"
 
 
 def utcnow() -> datetime:
@@ -413,8 +404,6 @@ __all__ = [
     "Progress",
     "RepushResult",
     "RepushedJob",
-    "TaskNotFoundError",
     "TaskSummary",
-    "default_prefix",
     "record_dict",
 ]

@@ -50,6 +50,12 @@ def check_prefix(prefix: object) -> str:
     return prefix
 
 
+def default_prefix(table: str) -> str:
+    """The Redis key prefix of a task that sets none: ``meepo:`` on the default table,
+    ``meepo:<table>:`` on a table of its own (same task id, different queues)."""
+    return DEFAULT_PREFIX if table == DEFAULT_TABLE else f"{DEFAULT_PREFIX}{table}:"
+
+
 def seconds(value: float | int | timedelta, name: str, *, allow_zero: bool = False) -> float:
     """A duration option as float seconds; accepts a number or a timedelta."""
     if isinstance(value, timedelta):

@@ -24,6 +24,10 @@ class JobNotFoundError(MeepoError, LookupError):
     """No job with this id exists (in this task's ledger)."""
 
 
+class TaskNotFoundError(MeepoError, LookupError):
+    """No job of this task exists in the ledger table."""
+
+
 class StaleCommitError(MeepoError):
     """A commit carried a commit_id that is no longer current.
 

@@ -15,7 +15,7 @@ import redis as redis_lib
 from sqlalchemy import Connection, Engine, event
 
 from . import config
-from .config import DEFAULT_PREFIX, DEFAULT_TABLE, Options, mask_url
+from .config import DEFAULT_TABLE, Options, mask_url
 from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
 from .errors import (
@@ -104,12 +104,7 @@ class Task:
         )
         self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
         if list_name_prefix is None:
-            # table_name="meepo_jobs" is the default table: same keys as no table_name.
-            list_name_prefix = (
-                DEFAULT_PREFIX
-                if self.table_name == DEFAULT_TABLE
-                else f"{DEFAULT_PREFIX}{self.table_name}:"
-            )
+            list_name_prefix = config.default_prefix(self.table_name)
         self.list_name_prefix = config.check_prefix(list_name_prefix)
         self.job_func = job_func
         self.clock = clock or utcnow

@@ -17,8 +17,9 @@ from helpers import child_env, wait_for
 from sqlalchemy import MetaData, Table
 
 from meepo import JobRecord, Status, Task
-from meepo.admin import Admin, default_prefix
+from meepo.admin import Admin
 from meepo.cli import ProgressBar, load_task, main, parse_time
+from meepo.config import default_prefix
 from meepo.connect import engine_for
 from meepo.ledger import migrate
 from meepo.transport import encode
