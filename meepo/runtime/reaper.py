@@ -78,16 +78,20 @@ class Reaper:
         previous, self.known_epoch = self.known_epoch, epoch
         if previous == epoch or (previous is None and not created):
             return 0
-        if previous is not None:
+        lost = previous is not None
+        if lost:
             log.warning(
                 "task %s: Redis lost its data (epoch changed); re-dispatching due jobs "
                 "from the ledger",
                 self.task_id,
             )
-        return self.recover(epoch)
+        return self.recover(epoch, lost=lost)
 
-    def recover(self, epoch: bytes) -> int:
-        """Re-dispatch every due todo job (once per epoch across all processes)."""
+    def recover(self, epoch: bytes, *, lost: bool = True) -> int:
+        """Re-dispatch every due todo job (once per epoch across all processes).
+
+        ``lost``: Redis lost its data; otherwise this process found no epoch at all (a
+        new Redis, or one emptied before any consumer saw it)."""
         if not self.d.transport.take_recovery(epoch):
             return 0
         sent = 0

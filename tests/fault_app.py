@@ -1,0 +1,103 @@
+"""A worker process for the fault tests (tests/test_faults.py); not a test module.
+
+    python tests/fault_app.py --db URL --redis URL --task ID --log FILE [options]
+
+It builds a ``meepo.Task`` whose handler appends one line to the append-only ``--log``
+file when a run starts and one when it ends::
+
+    start <job id> <commit_id> <pid> <failed_times>
+    end <job id> <commit_id> <pid> <failed_times>
+
+then calls ``task.run()`` (which owns SIGINT/SIGTERM: the first stops gracefully within
+``--grace``, the second exits at once). meepo's own log goes to stderr at INFO.
+
+The payload tells the handler what to do:
+
+* ``sleep:S`` - sleep S seconds (float) on every run;
+* ``hang:S``  - sleep S seconds only on the first run (``failed_times == 0``), so a
+  job whose worker is killed runs quickly once recovered;
+* ``ms:N``    - sleep N milliseconds;
+* anything else - return at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from meepo import Job, Task
+
+
+def append_line(path: str, line: str) -> None:
+    """One ``write`` on an O_APPEND descriptor: lines from many processes never mix."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def delay_of(job: Job) -> float:
+    kind, _, arg = job.payload.decode(errors="replace").partition(":")
+    if kind == "sleep":
+        return float(arg)
+    if kind == "hang":
+        return float(arg) if job.failed_times == 0 else 0.0
+    if kind == "ms":
+        return float(arg) / 1000.0
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--db", required=True)
+    p.add_argument("--redis", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--log", required=True, help="append-only execution log")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=None)
+    p.add_argument("--lease", type=float, default=None)
+    p.add_argument("--zombie-timeout", type=float, default=2.0)
+    p.add_argument("--zombie-period", type=float, default=0.5)
+    p.add_argument("--poll-interval", type=float, default=0.2)
+    p.add_argument("--grace", type=float, default=10.0)
+    args = p.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {os.getpid()} %(threadName)s %(name)s %(levelname)s %(message)s",
+    )
+    pid = os.getpid()
+
+    def handler(job: Job) -> None:
+        who = f"{job.id} {job.commit_id} {pid} {job.failed_times}"
+        append_line(args.log, f"start {who}")
+        delay = delay_of(job)
+        if delay > 0:
+            time.sleep(delay)
+        append_line(args.log, f"end {who}")
+
+    task = Task(
+        args.task,
+        db=args.db,
+        redis=args.redis,
+        job_func=handler,
+        parallel_num=args.parallel,
+        prefetch=args.prefetch,
+        lease=args.lease,
+        zombie_timeout=args.zombie_timeout,
+        zombie_period=args.zombie_period,
+        poll_interval=args.poll_interval,
+        shutdown_grace=args.grace,
+    )
+    task.run()
+    logging.getLogger("meepo").info("fault_app %d: run() returned, exiting 0", pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

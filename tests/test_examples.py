@@ -1,0 +1,71 @@
+"""The examples run to completion the way users run them: each in a process of its own,
+the quickstart on the embedded default (no URLs), and every example on every database
+with the shared Redis."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import child_env
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT = 180
+
+#: The line each example prints when everything it checks held.
+KEY_LINES = {
+    "quickstart": "quickstart finished in",
+    "auto_commit": "auto_commit: 100 jobs finished",
+    "manual_commit": "manual_commit: 100 jobs finished",
+    "transactional_push": "transactional_push: 3 committed jobs ran, rolled-back jobs ran: 0",
+}
+
+pytestmark = pytest.mark.timeout(2 * TIMEOUT)
+
+
+def run_example(name: str, cwd: Path, **env: str) -> str:
+    environ = child_env(MEEPO_HOME=str(cwd / ".meepo"), **env)
+    if "MEEPO_DB_URL" not in env:
+        environ.pop("MEEPO_DB_URL", None)
+    if "MEEPO_REDIS_URL" not in env:
+        environ.pop("MEEPO_REDIS_URL", None)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py")],
+        cwd=cwd,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{out[-4000:]}"
+    assert KEY_LINES[name] in out, f"{name} did not print {KEY_LINES[name]!r}:\n{out[-4000:]}"
+    return out
+
+
+needs_redis_server = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="no redis-server binary to embed"
+)
+
+
+@needs_redis_server
+def test_quickstart_on_the_embedded_default_twice(tmp_path: Path) -> None:
+    """`make demo`: no URLs at all, and a second run over the first one's .meepo dir."""
+    first = run_example("quickstart", tmp_path)
+    assert (tmp_path / ".meepo" / "meepo.sqlite3").exists()
+    for out in (first, run_example("quickstart", tmp_path)):
+        assert "(embedded default)" in out
+        assert "failed_times=1" in out  # the retried failure and the reaped zombie
+        assert "re-queued" in out  # the reaper's own report of the zombie
+        assert "is stale" in out  # the late commit was fenced off
+
+
+@pytest.mark.parametrize("name", sorted(KEY_LINES))
+def test_example_on_servers(name: str, db_url: str, redis_url: str, tmp_path: Path) -> None:
+    out = run_example(name, tmp_path, MEEPO_DB_URL=db_url, MEEPO_REDIS_URL=redis_url)
+    if name == "quickstart":
+        assert "(MEEPO_DB_URL)" in out

@@ -1,0 +1,468 @@
+"""Real-process fault tests: workers are subprocesses (tests/fault_app.py) that get
+killed, signalled, and have their Redis flushed or restarted under them.
+
+Each worker appends ``start``/``end`` lines (job id, commit_id, pid, failed_times) to
+an append-only execution log; the tests read that log and the ledger. Every wait is a
+condition with a deadline; no assertion is about time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import redis
+from conftest import TaskFactory
+from helpers import RedisServer, child_env, wait_for
+
+from meepo import Status, Task
+from meepo.records import JobRecord
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+APP = Path(__file__).resolve().parent / "fault_app.py"
+T = TypeVar("T")
+
+
+# -- the execution log ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    kind: str  # "start" or "end"
+    job_id: int
+    commit_id: int
+    pid: int
+    failed_times: int
+
+
+class ExecLog:
+    """The workers' append-only log of handler runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def runs(self) -> list[Run]:
+        if not self.path.exists():
+            return []
+        out: list[Run] = []
+        for line in self.path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) != 5:  # a line being written right now
+                continue
+            kind, job_id, commit_id, pid, failed = parts
+            out.append(Run(kind, int(job_id), int(commit_id), int(pid), int(failed)))
+        return out
+
+    def starts(self, job_id: int | None = None) -> list[Run]:
+        return [r for r in self.runs() if r.kind == "start" and job_id in (None, r.job_id)]
+
+    def ends(self, job_id: int | None = None) -> list[Run]:
+        return [r for r in self.runs() if r.kind == "end" and job_id in (None, r.job_id)]
+
+
+# -- worker processes -------------------------------------------------------------------
+
+
+class Worker:
+    """One fault_app.py process; its stderr (meepo's INFO log) goes to a file."""
+
+    def __init__(self, args: list[str], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        with stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=child_env(),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.pid} did not exit within {timeout}s\n{self.stderr()}"
+            ) from None
+
+    def stderr(self, lines: int = 40) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+Spawn = Callable[..., Worker]
+
+
+@pytest.fixture
+def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
+    """Start fault_app.py workers; every one is SIGKILLed (by pid) at teardown."""
+    started: list[Worker] = []
+
+    def factory(
+        task: Task,
+        log: ExecLog,
+        *,
+        redis_url: str,
+        parallel: int = 2,
+        prefetch: int | None = None,
+        zombie_timeout: float = 2.0,
+        zombie_period: float = 0.5,
+        grace: float = 15.0,
+    ) -> Worker:
+        args = [
+            "--db", db_url,
+            "--redis", redis_url,
+            "--task", task.task_id,
+            "--log", str(log.path),
+            "--parallel", str(parallel),
+            "--zombie-timeout", str(zombie_timeout),
+            "--zombie-period", str(zombie_period),
+            "--poll-interval", "0.2",
+            "--grace", str(grace),
+        ]  # fmt: skip
+        if prefetch is not None:
+            args += ["--prefetch", str(prefetch)]
+        worker = Worker(args, tmp_path / f"worker{len(started)}.stderr")
+        started.append(worker)
+        return worker
+
+    try:
+        yield factory
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server this test may flush and restart."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def until(
+    predicate: Callable[[], T],
+    *,
+    workers: list[Worker],
+    timeout: float = 25.0,
+    message: str = "condition",
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """``wait_for``, failing at once if one of ``workers`` died; a failure shows the
+    workers' stderr (and ``detail()``)."""
+
+    def check() -> T:
+        for w in workers:
+            if not w.alive():
+                raise AssertionError(
+                    f"worker {w.pid} exited ({w.proc.returncode}) while waiting for "
+                    f"{message}\n{w.stderr()}"
+                )
+        return predicate()
+
+    try:
+        return wait_for(check, timeout=timeout, interval=0.05, message=message)
+    except AssertionError as exc:
+        extra = [detail()] if detail is not None else []
+        extra += [f"--- worker {w.pid} (rc={w.proc.poll()})\n{w.stderr(15)}" for w in workers]
+        raise AssertionError("\n".join([str(exc), *extra])) from None
+
+
+def record(task: Task, job_id: int) -> JobRecord:
+    rec = task.get(job_id)
+    assert rec is not None, f"job {job_id} has no ledger row"
+    return rec
+
+
+def status_is(task: Task, job_id: int, status: Status) -> JobRecord | None:
+    rec = task.get(job_id)
+    return rec if rec is not None and rec.status is status else None
+
+
+def all_done(task: Task, ids: list[int]) -> bool:
+    want = set(ids)
+    rows = task.ledger.find(task_id=task.task_id, ids=ids)
+    return {i for i, _, _, s in rows if s is Status.DONE} == want
+
+
+def counts(task: Task) -> dict[Status, int]:
+    stats = task.ledger.stats(task.task_id)
+    return dict(stats[0].counts) if stats else {}
+
+
+def progress(task: Task, log: ExecLog) -> Callable[[], str]:
+    return lambda: f"ledger counts: {counts(task)}; log lines: {len(log.runs())}"
+
+
+# -- 1. SIGKILL mid-job -------------------------------------------------------------------
+
+
+def test_sigkill_mid_job_is_recovered_by_another_worker(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    workers = [spawn(producer, log, redis_url=redis_url, parallel=1) for _ in range(2)]
+    job_id = producer.push(b"hang:120")  # sleeps on its first run only
+
+    first = until(lambda: log.starts(job_id), workers=workers, message="the job to start")[0]
+    victim = next(w for w in workers if w.pid == first.pid)
+    survivor = next(w for w in workers if w is not victim)
+    assert record(producer, job_id).status is Status.DOING
+    victim.proc.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+
+    until(
+        lambda: status_is(producer, job_id, Status.DONE),
+        workers=[survivor],
+        message=f"job {job_id} to be reaped and finished by the surviving worker",
+    )
+    rec = record(producer, job_id)
+    ends = log.ends(job_id)
+    assert [r.pid for r in ends] == [survivor.pid]
+    assert [r.pid for r in log.starts(job_id)] == [victim.pid, survivor.pid]
+    assert ends[0].commit_id > first.commit_id  # a new claim, fenced past the dead one
+    assert rec.failed_times == 1  # the expired lease counted as a failed attempt
+    assert rec.last_error  # and the reaper said why
+
+
+# -- 2. FLUSHALL with 1000 queued jobs ------------------------------------------------------
+
+
+def test_flushall_with_1000_queued_jobs_loses_none_and_runs_none_twice(
+    make_task: TaskFactory, own_redis: RedisServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task(redis=own_redis.url)
+    log = ExecLog(tmp_path / "exec.log")
+    ids = producer.push_many([b"ms:3"] * 1000)
+    assert len(set(ids)) == 1000
+    # A zombie_timeout far beyond the test's deadlines: only the epoch check (Redis lost
+    # its data) can bring the flushed jobs back in time, not the per-job sweep.
+    worker = spawn(producer, log, redis_url=own_redis.url, parallel=2, zombie_timeout=120)
+
+    until(lambda: len(log.ends()) >= 10, workers=[worker], message="the worker to get going")
+    client = redis.Redis.from_url(own_redis.url)
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.llen(producer.transport.queue_key)
+        pipe.flushall()
+        queued, _ = pipe.execute()
+    finally:
+        client.close()
+    assert queued > 0, "the queue had drained before FLUSHALL: nothing was tested"
+
+    until(
+        lambda: all_done(producer, ids),
+        workers=[worker],
+        timeout=60,
+        message="all 1000 jobs done after FLUSHALL",
+        detail=progress(producer, log),
+    )
+    rows = producer.ledger.find(task_id=producer.task_id)
+    assert sorted(r[0] for r in rows) == sorted(ids)  # one row per pushed id, no more
+    starts = Counter(r.job_id for r in log.starts())
+    ends = Counter(r.job_id for r in log.ends())
+    assert set(ends) == set(ids)
+    assert {i: n for i, n in ends.items() if n != 1} == {}, "a job finished twice"
+    assert {i: n for i, n in starts.items() if n != 1} == {}, "a job started twice"
+
+
+# -- 3. Redis restart (all data lost) under a running worker ------------------------------
+
+
+def test_worker_survives_redis_restart_and_recovers_queued_jobs(
+    make_task: TaskFactory, own_redis: RedisServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task(redis=own_redis.url)
+    log = ExecLog(tmp_path / "exec.log")
+    before = producer.push_many([b"ms:300"] * 8)
+    worker = spawn(
+        producer, log, redis_url=own_redis.url, parallel=1, prefetch=0, zombie_timeout=120
+    )
+    until(lambda: log.starts(), workers=[worker], message="the first job to start")
+    queued = producer.depth()
+    own_redis.restart()
+    assert queued > 0, "the queue had drained before the restart: nothing was tested"
+    assert producer.depth() == 0
+
+    after = [producer.push(b"ms:1") for _ in range(4)]
+    ids = before + after
+    until(
+        lambda: all_done(producer, ids),
+        workers=[worker],
+        timeout=40,
+        message="all jobs done after the Redis restart",
+        detail=progress(producer, log),
+    )
+
+    # again with the worker idle, blocked in BLPOP on the connection that goes away
+    own_redis.restart()
+    later = [producer.push(b"ms:1") for _ in range(3)]
+    ids += later
+    until(
+        lambda: all_done(producer, later),
+        workers=[worker],
+        timeout=40,
+        message="jobs pushed after a restart of an idle worker's Redis",
+        detail=progress(producer, log),
+    )
+    assert worker.alive()
+    ends = Counter(r.job_id for r in log.ends())
+    assert {i: ends[i] for i in ids} == {i: 1 for i in ids}
+    assert {r.pid for r in log.runs()} == {worker.pid}
+
+
+# -- 4. graceful shutdown ---------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_running_job_and_releases_unstarted_ones(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    ids = producer.push_many([b"sleep:3"] * 2 + [b"x"] * 6)
+    running, unstarted, queued = ids[:2], ids[2:4], ids[4:]
+    # two executors and two prefetch slots: it claims the first four jobs, and its
+    # executors take the two slow ones (a long lease: nothing here should be reaped)
+    worker = spawn(producer, log, redis_url=redis_url, parallel=2, prefetch=2, zombie_timeout=120)
+    until(
+        lambda: all(log.starts(i) for i in running),
+        workers=[worker],
+        message="the slow jobs to start",
+    )
+    until(
+        lambda: all(status_is(producer, i, Status.DOING) for i in unstarted),
+        workers=[worker],
+        message="two more jobs to be claimed (prefetched)",
+    )
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.stderr()
+
+    for i in running:
+        assert record(producer, i).status is Status.DONE
+        assert [r.pid for r in log.ends(i)] == [worker.pid]
+    for i in unstarted:
+        rec = record(producer, i)
+        assert rec.status is Status.TODO  # released, not left doing for the reaper
+        assert rec.failed_times == 0  # a release is not a failed attempt
+        assert log.starts(i) == []
+    for i in queued:
+        assert record(producer, i).status is Status.TODO
+    assert counts(producer).get(Status.DOING, 0) == 0
+
+    # what the stopped worker gave back runs elsewhere
+    other = spawn(producer, log, redis_url=redis_url, parallel=2)
+    until(
+        lambda: all_done(producer, unstarted + queued),
+        workers=[other],
+        message="the released and queued jobs to run on another worker",
+    )
+    for i in unstarted:
+        assert [r.pid for r in log.starts(i)] == [other.pid]
+    other.signal(signal.SIGINT)  # SIGINT too, on an idle worker
+    assert other.wait() == 0, other.stderr()
+
+
+def test_second_sigterm_exits_at_once_and_the_job_is_reaped(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    job_id = producer.push(b"hang:120")  # would outlast the grace period on its first run
+    worker = spawn(producer, log, redis_url=redis_url, parallel=1, grace=60)
+    first = until(lambda: log.starts(job_id), workers=[worker], message="the job to start")[0]
+
+    worker.signal(signal.SIGTERM)
+    wait_for(
+        lambda: "SIGTERM received" in worker.stderr(200),
+        timeout=15,
+        message="the worker to handle the first SIGTERM",
+    )
+    assert worker.alive()  # still inside its grace period, waiting for the handler
+    worker.signal(signal.SIGTERM)
+    rc = worker.wait()
+    assert rc != 0
+    assert log.ends(job_id) == []
+    assert record(producer, job_id).status is Status.DOING
+
+    other = spawn(producer, log, redis_url=redis_url, parallel=1)
+    until(
+        lambda: status_is(producer, job_id, Status.DONE),
+        workers=[other],
+        message="the abandoned job to be reaped and finished by another worker",
+    )
+    rec = record(producer, job_id)
+    assert [r.pid for r in log.ends(job_id)] == [other.pid]
+    assert log.ends(job_id)[0].commit_id > first.commit_id
+    assert rec.failed_times == 1
+
+
+# -- 5. duplicate messages ----------------------------------------------------------------
+
+
+def test_duplicate_messages_run_the_job_once(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    ids = producer.push_many([b"ms:5"] * 30)
+    first_messages = [(i, 0) for i in ids]
+    # every message three more times, before any worker runs: duplicates land in the
+    # same pop batch and in different workers' batches
+    for _ in range(3):
+        producer.transport.send(first_messages)
+    workers = [
+        spawn(producer, log, redis_url=redis_url, parallel=3, zombie_timeout=120) for _ in range(2)
+    ]
+    until(lambda: all_done(producer, ids), workers=workers, message="all jobs done")
+
+    # and again once they are finished: the old message, and one carrying the claim's id
+    producer.transport.send(first_messages + [(i, 1) for i in ids])
+    until(lambda: producer.depth() == 0, workers=workers, message="the duplicates popped")
+    sentinel = producer.push(b"x")
+    until(
+        lambda: status_is(producer, sentinel, Status.DONE),
+        workers=workers,
+        message="a job pushed after the duplicates",
+    )
+    starts = Counter(r.job_id for r in log.starts())
+    assert {i: starts[i] for i in ids} == {i: 1 for i in ids}
+    for i in ids:
+        rec = record(producer, i)
+        assert (rec.status, rec.commit_id) == (Status.DONE, 2)  # one claim, one commit
