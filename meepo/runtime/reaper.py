@@ -105,9 +105,8 @@ class Reaper:
             sent += len(rows)
             after = (rows[-1][2], rows[-1][0])
         if sent:
-            log.warning(
-                "task %s: re-dispatched %d job(s) after Redis data loss", self.task_id, sent
-            )
+            why = "after Redis lost its data" if lost else "found in the ledger at start"
+            log.warning("task %s: re-dispatched %d job(s) %s", self.task_id, sent, why)
         return sent
 
     def sweep(self) -> int:
