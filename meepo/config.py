@@ -75,7 +75,9 @@ def positive_int(value: object, name: str) -> int:
     return value
 
 
-_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
+# The password runs to the last "@" of the URL's authority (redis-py accepts a raw "@"
+# inside a password), so the greedy match stops only at "/" or white space.
+_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]*)@")
 
 
 def mask_url(text: str) -> str:

@@ -245,8 +245,11 @@ class Consumer:
             try:
                 self._claim(pairs)
                 backoff.reset()
-            except MeepoError as exc:
-                log.warning("task %s: claim failed: %s (retrying)", self.task_id, exc)
+            except Exception as exc:  # the fetcher must never die silently
+                if isinstance(exc, MeepoError):
+                    log.warning("task %s: claim failed: %s (retrying)", self.task_id, exc)
+                else:
+                    log.exception("task %s: claim crashed (retrying)", self.task_id)
                 # hand the messages back; the ledger sweep covers a failure here
                 with contextlib.suppress(UnavailableError):
                     self.d.transport.send(pairs)
