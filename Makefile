@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench chaos venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,20 @@ test: venv
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check meepo tests examples benchmarks migrations
-	$(VENV)/bin/ruff format --check meepo tests examples benchmarks migrations
+	$(VENV)/bin/ruff check meepo tests examples benchmarks migrations chaos
+	$(VENV)/bin/ruff format --check meepo tests examples benchmarks migrations chaos
 	$(VENV)/bin/mypy --strict meepo
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+# The chaos harness (chaos/README.md): a real workload under injected faults, then the
+# invariants. `make chaos SEED=7 DURATION=300 BACKENDS=postgres` reproduces a run.
+SEED ?= 1
+DURATION ?= 120
+BACKENDS ?= mariadb,postgres
+chaos: venv
+	$(PY) -m chaos.run --seed $(SEED) --duration $(DURATION) --backends $(BACKENDS)
 
 clean:
 	rm -rf $(VENV) .meepo .pytest_cache .mypy_cache

@@ -431,6 +431,8 @@ class Consumer:
         except MeepoError as exc:
             log.warning("task %s: heartbeat failed: %s", self.task_id, exc)
             return set()
+        with self._lock:  # claims committed meanwhile were not lost, just finished
+            lost = {(i, c) for i, c in lost if self._held.get(i) == c}
         if lost:
             log.warning(
                 "task %s: lost the lease of job(s) %s (reaped or repushed); their commits "

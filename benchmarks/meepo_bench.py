@@ -1,0 +1,175 @@
+"""meepo measured through its public API (``Task``), as a benchmark ``System``."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from functools import partial
+
+from sqlalchemy import func, select, text
+
+from meepo import Status, Task
+
+from .common import (
+    BenchError,
+    Child,
+    Context,
+    Measure,
+    Metric,
+    System,
+    analyze,
+    delete_keys,
+    drain_metric,
+    fresh_name,
+    py_spy,
+    start_together,
+)
+
+
+class Meepo(System):
+    """meepo through ``Task``: a table of its own per run, a fresh task id per metric.
+
+    ``parallel``/``prefetch`` configure the drain workers (``prefetch=None``: meepo's
+    default). ``pushes=False`` measures drains only (a variant of the worker config:
+    pushing does not depend on it)."""
+
+    def __init__(
+        self,
+        parallel: int = 10,
+        prefetch: int | None = None,
+        *,
+        name: str = "meepo",
+        pushes: bool = True,
+    ) -> None:
+        self.name = name
+        self.parallel = parallel
+        self.prefetch = prefetch
+        self.pushes = pushes
+        self.slug = re.sub(r"[^A-Za-z0-9]+", "_", name)
+
+    def metrics(self, ctx: Context) -> list[Metric]:
+        s = ctx.settings
+        out: list[Metric] = []
+        if self.pushes:
+            out.append(("push", lambda c: self.push(c, s.single)))
+            out.append(("push_many", lambda c: self.push_many(c, s.jobs)))
+        for procs in s.procs:
+            out.append((drain_metric(procs), partial(self.drain, n=s.jobs, procs=procs)))
+        return out
+
+    def table(self, ctx: Context) -> str:
+        return f"{ctx.name}_{self.slug}"
+
+    def task(self, ctx: Context, task_id: str | None = None) -> Task:
+        return Task(
+            task_id or fresh_name("t"),
+            db=ctx.backend.url,
+            redis=ctx.redis_url,
+            table_name=self.table(ctx),
+            init_db=True,
+        )
+
+    def setup(self, ctx: Context) -> None:
+        self.task(ctx)  # runs the migrations once, outside any timing
+
+    def teardown(self, ctx: Context) -> None:
+        table = self.table(ctx)
+        task = self.task(ctx)
+        with task.engine.begin() as conn:
+            for name in (table, f"{table}_version"):
+                conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+        delete_keys(ctx.redis_url, f"{task.list_name_prefix}*")
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def push(self, ctx: Context, n: int) -> Measure:
+        task = self.task(ctx)
+        for _ in range(20):  # warm the pools and the statement cache
+            task.push(b"")
+        t = time.perf_counter()
+        for _ in range(n):
+            task.push(b"")
+        return Measure(n, time.perf_counter() - t)
+
+    def push_many(self, ctx: Context, n: int) -> Measure:
+        task = self.task(ctx)
+        batch = ctx.settings.batch
+        task.push_many([b""] * 20)
+        t = time.perf_counter()
+        done = 0
+        while done < n:
+            k = min(batch, n - done)
+            task.push_many([b""] * k)
+            done += k
+        return Measure(n, time.perf_counter() - t, {"batch": batch})
+
+    def drain(self, ctx: Context, n: int, procs: int) -> Measure:
+        """Enqueue ``n`` no-op jobs, start ``procs`` worker processes together, and time
+        from the start signal to the last job's ``done`` in the ledger (its
+        ``updated_at``, written by the worker's clock just before the commit)."""
+        task = self.task(ctx)
+        s = ctx.settings
+        args = [
+            *("--db", ctx.backend.url, "--redis", ctx.redis_url),
+            *("--task", task.task_id, "--table", self.table(ctx)),
+            *("--parallel", str(self.parallel)),
+        ]
+        if self.prefetch is not None:
+            args += ["--prefetch", str(self.prefetch)]
+        log = ctx.workdir / f"{ctx.backend.name}-{task.task_id}"
+        # the workers start (import, connect) while the jobs are enqueued
+        wrap: list[list[str]] = [[] for _ in range(procs)]
+        if s.profile is not None:  # the first worker, wall clock (--idle) and on-CPU (--gil)
+            stem = f"{ctx.backend.name}-{self.slug}-drain{procs}"
+            wrap[0] = py_spy(s.profile / f"{stem}-idle.txt", "--idle")
+            if procs > 1:
+                wrap[1] = py_spy(s.profile / f"{stem}-gil.txt", "--gil")
+        children = [
+            Child("benchmarks.worker", args, log.with_suffix(f".{k}.log"), wrap[k])
+            for k in range(procs)
+        ]
+        try:
+            for i in range(0, n, s.batch):
+                task.push_many([b""] * min(s.batch, n - i))
+            if s.analyze:
+                analyze(task.engine, self.table(ctx))
+            t0 = start_together(children)
+            last = self._wait_done(task, n, ctx.timeout)
+            for child in children:
+                child.send("stop")
+            results = [child.result(60.0) for child in children]
+        finally:
+            for child in children:
+                child.close()
+        rss = max(int(r["rss_kb"]) for r in results)
+        extra = {
+            "procs": procs,
+            "parallel_num": self.parallel,
+            "prefetch": self.prefetch,
+            "worker_rss_kb": rss,
+            "workers": results,
+        }
+        return Measure(n, last - t0, extra)
+
+    def _wait_done(self, task: Task, n: int, timeout: float) -> float:
+        """Poll until ``n`` rows of the task are done; return the latest ``updated_at``
+        (epoch seconds)."""
+        t = task.ledger.table
+        done_q = select(func.count()).where(
+            t.c.task_id == task.task_id, t.c.status == Status.DONE.value
+        )
+        deadline = time.monotonic() + timeout
+        count = 0
+        while True:
+            with task.engine.connect() as conn:
+                count = int(conn.execute(done_q).scalar_one())
+            if count >= n:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"drain: only {count} of {n} jobs done after {timeout:.0f}s")
+            time.sleep(0.1)
+        last_q = select(func.max(t.c.updated_at)).where(t.c.task_id == task.task_id)
+        with task.engine.connect() as conn:
+            last: datetime = conn.execute(last_q).scalar_one()
+        return last.timestamp()
