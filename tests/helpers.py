@@ -8,10 +8,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
 import redis
+
+from meepo import JobRecord, Status, Task
 
 T = TypeVar("T")
 
@@ -31,6 +34,30 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+class Clock:
+    """Real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+def record(task: Task, job_id: int) -> JobRecord:
+    rec = task.get(job_id)
+    assert rec is not None
+    return rec
+
+
+def wait_status(task: Task, job_id: int, status: Status) -> JobRecord:
+    wait_for(lambda: record(task, job_id).status is status, message=f"job {job_id} {status}")
+    return record(task, job_id)
 
 
 def free_port() -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
-from helpers import wait_for
+from helpers import Clock, record, wait_for, wait_status
 
 from meepo import (
     CommitModeError,
     Job,
     JobNotFoundError,
-    JobRecord,
     NotRunningHereError,
     StaleCommitError,
     Status,
@@ -24,30 +23,6 @@ from meepo import (
 pytestmark = pytest.mark.timeout(120)
 
 TaskFactory = Callable[..., Task]
-
-
-class Clock:
-    """Real time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += timedelta(seconds=seconds)
-
-
-def record(task: Task, job_id: int) -> JobRecord:
-    rec = task.get(job_id)
-    assert rec is not None
-    return rec
-
-
-def wait_status(task: Task, job_id: int, status: Status) -> JobRecord:
-    wait_for(lambda: record(task, job_id).status is status, message=f"job {job_id} {status}")
-    return record(task, job_id)
 
 
 # -- auto commit -----------------------------------------------------------------------

@@ -11,37 +11,18 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
-from helpers import wait_for
+from helpers import Clock, record, wait_for
 
-from meepo import Job, JobNotFoundError, JobRecord, Status, Task
+from meepo import Job, JobNotFoundError, Status, Task
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
 
 pytestmark = pytest.mark.timeout(120)
 
 TaskFactory = Callable[..., Task]
-
-
-class Clock:
-    """Real time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += timedelta(seconds=seconds)
-
-
-def record(task: Task, job_id: int) -> JobRecord:
-    rec = task.get(job_id)
-    assert rec is not None
-    return rec
 
 
 def queued(task: Task) -> Counter[tuple[int, int]]:
