@@ -90,8 +90,12 @@ class TaskSummary:
     oldest_todo: datetime | None
     #: Seconds since the oldest todo job became due (0 when it is not due yet).
     oldest_todo_age: float | None
-    #: Messages waiting in the task's Redis queue.
+    #: Messages waiting in the task's Redis queues (all priorities).
     queue_depth: int | None
+    #: Messages waiting per priority queue found in Redis.
+    queues: dict[str, int] = field(default_factory=dict)
+    #: Jobs waiting in Redis for their due time.
+    delayed: int | None = None
 
     @property
     def total(self) -> int:
@@ -105,6 +109,8 @@ class TaskSummary:
             "oldest_todo": None if self.oldest_todo is None else self.oldest_todo.isoformat(),
             "oldest_todo_age": self.oldest_todo_age,
             "queue_depth": self.queue_depth,
+            "queues": dict(self.queues),
+            "delayed": self.delayed,
         }
 
 
@@ -176,7 +182,7 @@ class Admin:
         return self._redis
 
     def transport(self, task_id: str) -> Transport:
-        return Transport(self.redis, task_id, self.prefix)
+        return Transport(self.redis, task_id, self.prefix, route_any=True)
 
     def dispatcher(self, task_id: str) -> Dispatcher:
         d = self._dispatchers.get(task_id)
@@ -320,7 +326,8 @@ class Admin:
                 before = {i: s for i, _, _, s in group}
                 # The ledger's compare-and-set first, then one pipelined RPUSH. If Redis
                 # is down the rows stay todo and the dispatch sweep sends them later.
-                new = dict(self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group]))
+                sent = self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group])
+                new = {m.job_id: m.commit_id for m in sent}
                 for i, _, _, _ in group:
                     if i in new:
                         result.jobs.append(RepushedJob(i, task_id, before[i], new[i]))
@@ -349,13 +356,17 @@ class Admin:
             age = None
             if s.oldest_todo is not None:
                 age = max(0.0, (now - s.oldest_todo).total_seconds())
+            transport = self.transport(s.task_id)
+            queues = transport.all_depths()
             out.append(
                 TaskSummary(
                     task_id=s.task_id,
                     counts={st: s.counts.get(st, 0) for st in Status},
                     oldest_todo=s.oldest_todo,
                     oldest_todo_age=age,
-                    queue_depth=self.transport(s.task_id).depth(),
+                    queue_depth=sum(queues.values()),
+                    queues=queues,
+                    delayed=transport.delayed_depth(),
                 )
             )
         return out

@@ -413,13 +413,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not found:
         print(f"no jobs in table {admin.table}")
         return 0
-    headers = ["TASK", *(s.value.upper() for s in Status), "OLDEST TODO", "QUEUE"]
+    headers = [
+        "TASK", *(s.value.upper() for s in Status), "OLDEST TODO", "QUEUE", "DELAYED", "QUEUES",
+    ]  # fmt: skip
     rows = [
         [
             s.task_id,
             *(str(s.counts.get(st, 0)) for st in Status),
             _age(s.oldest_todo_age),
             "-" if s.queue_depth is None else str(s.queue_depth),
+            "-" if s.delayed is None else str(s.delayed),
+            " ".join(f"{p}={n}" for p, n in s.queues.items()) or "-",
         ]
         for s in found
     ]

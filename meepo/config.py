@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from .errors import ConfigError
-from .records import Status
+from .records import DEFAULT_PRIORITY, Status
 
 #: Task ids go into a SQL column and into Redis key hash tags.
 TASK_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -18,6 +21,16 @@ TASK_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 TABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 #: Redis key prefixes: no braces (they would break the ``{task_id}`` hash tag).
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:\-]{0,64}")
+
+#: Priority names go into Redis key names.
+PRIORITY_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+DEFAULT_PRIORITIES = ("high", DEFAULT_PRIORITY, "low")
+#: Mel's default: the waits before the 1st, 2nd, 3rd and later retries.
+DEFAULT_RETRY_BACKOFF = (2.0, 4.0, 8.0, 16.0)
+#: The longest wait an exponential retry_backoff grows to.
+MAX_BACKOFF = 3600.0
+#: Unique job keys: the column is VARCHAR(255).
+MAX_KEY_LENGTH = 255
 
 DEFAULT_TABLE = "meepo_jobs"
 DEFAULT_PREFIX = "meepo:"
@@ -69,6 +82,127 @@ def seconds(value: float | int | timedelta, name: str, *, allow_zero: bool = Fal
     return out
 
 
+def check_priorities(value: object) -> tuple[str, ...]:
+    """A task's priority queues, highest first: a non-empty sequence of distinct names."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ConfigError(
+            f"priorities must be a non-empty list of names, highest first, not {value!r}"
+        )
+    out: list[str] = []
+    for p in value:
+        if not isinstance(p, str) or not PRIORITY_RE.fullmatch(p):
+            raise ConfigError(
+                f"invalid priority {p!r}: use 1 to 32 characters from A-Z a-z 0-9 _ -"
+            )
+        if p in out:
+            raise ConfigError(f"priority {p!r} is listed twice in {list(value)!r}")
+        out.append(p)
+    return tuple(out)
+
+
+def check_priority(value: object, priorities: Sequence[str]) -> str:
+    if value not in priorities:
+        raise ValueError(
+            f"unknown priority {value!r}: this task's priorities are {', '.join(priorities)}"
+        )
+    return str(value)
+
+
+def retry_policy(value: object) -> Callable[[int], float] | None:
+    """``retry_backoff`` as a function of the failure count (1 for the first retry).
+
+    * a list of seconds: the n-th retry waits the n-th entry (the last one repeats);
+    * a number of seconds ``b``: exponential backoff with jitter, the n-th retry waits
+      between half and all of ``b * 2**(n-1)`` (capped at an hour);
+    * a callable ``(failed_times) -> seconds``;
+    * ``0``, ``None`` or an empty list: retry at once.
+    """
+    if value is None:
+        return None
+    if callable(value):
+        func: Callable[[int], float] = value
+        return func
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        base = float(value)
+        if not math.isfinite(base) or base < 0:
+            raise ConfigError(f"retry_backoff must be non-negative seconds, not {value!r}")
+        if base == 0:
+            return None
+        return lambda n: _jittered(min(MAX_BACKOFF, base * 2.0 ** min(n - 1, 62)))
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        waits: list[float] = []
+        for w in value:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                raise ConfigError(
+                    f"retry_backoff entries must be non-negative seconds, not {w!r} in "
+                    f"{list(value)!r}"
+                )
+            waits.append(float(w))
+        if not waits:
+            return None
+        return lambda n: waits[min(max(n, 1), len(waits)) - 1]
+    raise ConfigError(
+        "retry_backoff must be a list of seconds, a number of seconds (exponential "
+        f"backoff) or a callable (failed_times) -> seconds, not {value!r}"
+    )
+
+
+def _jittered(wait: float) -> float:
+    return wait / 2 + random.uniform(0, wait / 2)
+
+
+def due_time(
+    now: datetime, delay: float | int | timedelta | None, run_at: datetime | None
+) -> datetime | None:
+    """When a pushed job is due: ``delay`` seconds from ``now`` or at ``run_at`` (an aware
+    datetime); None means now. A negative delay or a past ``run_at`` is due now."""
+    if delay is not None and run_at is not None:
+        raise ValueError("pass delay= or run_at=, not both")
+    if run_at is not None:
+        if not isinstance(run_at, datetime):
+            raise TypeError(f"run_at must be a datetime, not {type(run_at).__name__}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise ValueError(
+                f"run_at must be an aware datetime (e.g. with tzinfo=timezone.utc), not "
+                f"the naive {run_at.isoformat()}"
+            )
+        return run_at
+    if delay is None:
+        return None
+    if isinstance(delay, timedelta):
+        secs = delay.total_seconds()
+    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+        secs = float(delay)
+    else:
+        raise TypeError(f"delay must be seconds (a number) or a timedelta, not {delay!r}")
+    if not math.isfinite(secs):
+        raise ValueError(f"delay must be a finite number of seconds, not {delay!r}")
+    return now + timedelta(seconds=secs)
+
+
+def check_key(key: object, unique_for: object) -> tuple[str | None, float]:
+    """A unique job key and how long it stays reserved after its job finished."""
+    if key is None:
+        if unique_for is not None:
+            raise ValueError("unique_for= needs a key=")
+        return None, 0.0
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"key must be a non-empty string of at most {MAX_KEY_LENGTH} characters, not {key!r}"
+        )
+    if unique_for is None:
+        return key, 0.0
+    if isinstance(unique_for, timedelta):
+        hold = unique_for.total_seconds()
+    elif isinstance(unique_for, (int, float)) and not isinstance(unique_for, bool):
+        hold = float(unique_for)
+    else:
+        raise TypeError(f"unique_for must be seconds or a timedelta, not {unique_for!r}")
+    if not math.isfinite(hold) or hold < 0:
+        raise ValueError(f"unique_for must be non-negative seconds, not {unique_for!r}")
+    return key, hold
+
+
 def positive_int(value: object, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, not {value!r}")
@@ -118,6 +252,8 @@ class Options:
     shutdown_grace: float = 30.0
     poll_interval: float = 0.5
     max_payload_bytes: int = 1024 * 1024
+    priorities: tuple[str, ...] = DEFAULT_PRIORITIES
+    promote_interval: float = 0.05
 
     @property
     def heartbeat_interval(self) -> float:

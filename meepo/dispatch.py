@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection
 
 from .errors import LedgerUnavailableError, TransportUnavailableError
-from .ledger import NEVER_DISPATCHED, Ledger, Outcome, Pair
-from .records import Status
+from .ledger import Inserted, Ledger, Outcome, Pair
+from .records import Message, NewJob, Status
 from .transport import Transport
 
 log = logging.getLogger("meepo.dispatch")
@@ -40,37 +40,45 @@ class Dispatcher:
         self.redispatch_timeout = redispatch_timeout
 
     def insert(
-        self, payloads: Sequence[bytes], conn: Connection | None = None, *, due_now: bool = False
-    ) -> list[int]:
-        """Ledger rows only. ``due_now`` makes them due for the dispatch sweep at once
-        (for rows whose commit meepo cannot observe)."""
-        now = self.clock()
-        expires = NEVER_DISPATCHED if due_now else now + self.redispatch_timeout
-        return self.ledger.insert(self.task_id, payloads, now=now, expires_at=expires, conn=conn)
+        self, jobs: Sequence[NewJob], conn: Connection | None = None, *, due_now: bool = False
+    ) -> tuple[list[int], list[Message]]:
+        """Ledger rows only: the ids (in ``jobs`` order) and the messages to send once the
+        rows are committed. ``due_now`` makes the rows due for the dispatch sweep at once
+        (for rows whose commit meepo cannot observe); then there is nothing to send."""
+        inserted = self.ledger.insert(
+            self.task_id,
+            jobs,
+            now=self.clock(),
+            redispatch_timeout=self.redispatch_timeout,
+            never_dispatched=due_now,
+            conn=conn,
+        )
+        return [i.id for i in inserted], [] if due_now else _messages(jobs, inserted)
 
-    def push(self, payloads: Sequence[bytes]) -> list[int]:
-        ids = self.insert(payloads)
-        self.send([(i, 0) for i in ids])
+    def push(self, jobs: Sequence[NewJob]) -> list[int]:
+        ids, messages = self.insert(jobs)
+        self.send(messages)
         return ids
 
-    def send(self, pairs: Sequence[Pair]) -> bool:
-        """RPUSH messages for committed todo rows; on a Redis failure, make the rows due
-        for the sweep instead. Returns whether Redis took them."""
-        if not pairs:
+    def send(self, messages: Sequence[Message]) -> bool:
+        """Dispatch messages of committed todo rows (due ones to their queues, later ones
+        to the delayed set); on a Redis failure, make the rows due for the sweep
+        instead. Returns whether Redis took them."""
+        if not messages:
             return True
         try:
-            self.transport.send(pairs)
+            self.transport.send(messages, self.clock())
             return True
         except TransportUnavailableError as exc:
             log.warning(
                 "task %s: %d job(s) committed but not dispatched (%s); the ledger sweep "
                 "will dispatch them when Redis is back",
                 self.task_id,
-                len(pairs),
+                len(messages),
                 exc,
             )
             try:
-                self.ledger.mark_due(pairs)
+                self.ledger.mark_due([(m.job_id, m.commit_id) for m in messages])
             except LedgerUnavailableError as exc2:
                 log.warning(
                     "task %s: could not mark them due either (%s); their dispatch "
@@ -81,37 +89,48 @@ class Dispatcher:
             return False
 
     def finish(self, outcomes: Sequence[Outcome]) -> set[Pair]:
-        """Group commit, then re-dispatch todo outcomes that are due now."""
+        """Group commit, then re-dispatch the todo outcomes that won."""
         now = self.clock()
         won = self.ledger.finish(outcomes, now=now, redispatch_timeout=self.redispatch_timeout)
-        again = [
-            (o.job_id, o.commit_id + 1)
-            for o in outcomes
-            if o.status is Status.TODO
-            and (o.job_id, o.commit_id) in won
-            and (o.run_at is None or o.run_at <= now)
-        ]
-        self.send(again)
+        self.send(
+            [
+                Message(o.job_id, o.commit_id + 1, o.priority, o.run_at)
+                for o in outcomes
+                if o.status is Status.TODO and (o.job_id, o.commit_id) in won
+            ]
+        )
         return won
 
     def commit_one(self, outcome: Outcome) -> int:
         now = self.clock()
-        new = self.ledger.commit_one(
+        new, priority = self.ledger.commit_one(
             self.task_id, outcome, now=now, redispatch_timeout=self.redispatch_timeout
         )
-        if outcome.status is Status.TODO and (outcome.run_at is None or outcome.run_at <= now):
-            self.send([(outcome.job_id, new)])
+        if outcome.status is Status.TODO:
+            self.send([Message(outcome.job_id, new, priority, outcome.run_at)])
         return new
 
-    def release(self, pairs: Sequence[Pair]) -> None:
-        """Give claimed-but-unstarted jobs back to the queue (shutdown)."""
+    def release(self, jobs: Sequence[tuple[int, int, str]]) -> None:
+        """Give claimed-but-unstarted jobs ``(id, commit_id, priority)`` back to their
+        queues (shutdown)."""
         now = self.clock()
-        won = self.ledger.release(pairs, now=now, expires_at=now + self.redispatch_timeout)
-        self.send(sorted((i, c + 1) for i, c in won))
+        won = self.ledger.release(
+            [(i, c) for i, c, _ in jobs], now=now, expires_at=now + self.redispatch_timeout
+        )
+        prio = {i: p for i, _, p in jobs}
+        self.send([Message(i, c + 1, prio[i]) for i, c in sorted(won)])
 
-    def repush(self, pairs: Sequence[Pair]) -> set[Pair]:
-        won = self.ledger.repush(
+    def repush(self, pairs: Sequence[Pair]) -> list[Message]:
+        sent = self.ledger.repush(
             pairs, now=self.clock(), redispatch_timeout=self.redispatch_timeout
         )
-        self.send(sorted(won))
-        return won
+        self.send(sent)
+        return sent
+
+
+def _messages(jobs: Sequence[NewJob], inserted: Sequence[Inserted]) -> list[Message]:
+    return [
+        Message(row.id, 0, job.priority, job.run_at)
+        for job, row in zip(jobs, inserted, strict=True)
+        if row.created
+    ]

@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+#: The priority of a job pushed without one; its queue is the task's classic queue key.
+DEFAULT_PRIORITY = "default"
+
 
 class Status(str, enum.Enum):
     """The closed set of job states, stored as these strings in the ledger.
@@ -56,6 +59,33 @@ class Job:
     payload: bytes = field(repr=False)
     failed_times: int
     commit_id: int
+    priority: str = DEFAULT_PRIORITY
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One job to push: what ``Task.push`` and ``Batch.push`` hand to the dispatcher.
+
+    ``run_at`` None means due now. ``key`` makes the job unique among its task's
+    unfinished jobs (and for ``unique_for`` seconds after it finished).
+    """
+
+    payload: bytes = field(repr=False)
+    run_at: datetime | None = None
+    priority: str = DEFAULT_PRIORITY
+    key: str | None = None
+    unique_for: float = 0.0
+
+
+@dataclass(frozen=True)
+class Message:
+    """A dispatch of one claim: ``(job_id, commit_id)`` to the ``priority`` queue, or to
+    the delayed set until ``run_at`` when that is in the future."""
+
+    job_id: int
+    commit_id: int
+    priority: str = DEFAULT_PRIORITY
+    run_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -74,3 +104,4 @@ class JobRecord:
     expires_at: datetime | None
     worker: str | None
     last_error: str | None
+    priority: str = DEFAULT_PRIORITY

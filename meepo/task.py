@@ -15,6 +15,7 @@ import redis as redis_lib
 from sqlalchemy import Connection, Engine, event
 
 from . import config
+from .batch import Batch
 from .config import DEFAULT_TABLE, Options, mask_url
 from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
@@ -28,8 +29,8 @@ from .errors import (
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
-from .records import Job, JobRecord, Status
-from .runtime import Consumer, Reaper
+from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
+from .runtime import Consumer, Promoter, Reaper
 from .transport import Transport
 
 log = logging.getLogger("meepo")
@@ -75,6 +76,10 @@ class Task:
         shutdown_grace: float | timedelta = 30.0,
         poll_interval: float | timedelta = 0.5,
         max_payload_bytes: int = 1024 * 1024,
+        priorities: Sequence[str] = config.DEFAULT_PRIORITIES,
+        default_priority: str | None = None,
+        retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
+        promote_interval: float | timedelta = 0.05,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.task_id = config.check_task_id(task_id)
@@ -88,6 +93,14 @@ class Task:
             raise ConfigError("zombie_dst_status must be todo, done or failed, not doing")
         parallel = config.positive_int(parallel_num, "parallel_num")
         timeout = config.seconds(zombie_timeout, "zombie_timeout")
+        prios = config.check_priorities(priorities)
+        if default_priority is None:
+            default_priority = DEFAULT_PRIORITY if DEFAULT_PRIORITY in prios else prios[0]
+        try:
+            self.default_priority = config.check_priority(default_priority, prios)
+        except ValueError as exc:
+            raise ConfigError(f"default_priority: {exc}") from None
+        self.retry_backoff = config.retry_policy(retry_backoff)
         self.options = Options(
             parallel_num=parallel,
             max_failed_times=config.positive_int(max_failed_times, "max_failed_times"),
@@ -101,6 +114,8 @@ class Task:
             shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
             poll_interval=config.seconds(poll_interval, "poll_interval"),
             max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),
+            priorities=prios,
+            promote_interval=config.seconds(promote_interval, "promote_interval"),
         )
         self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
         if list_name_prefix is None:
@@ -112,12 +127,15 @@ class Task:
         self.engine = engine_for(db)
         self.redis = redis_for(redis)
         self.ledger = Ledger(self.engine, self.table_name)
-        self.transport = Transport(self.redis, self.task_id, self.list_name_prefix)
+        self.transport = Transport(
+            self.redis, self.task_id, self.list_name_prefix, prios, self.default_priority
+        )
         self.dispatcher = Dispatcher(
             self.ledger, self.transport, self.task_id, self.clock, timedelta(seconds=timeout)
         )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
+        self._promoter: Promoter | None = None
         self._stopped = threading.Event()
         self._state_lock = threading.Lock()
         if init_db:
@@ -158,42 +176,105 @@ class Task:
             out.append(b)
         return out
 
-    def push(self, payload: bytes, *, connection: Any = None) -> int:
+    def _new_job(
+        self,
+        payload: bytes,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> NewJob:
+        """Validate one job's options (nothing is written on a bad one)."""
+        checked = self._check_payloads([payload])[0]
+        prio = (
+            self.default_priority
+            if priority is None
+            else config.check_priority(priority, self.options.priorities)
+        )
+        due = config.due_time(self.clock(), delay, run_at)
+        k, hold = config.check_key(key, unique_for)
+        return NewJob(checked, due, prio, k, hold)
+
+    def push(
+        self,
+        payload: bytes,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        key: str | None = None,
+        unique_for: float | timedelta | None = None,
+        connection: Any = None,
+    ) -> int:
         """Store a job and dispatch it; returns its id once the ledger row is committed.
+
+        ``delay`` (seconds or timedelta) or ``run_at`` (an aware datetime) make it due
+        later; a negative delay or a past ``run_at`` is due now. ``priority`` names one
+        of the task's ``priorities``. ``key`` makes it unique: while a job with that key
+        is unfinished (or finished less than ``unique_for`` seconds ago), pushing
+        returns that job's id and writes nothing.
 
         With ``connection`` (a SQLAlchemy Connection or ORM Session) the row joins the
         caller's transaction and is dispatched only after that transaction commits.
         """
-        return self.push_many([payload], connection=connection)[0]
+        job = self._new_job(
+            payload,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            key=key,
+            unique_for=unique_for,
+        )
+        return self._push_jobs([job], connection)[0]
 
-    def push_many(self, payloads: Sequence[bytes], *, connection: Any = None) -> list[int]:
-        """Store many jobs in one INSERT and dispatch them in one pipelined RPUSH."""
+    def push_many(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        connection: Any = None,
+    ) -> list[int]:
+        """Store many jobs in one INSERT and dispatch them in one pipelined round trip;
+        ``delay``/``run_at``/``priority`` apply to all of them."""
         if isinstance(payloads, (bytes, bytearray, str)):
             raise TypeError("push_many takes a sequence of bytes payloads, not one payload")
         checked = self._check_payloads(list(payloads))
         if not checked:
             return []
-        if connection is None:
-            return self.dispatcher.push(checked)
-        return self._push_in_transaction(checked, connection)
+        first = self._new_job(checked[0], delay=delay, run_at=run_at, priority=priority)
+        jobs = [NewJob(p, first.run_at, first.priority) for p in checked]
+        return self._push_jobs(jobs, connection)
 
-    def _push_in_transaction(self, payloads: list[bytes], connection: Any) -> list[int]:
+    def batch(self, connection: Any = None) -> Batch:
+        """``with task.batch() as b: b.push(...)``: every job pushed in the block is
+        written in one transaction when the block ends, and dispatched only after it
+        commits; an exception in the block writes nothing. ``b.ids`` holds the ids, in
+        push order, once the block is over. With ``connection`` (a Connection or
+        Session) the rows join the caller's transaction instead."""
+        if connection is not None:
+            _check_connection(connection)
+        return Batch(self, connection)
+
+    def _push_jobs(self, jobs: list[NewJob], connection: Any) -> list[int]:
+        if connection is None:
+            return self.dispatcher.push(jobs)
+        return self._push_in_transaction(jobs, connection)
+
+    def _push_in_transaction(self, jobs: list[NewJob], connection: Any) -> list[int]:
+        _check_connection(connection)
         if isinstance(connection, Connection):
             # meepo cannot observe a Connection's commit, so the rows are written as
             # never dispatched: the first dispatch sweep after the commit sends them.
-            return self.dispatcher.insert(payloads, connection, due_now=True)
-        from sqlalchemy.orm import Session
-
-        if not isinstance(connection, Session):
-            raise TypeError(
-                "connection must be a SQLAlchemy Connection or Session, "
-                f"not {type(connection).__name__}"
-            )
-        ids = self.dispatcher.insert(payloads, connection.connection())
-        pending: list[tuple[Dispatcher, list[int]]] = connection.info.setdefault(
+            return self.dispatcher.insert(jobs, connection, due_now=True)[0]
+        ids, messages = self.dispatcher.insert(jobs, connection.connection())
+        pending: list[tuple[Dispatcher, list[Message]]] = connection.info.setdefault(
             "meepo_pending", []
         )
-        pending.append((self.dispatcher, ids))
+        pending.append((self.dispatcher, messages))
         if not connection.info.get("meepo_hooked"):
             connection.info["meepo_hooked"] = True
             event.listen(connection, "after_commit", _session_committed)
@@ -241,7 +322,8 @@ class Task:
             run_at = self.clock() + timedelta(
                 seconds=config.seconds(delay, "delay", allow_zero=True)
             )
-        outcome = Outcome(job_id, commit_id, st, error, run_at)
+        prio = consumer.priority_of(job_id) if consumer is not None else None
+        outcome = Outcome(job_id, commit_id, st, error, run_at, prio or self.default_priority)
         if consumer is not None and consumer.running and held == commit_id:
             consumer.commit(outcome)
         else:
@@ -255,9 +337,9 @@ class Task:
             if not rows:
                 raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
             _, _, commit_id, _ = rows[0]
-            won = self.dispatcher.repush([(job_id, commit_id)])
-            if won:
-                return next(iter(won))[1]
+            sent = self.dispatcher.repush([(job_id, commit_id)])
+            if sent:
+                return sent[0].commit_id
         raise StaleCommitError(job_id, commit_id, f"job {job_id} kept changing; try again")
 
     # -- reading ----------------------------------------------------------------------
@@ -267,8 +349,16 @@ class Task:
         return self.ledger.get(job_id, self.task_id)
 
     def depth(self) -> int:
-        """Messages waiting in Redis for this task."""
+        """Messages waiting in Redis for this task (all priority queues; delayed jobs
+        are not counted until they fall due)."""
         return self.transport.depth()
+
+    def depths(self) -> dict[str, int]:
+        """Messages waiting per priority queue (highest first), and ``delayed``: jobs
+        waiting in Redis for their due time."""
+        out = self.transport.depths()
+        out["delayed"] = self.transport.delayed_depth()
+        return out
 
     # -- consuming --------------------------------------------------------------------
 
@@ -283,8 +373,15 @@ class Task:
             self._reaper = Reaper(self.dispatcher, self.options, self.clock)
         return self._reaper
 
+    @property
+    def promoter(self) -> Promoter:
+        """This task's promoter of delayed jobs (``task.promoter.run_once()``)."""
+        if self._promoter is None:
+            self._promoter = Promoter(self.transport, self.clock, self.options.promote_interval)
+        return self._promoter
+
     def start(self) -> None:
-        """Start the consumers and the reaper in background threads."""
+        """Start the consumers, the reaper and the promoter in background threads."""
         if self.job_func is None:
             raise ConfigError(f"task {self.task_id!r} has no job_func: it can push but not consume")
         with self._state_lock:
@@ -292,9 +389,12 @@ class Task:
                 return
             migrations.check(self.engine, self.table_name)
             self._stopped.clear()
-            self._consumer = Consumer(self.dispatcher, self.options, self.job_func, self.clock)
+            self._consumer = Consumer(
+                self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
+            )
             self._consumer.start()
             self.reaper.start()
+            self.promoter.start()
             log.info(
                 "task %s: %d consumer(s) started on %s and %s",
                 self.task_id,
@@ -317,6 +417,8 @@ class Task:
                 threading.Thread(target=consumer.stop, args=(grace,), daemon=True).start()
         if self._reaper is not None:
             self._reaper.stop()
+        if self._promoter is not None:
+            self._promoter.stop()
         self._stopped.set()
         return clean
 
@@ -374,10 +476,20 @@ def _non_negative(value: object, name: str) -> int:
     return value
 
 
+def _check_connection(connection: Any) -> None:
+    from sqlalchemy.orm import Session
+
+    if not isinstance(connection, (Connection, Session)):
+        raise TypeError(
+            "connection must be a SQLAlchemy Connection or Session, "
+            f"not {type(connection).__name__}"
+        )
+
+
 def _session_committed(session: Any) -> None:
-    pending: list[tuple[Dispatcher, list[int]]] = session.info.pop("meepo_pending", [])
-    for dispatcher, ids in pending:
-        dispatcher.send([(i, 0) for i in ids])
+    pending: list[tuple[Dispatcher, list[Message]]] = session.info.pop("meepo_pending", [])
+    for dispatcher, messages in pending:
+        dispatcher.send(messages)
 
 
 def _session_rolled_back(session: Any) -> None:

@@ -386,6 +386,8 @@ def test_stats_lists_every_task(
     a = make_task(unique_task_id("cli_a"))
     b = make_task(unique_task_id("cli_b"))
     a.push_many([b"1", b"2"])
+    a.push(b"urgent", priority="high")
+    a.push(b"later", delay=3600)
     b.push(b"3")
     conn = ["--db", db_url, "--redis", redis_url]
 
@@ -394,10 +396,15 @@ def test_stats_lists_every_task(
     data = json.loads(out)
     assert data["table"] == "meepo_jobs"
     tasks = {t["task_id"]: t for t in data["tasks"]}
-    for task, n in ((a, 2), (b, 1)):
+    for task, n, queues, delayed in (
+        (a, 4, {"default": 2, "high": 1}, 1),
+        (b, 1, {"default": 1}, 0),
+    ):
         row = tasks[task.task_id]
         assert row["counts"] == {"todo": n, "doing": 0, "done": 0, "failed": 0}
-        assert row["queue_depth"] == n
+        assert row["queue_depth"] == sum(queues.values())
+        assert row["queues"] == queues
+        assert row["delayed"] == delayed
         assert row["oldest_todo_age"] >= 0
 
     code, out, _ = run(capsys, "stats", *conn)
@@ -412,10 +419,14 @@ def test_stats_lists_every_task(
         "OLDEST",
         "TODO",
         "QUEUE",
+        "DELAYED",
+        "QUEUES",
     ]
     mine = {line.split()[0]: line.split() for line in lines[1:]}
-    assert mine[a.task_id][1:5] == ["2", "0", "0", "0"] and mine[a.task_id][-1] == "2"
-    assert mine[b.task_id][1:5] == ["1", "0", "0", "0"] and mine[b.task_id][-1] == "1"
+    assert mine[a.task_id][1:5] == ["4", "0", "0", "0"]
+    assert mine[a.task_id][-4:] == ["3", "1", "default=2", "high=1"]
+    assert mine[b.task_id][1:5] == ["1", "0", "0", "0"]
+    assert mine[b.task_id][-3:] == ["1", "0", "default=1"]
 
     code, out, _ = run(capsys, "stats", "--task", a.task_id, *conn)
     assert code == 0 and len(out.splitlines()) == 2 and a.task_id in out

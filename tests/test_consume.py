@@ -77,10 +77,10 @@ def test_duplicate_messages_run_once(make_task: TaskFactory) -> None:
     rec = Recorder()
     task = make_task(job_func=rec, parallel_num=2)
     job_id = task.push(b"dup")
-    task.transport.send([(job_id, 0), (job_id, 0)])  # duplicates in the same batch
+    task.transport.send_pairs([(job_id, 0), (job_id, 0)])  # duplicates in the same batch
     task.start()
     wait_done(task, [job_id])
-    task.transport.send([(job_id, 0)])  # a duplicate arriving after the job is done
+    task.transport.send_pairs([(job_id, 0)])  # a duplicate arriving after the job is done
     sentinel = task.push(b"sentinel")  # FIFO: popped after the duplicate
     wait_done(task, [sentinel])
     wait_for(lambda: task.depth() == 0, message="queue to drain")
@@ -97,7 +97,7 @@ def test_stale_message_is_dropped(make_task: TaskFactory) -> None:
     task.start()
     wait_done(task, [job_id])
     dropped_before = task.consumer.counters.dropped  # type: ignore[union-attr]
-    task.transport.send([(job_id, 0), (job_id, 1)])  # both old claims by now
+    task.transport.send_pairs([(job_id, 0), (job_id, 1)])  # both old claims by now
     sentinel = task.push(b"sentinel")
     wait_done(task, [sentinel])
     assert rec.ran(job_id) == 1
@@ -111,7 +111,7 @@ def test_garbage_and_foreign_messages_are_dropped(make_task: TaskFactory) -> Non
     other = make_task(unique_task_id("other"))
     foreign = other.push(b"not yours")
     task.redis.rpush(task.transport.queue_key, b"garbage", b"12:ab", b":", b"-1:0", b"")
-    task.transport.send([(foreign, 0)])
+    task.transport.send_pairs([(foreign, 0)])
     task.start()
     first = task.push(b"after garbage")
     wait_done(task, [first])
@@ -146,7 +146,7 @@ def test_two_consumers_never_run_a_job_at_once(make_task: TaskFactory) -> None:
     assert a.task_id == b.task_id
     ids = a.push_many([b"%d" % i for i in range(60)])
     # every job announced three times: both consumers race for each of them
-    a.transport.send([(i, 0) for i in ids] * 2)
+    a.transport.send_pairs([(i, 0) for i in ids] * 2)
     a.start()
     b.start()
     wait_done(a, ids)

@@ -446,14 +446,14 @@ def test_duplicate_messages_run_the_job_once(
     # every message three more times, before any worker runs: duplicates land in the
     # same pop batch and in different workers' batches
     for _ in range(3):
-        producer.transport.send(first_messages)
+        producer.transport.send_pairs(first_messages)
     workers = [
         spawn(producer, log, redis_url=redis_url, parallel=3, zombie_timeout=120) for _ in range(2)
     ]
     until(lambda: all_done(producer, ids), workers=workers, message="all jobs done")
 
     # and again once they are finished: the old message, and one carrying the claim's id
-    producer.transport.send(first_messages + [(i, 1) for i in ids])
+    producer.transport.send_pairs(first_messages + [(i, 1) for i in ids])
     until(lambda: producer.depth() == 0, workers=workers, message="the duplicates popped")
     sentinel = producer.push(b"x")
     until(

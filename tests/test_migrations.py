@@ -14,6 +14,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ from meepo.config import DEFAULT_TABLE
 from meepo.errors import ConfigError, SchemaError
 from meepo.ledger import migrate
 from meepo.ledger.engine import make_engine
-from meepo.ledger.schema import jobs_table, version_table_name
+from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0001"
+HEAD = "0002"
 
 
 def new_table_name() -> str:
@@ -47,7 +48,12 @@ def drop_ledger_table(url: str, name: str) -> None:
     engine = make_engine(url, poolclass=pool.NullPool)
     try:
         with engine.begin() as conn:
-            for table in (name, version_table_name(name)):
+            for table in (
+                f"{name}_schedules",
+                f"{name}_unique",
+                name,
+                version_table_name(name),
+            ):
                 conn.execute(DropTable(Table(table, MetaData()), if_exists=True))
     finally:
         engine.dispose()
@@ -156,6 +162,11 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
     assert {table, version_table_name(table)} <= names
 
     migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0001"
+    assert {f"{table}_unique", f"{table}_schedules"}.isdisjoint(table_names(engine))
+    with pytest.raises(SchemaError, match="is at revision 0001"):
+        migrate.check(engine, table)
+    migrate.downgrade(engine, table)
     assert table not in table_names(engine)
     assert migrate.current(engine, table) is None
     with pytest.raises(SchemaError):
@@ -164,6 +175,26 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
     migrate.upgrade(engine, table, HEAD)
     migrate.downgrade(engine, table, "base")
     assert table not in table_names(engine)
+
+
+def test_upgrade_keeps_rows_and_gives_them_the_default_priority(engine: Engine, table: str) -> None:
+    migrate.upgrade(engine, table, "0001")
+    old = Table(table, MetaData(), autoload_with=engine)
+    assert "priority" not in old.c
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(
+            old.insert(),
+            {
+                "task_id": "t", "status": "todo", "payload": b"x", "failed_times": 0,
+                "commit_id": 0, "created_at": when, "updated_at": when, "run_at": when,
+            },
+        )  # fmt: skip
+    migrate.upgrade(engine, table)
+    t = jobs_table(table)
+    with engine.connect() as conn:
+        row = conn.execute(select(t.c.task_id, t.c.payload, t.c.priority)).one()
+    assert (row.task_id, bytes(row.payload), row.priority) == ("t", b"x", "default")
 
 
 def test_tables_migrate_independently(engine: Engine, table: str) -> None:
@@ -279,11 +310,11 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     name = table if which == "custom" else DEFAULT_TABLE  # the default: migrated by conftest
     if which == "custom":
         migrate.upgrade(engine, name)
-    metadata = MetaData()
-    jobs_table(name, metadata)
+    metadata = ledger_metadata(name)
+    companions = {name, f"{name}_unique", f"{name}_schedules"}
 
     def include_name(obj_name: str | None, type_: str, parent: Any) -> bool:
-        return type_ != "table" or obj_name == name
+        return type_ != "table" or obj_name in companions
 
     with engine.connect() as conn:
         ctx = MigrationContext.configure(
@@ -303,11 +334,17 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert list(cols) == [c.name for c in jobs_table(name).columns]
     assert [c for c in cols if not cols[c]["nullable"]] == [
         "id", "task_id", "status", "payload", "failed_times", "commit_id",
-        "created_at", "updated_at", "run_at",
+        "created_at", "updated_at", "run_at", "priority",
     ]  # fmt: skip
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}
     assert indexes == {f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at"]}
+    pk = insp.get_pk_constraint(f"{name}_unique")["constrained_columns"]
+    assert pk == ["task_id", "key"]
+    pk = insp.get_pk_constraint(f"{name}_schedules")["constrained_columns"]
+    assert pk == ["task_id", "name"]
+    indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_schedules")}
+    assert indexes == {f"ix_{name}_schedules_due": ["task_id", "next_fire_at"]}
     dialect = engine.dialect.name
     for col in ("created_at", "updated_at", "run_at", "expires_at"):
         typ = cols[col]["type"]

@@ -101,7 +101,7 @@ STEP_MS = st.one_of(
 DELAY = st.sampled_from([None, 0.0, 5.0])
 #: What a consumer does with a claimed job (None: leaves it running).
 VERDICTS = [Status.DONE, Status.DONE, Status.FAILED, Status.TODO, None]
-PUSH_KINDS = ["push", "push_many", "push_many", "committed", "rolled back"]
+PUSH_KINDS = ["push", "push_many", "push_many", "delayed", "committed", "rolled back"]
 RUN_AT_OFFSET = st.sampled_from([None, -1.0, 0.0, 5.0])  # todo outcomes: when due again
 
 
@@ -125,6 +125,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.now = START
         self.jobs: dict[int, JobModel] = {}
         self.queue: Counter[Pair] = Counter()  # messages in Redis, as a multiset
+        self.delayed: dict[Pair, datetime] = {}  # the delayed set: message -> due time
         self.inbox: list[Pair] = []  # popped by "a consumer", not yet claimed
         self.seen: list[Pair] = []  # every message ever popped (for stale claims)
         self.claims: list[Pair] = []  # every claim ever won: (id, commit_id after claim)
@@ -191,11 +192,16 @@ class LedgerMachine(RuleBasedStateMachine):
         self._tokens += 1
         return self._tokens
 
-    def _sent(self, pairs: Sequence[Pair]) -> None:
-        """The model of Transport.send: RPUSH, and SET NX of the epoch."""
+    def _sent(self, pairs: Sequence[Pair], due: Sequence[datetime] | None = None) -> None:
+        """The model of Transport.send: RPUSH (ZADD for a message due after now), and SET
+        NX of the epoch."""
         if not pairs:
             return
-        self.queue.update(pairs)
+        for k, pair in enumerate(pairs):
+            if due is not None and due[k] > self.now:
+                self.delayed[pair] = due[k]
+            else:
+                self.queue[pair] += 1
         if self.epoch is None:
             self.epoch = self._new_token()
 
@@ -229,19 +235,18 @@ class LedgerMachine(RuleBasedStateMachine):
                 status=Status.TODO,
                 failed_times=m.failed_times + 1,
                 run_at=due,
-                expires_at=due if due > self.now else self.now + TIMEOUT,
+                expires_at=max(due, self.now) + TIMEOUT,
             )
-            if o.run_at is None or o.run_at <= self.now:
-                self._sent([new])
+            self._sent([new], [due])
 
-    def _due_todo(self) -> list[int]:
-        """Due todo ids in the order recovery sends them: (expires_at, id)."""
-        due = [
+    def _todo(self) -> list[int]:
+        """Todo ids (due or not) in the order recovery sends them: (expires_at, id)."""
+        todo = [
             (m.expires_at, i)
             for i, m in self.jobs.items()
-            if m.status is Status.TODO and m.run_at <= self.now and m.expires_at is not None
+            if m.status is Status.TODO and m.expires_at is not None
         ]
-        return [i for _, i in sorted(due)]
+        return [i for _, i in sorted(todo)]
 
     def _fresh_claims(self) -> list[Pair]:
         return [p for p in self.claims if self._current(p, Status.DOING)]
@@ -253,20 +258,24 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- real call + model, shared by the rules and the drain ---------------------------
 
-    def _push(self, n: int, single: bool) -> list[int]:
+    def _push(self, n: int, single: bool, delay: float | None = None) -> list[int]:
         payloads = [b"job-%d" % i for i in range(n)]
-        ids = [self.t.push(payloads[0])] if single else self.t.push_many(payloads)
+        if single:
+            ids = [self.t.push(payloads[0], delay=delay)]
+        else:
+            ids = self.t.push_many(payloads, delay=delay)
         assert len(ids) == n and len(set(ids)) == n
+        due = self.now + timedelta(seconds=delay or 0)
         for job_id in ids:
             assert job_id not in self.jobs
             self.jobs[job_id] = JobModel(
-                Status.TODO, 0, 0, self.now, self.now + TIMEOUT, updated_at=self.now
+                Status.TODO, 0, 0, due, max(due, self.now) + TIMEOUT, updated_at=self.now
             )
-        self._sent([(i, 0) for i in ids])
+        self._sent([(i, 0) for i in ids], [due] * len(ids))
         return ids
 
     def _pop(self, count: int) -> list[Pair]:
-        got = [decode(bytes(m)) for m in self.t.transport.pop(count, timeout=0)]
+        got = [decode(bytes(m)) for m in self.t.transport.pop(count, timeout=0)[1]]
         assert len(got) == min(count, self.queue.total())
         pairs: list[Pair] = []
         for p in got:
@@ -314,25 +323,35 @@ class LedgerMachine(RuleBasedStateMachine):
     def _model_epoch_check(self) -> list[int]:
         """Reaper.check_epoch: a missing token is created; a token the reaper has not
         seen (or one it created) means Redis lost its data, and every due todo job is
-        sent again. Returns the ids sent, in order."""
+        sent again (later ones to the delayed set). Returns the ids sent, in order."""
         created = self.epoch is None
         if created:
             self.epoch = self._new_token()
         previous, self.reaper_epoch = self.reaper_epoch, self.epoch
         if previous == self.epoch or (previous is None and not created):
             return []
-        due = self._due_todo()
-        self._sent([(i, self.jobs[i].commit_id) for i in due])
-        return due
+        todo = self._todo()
+        self._sent([(i, self.jobs[i].commit_id) for i in todo], [self.jobs[i].run_at for i in todo])
+        return todo
 
     def _check_epoch(self) -> None:
         got = self.t.reaper.check_epoch()
-        due = self._model_epoch_check()
-        assert got == len(due)
-        # After a recovery every due todo job is on the queue (checked on Redis).
+        todo = self._model_epoch_check()
+        assert got == len(todo)
+        # After a recovery every todo job is on the queue or in the delayed set.
         queued = self._real_queue()
-        for i in due:
-            assert queued[(i, self.jobs[i].commit_id)] > 0
+        delayed = self._real_delayed()
+        for i in todo:
+            pair = (i, self.jobs[i].commit_id)
+            assert queued[pair] > 0 or pair in delayed
+
+    def _promote(self) -> None:
+        moved, _ = self.t.promoter.run_once()
+        due = sorted(p for p, when in self.delayed.items() if when <= self.now)
+        for p in due:
+            del self.delayed[p]
+            self.queue[p] += 1
+        assert moved == len(due)
 
     def _cutoff(self, length: int, head: Pair | None) -> datetime:
         """Reaper.sweep's choice, from the queue's head."""
@@ -384,12 +403,13 @@ class LedgerMachine(RuleBasedStateMachine):
         length, head = self.t.transport.head()
         report = self.t.reaper.run_once(reap=True)
         # The model's run_once: epoch check, then sweep, then reap.
-        due = self._model_epoch_check()
+        sent = self._model_epoch_check()
+        due = [i for i in sent if self.jobs[i].run_at <= self.now]
         if due and length == 0:  # the sweep then sees the first recovered message
             length, head = len(due), (due[0], self.jobs[due[0]].commit_id)
         swept = self._model_sweep(length, head)
         requeued, closed = self._model_reap()
-        assert report == ReapReport(len(due), swept, requeued, closed)
+        assert report == ReapReport(len(sent), swept, requeued, closed)
 
     def _real_queue(self) -> Counter[Pair]:
         key = self.t.transport.queue_key
@@ -398,6 +418,18 @@ class LedgerMachine(RuleBasedStateMachine):
         assert None not in pairs
         return Counter(p for p in pairs if p is not None)
 
+    def _real_delayed(self) -> dict[Pair, datetime]:
+        key = self.t.transport.delayed_key
+        raw: list[tuple[bytes, float]] = self.t.redis.zrange(key, 0, -1, withscores=True)  # type: ignore[assignment]
+        out: dict[Pair, datetime] = {}
+        for member, score in raw:
+            head, _, priority = bytes(member).rpartition(b":")
+            assert priority == b"default"
+            pair = decode(head)
+            assert pair is not None
+            out[pair] = datetime.fromtimestamp(score, timezone.utc)
+        return out
+
     # -- rules: producers -------------------------------------------------------------
 
     @precondition(lambda self: len(self.jobs) < MAX_JOBS)
@@ -405,8 +437,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def push(self, n: int, how: str) -> None:
         """push, push_many, or push_many on the caller's Connection (committed: never
         dispatched until the sweep sends it; rolled back: it never existed)."""
-        if how in ("push", "push_many"):
-            self._push(1 if how == "push" else n, how == "push")
+        if how in ("push", "push_many", "delayed"):
+            self._push(1 if how == "push" else n, how == "push", 5.0 if how == "delayed" else None)
             return
         with self.t.engine.connect() as conn:
             ids = self.t.push_many([b"tx"] * n, connection=conn)
@@ -521,7 +553,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """Shutdown: claimed jobs that never started go back to todo, no failure
         counted (stale claims are skipped)."""
         pairs = {self._pick_claim(data, fresh=data.draw(st.booleans())) for _ in range(2)}
-        self.t.dispatcher.release(sorted(pairs))
+        self.t.dispatcher.release([(i, c, "default") for i, c in sorted(pairs)])
         back = [p for p in sorted(pairs) if self._current(p, Status.DOING)]
         self._sent(
             [self._accept(i, status=Status.TODO, expires_at=self.now + TIMEOUT) for i, _ in back]
@@ -601,11 +633,19 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.epoch is not None)
     @rule()
     def lose_redis(self) -> None:
-        """Redis restarted empty (or was flushed): the task's queue and epoch are gone."""
+        """Redis restarted empty (or was flushed): the task's queue, delayed set and
+        epoch are gone."""
         t = self.t.transport
-        self.t.redis.delete(t.queue_key, t.epoch_key)
+        self.t.redis.delete(t.queue_key, t.epoch_key, t.delayed_key)
         self.queue.clear()
+        self.delayed.clear()
         self.epoch = None
+
+    @precondition(lambda self: self.delayed)
+    @rule()
+    def promote(self) -> None:
+        """The promoter: delayed messages due by now move to their queue."""
+        self._promote()
 
     @precondition(lambda self: any(not m.status.terminal for m in self.jobs.values()))
     @rule()
@@ -615,6 +655,7 @@ class LedgerMachine(RuleBasedStateMachine):
         never-dispatched rows included)."""
         self.inbox.clear()
         for _ in range(6):
+            self._promote()
             while self.queue:
                 self._pop(100)
             popped, self.inbox = self.inbox, []
@@ -660,6 +701,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.task is None:
             return
         assert self._real_queue() == self.queue
+        assert self._real_delayed() == self.delayed
         has_epoch = bool(self.t.redis.exists(self.t.transport.epoch_key))
         assert has_epoch == (self.epoch is not None)
 

@@ -226,11 +226,16 @@ def test_redis_data_loss_redispatches_due_todo_jobs_at_once(make_task: TaskFacto
     assert b.reaper.run_once().recovered == 0
 
     # Redis loses the task's data (on the shared server: delete, never FLUSHALL)
-    a.redis.delete(a.transport.queue_key, a.transport.epoch_key)
+    assert a.redis.zcard(a.transport.delayed_key) == 1
+    a.redis.delete(a.transport.queue_key, a.transport.epoch_key, a.transport.delayed_key)
     report = a.reaper.run_once()
-    assert report.recovered == len(todo)  # no waiting for zombie_timeout
+    assert report.recovered == len(todo) + 1  # no waiting for zombie_timeout
     assert b.reaper.run_once().recovered == 0  # one process re-dispatches per epoch
     assert queued(a) == Counter({(i, 0): 1 for i in todo})
+    # the job due later is back in the delayed set, due when it was
+    (member, score) = a.redis.zrange(a.transport.delayed_key, 0, -1, withscores=True)[0]
+    assert member == b"%d:%d:default" % (later, delayed.commit_id + 1)
+    assert score == record(a, later).run_at.timestamp()
     assert record(a, running).commit_id == claimed.commit_id  # untouched
 
     runs: list[int] = []

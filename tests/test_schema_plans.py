@@ -6,7 +6,8 @@ recorded SELECT/UPDATE is then EXPLAINed (EXPLAIN QUERY PLAN on SQLite) after AN
 
 * id-based statements (claim, heartbeat, finish, reap, the sweep's re-claim) use the
   primary key;
-* the reaper's expired-lease SELECT, the sweep SELECT and due_todo use the
+* the reaper's expired-lease SELECT, the sweep SELECT (one cutoff, or one per
+  priority) and the recovery's todo_page use the
   ``(task_id, status, expires_at)`` index - a range that never reads finished rows.
 
 None may scan the table (or a whole index).
@@ -153,15 +154,24 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
             ledger.sweep,
             TASK,
             now=NOW,
-            cutoff=NOW,
+            cutoffs={"default": NOW},
             limit=1000,
             redispatch_timeout=REDISPATCH,
         )
         assert len(swept) == 40
-        page = run("due_todo", ledger.due_todo, TASK, now=NOW, after=None, limit=100)
+        run(
+            "sweep_by_priority",
+            ledger.sweep,
+            TASK,
+            now=NOW,
+            cutoffs={"high": NOW, "default": NOW - LEASE, "low": NOW},
+            limit=1000,
+            redispatch_timeout=REDISPATCH,
+        )
+        page = run("todo_page", ledger.todo_page, TASK, after=None, limit=100)
         assert len(page) == 100
-        after = (page[-1][2], page[-1][0])
-        run("due_todo_page", ledger.due_todo, TASK, now=NOW, after=after, limit=100)
+        after = (page[-1][1], page[-1][0].job_id)
+        run("todo_page_next", ledger.todo_page, TASK, after=after, limit=100)
     finally:
         event.remove(engine, "before_cursor_execute", listener)
     return recorded
@@ -294,8 +304,9 @@ STATEMENTS = [
     "expired_leases",
     "reap",
     "sweep",
-    "due_todo",
-    "due_todo_page",
+    "sweep_by_priority",
+    "todo_page",
+    "todo_page_next",
 ]
 
 

@@ -1,11 +1,21 @@
 """The ledger: all SQL. The source of truth for every job."""
 
 from .engine import make_engine
-from .ledger import CHUNK, NEVER_DISPATCHED, Ledger, Outcome, Pair, TaskStats, Zombie
+from .ledger import (
+    CHUNK,
+    NEVER_DISPATCHED,
+    Inserted,
+    Ledger,
+    Outcome,
+    Pair,
+    TaskStats,
+    Zombie,
+)
 
 __all__ = [
     "CHUNK",
     "NEVER_DISPATCHED",
+    "Inserted",
     "Ledger",
     "Outcome",
     "Pair",

@@ -8,13 +8,14 @@ per-job compare-and-set, ``id IN (…)`` in front of it keeps the primary key in
 
 Statements, by caller:
 
-* producer: :meth:`insert` (one row or a multi-row INSERT … RETURNING)
+* producer: :meth:`insert` (one row or a multi-row INSERT … RETURNING; a job with a
+  unique key also takes or hands over its key in ``<table>_unique``)
 * consumer: :meth:`claim` (todo → doing), :meth:`heartbeat` (lease renewal, no
   transition), :meth:`finish` (doing → done | failed | todo), :meth:`release`
   (doing → todo, unstarted jobs at shutdown)
 * reaper: :meth:`expired_leases` + :meth:`reap` (doing → todo | done | failed),
   :meth:`sweep` (todo past its dispatch deadline → todo with a new commit_id),
-  :meth:`due_todo` (read-only, for re-dispatch after Redis lost its data)
+  :meth:`todo_page` (read-only, for re-dispatch after Redis lost its data)
 * admin: :meth:`commit_one`, :meth:`repush`, :meth:`get`, :meth:`stats`, :meth:`find`
 """
 
@@ -40,12 +41,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..errors import JobNotFoundError, StaleCommitError
-from ..records import Job, JobRecord, Status
+from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
+from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
 from .engine import translate_errors
-from .schema import jobs_table
+from .schema import jobs_table, unique_table
 from .types import UTC
 
 Pair = tuple[int, int]
@@ -67,6 +69,7 @@ class Outcome:
     status: Status
     error: str | None = None
     run_at: datetime | None = None  # when a todo outcome is due again (backoff)
+    priority: str = DEFAULT_PRIORITY  # where a todo outcome is re-dispatched
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,16 @@ class Zombie:
     id: int
     commit_id: int
     failed_times: int
+    priority: str = DEFAULT_PRIORITY
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """One pushed job: its id, and whether this push created it (False: a unique key's
+    existing unfinished job, nothing written)."""
+
+    id: int
+    created: bool
 
 
 @dataclass
@@ -105,6 +118,7 @@ class Ledger:
     def __init__(self, engine: Engine, table_name: str) -> None:
         self.engine = engine
         self.table: Table = jobs_table(table_name)
+        self.unique: Table = unique_table(table_name)
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
 
@@ -185,49 +199,76 @@ class Ledger:
     def insert(
         self,
         task_id: str,
-        payloads: Sequence[bytes],
+        jobs: Sequence[NewJob],
         *,
         now: datetime,
-        run_at: datetime | None = None,
-        expires_at: datetime,
+        redispatch_timeout: timedelta,
+        never_dispatched: bool = False,
         conn: Connection | None = None,
-    ) -> list[int]:
-        """INSERT todo rows (commit_id 0) and return their ids in payload order.
+    ) -> list[Inserted]:
+        """INSERT todo rows (commit_id 0), in ``jobs`` order.
+
+        A row's dispatch deadline (``expires_at``) is ``redispatch_timeout`` after it is
+        due; ``never_dispatched`` makes it due for the dispatch sweep instead (for rows
+        whose commit meepo cannot observe). A job with a ``key`` whose key is held by an
+        unfinished job (or one finished less than ``unique_for`` ago) writes nothing and
+        comes back as that job, ``created=False``.
 
         With ``conn`` the rows join the caller's transaction; otherwise they are
         committed before this returns.
         """
         if conn is None:
             with self.begin() as c:
-                return self._insert(c, task_id, payloads, now, run_at, expires_at)
+                return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
-            return self._insert(conn, task_id, payloads, now, run_at, expires_at)
+            return self._insert(conn, task_id, jobs, now, redispatch_timeout, never_dispatched)
+
+    def _row(
+        self,
+        task_id: str,
+        job: NewJob,
+        now: datetime,
+        timeout: timedelta,
+        never_dispatched: bool,
+    ) -> dict[str, Any]:
+        due = job.run_at or now
+        return {
+            "task_id": task_id,
+            "status": Status.TODO.value,
+            "payload": job.payload,
+            "failed_times": 0,
+            "commit_id": 0,
+            "created_at": now,
+            "updated_at": now,
+            "run_at": due,
+            "expires_at": NEVER_DISPATCHED if never_dispatched else max(due, now) + timeout,
+            "priority": job.priority,
+        }
 
     def _insert(
         self,
         conn: Connection,
         task_id: str,
-        payloads: Sequence[bytes],
+        jobs: Sequence[NewJob],
         now: datetime,
-        run_at: datetime | None,
-        expires_at: datetime,
-    ) -> list[int]:
+        timeout: timedelta,
+        never_dispatched: bool,
+    ) -> list[Inserted]:
+        out: list[Inserted | None] = [None] * len(jobs)
+        plain = [i for i, j in enumerate(jobs) if j.key is None]
+        rows = [self._row(task_id, jobs[i], now, timeout, never_dispatched) for i in plain]
+        for i, job_id in zip(plain, self._insert_rows(conn, rows), strict=True):
+            out[i] = Inserted(job_id, True)
+        for i, job in enumerate(jobs):
+            if job.key is not None:
+                row = self._row(task_id, job, now, timeout, never_dispatched)
+                out[i] = self._insert_keyed(conn, task_id, job, row, now)
+        return [x for x in out if x is not None]
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         t = self.table
-        due = run_at or now
-        rows = [
-            {
-                "task_id": task_id,
-                "status": Status.TODO.value,
-                "payload": p,
-                "failed_times": 0,
-                "commit_id": 0,
-                "created_at": now,
-                "updated_at": now,
-                "run_at": due,
-                "expires_at": expires_at,
-            }
-            for p in payloads
-        ]
+        if not rows:
+            return []
         dialect = conn.dialect
         if len(rows) == 1:
             if dialect.insert_returning:
@@ -242,6 +283,78 @@ class Ledger:
         for row in rows:  # MySQL (not MariaDB): no INSERT … RETURNING
             ids.append(_inserted_id(conn.execute(insert(t), row)))
         return ids
+
+    def _insert_keyed(
+        self, conn: Connection, task_id: str, job: NewJob, row: dict[str, Any], now: datetime
+    ) -> Inserted:
+        """Insert a job that takes a unique key, or return the key's current holder.
+
+        The key's row is inserted first (inside a savepoint): the primary key settles
+        races between processes. On a conflict the holder is read with a locking read
+        (the latest committed version, even under MySQL's REPEATABLE READ) and, if its
+        job is finished and its hold has passed, handed over by a compare-and-set on
+        ``job_id``.
+        """
+        u = self.unique
+        t = self.table
+        assert job.key is not None
+        hold_ms = round(job.unique_for * 1000)
+        for _ in range(10):
+            savepoint = conn.begin_nested()
+            try:
+                job_id = self._insert_rows(conn, [row])[0]
+                conn.execute(
+                    insert(u).values(
+                        task_id=task_id,
+                        key=job.key,
+                        job_id=job_id,
+                        hold_ms=hold_ms,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                savepoint.commit()
+                return Inserted(job_id, True)
+            except IntegrityError:
+                savepoint.rollback()
+            holder = conn.execute(
+                select(u.c.job_id, u.c.hold_ms)
+                .where(u.c.task_id == task_id, u.c.key == job.key)
+                .with_for_update()
+            ).first()
+            if holder is None:
+                continue  # deleted meanwhile: try to insert again
+            held = conn.execute(
+                select(t.c.status, t.c.updated_at).where(t.c.id == holder.job_id)
+            ).first()
+            if held is not None and (
+                not Status(held.status).terminal
+                or now < held.updated_at + timedelta(milliseconds=holder.hold_ms)
+            ):
+                return Inserted(int(holder.job_id), False)
+            job_id = self._insert_rows(conn, [row])[0]
+            n = conn.execute(
+                update(u)
+                .where(u.c.task_id == task_id, u.c.key == job.key, u.c.job_id == holder.job_id)
+                .values(job_id=job_id, hold_ms=hold_ms, updated_at=now)
+            ).rowcount
+            if n == 1:
+                return Inserted(job_id, True)
+            raise LedgerUnavailableError(  # the row is locked: cannot happen
+                f"unique key {job.key!r} of task {task_id!r} changed under a lock"
+            )
+        raise LedgerUnavailableError(
+            f"unique key {job.key!r} of task {task_id!r} kept changing; try again"
+        )
+
+    def unique_holder(self, task_id: str, key: str) -> int | None:
+        """The id of the job holding ``key`` (finished or not), if any."""
+        u = self.unique
+        with self.begin() as conn:
+            got = conn.execute(
+                select(u.c.job_id).where(u.c.task_id == task_id, u.c.key == key)
+            ).scalar()
+        return None if got is None else int(got)
 
     def mark_due(self, pairs: Sequence[Pair]) -> None:
         """Mark todo rows as never dispatched (their message was not sent), so the next
@@ -298,18 +411,32 @@ class Ledger:
                         t.c.task_id == task_id,
                     )
                     .values(**values)
-                    .returning(t.c.id, t.c.commit_id, t.c.failed_times, t.c.payload)
+                    .returning(t.c.id, t.c.commit_id, t.c.failed_times, t.c.payload, t.c.priority)
                 )
                 rows: Sequence[Row[Any]] = conn.execute(stmt).all()
                 return sorted(
                     (
-                        Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id)
+                        Job(
+                            r.id,
+                            task_id,
+                            bytes(r.payload),
+                            r.failed_times,
+                            r.commit_id,
+                            r.priority,
+                        )
                         for r in rows
                     ),
                     key=lambda j: j.id,
                 )
             locked = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.status, t.c.failed_times, t.c.payload)
+                select(
+                    t.c.id,
+                    t.c.commit_id,
+                    t.c.status,
+                    t.c.failed_times,
+                    t.c.payload,
+                    t.c.priority,
+                )
                 .where(t.c.id.in_(ids), t.c.task_id == task_id)
                 .order_by(t.c.id)
                 .with_for_update()
@@ -327,7 +454,7 @@ class Ledger:
                 .values(**values)
             )
             return [
-                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + 1)
+                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + 1, r.priority)
                 for r in winners
             ]
 
@@ -376,9 +503,9 @@ class Ledger:
             values["failed_times"] = t.c.failed_times + 1
             values["last_error"] = _error_text(o.error)
             values["run_at"] = due
-            # Due later: the dispatch sweep sends it once due. Due now: the caller sends
-            # it, and the sweep re-sends it if it is still unclaimed ``lease`` later.
-            values["expires_at"] = due if due > now else now + lease
+            # The caller sends it (to the delayed set if due later); the sweep re-sends
+            # it if it is still unclaimed ``lease`` after it was due.
+            values["expires_at"] = max(due, now) + lease
         return values
 
     def finish(
@@ -395,6 +522,7 @@ class Ledger:
         due again at ``run_at`` and expires for re-dispatch ``redispatch_timeout`` later.
         """
         groups: dict[tuple[Any, ...], tuple[list[Pair], dict[str, Any]]] = {}
+        # Outcomes of one status, error and due time share an UPDATE.
         for o in outcomes:
             key = (o.status, o.error, o.run_at)
             if key not in groups:
@@ -415,7 +543,7 @@ class Ledger:
         t = self.table
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.failed_times)
+                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority)
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.DOING.value,
@@ -424,7 +552,7 @@ class Ledger:
                 .order_by(t.c.expires_at)
                 .limit(limit)
             ).all()
-        return [Zombie(r.id, r.commit_id, r.failed_times) for r in rows]
+        return [Zombie(r.id, r.commit_id, r.failed_times, r.priority) for r in rows]
 
     def reap(
         self,
@@ -434,13 +562,13 @@ class Ledger:
         max_failed_times: int,
         now: datetime,
         redispatch_timeout: timedelta,
-    ) -> tuple[list[Pair], int]:
+    ) -> tuple[list[Message], int]:
         """Apply the zombie policy to expired leases.
 
         A reaped lease counts as a failed attempt (so a job that kills its worker every
         time still ends). ``dst=todo`` re-queues it, or fails it once failed_times
-        reaches max_failed_times; ``done``/``failed`` close it. Returns the re-queued
-        ``(id, new commit_id)`` pairs and the number closed.
+        reaches max_failed_times; ``done``/``failed`` close it. Returns the messages of
+        the re-queued jobs (new commit_id) and the number closed.
         """
         error = "lease expired: the consumer stopped heartbeating (died, froze or lost)"
         requeue: list[Pair] = []
@@ -484,64 +612,86 @@ class Ledger:
                 )
             )
         won = self._transition(groups)
-        requeued = [(i, c + 1) for i, c in requeue if (i, c) in won]
+        prio = {z.id: z.priority for z in zombies}
+        requeued = [Message(i, c + 1, prio[i]) for i, c in requeue if (i, c) in won]
         return requeued, len(won) - len(requeued)
 
-    def dispatch_deadline(self, pair: Pair) -> datetime | None:
-        """The dispatch deadline of a todo row if ``pair`` is still its current claim."""
+    def dispatch_deadlines(self, pairs: Sequence[Pair]) -> dict[Pair, datetime]:
+        """The dispatch deadline of each todo row whose current claim is in ``pairs``."""
+        want = sorted(set(pairs))
+        if not want:
+            return {}
         t = self.table
         with self.begin() as conn:
-            return conn.execute(
-                select(t.c.expires_at).where(
-                    self._pairs_where([pair]), t.c.status == Status.TODO.value
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.expires_at).where(
+                    self._pairs_where(want), t.c.status == Status.TODO.value
                 )
-            ).scalar()
+            ).all()
+        return {(r.id, r.commit_id): r.expires_at for r in rows if r.expires_at is not None}
 
     def sweep(
         self,
         task_id: str,
         *,
         now: datetime,
-        cutoff: datetime,
+        cutoffs: dict[str, datetime],
+        default_priority: str = DEFAULT_PRIORITY,
         limit: int,
         redispatch_timeout: timedelta,
-    ) -> list[Pair]:
-        """Due todo rows whose dispatch deadline is before ``cutoff`` (never dispatched,
-        or their message was lost) get a new commit_id and are returned for
+    ) -> list[Message]:
+        """Due todo rows whose dispatch deadline is before their priority's cutoff (never
+        dispatched, or their message was lost) get a new commit_id and are returned for
         re-dispatch; their old messages, if any, become stale.
 
-        The caller picks ``cutoff`` so that rows whose message is still waiting in the
+        ``cutoffs`` maps each priority of the task to its cutoff; rows of a priority not
+        listed use ``default_priority``'s (they are dispatched to its queue). The
+        caller picks the cutoffs so that rows whose message is still waiting in a
         queue are left alone (see the reaper)."""
         t = self.table
+        cond: ColumnElement[bool]
+        if len(set(cutoffs.values())) == 1:
+            cond = t.c.expires_at < next(iter(cutoffs.values()))
+        else:
+            others = [p for p in cutoffs if p != default_priority]
+            cond = or_(
+                *(and_(t.c.priority == p, t.c.expires_at < cutoffs[p]) for p in others),
+                and_(
+                    t.c.priority.not_in(others),
+                    t.c.expires_at < cutoffs[default_priority],
+                ),
+            )
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id)
+                select(t.c.id, t.c.commit_id, t.c.priority)
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.TODO.value,
-                    t.c.expires_at < cutoff,
+                    t.c.expires_at < max(cutoffs.values()),
+                    cond,
                     t.c.run_at <= now,
                 )
                 .order_by(t.c.expires_at)
                 .limit(limit)
             ).all()
         pairs = [(r.id, r.commit_id) for r in rows]
+        prio = {r.id: r.priority for r in rows}
         won = self._transition(
             [(pairs, [Status.TODO], {"updated_at": now, "expires_at": now + redispatch_timeout})]
         )
-        return sorted((i, c + 1) for i, c in won)
+        return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
-    def due_todo(
-        self, task_id: str, *, now: datetime, after: tuple[datetime, int] | None, limit: int
-    ) -> list[tuple[int, int, datetime]]:
-        """A page of due todo rows ``(id, commit_id, expires_at)`` in index order, for
-        re-dispatch after Redis lost its data. Read-only: a message carrying the current
-        commit_id is always safe to send again."""
+    def todo_page(
+        self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
+    ) -> list[tuple[Message, datetime]]:
+        """A page of todo rows (due or not) in index order, as messages with their due
+        time, each with its ``expires_at`` (the page cursor), for re-dispatch after Redis
+        lost its data. Read-only: a message carrying the current commit_id is always
+        safe to send again."""
         t = self.table
         cond = [
             t.c.task_id == task_id,
             t.c.status == Status.TODO.value,
-            t.c.run_at <= now,
             t.c.expires_at.is_not(None),
         ]
         if after is not None:
@@ -549,12 +699,23 @@ class Ledger:
             cond.append(or_(t.c.expires_at > exp, and_(t.c.expires_at == exp, t.c.id > last_id)))
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.expires_at)
+                select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at, t.c.expires_at)
                 .where(*cond)
                 .order_by(t.c.expires_at, t.c.id)
                 .limit(limit)
             ).all()
-        return [(r.id, r.commit_id, r.expires_at) for r in rows]
+        return [(Message(r.id, r.commit_id, r.priority, r.run_at), r.expires_at) for r in rows]
+
+    def priorities(self, ids: Sequence[int]) -> dict[int, str]:
+        """The priority of each of ``ids`` (for re-dispatch from admin paths)."""
+        t = self.table
+        out: dict[int, str] = {}
+        with self.begin() as conn:
+            for i in range(0, len(ids), CHUNK):
+                chunk = list(ids[i : i + CHUNK])
+                for r in conn.execute(select(t.c.id, t.c.priority).where(t.c.id.in_(chunk))):
+                    out[int(r.id)] = str(r.priority)
+        return out
 
     # -- admin ------------------------------------------------------------------------
 
@@ -572,6 +733,7 @@ class Ledger:
             expires_at=r.expires_at,
             worker=r.worker,
             last_error=r.last_error,
+            priority=r.priority,
         )
 
     def get(self, job_id: int, task_id: str | None = None) -> JobRecord | None:
@@ -590,8 +752,9 @@ class Ledger:
         *,
         now: datetime,
         redispatch_timeout: timedelta,
-    ) -> int:
-        """One fenced commit from outside the consumer; returns the new commit_id.
+    ) -> tuple[int, str]:
+        """One fenced commit from outside the consumer; returns the new commit_id and the
+        job's priority.
 
         Raises JobNotFoundError for an unknown id, StaleCommitError when the commit_id
         is not the current claim's (nothing is changed then).
@@ -610,7 +773,8 @@ class Ledger:
                 .values(commit_id=t.c.commit_id + 1, **values)
             ).rowcount
             if n == 1:
-                return outcome.commit_id + 1
+                prio = conn.execute(select(t.c.priority).where(t.c.id == outcome.job_id)).scalar()
+                return outcome.commit_id + 1, str(prio)
             row = conn.execute(
                 select(t.c.status, t.c.commit_id).where(
                     t.c.id == outcome.job_id, t.c.task_id == task_id
@@ -664,10 +828,10 @@ class Ledger:
         *,
         now: datetime,
         redispatch_timeout: timedelta,
-    ) -> set[Pair]:
+    ) -> list[Message]:
         """Any status → todo, due now, failed_times reset to 0 (an admin's fresh start).
 
-        Returns the ``(id, new commit_id)`` pairs that took effect; a job that moved
+        Returns the messages (new commit_id) of the jobs it moved; a job that moved
         since ``pairs`` was read is skipped (read it again and retry).
         """
         values = {
@@ -678,7 +842,8 @@ class Ledger:
             "expires_at": now + redispatch_timeout,
         }
         won = self._transition([(pairs, list(Status), values)])
-        return {(i, c + 1) for i, c in won}
+        prio = self.priorities([i for i, _ in won])
+        return [Message(i, c + 1, prio.get(i, DEFAULT_PRIORITY)) for i, c in sorted(won)]
 
     def stats(self, task_id: str | None = None) -> list[TaskStats]:
         """Counts by status and the oldest due todo, per task."""

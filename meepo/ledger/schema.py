@@ -5,7 +5,9 @@ the migrated database with this metadata on every backend); ``init_db=True`` and
 ``meepo db upgrade`` run those migrations, never ``metadata.create_all``.
 
 One jobs table holds many tasks (``task_id`` column); ``table_name=`` gives a task a
-table of its own with the same shape.
+table of its own with the same shape. Two companions share its name:
+``<table>_unique`` (the holders of unique job keys) and ``<table>_schedules`` (cron and
+periodic schedules).
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
 )
 
+from ..records import DEFAULT_PRIORITY
 from .types import JobId, Payload, UTCDateTime
 
 #: Alembic's bookkeeping table for a ledger table named ``name``.
 VERSION_TABLE_SUFFIX = "_version"
+UNIQUE_SUFFIX = "_unique"
+SCHEDULES_SUFFIX = "_schedules"
 
 
 def version_table_name(table_name: str) -> str:
@@ -62,5 +68,70 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # The process that made the latest claim ("host:pid").
         Column("worker", String(128), nullable=True),
         Column("last_error", Text, nullable=True),
+        # The priority queue the job is dispatched to (one of its task's priorities).
+        Column("priority", String(32), nullable=False, server_default=DEFAULT_PRIORITY),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
     )
+
+
+def unique_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_unique``: which job holds each unique key of a task.
+
+    The primary key ``(task_id, key)`` is what makes a key unique across processes: a
+    second holder cannot be inserted, only handed over (by a compare-and-set on
+    ``job_id``) once the holding job is finished and ``hold_ms`` has passed since.
+    """
+    md = metadata if metadata is not None else MetaData()
+    return Table(
+        f"{name}{UNIQUE_SUFFIX}",
+        md,
+        Column("task_id", String(64), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("job_id", JobId, nullable=False),
+        # How long the key stays reserved after its job finished (unique_for).
+        Column("hold_ms", BigInteger, nullable=False),
+        Column("created_at", UTCDateTime, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        PrimaryKeyConstraint("task_id", "key", name=f"pk_{name}{UNIQUE_SUFFIX}"),
+    )
+
+
+def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_schedules``: one row per declared schedule, keyed by ``(task_id, name)``.
+
+    ``next_fire_at`` is the compare-and-set that makes each fire time produce exactly one
+    job: a scheduler moves it forward and inserts the job in the same transaction, and
+    only the one whose UPDATE matched the old value inserts. NULL once ``until`` passed.
+    The index ``(task_id, next_fire_at)`` serves the schedulers' "what is due" scan.
+    """
+    md = metadata if metadata is not None else MetaData()
+    table = f"{name}{SCHEDULES_SUFFIX}"
+    return Table(
+        table,
+        md,
+        Column("task_id", String(64), nullable=False),
+        Column("name", String(128), nullable=False),
+        Column("kind", String(8), nullable=False),  # "cron" | "every"
+        Column("expr", String(255), nullable=False),  # cron expression or seconds
+        Column("tz", String(64), nullable=False),
+        Column("payload", Payload, nullable=False),
+        Column("priority", String(32), nullable=False),
+        Column("start_at", UTCDateTime, nullable=True),
+        Column("until_at", UTCDateTime, nullable=True),
+        Column("misfire", String(8), nullable=False),  # "one" | "all" | "skip"
+        Column("next_fire_at", UTCDateTime, nullable=True),
+        Column("last_fire_at", UTCDateTime, nullable=True),
+        Column("created_at", UTCDateTime, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        PrimaryKeyConstraint("task_id", "name", name=f"pk_{table}"),
+        Index(f"ix_{table}_due", "task_id", "next_fire_at"),
+    )
+
+
+def ledger_metadata(name: str) -> MetaData:
+    """All three tables of the ledger called ``name``."""
+    md = MetaData()
+    jobs_table(name, md)
+    unique_table(name, md)
+    schedules_table(name, md)
+    return md

@@ -1,6 +1,7 @@
-"""The runtime: consumers, heartbeats and the reaper, each a small threaded service."""
+"""The runtime: consumers, heartbeats, reaper and promoter, each a small threaded service."""
 
 from .consumer import Consumer, Counters, Handler
+from .promoter import Promoter
 from .reaper import Reaper, ReapReport
 
-__all__ = ["Consumer", "Counters", "Handler", "ReapReport", "Reaper"]
+__all__ = ["Consumer", "Counters", "Handler", "Promoter", "ReapReport", "Reaper"]

@@ -35,7 +35,7 @@ from ..errors import (
     UnavailableError,
 )
 from ..ledger import CHUNK, Outcome, Pair
-from ..records import Job, Status
+from ..records import Job, Message, Status
 from ..transport import decode
 
 log = logging.getLogger("meepo.consumer")
@@ -106,6 +106,7 @@ class Consumer:
         self.capacity = options.parallel_num + options.prefetch
         self._lease = timedelta(seconds=options.lease)
         self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
+        self._priority: dict[int, str] = {}  # job id -> priority, for held jobs
         self._lock = threading.Lock()
         self._slot = threading.Condition(self._lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -198,7 +199,7 @@ class Consumer:
     def _release(self, jobs: list[Job]) -> None:
         pairs = [(j.id, j.commit_id) for j in jobs]
         try:
-            self.d.release(pairs)
+            self.d.release([(j.id, j.commit_id, j.priority) for j in jobs])
         except MeepoError as exc:
             log.warning("task %s: could not release %d job(s): %s", self.task_id, len(pairs), exc)
         self._forget(pairs)
@@ -208,6 +209,7 @@ class Consumer:
             for i, c in pairs:
                 if self._held.get(i) == c:
                     del self._held[i]
+                    self._priority.pop(i, None)
             self._slot.notify_all()
 
     @property
@@ -226,7 +228,7 @@ class Consumer:
                     self._slot.wait(0.5)
                     continue
             try:
-                messages = self.d.transport.pop(min(free, CHUNK), timeout=1.0)
+                priority, messages = self.d.transport.pop(min(free, CHUNK), timeout=1.0)
             except UnavailableError as exc:
                 log.warning("task %s: cannot pop: %s (retrying)", self.task_id, exc)
                 backoff.wait(self._stop_fetch)
@@ -252,7 +254,7 @@ class Consumer:
                     log.exception("task %s: claim crashed (retrying)", self.task_id)
                 # hand the messages back; the ledger sweep covers a failure here
                 with contextlib.suppress(UnavailableError):
-                    self.d.transport.send(pairs)
+                    self.d.transport.send([Message(i, c, priority) for i, c in pairs])
                 backoff.wait(self._stop_fetch)
 
     def _claim(self, pairs: list[Pair]) -> None:
@@ -272,6 +274,7 @@ class Consumer:
         with self._lock:
             for j in jobs:
                 self._held[j.id] = j.commit_id
+                self._priority[j.id] = j.priority
         for j in jobs:
             log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
             self._work.put(j)
@@ -301,6 +304,7 @@ class Consumer:
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
             if self._held.get(job.id) == job.commit_id:
                 del self._held[job.id]
+                self._priority.pop(job.id, None)
                 self._slot.notify_all()
                 log.info(
                     "task %s: job %d returned without a commit; the reaper will apply the "
@@ -316,16 +320,27 @@ class Consumer:
             return Outcome(job.id, job.commit_id, Status.FAILED, error)
         run_at = None
         if self.retry_delay is not None:
-            delay = self.retry_delay(job.failed_times + 1)
+            try:
+                delay = float(self.retry_delay(job.failed_times + 1))
+            except Exception:
+                log.exception("task %s: retry_backoff raised; retrying at once", self.task_id)
+                delay = 0.0
             if delay > 0:
                 run_at = self.clock() + timedelta(seconds=delay)
-        return Outcome(job.id, job.commit_id, Status.TODO, error, run_at)
+        return Outcome(job.id, job.commit_id, Status.TODO, error, run_at, job.priority)
 
     # -- manual commit ----------------------------------------------------------------
 
     def current_job(self) -> Job | None:
         job: Job | None = getattr(self._local, "job", None)
         return job
+
+    def priority_of(self, job_id: int) -> str | None:
+        job = self.current_job()
+        if job is not None and job.id == job_id:
+            return job.priority
+        with self._lock:
+            return self._priority.get(job_id)
 
     def claim_of(self, job_id: int) -> int | None:
         """The commit_id this process holds for ``job_id`` (None if it holds none)."""

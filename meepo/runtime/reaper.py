@@ -5,12 +5,13 @@ every action is a compare-and-set on ``commit_id``, so each zombie is handled on
 Each tick (``poll_interval``) it
 
 1. checks the transport's epoch token: a missing or changed token means Redis lost its
-   data, and one process (per epoch) re-dispatches every due todo job at once;
+   data, and one process (per epoch) re-dispatches every todo job at once (due ones to
+   their queues, later ones to the delayed set);
 2. sweeps todo rows whose message is gone: never dispatched (a Redis failure at push,
    a transactional push on a Connection), or older than the message at the head of the
    queue and past their dispatch deadline (popped by a consumer that died before its
    claim). Rows whose message may still be waiting in the queue are left alone, so a
-   long backlog is not reshuffled;
+   long backlog is not reshuffled (each priority queue is judged by its own head);
 3. every ``zombie_period``, reaps doing jobs whose lease expired (their consumer died
    or froze): ``zombie_dst_status`` todo re-queues them, done/failed closes them. At
    most ``zombie_limit`` rows are read per step.
@@ -88,22 +89,23 @@ class Reaper:
         return self.recover(epoch, lost=lost)
 
     def recover(self, epoch: bytes, *, lost: bool = True) -> int:
-        """Re-dispatch every due todo job (once per epoch across all processes).
+        """Re-dispatch every todo job (once per epoch across all processes): due ones to
+        their queues, later ones to the delayed set.
 
         ``lost``: Redis lost its data; otherwise this process found no epoch at all (a
         new Redis, or one emptied before any consumer saw it)."""
         if not self.d.transport.take_recovery(epoch):
             return 0
         sent = 0
-        now = self.clock()
         after: tuple[datetime, int] | None = None
         while True:
-            rows = self.d.ledger.due_todo(self.task_id, now=now, after=after, limit=CHUNK)
+            rows = self.d.ledger.todo_page(self.task_id, after=after, limit=CHUNK)
             if not rows:
                 break
-            self.d.transport.send([(i, c) for i, c, _ in rows])
+            self.d.transport.send([m for m, _ in rows], self.clock())
             sent += len(rows)
-            after = (rows[-1][2], rows[-1][0])
+            last, expires = rows[-1]
+            after = (expires, last.job_id)
         if sent:
             why = "after Redis lost its data" if lost else "found in the ledger at start"
             log.warning("task %s: re-dispatched %d job(s) %s", self.task_id, sent, why)
@@ -111,32 +113,38 @@ class Reaper:
 
     def sweep(self) -> int:
         """Re-dispatch todo rows whose message is gone; returns how many."""
-        length, head = self.d.transport.head()
+        heads = self.d.transport.heads()
         now = self.clock()
-        if length == 0:
-            cutoff = now
-        else:
-            deadline = None if head is None else self.d.ledger.dispatch_deadline(head)
+        deadlines = self.d.ledger.dispatch_deadlines([h for _, h in heads.values() if h])
+        cutoffs: dict[str, datetime] = {}
+        for prio, (length, head) in heads.items():
+            if length == 0:
+                cutoffs[prio] = now
+                continue
             # Rows dispatched before the head message were popped already: if still todo
             # past their deadline, their consumer died between pop and claim. A stale
             # head says nothing; then only never-dispatched rows are swept.
+            deadline = None if head is None else deadlines.get(head)
             if deadline is not None:
-                cutoff = min(now, deadline)
+                cutoffs[prio] = min(now, deadline)
             else:
-                cutoff = NEVER_DISPATCHED + timedelta(microseconds=1)
-        pairs = self.d.ledger.sweep(
+                cutoffs[prio] = NEVER_DISPATCHED + timedelta(microseconds=1)
+        messages = self.d.ledger.sweep(
             self.task_id,
             now=now,
-            cutoff=cutoff,
+            cutoffs=cutoffs,
+            default_priority=self.d.transport.default_priority,
             limit=self.opts.zombie_limit,
             redispatch_timeout=self._timeout,
         )
-        if pairs:
+        if messages:
             log.info(
-                "task %s: dispatching %d todo job(s) from the ledger", self.task_id, len(pairs)
+                "task %s: dispatching %d todo job(s) from the ledger",
+                self.task_id,
+                len(messages),
             )
-            self.d.send(pairs)
-        return len(pairs)
+            self.d.send(messages)
+        return len(messages)
 
     def reap(self) -> tuple[int, int]:
         """Apply the zombie policy to expired leases; returns (requeued, closed)."""

@@ -4,15 +4,23 @@ Key layout (``P`` is the list name prefix, ``meepo:`` by default, ``meepo:<table
 for a task with a table of its own; ``{task}`` is the task id as a Redis Cluster hash
 tag, so all of a task's keys share one slot):
 
-``P{task}:queue``     LIST of messages ``b"<job id>:<commit_id>"``. Producers RPUSH,
-                      consumers LPOP ``count`` (BLPOP only when the list is empty).
+``P{task}:queue``     LIST of messages ``b"<job id>:<commit_id>"`` of the ``default``
+                      priority. Producers RPUSH, consumers pop ``count`` at a time.
+``P{task}:queue:<p>`` the same for every other priority ``p`` of the task. Consumers
+                      LMPOP the task's queues in priority order (BLMPOP only when all
+                      are empty), so the first non-empty queue always goes first.
                       A message is only a hint: the consumer's compare-and-set claim
                       in the ledger decides, so stale and duplicate messages are harmless.
+``P{task}:delayed``   ZSET of ``b"<job id>:<commit_id>:<priority>"`` scored by due time
+                      (Unix seconds). Every consuming process runs :meth:`promote` every
+                      few tens of milliseconds: one Lua script moves the due members to
+                      their queues, atomically, so each is promoted once.
 ``P{task}:epoch``     STRING, a random token set (NX) with every push and by every
                       consumer. When Redis loses its data (restart without persistence,
                       FLUSHALL, failover to an empty replica) the key vanishes or comes
-                      back with another token; consumers notice and re-dispatch every due
-                      ``todo`` job from the ledger.
+                      back with another token; consumers notice and re-dispatch every
+                      ``todo`` job from the ledger (due ones to their queues, later ones
+                      to the delayed set).
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
                       runs the re-dispatch for that epoch.
 
@@ -24,14 +32,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ..config import mask_url
+from ..config import PRIORITY_RE, mask_url
 from ..errors import ConfigError, TransportUnavailableError
+from ..records import DEFAULT_PRIORITY, Message
 
 Pair = tuple[int, int]
 
@@ -41,6 +51,31 @@ CHUNK = 1000
 RECOVERY_LOCK_TTL = 60
 #: The largest id or commit_id a message may carry (BIGINT columns).
 MAX_INT64 = 2**63 - 1
+#: Delayed messages moved per promote call.
+PROMOTE_LIMIT = 1000
+
+# KEYS: the delayed set, then the task's queues in priority order.
+# ARGV: now (Unix seconds), limit, the index (1-based, into the queues) of the default
+# queue, then the priority names in the same order as the queues.
+# Moves due members to their queues; returns {moved, score of the next member or false}.
+_PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then
+  local index = {}
+  for i = 4, #ARGV do index[ARGV[i]] = i - 2 end
+  local fallback = tonumber(ARGV[3]) + 1
+  for _, member in ipairs(due) do
+    local pair, prio = string.match(member, '^(%d+:%d+):(.*)$')
+    if pair then
+      redis.call('RPUSH', KEYS[index[prio] or fallback], pair)
+    end
+  end
+  redis.call('ZREM', KEYS[1], unpack(due))
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nxt[2] then return {#due, nxt[2]} end
+return {#due, false}
+"""
 
 
 def make_client(url: str) -> redis.Redis:
@@ -79,6 +114,10 @@ def decode(message: bytes) -> Pair | None:
     return job_id, commit_id
 
 
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def new_epoch() -> bytes:
     return os.urandom(8).hex().encode()
 
@@ -86,16 +125,54 @@ def new_epoch() -> bytes:
 class Transport:
     """The Redis side of one task."""
 
-    def __init__(self, client: redis.Redis, task_id: str, prefix: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        task_id: str,
+        prefix: str,
+        priorities: Sequence[str] = (DEFAULT_PRIORITY,),
+        default_priority: str = DEFAULT_PRIORITY,
+        *,
+        route_any: bool = False,
+    ) -> None:
         self.client = client
+        self.route_any = route_any
         self.task_id = task_id
-        base = f"{prefix}{{{task_id}}}"
+        self.priorities = list(priorities)
+        self.default_priority = default_priority
+        base = self._base = f"{prefix}{{{task_id}}}"
         self.queue_key = f"{base}:queue"
+        self.queue_keys = {p: self._queue_key(base, p) for p in self.priorities}
+        self._pop_keys = list(self.queue_keys.values())
+        self._key_priority = {k: p for p, k in self.queue_keys.items()}
+        self.delayed_key = f"{base}:delayed"
         self.epoch_key = f"{base}:epoch"
         self._recovery_base = f"{base}:recovery:"
+        self._promote = client.register_script(_PROMOTE_LUA)
+        self._promote_args: list[Any] = [
+            PROMOTE_LIMIT,
+            self.priorities.index(default_priority) + 1,
+            *self.priorities,
+        ]
         kwargs = client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         self.where = f"redis {where} db {kwargs.get('db', 0)}"
+
+    def _queue_key(self, base: str, priority: str) -> str:
+        if priority == DEFAULT_PRIORITY:
+            return f"{base}:queue"
+        return f"{base}:queue:{priority}"
+
+    def key_for(self, priority: str) -> str:
+        """The queue of ``priority``. A priority the task does not list goes to its
+        default queue, unless this transport routes any priority to its own queue (an
+        admin tool that does not know the task's list)."""
+        key = self.queue_keys.get(priority)
+        if key is not None:
+            return key
+        if self.route_any and PRIORITY_RE.fullmatch(priority):
+            return self._queue_key(self._base, priority)
+        return self.queue_keys[self.default_priority]
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -106,49 +183,131 @@ class Transport:
                 f"{what} failed on {self.where}: {mask_url(str(exc))}"
             ) from exc
 
-    def send(self, pairs: Sequence[Pair]) -> None:
-        """RPUSH messages for ``pairs`` and make sure the epoch key exists: one round
-        trip (a non-transactional pipeline)."""
-        if not pairs:
+    def send(self, messages: Sequence[Message], now: datetime | None = None) -> None:
+        """RPUSH due messages to their priority queues, ZADD later ones (``run_at`` after
+        ``now``) to the delayed set, and make sure the epoch key exists: one round trip
+        (a non-transactional pipeline)."""
+        if not messages:
             return
+        queues: dict[str, list[bytes]] = {}
+        delayed: dict[bytes, float] = {}
+        for m in messages:
+            if m.run_at is not None and now is not None and m.run_at > now:
+                member = b"%d:%d:%s" % (m.job_id, m.commit_id, m.priority.encode())
+                delayed[member] = m.run_at.timestamp()
+            else:
+                queues.setdefault(self.key_for(m.priority), []).append(
+                    encode((m.job_id, m.commit_id))
+                )
         with self._errors("dispatch"):
             pipe = self.client.pipeline(transaction=False)
-            for i in range(0, len(pairs), CHUNK):
-                pipe.rpush(self.queue_key, *[encode(p) for p in pairs[i : i + CHUNK]])
+            for key, encoded in queues.items():
+                for i in range(0, len(encoded), CHUNK):
+                    pipe.rpush(key, *encoded[i : i + CHUNK])
+            if delayed:
+                pipe.zadd(self.delayed_key, delayed)
             pipe.set(self.epoch_key, new_epoch(), nx=True)
             pipe.execute()
 
-    def pop(self, count: int, timeout: float) -> list[bytes]:
-        """Up to ``count`` messages; waits up to ``timeout`` seconds (BLPOP) only when the
-        list is empty."""
+    def send_pairs(self, pairs: Sequence[Pair]) -> None:
+        """Messages for ``pairs`` to the default queue (tests and tools)."""
+        self.send([Message(i, c, self.default_priority) for i, c in pairs])
+
+    def pop(self, count: int, timeout: float) -> tuple[str, list[bytes]]:
+        """Up to ``count`` messages from the first non-empty queue in priority order, and
+        that queue's priority; waits up to ``timeout`` seconds (BLPOP/BLMPOP) only when
+        all are empty."""
+        keys = self._pop_keys
         with self._errors("pop"):
-            got: Any = self.client.lpop(self.queue_key, count)
-            if got:
-                return list(got)
-            if timeout <= 0:
-                return []
-            one: Any = self.client.blpop([self.queue_key], timeout=timeout)
-            if not one:
-                return []
-            out = [one[1]]
-            if count > 1:
-                more: Any = self.client.lpop(self.queue_key, count - 1)
-                if more:
-                    out.extend(more)
-            return out
+            got: Any
+            if len(keys) == 1:
+                prio = self.priorities[0]
+                got = self.client.lpop(keys[0], count)
+                if got:
+                    return prio, list(got)
+                if timeout <= 0:
+                    return prio, []
+                one: Any = self.client.blpop(keys, timeout=timeout)
+                if not one:
+                    return prio, []
+                out = [one[1]]
+                if count > 1:
+                    more: Any = self.client.lpop(keys[0], count - 1)
+                    if more:
+                        out.extend(more)
+                return prio, out
+            run: Any = self.client.execute_command
+            got = run("LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
+            if not got and timeout > 0:
+                got = run("BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count)
+            if not got:
+                return self.default_priority, []
+            key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
+            return self._key_priority[key], list(got[1])
+
+    def promote(self, now: datetime) -> tuple[int, float | None]:
+        """Move due delayed messages to their queues. Returns how many moved and the due
+        time (Unix seconds) of the next one, if any."""
+        with self._errors("promote"):
+            args: list[Any] = [repr(now.timestamp()), *self._promote_args]
+            moved, nxt = self._promote(keys=[self.delayed_key, *self._pop_keys], args=args)
+            return int(moved), None if not nxt else float(nxt)
 
     def head(self) -> tuple[int, Pair | None]:
-        """The queue's length and its first message (None if empty or not meepo's)."""
+        """The default queue's length and its first message (None if empty or not
+        meepo's)."""
+        return self.heads()[self.default_priority]
+
+    def heads(self) -> dict[str, tuple[int, Pair | None]]:
+        """Each priority queue's length and first message, in one round trip."""
         with self._errors("queue head"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.llen(self.queue_key)
-            pipe.lindex(self.queue_key, 0)
-            length, first = pipe.execute()
-            return int(length), None if first is None else decode(bytes(first))
+            for key in self._pop_keys:
+                pipe.llen(key)
+                pipe.lindex(key, 0)
+            got = pipe.execute()
+        out: dict[str, tuple[int, Pair | None]] = {}
+        for i, prio in enumerate(self.priorities):
+            length, first = got[2 * i], got[2 * i + 1]
+            out[prio] = int(length), None if first is None else decode(bytes(first))
+        return out
 
     def depth(self) -> int:
+        """Messages waiting in all of the task's queues (not the delayed set)."""
+        return sum(self.depths().values())
+
+    def depths(self) -> dict[str, int]:
+        """Messages waiting per priority queue, in priority order."""
         with self._errors("LLEN"):
-            return int(self.client.llen(self.queue_key))
+            pipe = self.client.pipeline(transaction=False)
+            for key in self._pop_keys:
+                pipe.llen(key)
+            return {p: int(n) for p, n in zip(self.priorities, pipe.execute(), strict=True)}
+
+    def all_depths(self) -> dict[str, int]:
+        """Every non-empty queue of the task found in Redis (SCAN), by priority: for
+        tools that do not know the task's list of priorities."""
+        with self._errors("SCAN"):
+            keys = sorted(
+                k.decode() if isinstance(k, bytes) else str(k)
+                for k in self.client.scan_iter(match=f"{_glob_escape(self.queue_key)}*")
+            )
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+            lengths = pipe.execute()
+        out: dict[str, int] = {}
+        for key, n in zip(keys, lengths, strict=True):
+            suffix = key[len(self.queue_key) :]
+            if suffix == "":
+                out[DEFAULT_PRIORITY] = int(n)
+            elif suffix.startswith(":") and PRIORITY_RE.fullmatch(suffix[1:]):
+                out[suffix[1:]] = int(n)
+        return out
+
+    def delayed_depth(self) -> int:
+        with self._errors("ZCARD"):
+            return int(self.client.zcard(self.delayed_key))
 
     def epoch(self) -> bytes | None:
         with self._errors("epoch check"):
