@@ -27,6 +27,7 @@ lint: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.lateness
 
 # The chaos harness (chaos/README.md): a real workload under injected faults, then the
 # invariants. `make chaos SEED=7 DURATION=300 BACKENDS=postgres` reproduces a run.

@@ -19,6 +19,7 @@ TIMEOUT = 180
 KEY_LINES = {
     "quickstart": "quickstart finished in",
     "auto_commit": "auto_commit: 100 jobs finished",
+    "delayed": "delayed: every job ran on time, in priority order, exactly as planned",
     "manual_commit": "manual_commit: 100 jobs finished",
     "transactional_push": "transactional_push: 3 committed jobs ran, rolled-back jobs ran: 0",
 }
