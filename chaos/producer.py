@@ -3,8 +3,9 @@ every id a push returned (the acknowledged set) to ``ack-<index>.jsonl``.
 
 Pushes are a seeded mix of ``push``, ``push_many``, and ``push_many`` inside the
 caller's transaction (a SQLAlchemy ``Connection``, or an ORM ``Session``), a tenth of
-which are rolled back on purpose (their ids are not acknowledged). About a tenth of the
-jobs go to the manual-commit task.
+which are rolled back on purpose (their ids are not acknowledged). A fifth of the plain
+pushes are delayed (up to 3 s) and a third carry a ``high`` or ``low`` priority. About
+a tenth of the jobs go to the manual-commit task.
 
 SIGUSR1 arms a torn push: the next dispatch after a committed INSERT logs the ids it was
 about to send and SIGKILLs this process before the RPUSH (the harness restarts it). A
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from meepo import Task
 from meepo.errors import MeepoError
+from meepo.records import Message
 
 from .records import AppendLog, read
 
@@ -121,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             got: dict[str, list[int]] = {}
             if mode < 0.6:
+                delay = rng.uniform(0.0, 3.0) if rng.random() < 0.2 else None
+                priority = rng.choice(["high", "default", "default", "default", "low"])
                 for name, ps in batch.items():
                     if ps:  # acknowledged one push at a time: a later failure keeps these
-                        ids = _plain(tasks[name], ps)
+                        ids = _plain(tasks[name], ps, delay, priority)
                         out.write(e="ack", task=name, ids=ids, ts=time.time())
                         acked += len(ids)
             elif mode < 0.8:
@@ -154,26 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plain(task: Task, payloads: list[bytes]) -> list[int]:
+def _plain(task: Task, payloads: list[bytes], delay: float | None, priority: str) -> list[int]:
     if len(payloads) == 1:
-        return [task.push(payloads[0])]
-    return task.push_many(payloads)
+        return [task.push(payloads[0], delay=delay, priority=priority)]
+    return task.push_many(payloads, delay=delay, priority=priority)
 
 
 def tear(
-    send: Callable[[Sequence[tuple[int, int]]], bool],
+    send: Callable[[Sequence[Message]], bool],
     name: str,
     out: AppendLog,
     armed: dict[str, bool],
-) -> Callable[[Sequence[tuple[int, int]]], bool]:
+) -> Callable[[Sequence[Message]], bool]:
     """``Dispatcher.send`` that, once armed, dies between the committed INSERT and the
     RPUSH, as a producer killed at the worst moment would."""
 
-    def wrapped(pairs: Sequence[tuple[int, int]]) -> bool:
-        if armed["torn"] and pairs:
-            out.write(e="torn", task=name, ids=[i for i, _ in pairs], ts=time.time())
+    def wrapped(messages: Sequence[Message]) -> bool:
+        if armed["torn"] and messages:
+            out.write(e="torn", task=name, ids=[m.job_id for m in messages], ts=time.time())
             os.kill(os.getpid(), signal.SIGKILL)
-        return send(pairs)
+        return send(messages)
 
     return wrapped
 

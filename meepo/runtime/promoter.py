@@ -12,31 +12,29 @@ message never arrives is re-sent by the dispatch sweep after it was due.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
-from ..errors import MeepoError
 from ..transport import PROMOTE_LIMIT, Transport
-from .consumer import Backoff
+from .service import Service
 
 log = logging.getLogger("meepo.promoter")
 
 
-class Promoter:
+class Promoter(Service):
+    kind = "promoter"
+
     def __init__(
         self,
         transport: Transport,
         clock: Callable[[], datetime],
         interval: float = 0.05,
     ) -> None:
+        super().__init__(transport.task_id, log, interval)
         self.transport = transport
-        self.task_id = transport.task_id
         self.clock = clock
         self.interval = interval
         self.promoted = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> tuple[int, float | None]:
         """Promote what is due now; returns how many moved and when the next is due
@@ -47,38 +45,11 @@ class Promoter:
             log.debug("task %s: %d delayed job(s) fell due", self.task_id, moved)
         return moved, nxt
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"meepo-{self.task_id}-promoter", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-            self._thread = None
-
-    def _loop(self) -> None:
-        backoff = Backoff(first=self.interval, cap=5.0)
-        while not self._stop.is_set():
-            try:
-                moved, nxt = self.run_once()
-                backoff.reset()
-            except MeepoError as exc:
-                log.warning("task %s: promoting delayed jobs failed: %s", self.task_id, exc)
-                backoff.wait(self._stop)
-                continue
-            except Exception:  # never let the promoter die silently
-                log.exception("task %s: promoter crashed (retrying)", self.task_id)
-                backoff.wait(self._stop)
-                continue
-            if moved >= PROMOTE_LIMIT:
-                continue  # more may be due: go again at once
-            wait = self.interval
-            if nxt is not None:
-                wait = min(wait, max(0.0, nxt - self.clock().timestamp()))
-            self._stop.wait(max(wait, 0.001))
+    def tick(self) -> float:
+        moved, nxt = self.run_once()
+        if moved >= PROMOTE_LIMIT:
+            return 0.0  # more may be due: go again at once
+        wait = self.interval
+        if nxt is not None:
+            wait = min(wait, max(0.0, nxt - self.clock().timestamp()))
+        return max(wait, 0.001)

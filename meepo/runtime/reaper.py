@@ -23,7 +23,6 @@ cost time, never the job (DESIGN.md invariant 6).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +30,8 @@ from datetime import datetime, timedelta
 
 from ..config import Options
 from ..dispatch import Dispatcher
-from ..errors import MeepoError
 from ..ledger import CHUNK, NEVER_DISPATCHED
-from .consumer import Backoff
+from .service import Service
 
 log = logging.getLogger("meepo.reaper")
 
@@ -46,18 +44,18 @@ class ReapReport:
     closed: int = 0
 
 
-class Reaper:
+class Reaper(Service):
+    kind = "reaper"
+
     def __init__(
         self, dispatcher: Dispatcher, options: Options, clock: Callable[[], datetime]
     ) -> None:
+        super().__init__(dispatcher.task_id, log, options.poll_interval)
         self.d = dispatcher
-        self.task_id = dispatcher.task_id
         self.opts = options
         self.clock = clock
         self.known_epoch: bytes | None = None
         self._last_reap = float("-inf")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._timeout = timedelta(seconds=options.zombie_timeout)
 
     # -- one pass ---------------------------------------------------------------------
@@ -169,33 +167,6 @@ class Reaper:
         )
         return len(requeued), closed
 
-    # -- loop -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"meepo-{self.task_id}-reaper", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10.0)
-            self._thread = None
-
-    def _loop(self) -> None:
-        backoff = Backoff(first=self.opts.poll_interval, cap=10.0)
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff.reset()
-                self._stop.wait(self.opts.poll_interval)
-            except MeepoError as exc:
-                log.warning("task %s: reaper pass failed: %s (retrying)", self.task_id, exc)
-                backoff.wait(self._stop)
-            except Exception:  # never let the reaper die silently
-                log.exception("task %s: reaper pass crashed (retrying)", self.task_id)
-                backoff.wait(self._stop)
+    def tick(self) -> float:
+        self.run_once()
+        return self.opts.poll_interval
