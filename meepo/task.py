@@ -30,10 +30,10 @@ from .errors import (
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
-from .ledger.schedules import Schedules, spec_of
+from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler
-from .schedule import Spec
+from .schedule import Spec, check_name
 from .transport import Transport
 
 log = logging.getLogger("meepo")
@@ -416,8 +416,6 @@ class Task:
     def unschedule(self, name: str) -> bool:
         """Remove the schedule ``name``; False if there was none. Jobs it already made
         stay."""
-        from .schedule import check_name
-
         return self.schedule_ledger.remove(self.task_id, check_name(name))
 
     def schedules(self) -> list[ScheduleRecord]:
@@ -427,8 +425,6 @@ class Task:
     def next_fires(self, name: str, n: int = 5) -> list[datetime]:
         """The next ``n`` fire times of the schedule ``name`` (fewer when ``until``
         comes first; none once it is finished)."""
-        from .schedule import check_name
-
         config.positive_int(n, "n")
         rec = self.schedule_ledger.get(self.task_id, check_name(name))
         if rec is None:
@@ -569,18 +565,6 @@ def _non_negative(value: object, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"{name} must be a non-negative integer, not {value!r}")
     return value
-
-
-def next_fires(rec: ScheduleRecord, n: int) -> list[datetime]:
-    """The next ``n`` fire times of a schedule row, from its ``next_fire_at``."""
-    if rec.next_fire_at is None:
-        return []
-    out = [rec.next_fire_at]
-    for t in spec_of(rec).fires(rec.next_fire_at):
-        if len(out) >= n:
-            break
-        out.append(t)
-    return out[:n]
 
 
 def _check_connection(connection: Any) -> None:

@@ -69,6 +69,18 @@ def spec_of(rec: ScheduleRecord) -> Spec:
     )
 
 
+def next_fires(rec: ScheduleRecord, n: int) -> list[datetime]:
+    """The next ``n`` fire times of a schedule row, from its ``next_fire_at``."""
+    if rec.next_fire_at is None:
+        return []
+    out = [rec.next_fire_at]
+    for t in spec_of(rec).fires(rec.next_fire_at):
+        if len(out) >= n:
+            break
+        out.append(t)
+    return out[:n]
+
+
 class Schedules:
     """The schedules table of one ledger."""
 
