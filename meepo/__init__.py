@@ -8,13 +8,14 @@ from .errors import (
     MeepoError,
     NotRunningHereError,
     PayloadError,
+    ScheduleNotFoundError,
     SchemaError,
     StaleCommitError,
     TaskNotFoundError,
     TransportUnavailableError,
     UnavailableError,
 )
-from .records import Job, JobRecord, Status
+from .records import Job, JobRecord, ScheduleRecord, Status
 from .task import Task
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "MeepoError",
     "NotRunningHereError",
     "PayloadError",
+    "ScheduleNotFoundError",
+    "ScheduleRecord",
     "SchemaError",
     "StaleCommitError",
     "Status",

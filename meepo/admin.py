@@ -34,10 +34,12 @@ from .config import (
 )
 from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
-from .errors import ConfigError, JobNotFoundError, TaskNotFoundError
+from .errors import ConfigError, JobNotFoundError, ScheduleNotFoundError, TaskNotFoundError
 from .ledger import CHUNK, Ledger
 from .ledger import migrate as migrations
-from .records import JobRecord, Status
+from .ledger.schedules import Schedules, next_fires
+from .records import JobRecord, ScheduleRecord, Status
+from .schedule import check_name
 from .transport import Transport
 
 #: ``progress(done, total)`` after each chunk; ``total`` is None when not known ahead.
@@ -125,6 +127,31 @@ class DbState:
         return self.current == self.head
 
 
+def schedule_dict(rec: ScheduleRecord) -> dict[str, Any]:
+    """A JSON-ready view of a schedule row (payload as UTF-8 text, undecodable bytes
+    escaped)."""
+
+    def when(d: datetime | None) -> str | None:
+        return None if d is None else d.isoformat()
+
+    return {
+        "task_id": rec.task_id,
+        "name": rec.name,
+        "kind": rec.kind,
+        "expr": rec.expr,
+        "tz": rec.tz,
+        "priority": rec.priority,
+        "misfire": rec.misfire,
+        "start_at": when(rec.start_at),
+        "until_at": when(rec.until_at),
+        "next_fire_at": when(rec.next_fire_at),
+        "last_fire_at": when(rec.last_fire_at),
+        "created_at": when(rec.created_at),
+        "updated_at": when(rec.updated_at),
+        "payload": rec.payload.decode("utf-8", errors="backslashreplace"),
+    }
+
+
 def record_dict(rec: JobRecord) -> dict[str, Any]:
     """A JSON-ready view of a ledger row (payload as UTF-8 text, undecodable bytes
     escaped, and its size)."""
@@ -168,6 +195,7 @@ class Admin:
         self.redispatch_timeout = timedelta(seconds=redispatch_timeout)
         self.engine = engine_for(db)
         self.ledger = Ledger(self.engine, self.table)
+        self.schedule_ledger = Schedules(self.engine, self.table)
         self._redis_arg = redis
         self._redis: redis_lib.Redis | None = None
         self._dispatchers: dict[str, Dispatcher] = {}
@@ -371,6 +399,37 @@ class Admin:
             )
         return out
 
+    # -- schedules --------------------------------------------------------------------
+
+    def schedules(self, task_id: str | None = None) -> list[ScheduleRecord]:
+        """Every schedule of the table (or of one task), by task and name."""
+        if task_id is not None:
+            check_task_id(task_id)
+        return self.schedule_ledger.all(task_id)
+
+    def schedule(self, task_id: str, name: str) -> ScheduleRecord:
+        """One schedule's row; ScheduleNotFoundError if there is none."""
+        check_task_id(task_id)
+        rec = self.schedule_ledger.get(task_id, check_name(name))
+        if rec is None:
+            raise ScheduleNotFoundError(
+                f"task {task_id!r} has no schedule {name!r} in table {self.table!r}"
+            )
+        return rec
+
+    def unschedule(self, task_id: str, name: str) -> None:
+        """Remove a schedule (jobs it made stay); ScheduleNotFoundError if none."""
+        self.schedule(task_id, name)
+        if not self.schedule_ledger.remove(task_id, name):
+            raise ScheduleNotFoundError(
+                f"task {task_id!r} has no schedule {name!r} in table {self.table!r}"
+            )
+
+    def next_fires(self, task_id: str, name: str, n: int = 5) -> list[datetime]:
+        """The next ``n`` fire times of a schedule."""
+        positive_int(n, "n")
+        return next_fires(self.schedule(task_id, name), n)
+
     # -- schema -----------------------------------------------------------------------
 
     def db_current(self) -> DbState:
@@ -417,4 +476,5 @@ __all__ = [
     "RepushedJob",
     "TaskSummary",
     "record_dict",
+    "schedule_dict",
 ]

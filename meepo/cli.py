@@ -8,6 +8,9 @@
     meepo stats [--task T] [--table T] [--prefix P] [--json]
     meepo jobs show ID [--task T] [--table T] [--json]
     meepo db upgrade|downgrade|current [--table T] [--revision R]
+    meepo schedules list [--task T] [--table T] [--json]
+    meepo schedules remove NAME --task T [--table T]
+    meepo schedules next NAME --task T [-n N] [--table T] [--json]
 
 Connection options (``--db``, ``--redis``) go before or after the command; without them
 ``MEEPO_DB_URL`` / ``MEEPO_REDIS_URL`` apply, then the embedded defaults.
@@ -33,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .admin import Admin, DbState, RepushResult, TaskSummary, record_dict
+from .admin import Admin, DbState, RepushResult, TaskSummary, record_dict, schedule_dict
 from .config import DB_ENV, REDIS_ENV, mask_url
 from .errors import ConfigError, MeepoError
 from .records import Status
@@ -106,6 +109,15 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
 
 def _time(text: str) -> datetime:
     return parse_time(text)
+
+
+def _schedule_name(text: str) -> str:
+    from .schedule import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- the parser -------------------------------------------------------------------------
@@ -216,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="machine-readable output")
     _table_options(q)
     q.set_defaults(func=cmd_jobs_show)
+
+    p = sub.add_parser("schedules", parents=[common], help="cron and periodic schedules")
+    sched = p.add_subparsers(dest="schedules_command", metavar="COMMAND")
+    sched.required = True
+    q = sched.add_parser("list", parents=[common], help="every schedule and its next fire")
+    q.add_argument("--task", metavar="TASK", help="only this task's schedules")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    _table_options(q)
+    q.set_defaults(func=cmd_schedules_list)
+    q = sched.add_parser(
+        "remove",
+        parents=[common],
+        help="remove a schedule (jobs it made stay)",
+        description="Remove a schedule. An application that declares it at start-up "
+        "declares it again: remove the declaration from the code too.",
+    )
+    q.add_argument("name", type=_schedule_name, metavar="NAME")
+    q.add_argument("--task", metavar="TASK", required=True, help="the schedule's task")
+    _table_options(q)
+    q.set_defaults(func=cmd_schedules_remove)
+    q = sched.add_parser("next", parents=[common], help="a schedule's next fire times")
+    q.add_argument("name", type=_schedule_name, metavar="NAME")
+    q.add_argument("--task", metavar="TASK", required=True, help="the schedule's task")
+    q.add_argument("-n", type=_positive, default=5, metavar="N", help="how many (default 5)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    _table_options(q)
+    q.set_defaults(func=cmd_schedules_next)
 
     p = sub.add_parser("db", parents=[common], help="ledger schema migrations")
     db = p.add_subparsers(dest="db_command", metavar="COMMAND")
@@ -448,6 +487,81 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     for key, value in data.items():
         shown = "-" if value is None else str(value)
         print(f"{key + ':':<{width}} {shown}")
+    return 0
+
+
+def _when(d: datetime | None) -> str:
+    return "-" if d is None else d.isoformat(sep=" ", timespec="seconds")
+
+
+def cmd_schedules_list(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    found = admin.schedules(args.task)
+    if args.json:
+        print(
+            json.dumps(
+                {"table": admin.table, "schedules": [schedule_dict(s) for s in found]}, indent=2
+            )
+        )
+        return 0
+    if not found:
+        where = f"task {args.task}" if args.task else f"table {admin.table}"
+        print(f"no schedules in {where}")
+        return 0
+    headers = [
+        "TASK",
+        "NAME",
+        "KIND",
+        "EXPR",
+        "TZ",
+        "MISFIRE",
+        "PRIORITY",
+        "NEXT FIRE",
+        "LAST FIRE",
+    ]
+    rows = [
+        [
+            s.task_id,
+            s.name,
+            s.kind,
+            s.expr if s.kind == "cron" else f"{s.expr}s",
+            s.tz,
+            s.misfire,
+            s.priority,
+            _when(s.next_fire_at) if s.next_fire_at else "finished",
+            _when(s.last_fire_at),
+        ]
+        for s in found
+    ]
+    for line in _table(headers, rows):
+        print(line)
+    return 0
+
+
+def cmd_schedules_remove(args: argparse.Namespace) -> int:
+    admin = _admin(args)
+    admin.unschedule(args.task, args.name)
+    print(f"removed schedule {args.name} of task {args.task}")
+    return 0
+
+
+def cmd_schedules_next(args: argparse.Namespace) -> int:
+    from .schedule import zone
+
+    admin = _admin(args)
+    rec = admin.schedule(args.task, args.name)
+    fires = admin.next_fires(args.task, args.name, args.n)
+    if args.json:
+        data = {"task_id": rec.task_id, "name": rec.name, "next": [t.isoformat() for t in fires]}
+        print(json.dumps(data, indent=2))
+        return 0
+    if not fires:
+        print(f"schedule {rec.name} of task {rec.task_id} is finished (no fire left)")
+        return 0
+    local = zone(rec.tz) if rec.tz != "UTC" else None
+    for t in fires:
+        extra = f"  ({t.astimezone(local).strftime('%Y-%m-%d %H:%M:%S')} {rec.tz})" if local else ""
+        print(t.isoformat() + extra)
     return 0
 
 

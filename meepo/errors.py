@@ -67,3 +67,7 @@ class LedgerUnavailableError(UnavailableError):
 
 class TransportUnavailableError(UnavailableError):
     """Redis could not be reached or failed mid-operation."""
+
+
+class ScheduleNotFoundError(MeepoError, LookupError):
+    """No schedule with this name is declared for the task."""

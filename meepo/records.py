@@ -105,3 +105,27 @@ class JobRecord:
     worker: str | None
     last_error: str | None
     priority: str = DEFAULT_PRIORITY
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A declared cron or periodic schedule, as returned by ``Task.schedules``.
+
+    ``kind`` is ``"cron"`` (``expr`` a cron expression read in ``tz``) or ``"every"``
+    (``expr`` the interval in seconds). ``next_fire_at`` is None once ``until`` passed.
+    """
+
+    task_id: str
+    name: str
+    kind: str
+    expr: str
+    tz: str
+    payload: bytes = field(repr=False)
+    priority: str
+    start_at: datetime | None
+    until_at: datetime | None
+    misfire: str
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None
+    created_at: datetime
+    updated_at: datetime

@@ -25,12 +25,15 @@ from .errors import (
     JobNotFoundError,
     NotRunningHereError,
     PayloadError,
+    ScheduleNotFoundError,
     StaleCommitError,
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
-from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
-from .runtime import Consumer, Promoter, Reaper
+from .ledger.schedules import Schedules, next_fires
+from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
+from .runtime import Consumer, Promoter, Reaper, Scheduler
+from .schedule import Spec, check_name
 from .transport import Transport
 
 log = logging.getLogger("meepo")
@@ -136,6 +139,8 @@ class Task:
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
+        self._scheduler: Scheduler | None = None
+        self.schedule_ledger = Schedules(self.engine, self.table_name)
         self._stopped = threading.Event()
         self._state_lock = threading.Lock()
         if init_db:
@@ -360,6 +365,80 @@ class Task:
         out["delayed"] = self.transport.delayed_depth()
         return out
 
+    # -- schedules --------------------------------------------------------------------
+
+    def schedule_cron(
+        self,
+        name: str,
+        expr: str,
+        payload: bytes,
+        *,
+        start: datetime | None = None,
+        until: datetime | None = None,
+        tz: str = "UTC",
+        misfire: str = "one",
+        priority: str | None = None,
+    ) -> ScheduleRecord:
+        """Declare (or update) the schedule ``name``: a job with ``payload`` at every
+        fire time of the cron expression ``expr`` (5 fields, or 6 with the seconds
+        last) in time zone ``tz``, from ``start`` to ``until`` (aware datetimes).
+
+        Declaring the same settings again changes nothing; changed settings replace the
+        old ones at once. Exactly one job per fire time whatever the number of workers.
+        ``misfire`` (one, all, skip) says what happens to fires missed while no worker
+        ran. Bad input is a ValueError and writes nothing."""
+        spec = Spec.cron(
+            name, expr, self._schedule_payload(payload), self._schedule_priority(priority),
+            start=start, until=until, tz=tz, misfire=misfire,
+        )  # fmt: skip
+        return self.schedule_ledger.declare(self.task_id, spec, self.clock())[0]
+
+    def schedule_every(
+        self,
+        name: str,
+        every: float | timedelta,
+        payload: bytes,
+        *,
+        start: datetime | None = None,
+        until: datetime | None = None,
+        misfire: str = "one",
+        priority: str | None = None,
+    ) -> ScheduleRecord:
+        """Declare (or update) the schedule ``name``: a job every ``every`` seconds
+        (or timedelta), counted from ``start`` (default: the Unix epoch, so 3600 fires
+        on the hour). Otherwise as :meth:`schedule_cron`."""
+        spec = Spec.every(
+            name, every, self._schedule_payload(payload), self._schedule_priority(priority),
+            start=start, until=until, misfire=misfire,
+        )  # fmt: skip
+        return self.schedule_ledger.declare(self.task_id, spec, self.clock())[0]
+
+    def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name``; False if there was none. Jobs it already made
+        stay."""
+        return self.schedule_ledger.remove(self.task_id, check_name(name))
+
+    def schedules(self) -> list[ScheduleRecord]:
+        """This task's schedules, by name."""
+        return self.schedule_ledger.all(self.task_id)
+
+    def next_fires(self, name: str, n: int = 5) -> list[datetime]:
+        """The next ``n`` fire times of the schedule ``name`` (fewer when ``until``
+        comes first; none once it is finished)."""
+        config.positive_int(n, "n")
+        rec = self.schedule_ledger.get(self.task_id, check_name(name))
+        if rec is None:
+            raise ScheduleNotFoundError(f"task {self.task_id!r} has no schedule {name!r}")
+        return next_fires(rec, n)
+
+    def _schedule_payload(self, payload: bytes) -> bytes:
+        return self._check_payloads([payload])[0]
+
+    def _schedule_priority(self, priority: str | None) -> str:
+        if priority is None:
+            return self.default_priority
+        return config.check_priority(priority, self.options.priorities)
+
     # -- consuming --------------------------------------------------------------------
 
     @property
@@ -380,8 +459,17 @@ class Task:
             self._promoter = Promoter(self.transport, self.clock, self.options.promote_interval)
         return self._promoter
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """This task's scheduler of cron and periodic schedules
+        (``task.scheduler.run_once()``)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.schedule_ledger, self.dispatcher, self.clock)
+        return self._scheduler
+
     def start(self) -> None:
-        """Start the consumers, the reaper and the promoter in background threads."""
+        """Start the consumers, the reaper, the promoter and the scheduler in background
+        threads."""
         if self.job_func is None:
             raise ConfigError(f"task {self.task_id!r} has no job_func: it can push but not consume")
         with self._state_lock:
@@ -395,6 +483,7 @@ class Task:
             self._consumer.start()
             self.reaper.start()
             self.promoter.start()
+            self.scheduler.start()
             log.info(
                 "task %s: %d consumer(s) started on %s and %s",
                 self.task_id,
@@ -419,6 +508,8 @@ class Task:
             self._reaper.stop()
         if self._promoter is not None:
             self._promoter.stop()
+        if self._scheduler is not None:
+            self._scheduler.stop()
         self._stopped.set()
         return clean
 

@@ -19,6 +19,7 @@ TIMEOUT = 180
 KEY_LINES = {
     "quickstart": "quickstart finished in",
     "auto_commit": "auto_commit: 100 jobs finished",
+    "cron": "one job per fire time",
     "delayed": "delayed: every job ran on time, in priority order, exactly as planned",
     "manual_commit": "manual_commit: 100 jobs finished",
     "transactional_push": "transactional_push: 3 committed jobs ran, rolled-back jobs ran: 0",
@@ -63,6 +64,12 @@ def test_quickstart_on_the_embedded_default_twice(tmp_path: Path) -> None:
         assert "failed_times=1" in out  # the retried failure and the reaped zombie
         assert "re-queued" in out  # the reaper's own report of the zombie
         assert "is stale" in out  # the late commit was fenced off
+
+
+@needs_redis_server
+def test_cron_on_the_embedded_default(tmp_path: Path) -> None:
+    out = run_example("cron", tmp_path)
+    assert "schedule heartbeat: every '2'" in out
 
 
 @pytest.mark.parametrize("name", sorted(KEY_LINES))

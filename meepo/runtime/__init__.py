@@ -1,7 +1,9 @@
-"""The runtime: consumers, heartbeats, reaper and promoter, each a small threaded service."""
+"""The runtime: consumers, heartbeats, reaper, promoter and
+scheduler, each a small threaded service."""
 
 from .consumer import Consumer, Counters, Handler
 from .promoter import Promoter
 from .reaper import Reaper, ReapReport
+from .scheduler import Scheduler
 
-__all__ = ["Consumer", "Counters", "Handler", "Promoter", "ReapReport", "Reaper"]
+__all__ = ["Consumer", "Counters", "Handler", "Promoter", "ReapReport", "Reaper", "Scheduler"]

@@ -1,0 +1,153 @@
+"""The scheduler: turns due cron and periodic schedules into jobs.
+
+Every process that runs consumers runs one per task (no separate beat process). A pass
+(:meth:`Scheduler.run_once`) reads the task's schedules whose ``next_fire_at`` has come
+and, for each, in ONE transaction: moves ``next_fire_at`` on with a compare-and-set and,
+only if that UPDATE matched, inserts the jobs (``run_at`` = their fire times). The
+messages are sent after the commit. However many schedulers race, each fire time gives
+exactly one job: the losers' compare-and-set matches no row and they insert nothing.
+
+Between passes the thread sleeps until the next fire is due, at most ``poll`` seconds
+(0.5 s), re-reading the table each time, so a schedule declared or changed in another
+process takes effect within half a second. A schedule whose stored row cannot be read
+(edited by hand into something invalid) is logged and left alone; the scheduler never
+dies of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from ..dispatch import Dispatcher
+from ..errors import MeepoError
+from ..ledger.schedules import Schedules, spec_of
+from ..records import Message, NewJob, ScheduleRecord
+from ..schedule import DEFAULT_MISFIRE_GRACE, MAX_FIRES_PER_PASS, plan
+from .consumer import Backoff
+
+log = logging.getLogger("meepo.scheduler")
+
+#: Most schedules read per pass (the rest follow in the next pass, at once).
+DUE_BATCH = 100
+
+
+class Scheduler:
+    def __init__(
+        self,
+        schedules: Schedules,
+        dispatcher: Dispatcher,
+        clock: Callable[[], datetime],
+        *,
+        poll: float = 0.5,
+        grace: float = DEFAULT_MISFIRE_GRACE,
+    ) -> None:
+        self.schedules = schedules
+        self.dispatcher = dispatcher
+        self.task_id = dispatcher.task_id
+        self.clock = clock
+        self.poll = poll
+        #: Seconds after its fire time within which a fire counts as on time.
+        self.grace = grace
+        #: Jobs this scheduler inserted (fires it won).
+        self.fired = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bad: set[tuple[str, datetime]] = set()
+
+    # -- one pass ---------------------------------------------------------------------
+
+    def run_once(self) -> tuple[int, bool]:
+        """Fire what is due now; returns (jobs inserted by this scheduler, whether more
+        may be due at once)."""
+        now = self.clock()
+        made = 0
+        more = False
+        rows = self.schedules.due(self.task_id, now, DUE_BATCH)
+        for rec in rows:
+            n, again = self._fire(rec, now)
+            made += n
+            more = more or again
+        return made, more or len(rows) >= DUE_BATCH
+
+    def _fire(self, rec: ScheduleRecord, now: datetime) -> tuple[int, bool]:
+        assert rec.next_fire_at is not None
+        try:
+            spec = spec_of(rec).check()
+            p = plan(spec, rec.next_fire_at, now, self.grace, MAX_FIRES_PER_PASS)
+        except ValueError as exc:
+            key = (rec.name, rec.updated_at)
+            if key not in self._bad:
+                self._bad.add(key)
+                log.error(
+                    "task %s: schedule %r cannot fire (%s); declare it again to fix it",
+                    self.task_id,
+                    rec.name,
+                    exc,
+                )
+            return 0, False
+        jobs = [NewJob(rec.payload, f, rec.priority) for f in p.fires]
+        messages: list[Message] = []
+        with self.schedules.begin() as conn:
+            last = p.fires[-1] if p.fires else None
+            if not self.schedules.advance(conn, rec, p.next_fire_at, last, now):
+                return 0, False  # another scheduler fired it (or it was redeclared)
+            if jobs:
+                _, messages = self.dispatcher.insert(jobs, conn)
+        self.dispatcher.send(messages)
+        self.fired += len(jobs)
+        if p.skipped:
+            log.info(
+                "task %s: schedule %r skipped missed fire(s) before %s (misfire=skip)",
+                self.task_id,
+                rec.name,
+                p.next_fire_at.isoformat() if p.next_fire_at else "its end",
+            )
+        if jobs:
+            log.debug("task %s: schedule %r fired %d job(s)", self.task_id, rec.name, len(jobs))
+        return len(jobs), p.next_fire_at is not None and p.next_fire_at <= now
+
+    # -- the thread -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"meepo-{self.task_id}-scheduler", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def _loop(self) -> None:
+        backoff = Backoff(first=self.poll, cap=5.0)
+        while not self._stop.is_set():
+            try:
+                _, more = self.run_once()
+                if more:
+                    continue
+                nxt = self.schedules.next_due(self.task_id)
+                backoff.reset()
+            except MeepoError as exc:
+                log.warning("task %s: scheduler pass failed: %s", self.task_id, exc)
+                backoff.wait(self._stop)
+                continue
+            except Exception:  # never let the scheduler die silently
+                log.exception("task %s: scheduler crashed (retrying)", self.task_id)
+                backoff.wait(self._stop)
+                continue
+            wait = self.poll
+            if nxt is not None:
+                wait = min(wait, (nxt - self.clock()).total_seconds())
+            self._stop.wait(max(wait, 0.001))
