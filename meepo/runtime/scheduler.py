@@ -17,16 +17,14 @@ dies of it.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from ..dispatch import Dispatcher
-from ..errors import MeepoError
 from ..ledger.schedules import Schedules, spec_of
 from ..records import Message, NewJob, ScheduleRecord
 from ..schedule import DEFAULT_MISFIRE_GRACE, MAX_FIRES_PER_PASS, plan
-from .consumer import Backoff
+from .service import Service
 
 log = logging.getLogger("meepo.scheduler")
 
@@ -34,7 +32,9 @@ log = logging.getLogger("meepo.scheduler")
 DUE_BATCH = 100
 
 
-class Scheduler:
+class Scheduler(Service):
+    kind = "scheduler"
+
     def __init__(
         self,
         schedules: Schedules,
@@ -44,17 +44,15 @@ class Scheduler:
         poll: float = 0.5,
         grace: float = DEFAULT_MISFIRE_GRACE,
     ) -> None:
+        super().__init__(dispatcher.task_id, log, poll)
         self.schedules = schedules
         self.dispatcher = dispatcher
-        self.task_id = dispatcher.task_id
         self.clock = clock
         self.poll = poll
         #: Seconds after its fire time within which a fire counts as on time.
         self.grace = grace
         #: Jobs this scheduler inserted (fires it won).
         self.fired = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._bad: set[tuple[str, datetime]] = set()
 
     # -- one pass ---------------------------------------------------------------------
@@ -111,43 +109,12 @@ class Scheduler:
 
     # -- the thread -------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"meepo-{self.task_id}-scheduler", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-            self._thread = None
-
-    def _loop(self) -> None:
-        backoff = Backoff(first=self.poll, cap=5.0)
-        while not self._stop.is_set():
-            try:
-                _, more = self.run_once()
-                if more:
-                    continue
-                nxt = self.schedules.next_due(self.task_id)
-                backoff.reset()
-            except MeepoError as exc:
-                log.warning("task %s: scheduler pass failed: %s", self.task_id, exc)
-                backoff.wait(self._stop)
-                continue
-            except Exception:  # never let the scheduler die silently
-                log.exception("task %s: scheduler crashed (retrying)", self.task_id)
-                backoff.wait(self._stop)
-                continue
-            wait = self.poll
-            if nxt is not None:
-                wait = min(wait, (nxt - self.clock()).total_seconds())
-            self._stop.wait(max(wait, 0.001))
+    def tick(self) -> float:
+        _, more = self.run_once()
+        if more:
+            return 0.0
+        nxt = self.schedules.next_due(self.task_id)
+        wait = self.poll
+        if nxt is not None:
+            wait = min(wait, (nxt - self.clock()).total_seconds())
+        return max(wait, 0.001)
