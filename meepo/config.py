@@ -118,6 +118,7 @@ class Options:
     shutdown_grace: float = 30.0
     poll_interval: float = 0.5
     max_payload_bytes: int = 1024 * 1024
+    job_timeout: float | None = None  # seconds a handler may run; None: no limit
 
     @property
     def heartbeat_interval(self) -> float:

@@ -75,6 +75,7 @@ class Task:
         shutdown_grace: float | timedelta = 30.0,
         poll_interval: float | timedelta = 0.5,
         max_payload_bytes: int = 1024 * 1024,
+        job_timeout: float | timedelta | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.task_id = config.check_task_id(task_id)
@@ -101,6 +102,7 @@ class Task:
             shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
             poll_interval=config.seconds(poll_interval, "poll_interval"),
             max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),
+            job_timeout=None if job_timeout is None else config.seconds(job_timeout, "job_timeout"),
         )
         self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
         if list_name_prefix is None:
