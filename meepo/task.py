@@ -22,14 +22,16 @@ from .errors import (
     CommitModeError,
     ConfigError,
     JobNotFoundError,
+    MeepoError,
     NotRunningHereError,
     PayloadError,
     StaleCommitError,
+    UnavailableError,
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
 from .records import Job, JobRecord, Status
-from .runtime import Consumer, Reaper
+from .runtime import Consumer, Reaper, startup
 from .transport import Transport
 
 log = logging.getLogger("meepo")
@@ -122,8 +124,18 @@ class Task:
         self._reaper: Reaper | None = None
         self._stopped = threading.Event()
         self._state_lock = threading.Lock()
+        self._starter: threading.Thread | None = None  # start() waiting for the database
+        self._start_error: MeepoError | None = None
+        self._migrate_at_start = False
         if init_db:
-            self.migrate()
+            try:
+                self.migrate()
+            except UnavailableError as exc:
+                if job_func is None:
+                    raise
+                # A worker must survive a database that is down at start: migrate then.
+                log.warning("task %s: cannot migrate now (%s); will at start", task_id, exc)
+                self._migrate_at_start = True
 
     def __repr__(self) -> str:
         return (
@@ -292,18 +304,55 @@ class Task:
         with self._state_lock:
             if self._consumer is not None and self._consumer.running:
                 return
-            migrations.check(self.engine, self.table_name)
+            if self._starter is not None and self._starter.is_alive():
+                return
             self._stopped.clear()
-            self._consumer = Consumer(self.dispatcher, self.options, self.job_func, self.clock)
-            self._consumer.start()
-            self.reaper.start()
-            log.info(
-                "task %s: %d consumer(s) started on %s and %s",
-                self.task_id,
-                self.options.parallel_num,
-                mask_url(self.ledger.url),
-                self.transport.where,
-            )
+            self._start_error = None
+            try:
+                self._check_ledger()
+            except UnavailableError as exc:
+                # The database is down: wait for it in the background, then start.
+                self._starter = threading.Thread(
+                    target=self._start_later,
+                    args=(exc,),
+                    name=f"meepo-{self.task_id}-starter",
+                    daemon=True,
+                )
+                self._starter.start()
+                return
+            self._start_consumers()
+
+    def _check_ledger(self) -> None:
+        if self._migrate_at_start:
+            self.migrate()
+            self._migrate_at_start = False
+        migrations.check(self.engine, self.table_name)
+
+    def _start_later(self, first: UnavailableError) -> None:
+        try:
+            ready = startup.wait_until_ready(self._check_ledger, self._stopped, self.task_id, first)
+        except MeepoError as exc:
+            log.error("task %s: cannot start: %s", self.task_id, exc)
+            self._start_error = exc
+            self._stopped.set()
+            return
+        with self._state_lock:
+            if ready and not self._stopped.is_set():
+                log.warning("task %s: the database is reachable, starting", self.task_id)
+                self._start_consumers()
+
+    def _start_consumers(self) -> None:
+        assert self.job_func is not None
+        self._consumer = Consumer(self.dispatcher, self.options, self.job_func, self.clock)
+        self._consumer.start()
+        self.reaper.start()
+        log.info(
+            "task %s: %d consumer(s) started on %s and %s",
+            self.task_id,
+            self.options.parallel_num,
+            mask_url(self.ledger.url),
+            self.transport.where,
+        )
 
     def stop(self, wait: bool = True, grace: float | None = None) -> bool:
         """Stop consuming. With ``wait``, running jobs get ``grace`` seconds
@@ -335,6 +384,8 @@ class Task:
         finally:
             for sig, old in restore.items():
                 signal.signal(sig, old)
+        if self._start_error is not None:  # e.g. SchemaError once the database answered
+            raise self._start_error
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
