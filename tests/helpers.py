@@ -69,10 +69,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port (no persistence), stopped by pid."""
+    """A throwaway redis-server on a free loopback port (no persistence unless ``args``
+    say otherwise), stopped by pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *args: str) -> None:
         self.workdir = workdir
+        self.args = args  # more redis-server options, e.g. "--maxmemory-policy", "allkeys-lru"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -90,6 +92,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.workdir),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

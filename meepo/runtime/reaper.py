@@ -33,6 +33,7 @@ from ..dispatch import Dispatcher
 from ..errors import MeepoError
 from ..ledger import CHUNK, NEVER_DISPATCHED
 from .consumer import Backoff
+from .redis_check import check_redis_config
 
 log = logging.getLogger("meepo.reaper")
 
@@ -180,8 +181,11 @@ class Reaper:
 
     def _loop(self) -> None:
         backoff = Backoff(first=self.opts.poll_interval, cap=10.0)
+        checked = False
         while not self._stop.is_set():
             try:
+                if not checked:  # once Redis answers (it may be down at start)
+                    checked = check_redis_config(self.d.transport, self.opts.zombie_timeout)
                 self.run_once()
                 backoff.reset()
                 self._stop.wait(self.opts.poll_interval)
