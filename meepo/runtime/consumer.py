@@ -387,6 +387,8 @@ class Consumer:
                 self._timed_out.discard((job.id, job.commit_id))
                 if slot in self._abandoned:
                     self._abandoned.remove(slot)
+            else:
+                self.counters.finished += 1
         if abandoned:
             log.warning(
                 "task %s: job %d: its handler returned %.1fs after it started, past the "
@@ -398,7 +400,6 @@ class Consumer:
                 self.opts.job_timeout,
             )
             return False
-        self.counters.finished += 1
         if self.opts.auto_commit:
             self._commits.put(_Commit(self._auto_outcome(job, error)))
             return True
@@ -468,8 +469,9 @@ class Consumer:
             alive = sum(1 for s in self._abandoned if s.thread is not None and s.thread.is_alive())
         error = f"JobTimeout: timed out after {timeout:g}s (job_timeout)"
         for job in expired:
-            self.counters.timed_out += 1
-            self.counters.finished += 1
+            with self._lock:
+                self.counters.timed_out += 1
+                self.counters.finished += 1
             failed = self._fail_now(job, error)
             log.warning(
                 "task %s: job %d timed out after %gs; %s; its handler thread is abandoned "
@@ -567,6 +569,20 @@ class Consumer:
                 return
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
+        # Two commits of one claim in a batch (a manual commit racing the job timeout):
+        # the first one is sent, the later ones are stale.
+        seen: set[Pair] = set()
+        first: list[_Commit] = []
+        dupes: list[_Commit] = []
+        for c in batch:
+            pair = (c.outcome.job_id, c.outcome.commit_id)
+            (dupes if pair in seen else first).append(c)
+            seen.add(pair)
+        batch = first
+        for c in dupes:
+            self.counters.stale += 1
+            if c.future is not None:
+                c.future.set_result(False)
         outcomes = [c.outcome for c in batch]
         backoff = Backoff()
         won: set[Pair] | None = None
