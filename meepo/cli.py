@@ -24,14 +24,17 @@ that needs ``meepo db upgrade``). Never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn, TextIO
 
@@ -40,6 +43,7 @@ from .admin import Admin, DbState, RepushResult, TaskSummary, record_dict, sched
 from .config import DB_ENV, REDIS_ENV, mask_url
 from .errors import ConfigError, MeepoError
 from .records import Status
+from .runtime.recycle import Recycler, exec_again
 from .task import Task
 
 PROG = "meepo"
@@ -74,6 +78,16 @@ def _positive(text: str) -> int:
     if not re.fullmatch(r"\d{1,9}", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
 
 
 def _repush_status(text: str) -> Status:
@@ -186,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", metavar="MODULE:ATTR")
     p.add_argument("--parallel", type=_positive, metavar="N", help="override parallel_num")
+    p.add_argument(
+        "--job-timeout",
+        type=_seconds,
+        metavar="S",
+        help="override job_timeout: a handler running longer than S seconds is a failed attempt",
+    )
+    p.add_argument(
+        "--max-jobs",
+        type=_positive,
+        metavar="N",
+        help="after N jobs, finish the running ones and restart the process (same pid)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_positive,
+        metavar="MB",
+        help="once resident memory exceeds MB after a job, finish and restart the process",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser(
@@ -337,8 +369,52 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # prefetch follows parallel_num unless the Task set it apart.
         prefetch = args.parallel if opts.prefetch == opts.parallel_num else opts.prefetch
         task.options = dataclasses.replace(opts, parallel_num=args.parallel, prefetch=prefetch)
-    task.run()
-    return 0
+    if args.job_timeout is not None:
+        task.options = dataclasses.replace(task.options, job_timeout=args.job_timeout)
+    if args.max_jobs is None and args.max_memory is None:
+        task.run()
+        return 0
+    recycler = Recycler(task, args.max_jobs, args.max_memory)
+    with _signals_seen() as seen:
+        try:
+            recycler.start()
+            task.run()
+        finally:
+            recycler.close()
+    if recycler.reason is None or seen():
+        return 0  # stopped by a signal (even one during the recycle): exit
+    exec_again(getattr(args, "argv", None))
+    return 0  # not reached
+
+
+@contextlib.contextmanager
+def _signals_seen() -> Iterator[Callable[[], bool]]:
+    """Whether SIGINT or SIGTERM arrived meanwhile, whoever handled it: Python writes
+    the number of every signal it handles to the wakeup fd."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    old = signal.set_wakeup_fd(write_fd)
+    got = bytearray()
+    is_open = [True]
+
+    def seen() -> bool:
+        if is_open[0]:
+            with contextlib.suppress(BlockingIOError):
+                got.extend(os.read(read_fd, 256))
+        return signal.SIGINT in got or signal.SIGTERM in got
+
+    try:
+        yield seen
+    finally:
+        seen()
+        is_open[0] = False
+        signal.set_wakeup_fd(old)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 class ProgressBar:
@@ -648,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     func: Callable[[argparse.Namespace], int] = args.func
+    args.argv = None if argv is None else list(argv)  # a recycled worker runs it again
     restore = _logging(bool(getattr(args, "verbose", False)), args.command == "worker")
     try:
         return func(args)

@@ -254,6 +254,7 @@ class Options:
     max_payload_bytes: int = 1024 * 1024
     priorities: tuple[str, ...] = DEFAULT_PRIORITIES
     promote_interval: float = 0.05
+    job_timeout: float | None = None  # seconds a handler may run; None: no limit
 
     @property
     def heartbeat_interval(self) -> float:

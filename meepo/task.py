@@ -23,16 +23,18 @@ from .errors import (
     CommitModeError,
     ConfigError,
     JobNotFoundError,
+    MeepoError,
     NotRunningHereError,
     PayloadError,
     ScheduleNotFoundError,
     StaleCommitError,
+    UnavailableError,
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
 from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
-from .runtime import Consumer, Promoter, Reaper, Scheduler
+from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
 from .transport import Transport
 
@@ -83,6 +85,7 @@ class Task:
         default_priority: str | None = None,
         retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
         promote_interval: float | timedelta = 0.05,
+        job_timeout: float | timedelta | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.task_id = config.check_task_id(task_id)
@@ -119,6 +122,7 @@ class Task:
             max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),
             priorities=prios,
             promote_interval=config.seconds(promote_interval, "promote_interval"),
+            job_timeout=None if job_timeout is None else config.seconds(job_timeout, "job_timeout"),
         )
         self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
         if list_name_prefix is None:
@@ -143,8 +147,18 @@ class Task:
         self.schedule_ledger = Schedules(self.engine, self.table_name)
         self._stopped = threading.Event()
         self._state_lock = threading.Lock()
+        self._starter: threading.Thread | None = None  # start() waiting for the database
+        self._start_error: MeepoError | None = None
+        self._migrate_at_start = False
         if init_db:
-            self.migrate()
+            try:
+                self.migrate()
+            except UnavailableError as exc:
+                if job_func is None:
+                    raise
+                # A worker must survive a database that is down at start: migrate then.
+                log.warning("task %s: cannot migrate now (%s); will at start", task_id, exc)
+                self._migrate_at_start = True
 
     def __repr__(self) -> str:
         return (
@@ -475,22 +489,59 @@ class Task:
         with self._state_lock:
             if self._consumer is not None and self._consumer.running:
                 return
-            migrations.check(self.engine, self.table_name)
+            if self._starter is not None and self._starter.is_alive():
+                return
             self._stopped.clear()
-            self._consumer = Consumer(
-                self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
-            )
-            self._consumer.start()
-            self.reaper.start()
-            self.promoter.start()
-            self.scheduler.start()
-            log.info(
-                "task %s: %d consumer(s) started on %s and %s",
-                self.task_id,
-                self.options.parallel_num,
-                mask_url(self.ledger.url),
-                self.transport.where,
-            )
+            self._start_error = None
+            try:
+                self._check_ledger()
+            except UnavailableError as exc:
+                # The database is down: wait for it in the background, then start.
+                self._starter = threading.Thread(
+                    target=self._start_later,
+                    args=(exc,),
+                    name=f"meepo-{self.task_id}-starter",
+                    daemon=True,
+                )
+                self._starter.start()
+                return
+            self._start_consumers()
+
+    def _check_ledger(self) -> None:
+        if self._migrate_at_start:
+            self.migrate()
+            self._migrate_at_start = False
+        migrations.check(self.engine, self.table_name)
+
+    def _start_later(self, first: UnavailableError) -> None:
+        try:
+            ready = startup.wait_until_ready(self._check_ledger, self._stopped, self.task_id, first)
+        except MeepoError as exc:
+            log.error("task %s: cannot start: %s", self.task_id, exc)
+            self._start_error = exc
+            self._stopped.set()
+            return
+        with self._state_lock:
+            if ready and not self._stopped.is_set():
+                log.warning("task %s: the database is reachable, starting", self.task_id)
+                self._start_consumers()
+
+    def _start_consumers(self) -> None:
+        assert self.job_func is not None
+        self._consumer = Consumer(
+            self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
+        )
+        self._consumer.start()
+        self.reaper.start()
+        self.promoter.start()
+        self.scheduler.start()
+        log.info(
+            "task %s: %d consumer(s) started on %s and %s",
+            self.task_id,
+            self.options.parallel_num,
+            mask_url(self.ledger.url),
+            self.transport.where,
+        )
 
     def stop(self, wait: bool = True, grace: float | None = None) -> bool:
         """Stop consuming. With ``wait``, running jobs get ``grace`` seconds
@@ -526,6 +577,8 @@ class Task:
         finally:
             for sig, old in restore.items():
                 signal.signal(sig, old)
+        if self._start_error is not None:  # e.g. SchemaError once the database answered
+            raise self._start_error
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():

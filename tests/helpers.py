@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -67,10 +69,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port (no persistence), stopped by pid."""
+    """A throwaway redis-server on a free loopback port (no persistence unless ``args``
+    say otherwise), stopped by pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *args: str) -> None:
         self.workdir = workdir
+        self.args = args  # more redis-server options, e.g. "--maxmemory-policy", "allkeys-lru"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -88,6 +92,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.workdir),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -113,6 +118,111 @@ class RedisServer:
         """Stop and start again on the same port: all data is gone."""
         self.stop()
         self.start()
+
+
+class TcpProxy:
+    """A TCP forwarder from a loopback port to a real server, for outages.
+
+    ``close()`` resets every open connection and every new one at once, as a server
+    that went away would look to its clients; ``open()`` forwards again. It starts
+    closed. The port stays bound from construction to ``stop()``, so that no other
+    process (tests run in parallel) can take it during an outage. ``url(real_url)`` is a
+    SQLAlchemy URL ``real_url`` rewritten to go through the proxy.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._up = False
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def to(cls, url: str) -> TcpProxy:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        return cls(u.host or "127.0.0.1", int(u.port or 0))
+
+    def url(self, url: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).set(host="127.0.0.1", port=self.port).render_as_string(False)
+
+    def open(self) -> TcpProxy:
+        with self._lock:
+            self._up = True
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._up = False
+            conns, self._conns = self._conns, set()
+        for c in conns:
+            _reset(c)
+
+    def stop(self) -> None:
+        self.close()
+        self._stopped.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                up = self._up
+            if not up:
+                _reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                if not self._up:
+                    _reset(client)
+                    _reset(upstream)
+                    continue
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    _reset(src)
+    _reset(dst)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), so the peer sees the connection die."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _ping(client: redis.Redis) -> bool:

@@ -78,6 +78,10 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["worker", "nocolon"], "expected MODULE:ATTR"),
         (["worker", "nosuch_mod_zq81:task"], "no module named 'nosuch_mod_zq81'"),
         (["worker", "app:task", "--parallel", "0"], "--parallel"),
+        (["worker", "app:task", "--job-timeout", "soon"], "--job-timeout"),
+        (["worker", "app:task", "--job-timeout", "0"], "positive number of seconds"),
+        (["worker", "app:task", "--max-jobs", "0"], "--max-jobs"),
+        (["worker", "app:task", "--max-memory", "lots"], "--max-memory"),
         (["stats", "--nope"], "unrecognized arguments: --nope"),
     ],
 )

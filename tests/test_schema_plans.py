@@ -4,8 +4,8 @@ The statements are the ledger's own: each transition is run once through
 meepo.ledger.Ledger on a filled table while the SQL it sends is recorded, and every
 recorded SELECT/UPDATE is then EXPLAINed (EXPLAIN QUERY PLAN on SQLite) after ANALYZE.
 
-* id-based statements (claim, heartbeat, finish, reap, the sweep's re-claim) use the
-  primary key;
+* id-based statements (claim, heartbeat, finish, reap, the sweep's re-claim, and the
+  row locks the reaper and the sweep take on their candidates) use the primary key;
 * the reaper's expired-lease SELECT, the sweep SELECT (one cutoff, or one per
   priority) and the recovery's todo_page use the
   ``(task_id, status, expires_at)`` index - a range that never reads finished rows.
@@ -291,8 +291,13 @@ def access(conn: Connection, table: str, sql: str, params: Any) -> Access:
     return explain[conn.dialect.name](conn, table, sql, params)
 
 
+#: A SELECT by primary key: the reaper's and the sweep's row locks (FOR UPDATE SKIP
+#: LOCKED on the candidates the task-index SELECT found).
+BY_ID = re.compile(r"\bWHERE\s+(\w+\.)?id\s+IN\b", re.IGNORECASE)
+
+
 def expected_index(table: str, label: str, sql: str) -> str:
-    if sql.lstrip().upper().startswith("UPDATE") or label in ID_SELECTS:
+    if sql.lstrip().upper().startswith("UPDATE") or label in ID_SELECTS or BY_ID.search(sql):
         return "pk"
     return f"ix_{table}_task_status_expires"
 

@@ -611,10 +611,63 @@ class Ledger:
                     },
                 )
             )
-        won = self._transition(groups)
+        won = self._transition_unlocked(groups, Status.DOING)
         prio = {z.id: z.priority for z in zombies}
         requeued = [Message(i, c + 1, prio[i]) for i, c in requeue if (i, c) in won]
         return requeued, len(won) - len(requeued)
+
+    def _transition_unlocked(
+        self,
+        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
+        status: Status,
+    ) -> set[Pair]:
+        """The reaper's and the sweep's compare-and-set: like :meth:`_transition`, but
+        rows locked by another transaction are skipped, never waited for.
+
+        In one transaction, the candidates still current in ``status`` are locked with
+        ``SELECT … FOR UPDATE SKIP LOCKED`` by primary key (MariaDB/MySQL, PostgreSQL;
+        record locks only, no gap locks), and only those are updated. A consumer frozen
+        inside its claim transaction (SIGSTOP between its ``FOR UPDATE`` and its commit)
+        then delays its own rows only, not every other zombie of the task. SQLite has no
+        row locks: its ``BEGIN IMMEDIATE`` write lock makes the transaction atomic.
+        """
+        groups = [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
+        if not groups:
+            return set()
+        t = self.table
+        # InnoDB locks every row a statement scans, and on a small table it prefers a
+        # full scan to a range of primary keys: force the primary key, so that both
+        # statements touch only the rows they name.
+        pk = "FORCE INDEX (PRIMARY)"
+        ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
+        won: set[Pair] = set()
+        with self.begin() as conn:
+            current: set[Pair] = set()
+            for i in range(0, len(ids), CHUNK):
+                current.update(
+                    (r.id, r.commit_id)
+                    for r in conn.execute(
+                        select(t.c.id, t.c.commit_id)
+                        .with_hint(t, pk, "mysql")
+                        .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+            for pairs, statuses, values in groups:
+                mine = [p for p in pairs if p in current]
+                cond = t.c.status.in_([s.value for s in statuses])
+                for i in range(0, len(mine), CHUNK):
+                    chunk = mine[i : i + CHUNK]
+                    stmt = (
+                        update(t)
+                        .with_hint(pk, dialect_name="mysql")
+                        .where(self._pairs_where(chunk), cond)
+                        .values(commit_id=t.c.commit_id + 1, **values)
+                    )
+                    if conn.execute(stmt).rowcount != len(chunk):  # we hold their locks
+                        raise RuntimeError("a locked row changed under its lock")
+                    won.update(chunk)
+        return won
 
     def dispatch_deadlines(self, pairs: Sequence[Pair]) -> dict[Pair, datetime]:
         """The dispatch deadline of each todo row whose current claim is in ``pairs``."""
@@ -676,9 +729,8 @@ class Ledger:
             ).all()
         pairs = [(r.id, r.commit_id) for r in rows]
         prio = {r.id: r.priority for r in rows}
-        won = self._transition(
-            [(pairs, [Status.TODO], {"updated_at": now, "expires_at": now + redispatch_timeout})]
-        )
+        values = {"updated_at": now, "expires_at": now + redispatch_timeout}
+        won = self._transition_unlocked([(pairs, [Status.TODO], values)], Status.TODO)
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
     def todo_page(

@@ -14,6 +14,8 @@ per-job compare-and-set on ``commit_id`` (see :mod:`meepo.ledger.ledger`).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import logging
 import queue
 import socket
@@ -74,6 +76,28 @@ class _Commit:
     future: Future[bool] | None = None
 
 
+def did_no_work(result: object) -> str | None:
+    """Why a handler's return value shows that it did not run the job, or None.
+
+    Any ordinary value means done. A coroutine, generator or other awaitable means the
+    body never ran (typically an ``async def`` handler): that is a failed attempt. A
+    coroutine or generator is closed, so Python does not warn that it was never awaited.
+    """
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        kind = "a coroutine" if inspect.iscoroutine(result) else "a generator"
+        result.close()
+    elif inspect.isasyncgen(result):
+        kind = "an async generator"
+    elif inspect.isawaitable(result):
+        kind = f"an awaitable ({type(result).__name__})"
+    else:
+        return None
+    return (
+        f"HandlerError: the handler returned {kind} instead of running the job (an async "
+        "def or a yield in the handler?); meepo calls handlers as plain functions in threads"
+    )
+
+
 @dataclass
 class Counters:
     claimed: int = 0
@@ -82,6 +106,18 @@ class Counters:
     failed: int = 0
     stale: int = 0
     dropped: int = 0
+    finished: int = 0  # handler runs that ended: returned, raised or timed out
+    timed_out: int = 0  # handler runs that outlived job_timeout (their threads abandoned)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One executor thread and the job it runs (for job_timeout)."""
+
+    thread: threading.Thread | None = None
+    job: Job | None = None
+    started: float = 0.0
+    abandoned: bool = False
 
 
 class Consumer:
@@ -116,10 +152,19 @@ class Consumer:
         self._stop_hb = threading.Event()
         self._abandon = threading.Event()  # committer: stop retrying a dead database
         self._fetcher: threading.Thread | None = None
-        self._executors: list[threading.Thread] = []
+        self._slots: list[_Slot] = []  # the live executors (not the abandoned ones)
+        self._abandoned: list[_Slot] = []  # timed out, their handler still running
+        self._timed_out: set[Pair] = set()  # claims failed by the timeout, handler running
+        self._stopping = False
+        self._seq = itertools.count()
+        self._stop_watch = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self._committer: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self.running = False
+        #: Abandoned handler threads still running above this number are logged as an
+        #: error on every new timeout: hung handlers are piling up threads.
+        self.abandoned_bound = options.parallel_num
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -134,13 +179,35 @@ class Consumer:
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop, name=f"{name}-heartbeat", daemon=True
         )
-        self._executors = [
-            threading.Thread(target=self._exec_loop, name=f"{name}-exec-{i}", daemon=True)
-            for i in range(self.opts.parallel_num)
-        ]
+        self._slots = [self._new_slot() for _ in range(self.opts.parallel_num)]
         self._fetcher = threading.Thread(target=self._fetch_loop, name=f"{name}-fetch", daemon=True)
-        for t in [self._committer, self._heartbeat, *self._executors, self._fetcher]:
+        threads = [self._committer, self._heartbeat, self._fetcher]
+        if self.opts.job_timeout is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch_loop, name=f"{name}-watchdog", daemon=True
+            )
+            threads.append(self._watchdog)
+        for s in self._slots:
+            assert s.thread is not None
+            s.thread.start()
+        for t in threads:
             t.start()
+        if inspect.iscoroutinefunction(self.handler):
+            log.warning(
+                "task %s: the handler is an async def function: meepo calls handlers as "
+                "plain functions in threads, so every job will fail without running",
+                self.task_id,
+            )
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot()
+        slot.thread = threading.Thread(
+            target=self._exec_loop,
+            args=(slot,),
+            name=f"meepo-{self.task_id}-exec-{next(self._seq)}",
+            daemon=True,
+        )
+        return slot
 
     def stop(self, grace: float | None = None) -> bool:
         """Graceful stop: no new pops, unstarted claimed jobs go back to the queue,
@@ -160,13 +227,25 @@ class Consumer:
         if self._fetcher is not None:
             self._fetcher.join()
         unstarted += self._drain_work()  # the fetcher's last batch
-        for _ in self._executors:
+        with self._lock:
+            self._stopping = True  # the watchdog replaces no executor from now on
+            slots = list(self._slots)
+        for _ in slots:
             self._work.put(None)
         if unstarted:
             self._release(unstarted)
-        for t in self._executors:
-            t.join(max(0.0, deadline - time.monotonic()))
-        clean = not any(t.is_alive() for t in self._executors)
+
+        def busy(s: _Slot) -> bool:  # a timed-out handler is not waited for
+            return s.thread is not None and s.thread.is_alive() and not s.abandoned
+
+        for s in slots:
+            while busy(s) and time.monotonic() < deadline:
+                assert s.thread is not None
+                s.thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
+        clean = not any(busy(s) for s in slots)
+        self._stop_watch.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5.0)
         if not clean:
             log.warning(
                 "task %s: handlers still running after the %.1fs grace period; their jobs "
@@ -281,26 +360,55 @@ class Consumer:
 
     # -- executors --------------------------------------------------------------------
 
-    def _exec_loop(self) -> None:
+    def _exec_loop(self, slot: _Slot) -> None:
         while True:
             job = self._work.get()
             if job is None:
                 return
-            self._run(job)
+            if not self._run(slot, job):
+                return  # timed out: a fresh executor has taken this one's place
 
-    def _run(self, job: Job) -> None:
+    def _run(self, slot: _Slot, job: Job) -> bool:
+        """Run one job; False if it outlived job_timeout (this thread is then retired)."""
+        with self._lock:
+            slot.job, slot.started = job, time.monotonic()
         self._local.job = job
         error: str | None = None
         try:
-            self.handler(job)
+            error = did_no_work(self.handler(job))
+            if error is not None:
+                log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
             error = error_summary(exc)
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
+        with self._lock:
+            slot.job = None
+            abandoned = slot.abandoned
+            if abandoned:
+                self._timed_out.discard((job.id, job.commit_id))
+                if slot in self._abandoned:
+                    self._abandoned.remove(slot)
+            else:
+                self.counters.finished += 1
+        if abandoned:
+            log.warning(
+                "task %s: job %d: its handler returned %.1fs after it started, past the "
+                "%gs job_timeout; the job was already failed by the timeout, this outcome "
+                "is ignored",
+                self.task_id,
+                job.id,
+                time.monotonic() - slot.started,
+                self.opts.job_timeout,
+            )
+            return False
         if self.opts.auto_commit:
             self._commits.put(_Commit(self._auto_outcome(job, error)))
-            return
+            return True
+        if error is not None and error.startswith("HandlerError:"):
+            self._fail_now(job, error)  # it cannot have committed: it never ran
+            return True
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
             if self._held.get(job.id) == job.commit_id:
                 del self._held[job.id]
@@ -312,6 +420,89 @@ class Consumer:
                     self.task_id,
                     job.id,
                 )
+        return True
+
+    def _fail_now(self, job: Job, error: str) -> bool:
+        """Commit a failed attempt (retry or fail per max_failed_times) for a claim this
+        process still holds; False if it holds it no more (committed, reaped)."""
+        with self._slot:
+            if self._held.get(job.id) != job.commit_id:
+                return False
+            del self._held[job.id]  # no more lease renewals
+            self._slot.notify_all()
+        self._commits.put(_Commit(self._auto_outcome(job, error)))
+        return True
+
+    # -- job timeout ------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        timeout = self.opts.job_timeout or 0.0
+        interval = min(1.0, max(0.05, timeout / 10))
+        while not self._stop_watch.wait(interval):
+            try:
+                self.check_timeouts()
+            except Exception:  # the watchdog must not die silently
+                log.exception("task %s: job timeout check crashed", self.task_id)
+
+    def check_timeouts(self) -> list[Job]:
+        """Fail the jobs whose handler has run past job_timeout; returns them.
+
+        Python cannot stop a thread: the handler's thread is abandoned (whatever it
+        returns or commits later is ignored, its commit_id being stale by then) and a
+        fresh executor thread takes its place."""
+        timeout = self.opts.job_timeout
+        if timeout is None:
+            return []
+        now = time.monotonic()
+        expired: list[Job] = []
+        with self._lock:
+            for slot in list(self._slots):
+                job = slot.job
+                if job is None or slot.abandoned or now - slot.started < timeout:
+                    continue
+                slot.abandoned = True
+                expired.append(job)
+                self._timed_out.add((job.id, job.commit_id))
+                self._slots.remove(slot)
+                self._abandoned.append(slot)
+                if not self._stopping:
+                    fresh = self._new_slot()
+                    self._slots.append(fresh)
+                    assert fresh.thread is not None
+                    fresh.thread.start()
+            alive = sum(1 for s in self._abandoned if s.thread is not None and s.thread.is_alive())
+        error = f"JobTimeout: timed out after {timeout:g}s (job_timeout)"
+        for job in expired:
+            with self._lock:
+                self.counters.timed_out += 1
+                self.counters.finished += 1
+            failed = self._fail_now(job, error)
+            log.warning(
+                "task %s: job %d timed out after %gs; %s; its handler thread is abandoned "
+                "and replaced (%d abandoned handler thread(s) still running)",
+                self.task_id,
+                job.id,
+                timeout,
+                "counted as a failed attempt" if failed else "it was already committed or lost",
+                alive,
+            )
+        if expired and alive > self.abandoned_bound:
+            log.error(
+                "task %s: %d handler threads that outlived job_timeout are still running, "
+                "more than parallel_num=%d: hung handlers are piling up threads in this "
+                "process; fix the handler, or recycle workers (meepo worker --max-jobs / "
+                "--max-memory)",
+                self.task_id,
+                alive,
+                self.abandoned_bound,
+            )
+        return expired
+
+    @property
+    def abandoned(self) -> int:
+        """Handler threads abandoned by job_timeout that are still running."""
+        with self._lock:
+            return sum(1 for s in self._abandoned if s.thread is not None and s.thread.is_alive())
 
     def _auto_outcome(self, job: Job, error: str | None) -> Outcome:
         if error is None:
@@ -355,6 +546,15 @@ class Consumer:
         Raises StaleCommitError if the claim is no longer current."""
         if not self.running or self._commits is None:
             raise NotRunningHereError("the consumer is not running")
+        with self._lock:
+            timed_out = (outcome.job_id, outcome.commit_id) in self._timed_out
+        if timed_out:
+            raise StaleCommitError(
+                outcome.job_id,
+                outcome.commit_id,
+                f"job {outcome.job_id} timed out (job_timeout={self.opts.job_timeout:g}s) and "
+                "was failed; this late commit is ignored",
+            )
         fut: Future[bool] = Future()
         self._commits.put(_Commit(outcome, fut))
         if not fut.result():
@@ -384,6 +584,20 @@ class Consumer:
                 return
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
+        # Two commits of one claim in a batch (a manual commit racing the job timeout):
+        # the first one is sent, the later ones are stale.
+        seen: set[Pair] = set()
+        first: list[_Commit] = []
+        dupes: list[_Commit] = []
+        for c in batch:
+            pair = (c.outcome.job_id, c.outcome.commit_id)
+            (dupes if pair in seen else first).append(c)
+            seen.add(pair)
+        batch = first
+        for c in dupes:
+            self.counters.stale += 1
+            if c.future is not None:
+                c.future.set_result(False)
         outcomes = [c.outcome for c in batch]
         backoff = Backoff()
         won: set[Pair] | None = None

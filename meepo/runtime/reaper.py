@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from ..config import Options
 from ..dispatch import Dispatcher
 from ..ledger import CHUNK, NEVER_DISPATCHED
+from .redis_check import check_redis_config
 from .service import Service
 
 log = logging.getLogger("meepo.reaper")
@@ -56,6 +57,7 @@ class Reaper(Service):
         self.clock = clock
         self.known_epoch: bytes | None = None
         self._last_reap = float("-inf")
+        self._redis_checked = False
         self._timeout = timedelta(seconds=options.zombie_timeout)
 
     # -- one pass ---------------------------------------------------------------------
@@ -168,5 +170,7 @@ class Reaper(Service):
         return len(requeued), closed
 
     def tick(self) -> float:
+        if not self._redis_checked:  # once Redis answers (it may be down at start)
+            self._redis_checked = check_redis_config(self.d.transport, self.opts.zombie_timeout)
         self.run_once()
         return self.opts.poll_interval

@@ -330,6 +330,27 @@ class Transport:
             key = self._recovery_base + epoch.decode()
             return bool(self.client.set(key, b"1", nx=True, ex=RECOVERY_LOCK_TTL))
 
+    def config_get(self, *names: str) -> dict[str, str] | None:
+        """``CONFIG GET`` of each name (one pipelined round trip); None when the server
+        refuses CONFIG (disabled or not permitted, as on many managed services)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.config_get(name)
+            replies = pipe.execute()
+        except redis.ResponseError:
+            return None
+        except redis.RedisError as exc:
+            raise TransportUnavailableError(
+                f"CONFIG GET failed on {self.where}: {mask_url(str(exc))}"
+            ) from exc
+        out: dict[str, str] = {}
+        for reply in replies:
+            for key, value in dict(reply).items():
+                k = key.decode() if isinstance(key, bytes) else str(key)
+                out[k] = value.decode() if isinstance(value, bytes) else str(value)
+        return out
+
     def info(self) -> dict[str, Any]:
         with self._errors("INFO"):
             return dict(self.client.info())

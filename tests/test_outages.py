@@ -1,0 +1,171 @@
+"""Servers down at worker start, and going away mid-run (issue 4), with real servers
+behind a TCP proxy that the test closes and reopens (MariaDB, PostgreSQL) and a
+throwaway redis-server started late. SQLite has no server to lose: skipped there."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import unique_task_id
+from helpers import RedisServer, TcpProxy, record, wait_for
+from sqlalchemy.engine import make_url
+
+from meepo import Job, SchemaError, Status, Task
+from meepo.connect import engine_for
+
+pytestmark = pytest.mark.timeout(180)
+
+TaskFactory = Callable[..., Task]
+
+
+def server_only(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has no server that could be down")
+
+
+@pytest.fixture
+def proxy(db_url: str) -> Iterator[TcpProxy]:
+    server_only(db_url)
+    p = TcpProxy.to(db_url)
+    yield p
+    p.stop()
+    engine_for(p.url(db_url)).dispose()
+
+
+class Runs:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.lock = threading.Lock()
+        self.jobs: list[Job] = []
+        self.delay = delay
+        self.stop = threading.Event()
+
+    def __call__(self, job: Job) -> None:
+        if self.delay:
+            self.stop.wait(self.delay)
+        with self.lock:
+            self.jobs.append(job)
+
+    def claims(self) -> set[tuple[int, int]]:
+        with self.lock:
+            return {(j.id, j.commit_id) for j in self.jobs}
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_worker_started_with_the_database_down_starts_when_it_returns(
+    make_task: TaskFactory, db_url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meepo")
+    producer = make_task()
+    ids = producer.push_many([b"a", b"b", b"c"])
+    runs = Runs()
+    worker = make_task(db=proxy.url(db_url), job_func=runs, init_db=True, poll_interval=0.2)
+    assert messages(caplog, "cannot migrate now")  # init_db waits for the start
+    worker.start()  # does not raise: it waits in the background
+    wait_for(lambda: len(messages(caplog, "cannot start consuming yet")) >= 2, message="retries")
+    line = messages(caplog, "cannot start consuming yet")[0]
+    assert f"127.0.0.1:{proxy.port}" in line and "retrying in" in line
+    assert all(record(producer, i).status is Status.TODO for i in ids)
+
+    proxy.open()  # the database is back: the same Task starts consuming by itself
+    wait_for(lambda: all(record(producer, i).status is Status.DONE for i in ids), timeout=30)
+    assert messages(caplog, "the database is reachable, starting")
+    later = producer.push(b"later")
+    wait_for(lambda: record(producer, later).status is Status.DONE)
+
+
+def test_start_with_the_database_down_logs_a_masked_url(
+    db_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server_only(db_url)
+    closed = TcpProxy.to(db_url)  # never opened: every connection is reset
+    url = make_url(closed.url(db_url)).set(username="meepo", password="s3cret-pw")
+    task = Task(unique_task_id(), db=url.render_as_string(False), redis=redis_url, job_func=print)
+    try:
+        task.start()
+        wait_for(lambda: messages(caplog, "cannot start consuming yet"), message="a retry line")
+        assert not any("s3cret-pw" in r.getMessage() for r in caplog.records)
+        assert "***" in messages(caplog, "cannot start consuming yet")[0]
+    finally:
+        task.stop()
+        closed.stop()
+    assert task.consumer is None
+
+
+def test_missing_schema_is_an_immediate_error_and_after_the_database_returns(
+    db_url: str, redis_url: str, proxy: TcpProxy
+) -> None:
+    task = Task(unique_task_id(), db=db_url, redis=redis_url, job_func=print, table_name="t_nope")
+    with pytest.raises(SchemaError, match="t_nope"):
+        task.start()  # the database answers: no waiting
+
+    late = Task(
+        task.task_id, db=proxy.url(db_url), redis=redis_url, job_func=print, table_name="t_nope"
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            late.run()  # not the main thread: no signal handlers
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    proxy.open()
+    th.join(60)
+    assert not th.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], SchemaError)
+
+
+def test_worker_started_with_redis_down_consumes_once_it_starts(
+    make_task: TaskFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="meepo")
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    try:
+        runs = Runs()
+        worker = make_task(redis=server.url, job_func=runs, poll_interval=0.2)
+        worker.start()  # does not raise
+        producer = make_task(redis=server.url)
+        ids = producer.push_many([b"a", b"b"])  # committed; not dispatched
+        wait_for(lambda: messages(caplog, "cannot pop"), message="the fetcher's retry line")
+        server.start()
+        wait_for(lambda: all(record(producer, i).status is Status.DONE for i in ids), timeout=30)
+        later = producer.push(b"later")
+        wait_for(lambda: record(producer, later).status is Status.DONE)
+    finally:
+        server.stop()
+
+
+def test_database_lost_mid_run_no_job_half_committed(
+    make_task: TaskFactory, db_url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="meepo")
+    proxy.open()
+    runs = Runs(delay=0.02)
+    worker = make_task(
+        db=proxy.url(db_url), job_func=runs, parallel_num=4, lease=3.0, poll_interval=0.2
+    )
+    worker.start()
+    producer = make_task()
+    ids = producer.push_many([b"%d" % i for i in range(200)])
+    wait_for(lambda: len(runs.claims()) >= 20, message="jobs running")
+    proxy.close()  # every connection reset, mid-claim, mid-run, mid-commit
+    wait_for(
+        lambda: messages(caplog, "failed") or messages(caplog, "cannot"),
+        message="the worker to notice",
+    )
+    proxy.open()
+    wait_for(lambda: all(record(producer, i).status is Status.DONE for i in ids), timeout=60)
+    claims = runs.claims()
+    for i in ids:
+        rec = record(producer, i)
+        assert rec.expires_at is None  # a whole done commit, not part of one
+        assert (i, rec.commit_id - 1) in claims  # committed by a run that completed
