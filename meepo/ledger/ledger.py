@@ -437,6 +437,7 @@ class Ledger:
                     t.c.payload,
                     t.c.priority,
                 )
+                .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")  # lock only these rows
                 .where(t.c.id.in_(ids), t.c.task_id == task_id)
                 .order_by(t.c.id)
                 .with_for_update()
