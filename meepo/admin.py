@@ -165,6 +165,7 @@ def record_dict(rec: JobRecord) -> dict[str, Any]:
         "status": rec.status.value,
         "failed_times": rec.failed_times,
         "commit_id": rec.commit_id,
+        "priority": rec.priority,
         "created_at": when(rec.created_at),
         "updated_at": when(rec.updated_at),
         "run_at": when(rec.run_at),

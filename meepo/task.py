@@ -570,9 +570,9 @@ class Task:
         The first signal stops popping and lets running jobs finish (``shutdown_grace``);
         a second one exits the process at once (the reaper recovers what was running).
         """
-        self.start()
-        restore = self._install_signals()
+        restore = self._install_signals()  # before start: a signal is never missed
         try:
+            self.start()
             self._stopped.wait()
         finally:
             for sig, old in restore.items():

@@ -438,11 +438,12 @@ def test_stats_lists_every_task(
 
 def test_jobs_show(capsys: pytest.CaptureFixture[str], make_task: TaskFactory, db_url: str) -> None:
     task = make_task()
-    job_id = task.push(b"hello")
+    job_id = task.push(b"hello", priority="low")
     code, out, _ = run(capsys, "jobs", "show", str(job_id), "--db", db_url)
     assert code == 0
     fields = dict(line.split(None, 1) for line in out.splitlines())
     assert fields["id:"] == str(job_id)
+    assert fields["priority:"] == "low"
     assert fields["task_id:"] == task.task_id
     assert fields["status:"] == "todo"
     assert fields["payload:"] == "'hello' (5 bytes)"
@@ -452,7 +453,7 @@ def test_jobs_show(capsys: pytest.CaptureFixture[str], make_task: TaskFactory, d
     assert code == 0
     data = json.loads(out)
     assert data["id"] == job_id and data["status"] == "todo" and data["payload"] == "hello"
-    assert data["commit_id"] == 0 and data["failed_times"] == 0
+    assert data["commit_id"] == 0 and data["failed_times"] == 0 and data["priority"] == "low"
 
     other = unique_task_id("other")
     code, out, err = run(capsys, "jobs", "show", str(job_id), "--task", other, "--db", db_url)

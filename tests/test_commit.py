@@ -46,7 +46,7 @@ def test_auto_commit_raise_retries_then_succeeds(make_task: TaskFactory) -> None
         if job.failed_times < 2:
             raise ValueError(f"attempt {job.failed_times} failed")
 
-    task = make_task(job_func=flaky, max_failed_times=3)
+    task = make_task(job_func=flaky, max_failed_times=3, retry_backoff=0)
     job_id = task.push(b"flaky")
     task.start()
     rec = wait_status(task, job_id, Status.DONE)
@@ -89,7 +89,7 @@ def test_auto_commit_fails_after_max_failed_times(make_task: TaskFactory) -> Non
         attempts.append(job.failed_times)
         raise RuntimeError(f"boom {job.failed_times}\nsecond line")
 
-    task = make_task(job_func=always, max_failed_times=3)
+    task = make_task(job_func=always, max_failed_times=3, retry_backoff=0)
     job_id = task.push(b"doomed")
     task.start()
     rec = wait_status(task, job_id, Status.FAILED)

@@ -47,8 +47,15 @@ class Worker:
             out.append((job_id, commit_id, pid, gen))
         return out
 
+    def settled(self) -> bool:
+        """Not in the middle of a recycle: every recycle was followed by a fresh start
+        (a SIGTERM while the process image is being replaced would end it by default)."""
+        text = self.stderr.read_text()
+        return text.count("consumer(s) started") == text.count(": recycling after ") + 1
+
     def stop(self) -> int:
         if self.proc.poll() is None:
+            wait_for(self.settled, timeout=30, message="the worker to finish recycling")
             self.proc.send_signal(signal.SIGTERM)
             try:
                 return self.proc.wait(60)

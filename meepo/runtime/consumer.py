@@ -429,6 +429,7 @@ class Consumer:
             if self._held.get(job.id) != job.commit_id:
                 return False
             del self._held[job.id]  # no more lease renewals
+            self._priority.pop(job.id, None)
             self._slot.notify_all()
         self._commits.put(_Commit(self._auto_outcome(job, error)))
         return True
