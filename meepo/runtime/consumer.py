@@ -106,6 +106,11 @@ class Consumer:
         self.capacity = options.parallel_num + options.prefetch
         self._lease = timedelta(seconds=options.lease)
         self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
+        # Claims whose handler has not returned yet (queued or running): what the
+        # capacity bounds. A job whose handler returned stays in _held (its lease is
+        # renewed) until its commit is written, but no longer takes a slot; _held is
+        # bounded apart (2 x capacity), so a slow committer still holds the fetcher.
+        self._busy = 0
         self._lock = threading.Lock()
         self._slot = threading.Condition(self._lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -196,6 +201,9 @@ class Consumer:
                 jobs.append(job)
 
     def _release(self, jobs: list[Job]) -> None:
+        """Give back claimed jobs that never ran (their slots are freed)."""
+        with self._slot:
+            self._busy -= len(jobs)
         pairs = [(j.id, j.commit_id) for j in jobs]
         try:
             self.d.release(pairs)
@@ -221,7 +229,7 @@ class Consumer:
         backoff = Backoff()
         while not self._stop_fetch.is_set():
             with self._slot:
-                free = self.capacity - len(self._held)
+                free = min(self.capacity - self._busy, 2 * self.capacity - len(self._held))
                 if free <= 0:
                     self._slot.wait(0.5)
                     continue
@@ -270,6 +278,7 @@ class Consumer:
             return
         self.counters.claimed += len(jobs)
         with self._lock:
+            self._busy += len(jobs)
             for j in jobs:
                 self._held[j.id] = j.commit_id
         for j in jobs:
@@ -297,8 +306,13 @@ class Consumer:
             self._local.job = None
         if self.opts.auto_commit:
             self._commits.put(_Commit(self._auto_outcome(job, error)))
+            with self._slot:  # the slot is free now; the claim stays held until committed
+                self._busy -= 1
+                self._slot.notify()
             return
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
+            self._busy -= 1
+            self._slot.notify()
             if self._held.get(job.id) == job.commit_id:
                 del self._held[job.id]
                 self._slot.notify_all()
