@@ -65,8 +65,7 @@ class MeepoGrowth(Meepo):
             db=ctx.backend.url,
             redis=ctx.redis_url,
             table_name=growth_table(ctx.settings.growth),
-            list_name_prefix=f"bench_growth_{ctx.name}",
-            init_db=True,
+            init_db=True,  # (the Redis prefix follows the table: the workers' too)
         )
 
     def fill(self, ctx: Context, task: Task) -> int:

@@ -61,9 +61,10 @@ from .meepo_bench import Meepo
 from .peers.driver import PEERS_BACKEND, PeerSystem, peer_systems
 
 #: meepo's drain worker configurations (``--meepo``): ``P`` is parallel_num=P with
-#: meepo's default prefetch (= parallel_num), ``PxF`` adds prefetch=F. The first one is
-#: the "meepo" row (pushes and drains); the others add drain-only rows.
-DEFAULT_MEEPO = "20,10x300"
+#: meepo's default prefetch (4 x parallel_num), ``PxF`` adds prefetch=F. The first one is
+#: the "meepo" row (pushes, drains, latency, growth: meepo's defaults); the others add
+#: drain-only rows.
+DEFAULT_MEEPO = "10,10x300"
 
 
 def meepo_systems(spec: str) -> list[Meepo]:
@@ -468,7 +469,9 @@ def print_peers(
     metrics = ["push", "push_many", drain_metric(2)]
     heads = ["push", "push_many", "drain x2", "p50/p99 ms"]
     print(f"\npeers, jobs/s, median of {runs}")
-    print(f"{'peer':<16}{'config':<42}" + "".join(f"{h:>11}" for h in heads))
+    print(
+        f"{'peer':<16}{'config':<42}" + "".join(f"{h:>11}" for h in heads[:3]) + f"{heads[3]:>14}"
+    )
     for system in systems:
         by_metric = peers.get(system.name, {})
         if system.unavailable or ("setup" in by_metric and len(by_metric) == 1):
@@ -479,9 +482,8 @@ def print_peers(
         cells.append(fmt_latency(by_metric.get("latency")))
         failed = [m for m, r in by_metric.items() if r.get("errors") and not r.get("runs")]
         note = f"  (failed: {', '.join(failed)})" if failed else ""
-        print(
-            f"{system.name:<16}{system.config[:41]:<42}" + "".join(f"{c:>11}" for c in cells) + note
-        )
+        rates = "".join(f"{c:>11}" for c in cells[:3])
+        print(f"{system.name:<16}{system.config[:41]:<42}{rates}{cells[3]:>14}{note}")
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m in systems:
         if isinstance(m, Meepo):
-            prefetch = "default (= parallel_num)" if m.prefetch is None else m.prefetch
+            prefetch = "default (4 x parallel_num)" if m.prefetch is None else m.prefetch
             print(f"{m.name}: parallel_num={m.parallel}, prefetch={prefetch}")
     report: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
