@@ -10,6 +10,7 @@ rows are deleted afterwards so it stays at N. The empty table is made per run.
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy import (
     true,
     union_all,
 )
+from sqlalchemy.exc import SAWarning
 
 from meepo import Status, Task
 
@@ -98,7 +100,9 @@ class MeepoGrowth(Meepo):
             ).select_from(joined)
             cols = ["task_id", "status", "payload", "failed_times", "commit_id"]
             cols += ["created_at", "updated_at", "run_at", "worker"]
-            conn.execute(insert(t).from_select(cols, stmt.limit(n)))
+            with warnings.catch_warnings():  # the cross join is meant
+                warnings.simplefilter("ignore", SAWarning)
+                conn.execute(insert(t).from_select(cols, stmt.limit(n)))
             count, top = conn.execute(select(func.count(), func.max(t.c.id))).one()
         analyze(task.engine, t.name)
         print(f" {count:,} rows", flush=True)
