@@ -1,4 +1,4 @@
-"""``make bench``: meepo and the floor on every database, side by side.
+"""``make bench``: meepo, the floor and the Python peers, side by side.
 
 For each backend (a SQLite file in a temporary directory, MariaDB, PostgreSQL; one that
 is unreachable is skipped with a note) and each system:
@@ -7,16 +7,23 @@ is unreachable is skipped with a note) and each system:
 * ``push_many``  batches of ``--batch`` (``--jobs`` jobs)
 * ``drain_K``    ``--jobs`` no-op jobs enqueued first, then K worker processes started
   together; from the start signal to the last job ``done`` in the ledger
+* ``latency``    (MariaDB, PostgreSQL; first run only) one idle worker, ``--latency``
+  jobs pushed at ~100/s: push -> handler start, p50/p99
+* growth         ``drain_2`` beside ``--growth`` finished rows vs on an empty table
 
 The floor (``floor.py``) does meepo's work directly with SQLAlchemy Core + redis-py,
-one job per round trip (unbatched) and sharing round trips (batched). Ratios compare
-meepo with it. Each figure is the median of ``--runs`` runs; the table is printed and
-every figure is written to ``benchmarks/results/<UTC timestamp>.json`` and
-``benchmarks/results/latest.json``.
+one job per round trip (unbatched) and sharing round trips (batched). The peers
+(``peers/``: RQ, Celery, Dramatiq, arq, Huey, SAQ, Procrastinate; ``pip install
+.[bench]``) are measured once, in their own configuration for 2 cores; a missing one
+is reported as such. The ratios (meepo / fastest peer, meepo / floor) and the issue's
+targets are printed after the tables. Each figure is the median of ``--runs`` runs
+(3; ``--quick``: 1, with small N); every figure, with the load average when it was
+taken, is written to ``benchmarks/results/<UTC timestamp>.json`` and ``latest.json``.
 
-    python -m benchmarks.run                      # everything, one run
-    python -m benchmarks.run --quick              # a smoke run, well under a minute
-    python -m benchmarks.run --backends postgres --runs 3 --procs 1,2 --meepo 10,20,10x300
+    python -m benchmarks.run                      # everything, median of 3 (~25 min)
+    python -m benchmarks.run --quick              # a smoke run, about 2 minutes
+    python -m benchmarks.run --backends postgres --peers huey,rq --runs 1 --growth 0
+    python -m benchmarks.run --backends postgres --meepo 10,10x300 --procs 1,2
 """
 
 from __future__ import annotations
