@@ -57,6 +57,10 @@ class Peer:
         """Enqueue ``n`` no-op jobs in one bulk call (only when ``bulk``)."""
         raise NotImplementedError
 
+    def enqueued(self) -> None:
+        """After the jobs of a drain were enqueued, before the workers start (a peer on
+        SQL refreshes its planner statistics here, as the benchmark does for meepo)."""
+
     def clean(self) -> None:
         """Remove every job and queue this peer left in a database (Redis is flushed
         by the driver)."""

@@ -173,6 +173,8 @@ class PeerSystem(System):
         children = self._workers(ctx, probe_key, "drain")
         try:
             self._enqueue(peer, n, ctx.settings.batch)
+            if ctx.settings.analyze:
+                peer.enqueued()
             probe.reset()
             t0 = start_together(children)
             last = probe.wait(n, ctx.timeout, _alive(children))

@@ -50,6 +50,10 @@ class Peer(_Peer):
         self._open()
         self.noop.batch_defer(*[{"ts": 0.0}] * n)
 
+    def enqueued(self) -> None:
+        self._open()
+        app.connector.get_sync_connector().execute_query("ANALYZE procrastinate_jobs")
+
     def clean(self) -> None:
         self._open()
         app.connector.get_sync_connector().execute_query("TRUNCATE procrastinate_jobs CASCADE")
