@@ -27,7 +27,7 @@ lint: venv
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of
 # their own, as arq pins redis-py below 6 (meepo's tests and type checks use the latest).
-# A full run (3 runs of everything) takes about 25 minutes; BENCH_ARGS=--quick: ~2.
+# A full run (3 runs of everything) takes 15-20 minutes; BENCH_ARGS=--quick: ~2.
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
 $(BENCH_VENV)/.installed: pyproject.toml
