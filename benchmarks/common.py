@@ -20,6 +20,7 @@ import resource
 import secrets
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,9 @@ class Settings:
     pop_count: int = 100  # the batched floor's LPOP count
     analyze: bool = True  # refresh the planner's statistics after enqueueing, before a drain
     profile: Path | None = None  # py-spy one meepo drain worker per drain, into this folder
+    latency: int = 1_000  # jobs of the idle-latency measurement (0: none)
+    latency_rate: float = 100.0  # their push rate, jobs per second
+    growth: int = 1_000_000  # finished rows already in the table for the growth case
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Context:
     workdir: Path
     settings: Settings
     name: str  # unique per run: the table name and Redis key prefix of this run
+    run: int = 0  # which run (0-based): latency is measured in the first only
 
     @property
     def timeout(self) -> float:
@@ -108,7 +113,18 @@ def median(values: Sequence[float]) -> float:
 
 
 def peak_rss_kb() -> int:
-    """Peak resident set size of this process in KiB (Linux reports KiB)."""
+    """Peak resident set size of this process in KiB: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries it across ``execve``, so a worker
+    started by a big parent (this benchmark, with every peer imported) would report the
+    parent's size, not its own (that inflated the figures of the first README table)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -154,11 +170,20 @@ class Child:
     """A worker process (``python -m <module> <args>``) driven by the line protocol."""
 
     def __init__(
-        self, module: str, args: Sequence[str], log_path: Path, wrap: Sequence[str] = ()
+        self,
+        module: str,
+        args: Sequence[str],
+        log_path: Path,
+        wrap: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        group: bool = False,
     ) -> None:
-        """``wrap`` prefixes the command (a profiler: ``py-spy record -o … --``)."""
+        """``wrap`` prefixes the command (a profiler: ``py-spy record -o … --``);
+        ``env`` adds to the environment; ``group``: the child leads a process group
+        of its own (a peer worker that forks a pool), ended with :meth:`stop_group`."""
         self.module = module
         self.log_path = log_path
+        self.group = group
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", module, *args],
@@ -166,6 +191,8 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self._log,
             cwd=REPO,
+            env={**os.environ, **env} if env else None,
+            start_new_session=group,
         )
         self._buf = b""
 
@@ -223,6 +250,25 @@ class Child:
         if not isinstance(value, dict):
             raise self._fail(f"said {line[:200]!r}, expected a JSON object")
         return value
+
+    def check_alive(self) -> None:
+        """Raise (with the log's tail) if the process has exited."""
+        if self.proc.poll() is not None:
+            raise self._fail(f"exited with status {self.proc.returncode}")
+
+    def stop_group(self, timeout: float = 10.0) -> None:
+        """SIGTERM the child's process group (its pid, it is ours), SIGKILL what is left
+        after ``timeout``; then close."""
+        assert self.group, "stop_group needs group=True"
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        # pool children may outlive a leader that exited, or the leader hung
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.close(timeout=5.0)
 
     def close(self, timeout: float = 10.0) -> None:
         """Wait for the process to exit; kill it (by pid, it is ours) after ``timeout``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -68,6 +69,7 @@ from .common import (
     report,
     start_together,
 )
+from .peers import probe
 
 Pair = tuple[int, int]
 LEASE = timedelta(seconds=20)
@@ -197,6 +199,43 @@ class Floor:
         job_id = int(key[0])
         self.redis.rpush(self.queue, b"%d:0" % job_id)
         return job_id
+
+    def push_stamped(self, ts: float) -> None:
+        """One job whose message carries the push time (``id:0:ts``), for latency."""
+        with self.engine.begin() as conn:
+            key = conn.execute(self.insert_one, self._row(b"", self.now())).inserted_primary_key
+        assert key is not None
+        self.redis.rpush(self.queue, b"%d:0:%r" % (int(key[0]), ts))
+
+    def serve_stamped(self, stop: threading.Event) -> None:
+        """The unbatched loop on stamped messages until ``stop``: BLPOP, claim, (the
+        handler starts: report it to the probe), commit."""
+        while not stop.is_set():
+            got: Any = self.redis.blpop([self.queue], timeout=0.2)
+            if not got:
+                continue
+            head, _, rest = bytes(got[1]).partition(b":")
+            cid, _, ts = rest.partition(b":")
+            job_id, commit_id = int(head), int(cid)
+            now = self.now()
+            with self.engine.begin() as conn:
+                won = conn.execute(
+                    self.claim_one,
+                    {
+                        "b_id": job_id,
+                        "b_cid": commit_id,
+                        "b_now": now,
+                        "b_lease": now + LEASE,
+                        "b_worker": self.worker,
+                    },
+                ).rowcount
+            if won != 1:
+                continue
+            probe.tick(float(ts or 0))
+            with self.engine.begin() as conn:
+                conn.execute(
+                    self.finish_one, {"b_id": job_id, "b_cid": commit_id + 1, "b_now": self.now()}
+                )
 
     def push_batch(self, payloads: Sequence[bytes]) -> list[int]:
         now = self.now()
@@ -377,7 +416,37 @@ class FloorUnbatched(_FloorSystem):
         out: list[Metric] = [("push", lambda c: self.push(c, s.single))]
         for procs in s.procs:
             out.append((drain_metric(procs), partial(self.drain, n=s.single, procs=procs)))
+        if s.latency and ctx.run == 0 and ctx.backend.name in ("mariadb", "postgres"):
+            out.append(("latency", partial(self.latency, n=s.latency)))
         return out
+
+    def latency(self, ctx: Context, n: int) -> Measure:
+        """The unbatched loop in one idle worker process: push -> claimed (the handler
+        would start here), p50/p99 of ``n`` jobs pushed at ~100/s."""
+        task_id = fresh_name("f")
+        f = self.floor(ctx, task_id)
+        probe_key = f"probe:{task_id}"
+        args = [
+            *("--db", ctx.backend.url, "--redis", ctx.redis_url),
+            *("--table", self.table(ctx), "--task", task_id, "--mode", "latency"),
+        ]
+        env = {probe.URL_ENV: ctx.redis_url, probe.KEY_ENV: probe_key}
+        child = Child("benchmarks.floor", args, ctx.workdir / f"{task_id}-latency.log", env=env)
+        pr = probe.Probe(ctx.redis_url, probe_key)
+        s = ctx.settings
+        try:
+            start_together([child])
+            probe.warm_up(f.push_stamped, pr, 5, 60.0, child.check_alive)
+            seconds, extra = probe.measure_latency(
+                f.push_stamped, pr, n, s.latency_rate, n / s.latency_rate + 60, child.check_alive
+            )
+            child.send("stop")
+            extra["worker_rss_kb"] = int(child.result(60.0)["rss_kb"])
+            return Measure(n, seconds, extra)
+        finally:
+            child.close()
+            pr.close()
+            f.close()
 
     def push(self, ctx: Context, n: int) -> Measure:
         f = self.floor(ctx)
@@ -428,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", required=True)
     p.add_argument("--table", required=True)
     p.add_argument("--task", required=True)
-    p.add_argument("--mode", choices=["batched", "unbatched"], required=True)
+    p.add_argument("--mode", choices=["batched", "unbatched", "latency"], required=True)
     p.add_argument("--count", type=int, default=100)
     args = p.parse_args(argv)
     f = Floor(args.db, args.redis, args.table, args.task)
@@ -437,6 +506,16 @@ def main(argv: list[str] | None = None) -> int:
     f.redis.ping()
     if not announce_ready():
         return 1
+    if args.mode == "latency":  # until "stop" on stdin
+        stop = threading.Event()
+        server = threading.Thread(target=f.serve_stamped, args=(stop,), daemon=True)
+        server.start()
+        sys.stdin.readline()
+        stop.set()
+        server.join()
+        report({"rss_kb": peak_rss_kb()})
+        f.close()
+        return 0
     if args.mode == "batched":
         done, last = f.drain_batched(args.count)
     else:

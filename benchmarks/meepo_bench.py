@@ -25,6 +25,10 @@ from .common import (
     py_spy,
     start_together,
 )
+from .peers.probe import Probe, measure_latency, warm_up
+
+#: where meepo's idle latency is measured (the servers a deployment would use)
+LATENCY_BACKENDS = ("mariadb", "postgres")
 
 
 class Meepo(System):
@@ -56,6 +60,8 @@ class Meepo(System):
             out.append(("push_many", lambda c: self.push_many(c, s.jobs)))
         for procs in s.procs:
             out.append((drain_metric(procs), partial(self.drain, n=s.jobs, procs=procs)))
+        if self.pushes and s.latency and ctx.run == 0 and ctx.backend.name in LATENCY_BACKENDS:
+            out.append(("latency", partial(self.latency, n=s.latency)))
         return out
 
     def table(self, ctx: Context) -> str:
@@ -104,19 +110,50 @@ class Meepo(System):
             done += k
         return Measure(n, time.perf_counter() - t, {"batch": batch})
 
-    def drain(self, ctx: Context, n: int, procs: int) -> Measure:
-        """Enqueue ``n`` no-op jobs, start ``procs`` worker processes together, and time
-        from the start signal to the last job's ``done`` in the ledger (its
-        ``updated_at``, written by the worker's clock just before the commit)."""
-        task = self.task(ctx)
-        s = ctx.settings
+    def worker_args(self, ctx: Context, task: Task) -> list[str]:
         args = [
             *("--db", ctx.backend.url, "--redis", ctx.redis_url),
-            *("--task", task.task_id, "--table", self.table(ctx)),
+            *("--task", task.task_id, "--table", task.table_name),
             *("--parallel", str(self.parallel)),
         ]
         if self.prefetch is not None:
             args += ["--prefetch", str(self.prefetch)]
+        return args
+
+    def latency(self, ctx: Context, n: int) -> Measure:
+        """One idle worker process; ``n`` jobs pushed at ~100/s, each carrying its push
+        time; push -> handler start, p50/p99 (see ``peers/probe.py``)."""
+        task = self.task(ctx)
+        probe_key = f"probe:{fresh_name('meepo')}"
+        args = [*self.worker_args(ctx, task), "--probe", probe_key]
+        child = Child("benchmarks.worker", args, ctx.workdir / f"{task.task_id}-latency.log")
+        probe = Probe(ctx.redis_url, probe_key)
+        s = ctx.settings
+
+        def push(ts: float) -> None:
+            task.push(repr(ts).encode())
+
+        try:
+            start_together([child])
+            warm_up(push, probe, 5, 60.0, child.check_alive)
+            seconds, extra = measure_latency(
+                push, probe, n, s.latency_rate, n / s.latency_rate + 60, child.check_alive
+            )
+            child.send("stop")
+            extra["worker_rss_kb"] = int(child.result(60.0)["rss_kb"])
+            extra["parallel_num"] = self.parallel
+            return Measure(n, seconds, extra)
+        finally:
+            child.close()
+            probe.close()
+
+    def drain(self, ctx: Context, n: int, procs: int, task: Task | None = None) -> Measure:
+        """Enqueue ``n`` no-op jobs, start ``procs`` worker processes together, and time
+        from the start signal to the last job's ``done`` in the ledger (its
+        ``updated_at``, written by the worker's clock just before the commit)."""
+        task = task or self.task(ctx)
+        s = ctx.settings
+        args = self.worker_args(ctx, task)
         log = ctx.workdir / f"{ctx.backend.name}-{task.task_id}"
         # the workers start (import, connect) while the jobs are enqueued
         wrap: list[list[str]] = [[] for _ in range(procs)]
@@ -130,12 +167,13 @@ class Meepo(System):
             for k in range(procs)
         ]
         try:
+            since = self._max_id(task)
             for i in range(0, n, s.batch):
                 task.push_many([b""] * min(s.batch, n - i))
             if s.analyze:
-                analyze(task.engine, self.table(ctx))
+                analyze(task.engine, task.table_name)
             t0 = start_together(children)
-            last = self._wait_done(task, n, ctx.timeout)
+            last = self._wait_done(task, n, ctx.timeout, since)
             for child in children:
                 child.send("stop")
             results = [child.result(60.0) for child in children]
@@ -152,13 +190,19 @@ class Meepo(System):
         }
         return Measure(n, last - t0, extra)
 
-    def _wait_done(self, task: Task, n: int, timeout: float) -> float:
-        """Poll until ``n`` rows of the task are done; return the latest ``updated_at``
-        (epoch seconds)."""
+    @staticmethod
+    def _max_id(task: Task) -> int:
         t = task.ledger.table
-        done_q = select(func.count()).where(
-            t.c.task_id == task.task_id, t.c.status == Status.DONE.value
-        )
+        with task.engine.connect() as conn:
+            return int(conn.execute(select(func.max(t.c.id))).scalar_one() or 0)
+
+    def _wait_done(self, task: Task, n: int, timeout: float, since: int = 0) -> float:
+        """Poll until ``n`` rows of the task above id ``since`` are done (a primary-key
+        range: cheap even beside a million finished rows); return the latest
+        ``updated_at`` (epoch seconds)."""
+        t = task.ledger.table
+        mine = (t.c.id > since, t.c.task_id == task.task_id, t.c.status == Status.DONE.value)
+        done_q = select(func.count()).where(*mine)
         deadline = time.monotonic() + timeout
         count = 0
         while True:
@@ -169,7 +213,7 @@ class Meepo(System):
             if time.monotonic() > deadline:
                 raise BenchError(f"drain: only {count} of {n} jobs done after {timeout:.0f}s")
             time.sleep(0.1)
-        last_q = select(func.max(t.c.updated_at)).where(t.c.task_id == task.task_id)
+        last_q = select(func.max(t.c.updated_at)).where(*mine)
         with task.engine.connect() as conn:
             last: datetime = conn.execute(last_q).scalar_one()
         return last.timestamp()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy import text
 from meepo import Task
 
 from .common import announce_ready, peak_rss_kb, report
+from .peers import probe
 
 
 def noop(_job: Any) -> None:
@@ -31,13 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", default=None)
     p.add_argument("--parallel", type=int, default=10)
     p.add_argument("--prefetch", type=int, default=None)
+    p.add_argument(
+        "--probe",
+        default=None,
+        help="report each job's start to this probe key (payload: the push time)",
+    )
     args = p.parse_args(argv)
+    job_func: Any = noop
+    if args.probe:
+        os.environ[probe.URL_ENV] = args.redis
+        os.environ[probe.KEY_ENV] = args.probe
+
+        def job_func(job: Any) -> None:
+            probe.tick(float(job.payload or 0))
 
     task = Task(
         args.task,
         db=args.db,
         redis=args.redis,
-        job_func=noop,
+        job_func=job_func,
         parallel_num=args.parallel,
         prefetch=args.prefetch,
         table_name=args.table,

@@ -40,7 +40,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .admin import Admin, DbState, RepushResult, TaskSummary, record_dict, schedule_dict
-from .config import DB_ENV, REDIS_ENV, mask_url
+from .config import DB_ENV, PREFETCH_PER_THREAD, REDIS_ENV, mask_url
 from .errors import ConfigError, MeepoError
 from .records import Status
 from .runtime.recycle import Recycler, exec_again
@@ -367,7 +367,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.parallel is not None:
         opts = task.options
         # prefetch follows parallel_num unless the Task set it apart.
-        prefetch = args.parallel if opts.prefetch == opts.parallel_num else opts.prefetch
+        derived = opts.prefetch == PREFETCH_PER_THREAD * opts.parallel_num
+        prefetch = PREFETCH_PER_THREAD * args.parallel if derived else opts.prefetch
         task.options = dataclasses.replace(opts, parallel_num=args.parallel, prefetch=prefetch)
     if args.job_timeout is not None:
         task.options = dataclasses.replace(task.options, job_timeout=args.job_timeout)

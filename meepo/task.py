@@ -116,7 +116,11 @@ class Task:
             zombie_timeout=timeout,
             zombie_limit=config.positive_int(zombie_limit, "zombie_limit"),
             lease=timeout if lease is None else config.seconds(lease, "lease"),
-            prefetch=parallel if prefetch is None else _non_negative(prefetch, "prefetch"),
+            prefetch=(
+                config.PREFETCH_PER_THREAD * parallel
+                if prefetch is None
+                else _non_negative(prefetch, "prefetch")
+            ),
             shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
             poll_interval=config.seconds(poll_interval, "poll_interval"),
             max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),

@@ -8,10 +8,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from conftest import unique_task_id
-from helpers import wait_for
+from helpers import Clock, record, wait_for
 
 from meepo import Job, Status, Task
 
@@ -207,6 +208,47 @@ def test_heartbeat_reports_lost_claims(make_task: TaskFactory) -> None:
     wait_for(lambda: rec.ran(job_id) == 2, message="the repushed job to run again")
     wait_done(task, [job_id])
     assert task.get(job_id).failed_times == 0  # type: ignore[union-attr]
+
+
+def test_returned_jobs_free_their_slot_but_stay_leased_until_committed(
+    make_task: TaskFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler's return frees its executor slot before the group commit is written;
+    the job stays held (its lease renewed) until then, and stop still commits it."""
+    clock = Clock()
+    rec = Recorder()
+    task = make_task(job_func=rec, parallel_num=1, prefetch=0, lease=30.0, clock=clock)
+    gate = threading.Event()
+    real_finish = task.dispatcher.finish
+
+    def gated_finish(outcomes: Any) -> Any:  # the real commit, held back until the gate
+        assert gate.wait(30), "the test never opened the gate"
+        return real_finish(outcomes)
+
+    monkeypatch.setattr(task.dispatcher, "finish", gated_finish)
+    ids = task.push_many([b"1", b"2"])
+    task.start()
+    # one slot, yet both ran: the first return freed it while its commit waited (the
+    # claims held awaiting commit are bounded apart, at twice the capacity)
+    wait_for(lambda: sum(rec.count().values()) == 2, message="both handlers to return")
+    consumer = task.consumer
+    assert consumer is not None
+    assert set(consumer.held) == set(ids)
+    assert all(status(task, i) is Status.DOING for i in ids)
+    before = {i: record(task, i).expires_at for i in ids}
+    clock.advance(10)
+    assert consumer.heartbeat_once() == set()  # awaiting commit: still heartbeated
+    for i in ids:
+        after = record(task, i).expires_at
+        assert after is not None and before[i] is not None and after > before[i]
+    result: list[bool] = []
+    stopper = threading.Thread(target=lambda: result.append(task.stop(wait=True, grace=30)))
+    stopper.start()
+    gate.set()
+    stopper.join(30)
+    assert result == [True]
+    assert all(status(task, i) is Status.DONE for i in ids)
+    assert rec.count() == Counter({i: 1 for i in ids})
 
 
 # -- graceful stop ---------------------------------------------------------------------

@@ -143,6 +143,11 @@ class Consumer:
         self._lease = timedelta(seconds=options.lease)
         self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
         self._priority: dict[int, str] = {}  # job id -> priority, for held jobs
+        # Claims whose handler has not returned yet (queued or running): what the
+        # capacity bounds. A job whose handler returned stays in _held (its lease is
+        # renewed) until its commit is written, but no longer takes a slot; _held is
+        # bounded apart (2 x capacity), so a slow committer still holds the fetcher.
+        self._busy = 0
         self._lock = threading.Lock()
         self._slot = threading.Condition(self._lock)
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -276,6 +281,9 @@ class Consumer:
                 jobs.append(job)
 
     def _release(self, jobs: list[Job]) -> None:
+        """Give back claimed jobs that never ran (their slots are freed)."""
+        with self._slot:
+            self._busy -= len(jobs)
         pairs = [(j.id, j.commit_id) for j in jobs]
         try:
             self.d.release([(j.id, j.commit_id, j.priority) for j in jobs])
@@ -302,7 +310,7 @@ class Consumer:
         backoff = Backoff()
         while not self._stop_fetch.is_set():
             with self._slot:
-                free = self.capacity - len(self._held)
+                free = min(self.capacity - self._busy, 2 * self.capacity - len(self._held))
                 if free <= 0:
                     self._slot.wait(0.5)
                     continue
@@ -351,6 +359,7 @@ class Consumer:
             return
         self.counters.claimed += len(jobs)
         with self._lock:
+            self._busy += len(jobs)
             for j in jobs:
                 self._held[j.id] = j.commit_id
                 self._priority[j.id] = j.priority
@@ -403,6 +412,9 @@ class Consumer:
                 self.opts.job_timeout,
             )
             return False
+        with self._slot:  # the slot is free now; the claim stays held until committed
+            self._busy -= 1
+            self._slot.notify()
         if self.opts.auto_commit:
             self._commits.put(_Commit(self._auto_outcome(job, error)))
             return True
@@ -462,6 +474,7 @@ class Consumer:
                 if job is None or slot.abandoned or now - slot.started < timeout:
                     continue
                 slot.abandoned = True
+                self._busy -= 1  # its replacement executor takes the next job
                 expired.append(job)
                 self._timed_out.add((job.id, job.commit_id))
                 self._slots.remove(slot)
