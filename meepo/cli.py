@@ -367,7 +367,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.parallel is not None:
         opts = task.options
         # prefetch follows parallel_num unless the Task set it apart.
-        derived = opts.prefetch == PREFETCH_PER_THREAD * opts.parallel_num
+        derived = opts.prefetch_auto
         prefetch = PREFETCH_PER_THREAD * args.parallel if derived else opts.prefetch
         task.options = dataclasses.replace(opts, parallel_num=args.parallel, prefetch=prefetch)
     if args.job_timeout is not None:

@@ -240,6 +240,12 @@ def default_redis_url() -> str | None:
 #: batches of up to ``parallel_num + prefetch``, and short jobs drain 1.5-2x faster with
 #: 4 than with 1 (benchmarks/, README "Performance"). Long jobs want ``prefetch=0``.
 PREFETCH_PER_THREAD = 4
+#: With the default (automatic) prefetch, a consumer whose handlers are short claims
+#: further ahead: up to about this many seconds of work per executor thread, measured
+#: from the handlers' recent run times, and at most AUTO_PREFETCH_MAX_PER_THREAD claims
+#: per thread. Long handlers stay at PREFETCH_PER_THREAD.
+AUTO_PREFETCH_SECONDS = 0.25
+AUTO_PREFETCH_MAX_PER_THREAD = 30
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,7 @@ class Options:
     zombie_limit: int = 1000
     lease: float = 20.0
     prefetch: int = 40  # PREFETCH_PER_THREAD x parallel_num unless given
+    prefetch_auto: bool = True  # not given: may claim further ahead for short handlers
     shutdown_grace: float = 30.0
     poll_interval: float = 0.5
     max_payload_bytes: int = 1024 * 1024

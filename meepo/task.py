@@ -121,6 +121,7 @@ class Task:
                 if prefetch is None
                 else _non_negative(prefetch, "prefetch")
             ),
+            prefetch_auto=prefetch is None,
             shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
             poll_interval=config.seconds(poll_interval, "poll_interval"),
             max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),

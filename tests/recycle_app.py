@@ -27,4 +27,11 @@ def handler(job: Job) -> None:
     append_line(os.environ["RECYCLE_LOG"], f"{job.id} {job.commit_id} {os.getpid()} {generation}")
 
 
-task = Task(os.environ["RECYCLE_TASK"], job_func=handler, poll_interval=0.2, zombie_timeout=5)
+# prefetch=1: a few claims ahead, given back at each recycle.
+task = Task(
+    os.environ["RECYCLE_TASK"],
+    job_func=handler,
+    poll_interval=0.2,
+    zombie_timeout=5,
+    prefetch=1,
+)

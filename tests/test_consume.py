@@ -325,3 +325,34 @@ def test_stop_without_handler_running_is_clean_and_restartable(make_task: TaskFa
     task.start()
     wait_done(task, [job_id])
     assert rec.ran(job_id) == 1
+
+
+def test_automatic_prefetch_claims_further_ahead_for_short_handlers(
+    make_task: TaskFactory,
+) -> None:
+    slow_gate = threading.Event()
+
+    def handler(job: Job) -> None:
+        if job.payload == b"slow":
+            slow_gate.wait(0.3)
+
+    auto = make_task(job_func=handler, parallel_num=2)
+    fixed = make_task(unique_task_id("fixed"), job_func=handler, parallel_num=2, prefetch=3)
+    for task in (auto, fixed):
+        assert task.options.prefetch_auto is (task is auto)
+        task.start()
+        consumer = task.consumer
+        assert consumer is not None
+        assert consumer.current_capacity() == consumer.capacity  # nothing measured yet
+        ids = task.push_many([b"fast"] * 50)
+        wait_done(task, ids)
+    assert auto.consumer is not None and fixed.consumer is not None
+    assert auto.consumer.capacity == 2 + 8 and fixed.consumer.capacity == 2 + 3
+    # short handlers: up to 30 claims per thread ahead; an explicit prefetch stays put
+    assert auto.consumer.current_capacity() > auto.consumer.capacity
+    assert auto.consumer.current_capacity() <= 2 + 60
+    assert fixed.consumer.current_capacity() == fixed.consumer.capacity
+    # long handlers bring it back down to the floor of 4 per thread
+    slow = auto.push_many([b"slow"] * 12)
+    wait_done(auto, slow)
+    assert auto.consumer.current_capacity() == auto.consumer.capacity

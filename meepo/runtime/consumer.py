@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..config import Options
+from ..config import AUTO_PREFETCH_MAX_PER_THREAD, AUTO_PREFETCH_SECONDS, Options
 from ..dispatch import Dispatcher
 from ..errors import (
     LedgerUnavailableError,
@@ -140,6 +140,7 @@ class Consumer:
         self.worker = worker_name()
         self.counters = Counters()
         self.capacity = options.parallel_num + options.prefetch
+        self._run_time: float | None = None  # moving average of handler run times (s)
         self._lease = timedelta(seconds=options.lease)
         self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
         self._priority: dict[int, str] = {}  # job id -> priority, for held jobs
@@ -154,6 +155,8 @@ class Consumer:
         self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._stop_fetch = threading.Event()
+        self._intake_closed = threading.Event()  # executors start nothing new
+        self._set_aside: list[Job] = []  # taken by an executor after the intake closed
         self._stop_hb = threading.Event()
         self._abandon = threading.Event()  # committer: stop retrying a dead database
         self._fetcher: threading.Thread | None = None
@@ -233,6 +236,9 @@ class Consumer:
             self._fetcher.join()
         unstarted += self._drain_work()  # the fetcher's last batch
         with self._lock:
+            unstarted += self._set_aside
+            self._set_aside = []
+        with self._lock:
             self._stopping = True  # the watchdog replaces no executor from now on
             slots = list(self._slots)
         for _ in slots:
@@ -299,6 +305,17 @@ class Consumer:
                     self._priority.pop(i, None)
             self._slot.notify_all()
 
+    def current_capacity(self) -> int:
+        """How many claims the fetcher may hold unstarted or running: ``parallel_num +
+        prefetch``; with the automatic prefetch, more while handlers are short (about
+        AUTO_PREFETCH_SECONDS of work per thread ahead, bounded)."""
+        avg = self._run_time
+        if not self.opts.prefetch_auto or avg is None:
+            return self.capacity
+        n = self.opts.parallel_num
+        ahead = n * AUTO_PREFETCH_SECONDS / max(avg, 1e-6)
+        return n + max(self.opts.prefetch, min(int(ahead), AUTO_PREFETCH_MAX_PER_THREAD * n))
+
     @property
     def held(self) -> dict[int, int]:
         with self._lock:
@@ -310,7 +327,8 @@ class Consumer:
         backoff = Backoff()
         while not self._stop_fetch.is_set():
             with self._slot:
-                free = min(self.capacity - self._busy, 2 * self.capacity - len(self._held))
+                cap = self.current_capacity()
+                free = min(cap - self._busy, 2 * cap - len(self._held))
                 if free <= 0:
                     self._slot.wait(0.5)
                     continue
@@ -369,11 +387,21 @@ class Consumer:
 
     # -- executors --------------------------------------------------------------------
 
+    def close_intake(self) -> None:
+        """Start no new job from now on (a stop is coming): running handlers finish,
+        claimed jobs wait to be given back by :meth:`stop`. Safe from a handler."""
+        self._intake_closed.set()
+        self._stop_fetch.set()
+
     def _exec_loop(self, slot: _Slot) -> None:
         while True:
             job = self._work.get()
             if job is None:
                 return
+            if self._intake_closed.is_set():
+                with self._lock:
+                    self._set_aside.append(job)
+                continue
             if not self._run(slot, job):
                 return  # timed out: a fresh executor has taken this one's place
 
@@ -383,6 +411,7 @@ class Consumer:
             slot.job, slot.started = job, time.monotonic()
         self._local.job = job
         error: str | None = None
+        began = time.perf_counter()
         try:
             error = did_no_work(self.handler(job))
             if error is not None:
@@ -392,6 +421,9 @@ class Consumer:
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
+        took = time.perf_counter() - began
+        avg = self._run_time
+        self._run_time = took if avg is None else avg + 0.05 * (took - avg)
         with self._lock:
             slot.job = None
             abandoned = slot.abandoned

@@ -95,6 +95,12 @@ class Recycler:
             finally:
                 with self._count_lock:
                     self.ended += 1
+                if self.limit_reached() is not None:
+                    # In the handler's own thread, before its executor takes the next
+                    # job: the generation ends here, not a few jobs later.
+                    consumer = self.task.consumer
+                    if consumer is not None:
+                        consumer.close_intake()
                 self._wake.set()
 
         return counted
@@ -104,6 +110,17 @@ class Recycler:
         timed_out = consumer.counters.timed_out if consumer is not None else 0
         with self._count_lock:
             return self.ended + timed_out
+
+    def limit_reached(self) -> str | None:
+        """Why this generation should end now, or None."""
+        jobs = self.jobs()
+        if self.max_jobs is not None and jobs >= self.max_jobs:
+            return f"{jobs} jobs (--max-jobs {self.max_jobs})"
+        if self.max_memory_mb is not None and jobs > 0:
+            rss = rss_mb()
+            if rss > self.max_memory_mb:
+                return f"{rss:.0f} MB resident (--max-memory {self.max_memory_mb})"
+        return None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="meepo-recycler", daemon=True)
@@ -119,14 +136,7 @@ class Recycler:
             self._wake.clear()
             if self._done.is_set():
                 return
-            jobs = self.jobs()
-            reason = None
-            if self.max_jobs is not None and jobs >= self.max_jobs:
-                reason = f"{jobs} jobs (--max-jobs {self.max_jobs})"
-            elif self.max_memory_mb is not None and jobs > 0:
-                rss = rss_mb()
-                if rss > self.max_memory_mb:
-                    reason = f"{rss:.0f} MB resident (--max-memory {self.max_memory_mb})"
+            reason = self.limit_reached()
             if reason is None:
                 continue
             self.reason = reason
