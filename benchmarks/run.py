@@ -68,7 +68,7 @@ from .meepo_bench import Meepo
 from .peers.driver import PEERS_BACKEND, PeerSystem, peer_systems
 
 #: meepo's drain worker configurations (``--meepo``): ``P`` is parallel_num=P with
-#: meepo's default prefetch (4 x parallel_num), ``PxF`` adds prefetch=F. The first one is
+#: meepo's default (automatic) prefetch, ``PxF`` adds prefetch=F. The first one is
 #: the "meepo" row (pushes, drains, latency, growth: meepo's defaults); the others add
 #: drain-only rows.
 DEFAULT_MEEPO = "10,10x300"
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m in systems:
         if isinstance(m, Meepo):
-            prefetch = "default (4 x parallel_num)" if m.prefetch is None else m.prefetch
+            prefetch = "automatic (default)" if m.prefetch is None else m.prefetch
             print(f"{m.name}: parallel_num={m.parallel}, prefetch={prefetch}")
     report: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
