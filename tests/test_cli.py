@@ -83,6 +83,14 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["worker", "app:task", "--max-jobs", "0"], "--max-jobs"),
         (["worker", "app:task", "--max-memory", "lots"], "--max-memory"),
         (["stats", "--nope"], "unrecognized arguments: --nope"),
+        (["schedules"], "required: COMMAND"),
+        (["schedules", "next", "x"], "required: --task"),
+        (["schedules", "remove", "x"], "required: --task"),
+        (["schedules", "remove", "bad name", "--task", "t"], "invalid schedule name 'bad name'"),
+        (["schedules", "next", "x", "--task", "t", "-n", "0"], "-n"),
+        (["schedules", "next", "x", "--task", "bad task!"], "invalid task id"),
+        (["schedules", "list", "--task", "bad task!"], "invalid task id"),
+        (["schedules", "list", "--table", "no-such;table"], "invalid table name"),
     ],
 )
 def test_usage_errors_are_one_line_exit_2(

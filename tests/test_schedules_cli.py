@@ -13,28 +13,6 @@ from test_cli import assert_one_error_line, run
 UTC = timezone.utc
 
 
-@pytest.mark.parametrize(
-    "argv, needle",
-    [
-        (["schedules"], "required: COMMAND"),
-        (["schedules", "next", "x"], "required: --task"),
-        (["schedules", "remove", "x"], "required: --task"),
-        (["schedules", "remove", "bad name", "--task", "t"], "invalid schedule name 'bad name'"),
-        (["schedules", "next", "x", "--task", "t", "-n", "0"], "-n"),
-        (["schedules", "next", "x", "--task", "bad task!"], "invalid task id"),
-        (["schedules", "list", "--task", "bad task!"], "invalid task id"),
-        (["schedules", "list", "--table", "no-such;table"], "invalid table name"),
-    ],
-)
-def test_usage_errors_are_one_line_exit_2(
-    capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
-) -> None:
-    code, out, err = run(capsys, *argv)
-    assert code == 2
-    assert out == ""
-    assert needle in assert_one_error_line(err)
-
-
 def test_unreachable_database_masks_the_password(capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/test"
     code, _, err = run(capsys, "--db", url, "schedules", "list")
