@@ -394,3 +394,18 @@ def test_batch_joins_a_session(make_task: TaskFactory) -> None:
     assert queue(task, "high") == [(b.ids[0], 0)] and queue(task) == [(b.ids[1], 0)]
     with pytest.raises(TypeError, match="Connection or Session"):
         task.batch(connection="nope")
+
+
+def test_unique_key_inside_a_callers_transaction(make_task: TaskFactory) -> None:
+    task = make_task()
+    with task.engine.connect() as conn:
+        first = task.push(b"a", key="tx-key", connection=conn)
+        assert task.push(b"b", key="tx-key", connection=conn) == first
+        conn.rollback()
+    assert rows(task) == 0 and task.ledger.unique_holder(task.task_id, "tx-key") is None
+    with Session(task.engine) as session:
+        first = task.push(b"a", key="tx-key", connection=session)
+        assert task.push(b"b", key="tx-key", connection=session) == first
+        session.commit()
+    assert rows(task) == 1 and queue(task) == [(first, 0)]
+    assert task.push(b"c", key="tx-key") == first  # still unfinished
