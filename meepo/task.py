@@ -333,25 +333,23 @@ class Task:
         if st is Status.DOING:
             raise ValueError("commit status must be done, failed or todo, not doing")
         consumer = self._consumer
-        held = consumer.claim_of(job_id) if consumer is not None else None
+        held = consumer.held_claim(job_id) if consumer is not None else None
         if commit_id is None:
             if held is None:
                 raise NotRunningHereError(
                     f"job {job_id} is not running in this process: pass commit_id= (the "
                     "Job.commit_id its handler received)"
                 )
-            commit_id = held
+            commit_id = held[0]
         run_at = None
         if delay is not None and st is Status.TODO:
             run_at = self.clock() + timedelta(
                 seconds=config.seconds(delay, "delay", allow_zero=True)
             )
-        prio = consumer.priority_of(job_id) if consumer is not None else None
-        outcome = Outcome(job_id, commit_id, st, error, run_at, prio or self.default_priority)
-        if consumer is not None and consumer.running and held == commit_id:
-            consumer.commit(outcome)
-        else:
-            self.dispatcher.commit_one(outcome)
+        if consumer is not None and consumer.running and held and held[0] == commit_id:
+            consumer.commit(Outcome(job_id, commit_id, st, error, run_at, held[1]))
+        else:  # the ledger knows the job's priority
+            self.dispatcher.commit_one(Outcome(job_id, commit_id, st, error, run_at))
 
     def repush(self, job_id: int) -> int:
         """Put a job of any status back on the queue as todo (failed_times reset to 0);

@@ -37,7 +37,7 @@ from ..errors import (
     UnavailableError,
 )
 from ..ledger import CHUNK, Outcome, Pair
-from ..records import Job, Message, Status
+from ..records import DEFAULT_PRIORITY, Job, Message, Status
 from ..transport import decode
 
 log = logging.getLogger("meepo.consumer")
@@ -301,9 +301,13 @@ class Consumer:
         with self._slot:
             for i, c in pairs:
                 if self._held.get(i) == c:
-                    del self._held[i]
-                    self._priority.pop(i, None)
+                    self._drop_held(i)
             self._slot.notify_all()
+
+    def _drop_held(self, job_id: int) -> None:
+        """Forget a claim (its lease is no longer renewed); call with the lock held."""
+        del self._held[job_id]
+        self._priority.pop(job_id, None)
 
     def current_capacity(self) -> int:
         """How many claims the fetcher may hold unstarted or running: ``parallel_num +
@@ -455,8 +459,7 @@ class Consumer:
             return True
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
             if self._held.get(job.id) == job.commit_id:
-                del self._held[job.id]
-                self._priority.pop(job.id, None)
+                self._drop_held(job.id)
                 self._slot.notify_all()
                 log.info(
                     "task %s: job %d returned without a commit; the reaper will apply the "
@@ -472,8 +475,7 @@ class Consumer:
         with self._slot:
             if self._held.get(job.id) != job.commit_id:
                 return False
-            del self._held[job.id]  # no more lease renewals
-            self._priority.pop(job.id, None)
+            self._drop_held(job.id)  # no more lease renewals
             self._slot.notify_all()
         self._commits.put(_Commit(self._auto_outcome(job, error)))
         return True
@@ -572,20 +574,17 @@ class Consumer:
         job: Job | None = getattr(self._local, "job", None)
         return job
 
-    def priority_of(self, job_id: int) -> str | None:
+    def held_claim(self, job_id: int) -> tuple[int, str] | None:
+        """The commit_id and priority of this process's claim of ``job_id`` (None if
+        it holds none)."""
         job = self.current_job()
         if job is not None and job.id == job_id:
-            return job.priority
+            return job.commit_id, job.priority
         with self._lock:
-            return self._priority.get(job_id)
-
-    def claim_of(self, job_id: int) -> int | None:
-        """The commit_id this process holds for ``job_id`` (None if it holds none)."""
-        job = self.current_job()
-        if job is not None and job.id == job_id:
-            return job.commit_id
-        with self._lock:
-            return self._held.get(job_id)
+            commit_id = self._held.get(job_id)
+            if commit_id is None:
+                return None
+            return commit_id, self._priority.get(job_id, DEFAULT_PRIORITY)
 
     def commit(self, outcome: Outcome) -> None:
         """A handler's commit, sent through the committer (shares its round trips).
