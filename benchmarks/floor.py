@@ -207,6 +207,27 @@ class Floor:
         assert key is not None
         self.redis.rpush(self.queue, b"%d:0:%r" % (int(key[0]), ts))
 
+    def claim_single(self, job_id: int, commit_id: int) -> bool:
+        """One job's claim, one committed statement; True if it won."""
+        now = self.now()
+        with self.engine.begin() as conn:
+            won = conn.execute(
+                self.claim_one,
+                {
+                    "b_id": job_id,
+                    "b_cid": commit_id,
+                    "b_now": now,
+                    "b_lease": now + LEASE,
+                    "b_worker": self.worker,
+                },
+            ).rowcount
+        return bool(won == 1)
+
+    def finish_single(self, job_id: int, commit_id: int) -> None:
+        """One job's commit as done, one committed statement."""
+        with self.engine.begin() as conn:
+            conn.execute(self.finish_one, {"b_id": job_id, "b_cid": commit_id, "b_now": self.now()})
+
     def serve_stamped(self, stop: threading.Event) -> None:
         """The unbatched loop on stamped messages until ``stop``: BLPOP, claim, (the
         handler starts: report it to the probe), commit."""
@@ -217,25 +238,10 @@ class Floor:
             head, _, rest = bytes(got[1]).partition(b":")
             cid, _, ts = rest.partition(b":")
             job_id, commit_id = int(head), int(cid)
-            now = self.now()
-            with self.engine.begin() as conn:
-                won = conn.execute(
-                    self.claim_one,
-                    {
-                        "b_id": job_id,
-                        "b_cid": commit_id,
-                        "b_now": now,
-                        "b_lease": now + LEASE,
-                        "b_worker": self.worker,
-                    },
-                ).rowcount
-            if won != 1:
+            if not self.claim_single(job_id, commit_id):
                 continue
             probe.tick(float(ts or 0))
-            with self.engine.begin() as conn:
-                conn.execute(
-                    self.finish_one, {"b_id": job_id, "b_cid": commit_id + 1, "b_now": self.now()}
-                )
+            self.finish_single(job_id, commit_id + 1)
 
     def push_batch(self, payloads: Sequence[bytes]) -> list[int]:
         now = self.now()
@@ -264,25 +270,10 @@ class Floor:
                 return done, last
             head, _, tail = bytes(got[1]).partition(b":")
             job_id, commit_id = int(head), int(tail)
-            now = self.now()
-            with self.engine.begin() as conn:
-                won = conn.execute(
-                    self.claim_one,
-                    {
-                        "b_id": job_id,
-                        "b_cid": commit_id,
-                        "b_now": now,
-                        "b_lease": now + LEASE,
-                        "b_worker": self.worker,
-                    },
-                ).rowcount
-            if won != 1:
+            if not self.claim_single(job_id, commit_id):
                 continue
             # the no-op job runs here
-            with self.engine.begin() as conn:
-                conn.execute(
-                    self.finish_one, {"b_id": job_id, "b_cid": commit_id + 1, "b_now": self.now()}
-                )
+            self.finish_single(job_id, commit_id + 1)
             done += 1
             last = time.time()
 
