@@ -30,6 +30,7 @@ REDIS_URL = os.environ.get("MEEPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 REQUIRE = os.environ.get("MEEPO_REQUIRE_SERVERS") == "1"
 
 BACKENDS = ["sqlite", "mariadb", "postgres"]
+SERVERS = ["mariadb", "postgres"]  # the backends with a server (and row locks)
 
 _reachable: dict[str, str | None] = {}
 _counter = itertools.count()
@@ -54,10 +55,8 @@ def _prepare(url: str) -> None:
     migrate.upgrade(engine)
 
 
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    """A migrated ledger database URL, one per backend."""
-    backend = request.param
+def backend_url(backend: str, sqlite_url: str) -> str:
+    """The migrated ledger database URL of ``backend`` (skip or fail if unreachable)."""
     url = {"sqlite": sqlite_url, "mariadb": MARIADB_URL, "postgres": POSTGRES_URL}[backend]
     if backend not in _reachable:
         try:
@@ -69,6 +68,15 @@ def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
     if why is not None:
         unreachable(backend, why)
     return url
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """A migrated ledger database URL, one per backend.
+
+    A module whose tests cannot apply to SQLite (no server to lose, no row locks)
+    overrides this fixture with ``params=SERVERS``."""
+    return backend_url(request.param, sqlite_url)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,17 @@
 """Servers down at worker start, and going away mid-run (issue 4), with real servers
 behind a TCP proxy that the test closes and reopens (MariaDB, PostgreSQL) and a
-throwaway redis-server started late. SQLite has no server to lose: skipped there."""
+throwaway redis-server started late (test_redis_outage.py). SQLite has no server to
+lose: these tests run on the servers only (``db_url`` over ``SERVERS``)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from conftest import unique_task_id
-from helpers import RedisServer, TcpProxy, record, wait_for
+from conftest import SERVERS, backend_url, unique_task_id
+from helpers import TcpProxy, record, wait_for
 from sqlalchemy.engine import make_url
 
 from meepo import Job, SchemaError, Status, Task
@@ -22,14 +22,13 @@ pytestmark = pytest.mark.timeout(180)
 TaskFactory = Callable[..., Task]
 
 
-def server_only(db_url: str) -> None:
-    if db_url.startswith("sqlite"):
-        pytest.skip("SQLite has no server that could be down")
+@pytest.fixture(params=SERVERS)
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    return backend_url(request.param, sqlite_url)
 
 
 @pytest.fixture
 def proxy(db_url: str) -> Iterator[TcpProxy]:
-    server_only(db_url)
     p = TcpProxy.to(db_url)
     yield p
     p.stop()
@@ -83,7 +82,6 @@ def test_worker_started_with_the_database_down_starts_when_it_returns(
 def test_start_with_the_database_down_logs_a_masked_url(
     db_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server_only(db_url)
     closed = TcpProxy.to(db_url)  # never opened: every connection is reset
     url = make_url(closed.url(db_url)).set(username="meepo", password="s3cret-pw")
     task = Task(unique_task_id(), db=url.render_as_string(False), redis=redis_url, job_func=print)
@@ -122,26 +120,6 @@ def test_missing_schema_is_an_immediate_error_and_after_the_database_returns(
     th.join(60)
     assert not th.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], SchemaError)
-
-
-def test_worker_started_with_redis_down_consumes_once_it_starts(
-    make_task: TaskFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="meepo")
-    server = RedisServer(tmp_path / "redis")  # not started yet
-    try:
-        runs = Runs()
-        worker = make_task(redis=server.url, job_func=runs, poll_interval=0.2)
-        worker.start()  # does not raise
-        producer = make_task(redis=server.url)
-        ids = producer.push_many([b"a", b"b"])  # committed; not dispatched
-        wait_for(lambda: messages(caplog, "cannot pop"), message="the fetcher's retry line")
-        server.start()
-        wait_for(lambda: all(record(producer, i).status is Status.DONE for i in ids), timeout=30)
-        later = producer.push(b"later")
-        wait_for(lambda: record(producer, later).status is Status.DONE)
-    finally:
-        server.stop()
 
 
 def test_database_lost_mid_run_no_job_half_committed(

@@ -1,5 +1,8 @@
 """The reaper and the sweep skip rows another transaction holds locked (issue 4).
 
+Row locks are a server's: these tests run on MariaDB and PostgreSQL (SQLite's write
+lock covers the whole file, so nothing can hold one row).
+
 On MariaDB a worker frozen (SIGSTOP) inside its claim transaction keeps its row locks
 until it wakes up; another process's reaper must not wait for it. The lock here is held
 by a real open transaction (``SELECT … FOR UPDATE``) on another connection; the reaper
@@ -13,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from conftest import SERVERS, backend_url
 from helpers import Clock, record, wait_for
 from sqlalchemy import select
 from test_reaper import claim_and_die
@@ -47,15 +51,14 @@ def in_thread(fn: Callable[[], ReapReport]) -> ReapReport:
     return out[0]
 
 
-def skip_sqlite(task: Task) -> None:
-    if task.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite has no row locks (its write lock covers the whole file)")
+@pytest.fixture(params=SERVERS)
+def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    return backend_url(request.param, sqlite_url)
 
 
 def test_reaper_skips_a_locked_zombie_and_reaps_the_others(make_task: TaskFactory) -> None:
     clock = Clock()
     task = make_task(clock=clock, zombie_timeout=2.0)
-    skip_sqlite(task)
     ids = task.push_many([b"z%d" % i for i in range(5)])
     claim_and_die(task, ids, lease=2.0)
     clock.advance(3)
@@ -74,7 +77,6 @@ def test_reaper_skips_a_locked_zombie_and_reaps_the_others(make_task: TaskFactor
 def test_sweep_skips_a_locked_row_and_sends_the_others(make_task: TaskFactory) -> None:
     clock = Clock()
     task = make_task(clock=clock, zombie_timeout=2.0)
-    skip_sqlite(task)
     ids = task.push_many([b"s%d" % i for i in range(4)])
     task.redis.delete(task.transport.queue_key)  # popped by a consumer that died
     clock.advance(3)  # past their dispatch deadline

@@ -64,10 +64,14 @@ class Prepared:
     statements: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
 
 
-def fill(conn: Connection, table: Table) -> None:
+def fill(
+    conn: Connection,
+    table: Table,
+    rows_spec: Sequence[tuple[str, Status, int, datetime | None, datetime]] = ROWS,
+) -> None:
     payload = b"x" * 200
     rows: list[dict[str, Any]] = []
-    for task_id, status, n, expires_at, run_at in ROWS:
+    for task_id, status, n, expires_at, run_at in rows_spec:
         commit_id = 0 if status is Status.TODO and expires_at is not None else 2
         rows.extend(
             {
@@ -339,3 +343,61 @@ def test_finished_rows_are_most_of_the_table(prepared: Prepared, plan_engine: En
             ).all()
         )
     assert counts["done"] + counts["failed"] > 10 * (counts["todo"] + counts["doing"])
+
+
+def test_claim_uses_the_primary_key_when_statistics_say_there_is_no_todo_row(
+    db_url: str, plan_engine: Engine
+) -> None:
+    """Statistics taken when the task had no todo row (a drained queue), then a backlog
+    arrives: the claim still finds its rows by primary key, never by walking the task's
+    todo rows in the (task_id, status, expires_at) index."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    migrate.upgrade(plan_engine, name)
+    table = jobs_table(name)
+    try:
+        with plan_engine.begin() as conn:
+            fill(conn, table, [(TASK, Status.DONE, 20_000, None, NOW - timedelta(hours=1))])
+        with plan_engine.begin() as conn:
+            analyze(conn, name)
+        backlog = [(TASK, Status.TODO, 2_000, NOW + REDISPATCH, NOW)]
+        with plan_engine.begin() as conn:
+            fill(conn, table, backlog)
+            todo = conn.execute(
+                table.select()
+                .with_only_columns(table.c.id, table.c.commit_id)
+                .where(table.c.status == "todo")
+                .order_by(table.c.id)
+                .limit(300)
+            ).all()
+        recorded: list[tuple[str, Any]] = []
+
+        def listener(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            if re.match(r"\s*(SELECT|UPDATE)\b", statement, re.IGNORECASE):
+                recorded.append((statement, params))
+
+        ledger = Ledger(plan_engine, name)
+        event.listen(plan_engine, "before_cursor_execute", listener)
+        try:
+            jobs = ledger.claim(
+                TASK,
+                [(r.id, r.commit_id) for r in todo],
+                now=NOW,
+                lease_until=NOW + LEASE,
+                worker="w",
+            )
+        finally:
+            event.remove(plan_engine, "before_cursor_execute", listener)
+        assert len(jobs) == 300 and recorded
+        with plan_engine.connect() as conn:
+            for sql, params in recorded:
+                got = access(conn, name, sql, params)
+                where = f"claim: {sql}\n-- plan:\n{got.plan}"
+                assert not got.full_scan, f"full scan of {name} in {where}"
+                assert got.indexes == {"pk"}, f"not by primary key only in {where}"
+            conn.rollback()
+    finally:
+        with plan_engine.begin() as conn:
+            for n in (name, version_table_name(name)):
+                conn.execute(DropTable(Table(n, MetaData()), if_exists=True))

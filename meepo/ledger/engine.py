@@ -21,7 +21,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     SQLite: WAL journal, a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction,
     so that the consumer's threads queue for the write lock instead of failing with
     "database is locked" when a read transaction tries to upgrade. Servers: no reset
-    (ROLLBACK) when a connection goes back to the pool.
+    (ROLLBACK) when a connection goes back to the pool. PyMySQL: multi-statements
+    allowed, so a transition travels as one script (``fastpath.MySQLScript``; every
+    value is bound, never spliced into the text).
     """
     try:
         parsed = make_url(url)
@@ -36,6 +38,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
     elif backend == "mysql":
         options["pool_recycle"] = 3600
+    elif backend == "postgresql" and parsed.get_driver_name() == "psycopg":
+        # No server-side prepared statements: every statement is planned with its
+        # values, never with a generic plan that cannot see how many ids an array holds
+        # (the hot statements' text no longer varies with the batch; psycopg still
+        # caches their client-side parse).
+        options["connect_args"] = {"prepare_threshold": None}
     if backend in ("mysql", "postgresql"):
         # Every use of a connection ends its transaction itself (``engine.begin()``
         # commits or rolls back; a Connection closed mid-transaction rolls back), so the
@@ -54,7 +62,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         ) from None
     if backend == "sqlite":
         _tune_sqlite(engine)
+    elif backend == "mysql" and parsed.get_driver_name() == "pymysql":
+        _allow_scripts(engine)
     return engine
+
+
+def _allow_scripts(engine: Engine) -> None:
+    from pymysql.constants import CLIENT
+
+    @event.listens_for(engine, "do_connect")
+    def _on_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams["client_flag"] = cparams.get("client_flag", 0) | CLIENT.MULTI_STATEMENTS
 
 
 def _tune_sqlite(engine: Engine) -> None:

@@ -47,6 +47,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
 from .engine import translate_errors
+from .fastpath import PLUS_ONE, MySQLScript, PgForms, sa_values
 from .schema import jobs_table, unique_table
 from .types import UTC
 
@@ -121,6 +122,16 @@ class Ledger:
         self.unique: Table = unique_table(table_name)
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
+        # The hot statements' server-specific forms (see fastpath.py); SQLite and other
+        # drivers use the portable ones below.
+        dialect = engine.dialect.name
+        self._pg = PgForms(self.table) if dialect == "postgresql" else None
+        self._my = MySQLScript(self.table, engine) if dialect == "mysql" else None
+        self._scripts: bool | None = None  # does the engine's driver run scripts?
+        # PostgreSQL: a single-statement transition needs no BEGIN/COMMIT around it.
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else None
+        )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -129,6 +140,30 @@ class Ledger:
         """A transaction on a pooled connection, errors translated to meepo's."""
         with translate_errors(self.url, self.table_name), self.engine.begin() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def _one_statement(self) -> Iterator[Connection]:
+        """A connection for exactly one statement, which is its own transaction:
+        autocommit on PostgreSQL (no BEGIN and COMMIT round trips), a transaction
+        elsewhere."""
+        if self._autocommit is None:
+            with self.begin() as conn:
+                yield conn
+            return
+        with translate_errors(self.url, self.table_name), self._autocommit.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _script(self) -> Iterator[Connection | None]:
+        """A connection that runs one-packet scripts (MariaDB/MySQL through PyMySQL
+        with multi-statements), or None."""
+        if self._my is None or self._scripts is False:
+            yield None
+            return
+        with translate_errors(self.url, self.table_name), self.engine.connect() as conn:
+            if self._scripts is None:
+                self._scripts = MySQLScript.usable(conn)
+            yield conn if self._scripts else None
 
     def _pairs_where(self, pairs: Sequence[Pair]) -> ColumnElement[bool]:
         t = self.table
@@ -150,7 +185,7 @@ class Ledger:
         stmt = (
             update(t)
             .where(self._pairs_where(pairs), cond)
-            .values(commit_id=t.c.commit_id + 1, **values)
+            .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
         )
         return int(conn.execute(stmt).rowcount)
 
@@ -161,15 +196,31 @@ class Ledger:
     ) -> set[Pair]:
         """Apply compare-and-set groups; return the pairs that won.
 
-        Fast path: one UPDATE per group in one transaction; when every row matched, all
-        won. Otherwise (someone else moved a job meanwhile) the transaction is rolled
-        back and redone one row at a time, so exactly the winners change.
+        PostgreSQL: one ``UPDATE … RETURNING`` per group, which names its winners.
+        MariaDB/MySQL: one script (see fastpath.py). Otherwise one UPDATE per group in
+        one transaction; when every row matched, all won, and if not (someone else
+        moved a job meanwhile) the transaction is rolled back and redone one row at a
+        time, so exactly the winners change.
         """
         groups = [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
         if not groups:
             return set()
         if conn is not None:
             return self._transition_rows(conn, groups)
+        if self._pg is not None:
+            chunks = [
+                (pairs[i : i + CHUNK], statuses, values)
+                for pairs, statuses, values in groups
+                for i in range(0, len(pairs), CHUNK)
+            ]
+            # one statement needs no transaction around it; several share one
+            opener = self._one_statement if len(chunks) == 1 else self.begin
+            with opener() as c:
+                return {w for pairs, st, v in chunks for w in self._pg.transition(c, pairs, st, v)}
+        if sum(len(p) for p, _, _ in groups) <= CHUNK:
+            with self._script() as sc:
+                if sc is not None and self._my is not None:
+                    return self._my.transition(sc, groups)
         try:
             with self.begin() as c:
                 for pairs, statuses, values in groups:
@@ -218,7 +269,8 @@ class Ledger:
         committed before this returns.
         """
         if conn is None:
-            with self.begin() as c:
+            one_plain = len(jobs) == 1 and jobs[0].key is None
+            with self._one_statement() if one_plain else self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
             return self._insert(conn, task_id, jobs, now, redispatch_timeout, never_dispatched)
@@ -275,6 +327,11 @@ class Ledger:
                 return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
             return [_inserted_id(conn.execute(insert(t), rows[0]))]
         ids: list[int] = []
+        if self._pg is not None:
+            task_id, now = rows[0]["task_id"], rows[0]["created_at"]
+            for i in range(0, len(rows), CHUNK):
+                ids.extend(self._pg.insert(conn, task_id, now, rows[i : i + CHUNK]))
+            return ids
         if dialect.insert_executemany_returning_sort_by_parameter_order:
             stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
             for i in range(0, len(rows), CHUNK):
@@ -386,12 +443,34 @@ class Ledger:
 
         Returns the jobs this call won, with their new commit_id; stale, duplicate and
         foreign messages simply do not come back. PostgreSQL and SQLite do it in one
-        ``UPDATE … RETURNING``; MySQL/MariaDB lock the rows with ``SELECT … FOR UPDATE``
-        and update the winners.
+        ``UPDATE … RETURNING`` (PostgreSQL: in autocommit, one round trip);
+        MySQL/MariaDB lock the rows with ``SELECT … FOR UPDATE`` and update the winners
+        (through PyMySQL: one script, one round trip).
         """
         want = sorted(set(pairs))
         if not want:
             return []
+        if self._pg is not None:
+            with self._one_statement() as conn:
+                got = self._pg.claim(
+                    conn, task_id, want, now=now, lease_until=lease_until, worker=worker
+                )
+            return sorted(
+                (
+                    Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id, r.priority)
+                    for r in got
+                ),
+                key=lambda j: j.id,
+            )
+        with self._script() as sc:
+            if sc is not None and self._my is not None:
+                won = self._my.claim(
+                    sc, task_id, want, now=now, lease_until=lease_until, worker=worker
+                )
+                return [
+                    Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + 1, str(r[5]))
+                    for r in won
+                ]
         t = self.table
         values = {
             "status": Status.DOING.value,
@@ -469,6 +548,13 @@ class Ledger:
             return set()
         t = self.table
         lost: set[Pair] = set()
+        if self._pg is not None:
+            with self.begin() as conn:
+                for i in range(0, len(want), CHUNK):
+                    chunk = want[i : i + CHUNK]
+                    kept = self._pg.heartbeat(conn, chunk, lease_until)
+                    lost.update(p for p in chunk if p not in kept)
+            return lost
         with self.begin() as conn:
             for i in range(0, len(want), CHUNK):
                 chunk = want[i : i + CHUNK]
@@ -491,17 +577,16 @@ class Ledger:
         return lost
 
     def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
-        t = self.table
         values: dict[str, Any] = {"status": o.status.value, "updated_at": now}
         if o.status is Status.DONE:
             values["expires_at"] = None
         elif o.status is Status.FAILED:
             values["expires_at"] = None
-            values["failed_times"] = t.c.failed_times + 1
+            values["failed_times"] = PLUS_ONE
             values["last_error"] = _error_text(o.error)
         else:  # TODO: back on the queue, due at run_at
             due = o.run_at or now
-            values["failed_times"] = t.c.failed_times + 1
+            values["failed_times"] = PLUS_ONE
             values["last_error"] = _error_text(o.error)
             values["run_at"] = due
             # The caller sends it (to the delayed set if due later); the sweep re-sends
@@ -582,7 +667,6 @@ class Ledger:
                 final = Status.FAILED if dst is Status.TODO else dst
                 close.setdefault(final, []).append((z.id, z.commit_id))
         groups: list[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]] = []
-        t = self.table
         if requeue:
             groups.append(
                 (
@@ -590,7 +674,7 @@ class Ledger:
                     [Status.DOING],
                     {
                         "status": Status.TODO.value,
-                        "failed_times": t.c.failed_times + 1,
+                        "failed_times": PLUS_ONE,
                         "last_error": error,
                         "updated_at": now,
                         "run_at": now,
@@ -605,7 +689,7 @@ class Ledger:
                     [Status.DOING],
                     {
                         "status": final.value,
-                        "failed_times": t.c.failed_times + 1,
+                        "failed_times": PLUS_ONE,
                         "last_error": error,
                         "updated_at": now,
                         "expires_at": None,
@@ -663,7 +747,7 @@ class Ledger:
                         update(t)
                         .with_hint(pk, dialect_name="mysql")
                         .where(self._pairs_where(chunk), cond)
-                        .values(commit_id=t.c.commit_id + 1, **values)
+                        .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
                     )
                     if conn.execute(stmt).rowcount != len(chunk):  # we hold their locks
                         raise RuntimeError("a locked row changed under its lock")
@@ -823,7 +907,7 @@ class Ledger:
                     t.c.status == Status.DOING.value,
                     t.c.task_id == task_id,
                 )
-                .values(commit_id=t.c.commit_id + 1, **values)
+                .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
             ).rowcount
             if n == 1:
                 prio = conn.execute(select(t.c.priority).where(t.c.id == outcome.job_id)).scalar()

@@ -1,0 +1,222 @@
+"""The server-specific statement forms of the hot path (meepo/ledger/fastpath.py): the
+same results as the portable forms, errors that leave nothing half-done, and the
+fallback when a driver cannot run them.
+
+The forms themselves run under every other test too (claims, commits, the model test);
+this file covers what is theirs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import pytest
+from conftest import backend_url, unique_task_id
+from helpers import record, wait_for
+from sqlalchemy import create_engine, insert, select
+
+from meepo import Job, LedgerUnavailableError, Status, Task
+from meepo.ledger import Ledger, make_engine
+from meepo.ledger.ledger import Outcome
+from meepo.ledger.types import UTC
+from meepo.records import NewJob
+
+pytestmark = pytest.mark.timeout(120)
+
+TaskFactory = Callable[..., Task]
+LEASE = timedelta(seconds=30)
+
+
+@pytest.fixture
+def mariadb_url(sqlite_url: str) -> str:
+    return backend_url("mariadb", sqlite_url)
+
+
+@pytest.fixture
+def postgres_url(sqlite_url: str) -> str:
+    return backend_url("postgres", sqlite_url)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_a_batch_past_one_statement_keeps_every_job_in_order(make_task: TaskFactory) -> None:
+    """2,500 jobs (three INSERT statements of up to 1,000 rows) with mixed priorities and
+    due times: every id is its own payload's, in push order."""
+    task = make_task(priorities=["high", "default", "low"])
+    prios = ["high", "default", "low"]
+    with task.batch() as b:
+        for i in range(2500):
+            b.push(b"job-%04d" % i, priority=prios[i % 3], delay=3600 if i % 7 == 0 else None)
+    ids = b.ids
+    assert len(ids) == len(set(ids)) == 2500 and ids == sorted(ids)
+    rows = {r.id: r for r in (task.get(i) for i in ids[::97] + ids[-3:]) if r is not None}
+    for k, job_id in enumerate(ids):
+        if job_id in rows:
+            rec = rows[job_id]
+            assert rec.payload == b"job-%04d" % k
+            assert rec.priority == prios[k % 3]
+            assert (rec.run_at > rec.created_at + timedelta(seconds=3000)) == (k % 7 == 0)
+    due = [prios[k % 3] for k in range(2500) if k % 7]
+    want = {p: due.count(p) for p in prios}
+    assert task.depths() == {**want, "delayed": 2500 - len(due)}
+
+
+def test_claim_and_finish_report_exactly_the_winners(db_url: str) -> None:
+    """A batch mixing current, stale, duplicate and foreign claims: only the current ones
+    win, in one call, and a commit of a mix of current and stale claims likewise."""
+    engine = make_engine(db_url)
+    ledger = Ledger(engine, "meepo_jobs")
+    task_id, other = unique_task_id("fp"), unique_task_id("fp_other")
+    t0 = now()
+    mine = ledger.insert(
+        task_id, [NewJob(b"a"), NewJob(b"b"), NewJob(b"c")], now=t0, redispatch_timeout=LEASE
+    )
+    foreign = ledger.insert(other, [NewJob(b"x")], now=t0, redispatch_timeout=LEASE)
+    a, b, c = (r.id for r in mine)
+    got = ledger.claim(
+        task_id,
+        [(a, 0), (b, 0), (b, 0), (c, 5), (foreign[0].id, 0)],
+        now=t0,
+        lease_until=t0 + LEASE,
+        worker="w",
+    )
+    assert [(j.id, j.commit_id, j.payload) for j in got] == [(a, 1, b"a"), (b, 1, b"b")]
+    again = ledger.claim(task_id, [(a, 0)], now=t0, lease_until=t0 + LEASE, worker="w")
+    assert again == []  # the message is stale now
+    won = ledger.finish(
+        [
+            Outcome(a, 1, Status.DONE),
+            Outcome(b, 0, Status.DONE),  # stale: b is at commit_id 1
+            Outcome(c, 0, Status.FAILED, "boom"),  # not doing
+        ],
+        now=t0,
+        redispatch_timeout=LEASE,
+    )
+    assert won == {(a, 1)}
+    recs = {i: ledger.get(i) for i in (a, b, c)}
+    assert [(r.status, r.commit_id) for r in recs.values() if r] == [
+        (Status.DONE, 2),
+        (Status.DOING, 1),
+        (Status.TODO, 0),
+    ]
+
+
+def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) -> None:
+    """The claim's UPDATE fails after its SELECT … FOR UPDATE locked the rows (a worker
+    name too long for its column): nothing changes, no lock stays behind, and the pooled
+    connection serves the next claim."""
+    engine = make_engine(mariadb_url, pool_size=1, max_overflow=0)
+    ledger = Ledger(engine, "meepo_jobs")
+    task_id = unique_task_id("fp")
+    t0 = now()
+    ids = [
+        r.id
+        for r in ledger.insert(
+            task_id, [NewJob(b"a"), NewJob(b"b")], now=t0, redispatch_timeout=LEASE
+        )
+    ]
+    pairs = [(i, 0) for i in ids]
+    with pytest.raises(LedgerUnavailableError, match="worker"):
+        ledger.claim(task_id, pairs, now=t0, lease_until=t0 + LEASE, worker="w" * 500)
+    for i in ids:
+        rec = ledger.get(i)
+        assert rec is not None and (rec.status, rec.commit_id) == (Status.TODO, 0)
+    other = create_engine(mariadb_url)
+    try:
+        t = ledger.table
+        with other.connect() as conn:  # no lock left: NOWAIT would fail on one
+            conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            locked = conn.execute(
+                select(t.c.id).where(t.c.id.in_(ids)).with_for_update(nowait=True)
+            ).all()
+            assert sorted(r.id for r in locked) == ids
+            conn.rollback()
+    finally:
+        other.dispose()
+    got = ledger.claim(task_id, pairs, now=t0, lease_until=t0 + LEASE, worker="w")
+    assert [j.id for j in got] == ids
+    engine.dispose()
+
+
+def test_mariadb_transition_script_error_changes_no_group(mariadb_url: str) -> None:
+    engine = make_engine(mariadb_url)
+    ledger = Ledger(engine, "meepo_jobs")
+    assert ledger._my is not None
+    task_id = unique_task_id("fp")
+    t0 = now()
+    ids = [
+        r.id
+        for r in ledger.insert(
+            task_id, [NewJob(b"a"), NewJob(b"b")], now=t0, redispatch_timeout=LEASE
+        )
+    ]
+    claimed = ledger.claim(
+        task_id, [(i, 0) for i in ids], now=t0, lease_until=t0 + LEASE, worker="w"
+    )
+    (a, ca), (b, cb) = [(j.id, j.commit_id) for j in claimed]
+    with pytest.raises(LedgerUnavailableError):  # the second UPDATE: status too long
+        ledger._transition(
+            [
+                ([(a, ca)], [Status.DOING], {"status": "done", "updated_at": t0}),
+                ([(b, cb)], [Status.DOING], {"status": "x" * 40, "updated_at": t0}),
+            ]
+        )
+    for i in ids:
+        rec = ledger.get(i)
+        assert rec is not None and (rec.status, rec.commit_id) == (Status.DOING, 1)
+    engine.dispose()
+
+
+def test_mariadb_engine_without_multi_statements_uses_the_portable_forms(
+    mariadb_url: str, redis_url: str
+) -> None:
+    """A caller's own Engine (no multi-statements flag): every job still runs once."""
+    engine = create_engine(mariadb_url)
+    runs: list[Job] = []
+    task = Task(unique_task_id("fp"), db=engine, redis=redis_url, job_func=runs.append)
+    try:
+        assert task.ledger._my is not None
+        ids = task.push_many([b"%d" % i for i in range(50)])
+        task.start()
+        wait_for(lambda: all(record(task, i).status is Status.DONE for i in ids), timeout=30)
+        assert sorted(j.id for j in runs) == ids
+        assert task.ledger._scripts is False
+    finally:
+        task.stop(wait=True, grace=5)
+        engine.dispose()
+
+
+def test_postgres_autocommit_claims_leave_transactions_working(postgres_url: str) -> None:
+    """The claim runs in autocommit on a pooled connection; the same connection, checked
+    out again, is transactional: a rolled-back INSERT leaves nothing."""
+    engine = make_engine(postgres_url, pool_size=1, max_overflow=0)
+    ledger = Ledger(engine, "meepo_jobs")
+    task_id = unique_task_id("fp")
+    t0 = now()
+    (row,) = ledger.insert(task_id, [NewJob(b"a")], now=t0, redispatch_timeout=LEASE)
+    assert [
+        j.id
+        for j in ledger.claim(task_id, [(row.id, 0)], now=t0, lease_until=t0 + LEASE, worker="w")
+    ] == [row.id]
+    t = ledger.table
+    with engine.connect() as conn:
+        new_id = conn.execute(
+            insert(t).returning(t.c.id),
+            {
+                "task_id": task_id,
+                "status": "todo",
+                "payload": b"x",
+                "failed_times": 0,
+                "commit_id": 0,
+                "created_at": t0,
+                "updated_at": t0,
+                "run_at": t0,
+                "expires_at": t0,
+            },
+        ).scalar_one()
+        conn.rollback()
+    assert ledger.get(new_id) is None
+    engine.dispose()
