@@ -343,6 +343,15 @@ class MySQLScript:
             args.append(task_id)
         return sql, args
 
+    def insert_one(self, conn: Connection, row: dict[str, Any]) -> int:
+        """INSERT … RETURNING id and COMMIT in one packet (MariaDB 10.5+); its id."""
+        cols = [self.table.c[k].name for k in row]  # known columns, never user text
+        sql = (
+            f"INSERT INTO {self.name} ({', '.join(cols)}) VALUES ({_marks(len(cols))}) RETURNING id"
+        )
+        (rows,) = self.run(conn, [(sql, list(row.values()))])
+        return int(rows[0][0])
+
     def claim(
         self,
         conn: Connection,

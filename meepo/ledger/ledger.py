@@ -5,6 +5,9 @@ invariant 2): it names its precondition (``status`` and ``commit_id``) in the WH
 clause, and a row that does not match is left alone and reported back as lost.
 Batches share round trips but never the check: ``(id, commit_id) IN (…)`` keeps the
 per-job compare-and-set, ``id IN (…)`` in front of it keeps the primary key in use.
+On PostgreSQL and on MariaDB/MySQL through PyMySQL the hot statements take
+server-specific forms with the same checks and fewer round trips (``fastpath.py``);
+the forms here are the portable ones (SQLite, other drivers, a caller's transaction).
 
 Statements, by caller:
 
@@ -270,6 +273,11 @@ class Ledger:
         """
         if conn is None:
             one_plain = len(jobs) == 1 and jobs[0].key is None
+            if one_plain and self._my is not None:
+                with self._script() as sc:
+                    if sc is not None and sc.dialect.insert_returning:
+                        row = self._row(task_id, jobs[0], now, redispatch_timeout, never_dispatched)
+                        return [Inserted(self._my.insert_one(sc, row), True)]
             with self._one_statement() if one_plain else self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):

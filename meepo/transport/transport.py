@@ -216,7 +216,7 @@ class Transport:
     def pop(self, count: int, timeout: float) -> tuple[str, list[bytes]]:
         """Up to ``count`` messages from the first non-empty queue in priority order, and
         that queue's priority; waits up to ``timeout`` seconds (BLPOP/BLMPOP) only when
-        all are empty."""
+        all are empty (a BLPOP returns the one message it woke up for)."""
         keys = self._pop_keys
         with self._errors("pop"):
             got: Any
@@ -228,14 +228,9 @@ class Transport:
                 if timeout <= 0:
                     return prio, []
                 one: Any = self.client.blpop(keys, timeout=timeout)
-                if not one:
-                    return prio, []
-                out = [one[1]]
-                if count > 1:
-                    more: Any = self.client.lpop(keys[0], count - 1)
-                    if more:
-                        out.extend(more)
-                return prio, out
+                # The one message that woke us goes to its claim at once (an idle
+                # queue's latency); if more came, the next call's LPOP takes them.
+                return prio, [one[1]] if one else []
             run: Any = self.client.execute_command
             got = run("LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
             if not got and timeout > 0:
