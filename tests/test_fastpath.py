@@ -42,6 +42,12 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def new_rows(ledger: Ledger, task_id: str, *payloads: bytes) -> list[int]:
+    """Plain todo rows, committed; their ids."""
+    jobs = [NewJob(p) for p in payloads]
+    return [r.id for r in ledger.insert(task_id, jobs, now=now(), redispatch_timeout=LEASE)]
+
+
 def test_a_batch_past_one_statement_keeps_every_job_in_order(make_task: TaskFactory) -> None:
     """2,500 jobs (three INSERT statements of up to 1,000 rows) with mixed priorities and
     due times: every id is its own payload's, in push order."""
@@ -71,14 +77,11 @@ def test_claim_and_finish_report_exactly_the_winners(db_url: str) -> None:
     ledger = Ledger(engine, "meepo_jobs")
     task_id, other = unique_task_id("fp"), unique_task_id("fp_other")
     t0 = now()
-    mine = ledger.insert(
-        task_id, [NewJob(b"a"), NewJob(b"b"), NewJob(b"c")], now=t0, redispatch_timeout=LEASE
-    )
-    foreign = ledger.insert(other, [NewJob(b"x")], now=t0, redispatch_timeout=LEASE)
-    a, b, c = (r.id for r in mine)
+    a, b, c = new_rows(ledger, task_id, b"a", b"b", b"c")
+    (foreign,) = new_rows(ledger, other, b"x")
     got = ledger.claim(
         task_id,
-        [(a, 0), (b, 0), (b, 0), (c, 5), (foreign[0].id, 0)],
+        [(a, 0), (b, 0), (b, 0), (c, 5), (foreign, 0)],
         now=t0,
         lease_until=t0 + LEASE,
         worker="w",
@@ -112,12 +115,7 @@ def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) ->
     ledger = Ledger(engine, "meepo_jobs")
     task_id = unique_task_id("fp")
     t0 = now()
-    ids = [
-        r.id
-        for r in ledger.insert(
-            task_id, [NewJob(b"a"), NewJob(b"b")], now=t0, redispatch_timeout=LEASE
-        )
-    ]
+    ids = new_rows(ledger, task_id, b"a", b"b")
     pairs = [(i, 0) for i in ids]
     with pytest.raises(LedgerUnavailableError, match="worker"):
         ledger.claim(task_id, pairs, now=t0, lease_until=t0 + LEASE, worker="w" * 500)
@@ -147,12 +145,7 @@ def test_mariadb_transition_script_error_changes_no_group(mariadb_url: str) -> N
     assert ledger._my is not None
     task_id = unique_task_id("fp")
     t0 = now()
-    ids = [
-        r.id
-        for r in ledger.insert(
-            task_id, [NewJob(b"a"), NewJob(b"b")], now=t0, redispatch_timeout=LEASE
-        )
-    ]
+    ids = new_rows(ledger, task_id, b"a", b"b")
     claimed = ledger.claim(
         task_id, [(i, 0) for i in ids], now=t0, lease_until=t0 + LEASE, worker="w"
     )
@@ -196,11 +189,9 @@ def test_postgres_autocommit_claims_leave_transactions_working(postgres_url: str
     ledger = Ledger(engine, "meepo_jobs")
     task_id = unique_task_id("fp")
     t0 = now()
-    (row,) = ledger.insert(task_id, [NewJob(b"a")], now=t0, redispatch_timeout=LEASE)
-    assert [
-        j.id
-        for j in ledger.claim(task_id, [(row.id, 0)], now=t0, lease_until=t0 + LEASE, worker="w")
-    ] == [row.id]
+    (job_id,) = new_rows(ledger, task_id, b"a")
+    got = ledger.claim(task_id, [(job_id, 0)], now=t0, lease_until=t0 + LEASE, worker="w")
+    assert [j.id for j in got] == [job_id]
     t = ledger.table
     with engine.connect() as conn:
         new_id = conn.execute(

@@ -293,8 +293,9 @@ class MySQLScript:
         except Exception as exc:
             dbapi = conn.dialect.loaded_dbapi
             if not isinstance(exc, dbapi.Error):
-                with contextlib.suppress(Exception):
-                    raw.rollback()
+                # Interrupted between results: the stream's state is unknown, so the
+                # connection is dropped (the server rolls back what did not commit).
+                conn.invalidate(exc)
                 raise
             if conn.dialect.is_disconnect(exc, raw, cur):
                 conn.invalidate(exc)
