@@ -3,6 +3,7 @@ semantics 3, 4 and 8), on SQLite, MariaDB and PostgreSQL."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -312,6 +313,45 @@ def test_stop_releases_claimed_but_unstarted_jobs(make_task: TaskFactory) -> Non
     again.start()
     wait_done(again, ids)
     assert len(rec.runs) == 1
+
+
+def test_a_claim_left_with_little_lease_is_given_back_not_started(
+    make_task: TaskFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Heartbeats fail while claimed jobs wait behind a long handler. When the executor
+    frees up, a job with less than a third of its lease left is not started (its lease
+    may have expired and another process may be running it); the next heartbeat that
+    works gives it back, and it runs under a new claim."""
+    caplog.set_level(logging.WARNING, logger="meepo")
+    rec = Recorder(block=True)
+    task = make_task(job_func=rec, parallel_num=1, prefetch=5, lease=1.5, zombie_period=60)
+    ids = task.push_many([b"1", b"2", b"3"])
+    task.start()
+    consumer = task.consumer
+    assert consumer is not None
+    renew = consumer.heartbeat_once
+    consumer.heartbeat_once = lambda: set()  # type: ignore[method-assign]  # heartbeats fail
+    assert rec.started.acquire(timeout=15)
+    running = rec.runs[0]
+    waiting = [i for i in ids if i != running.id]
+    wait_for(lambda: set(consumer.held) == set(ids), message="the prefetch to claim the rest")
+    wait_for(
+        lambda: all(consumer._lease_end.get(i, 0) - time.monotonic() < 1.5 / 3 for i in waiting),
+        message="the waiting claims' leases to run low",
+    )
+    rec.release.set()  # the running handler returns; the executor takes the next job
+    wait_for(
+        lambda: caplog.text.count("not started: less than a third of its lease") >= 2,
+        message="both waiting jobs to be set aside",
+    )
+    assert [j.id for j in rec.runs] == [running.id]  # neither ran under its first claim
+    consumer.heartbeat_once = renew  # type: ignore[method-assign]  # heartbeats work again
+    wait_done(task, ids, "the given-back jobs to run under new claims")
+    for i in waiting:
+        runs = [j for j in rec.runs if j.id == i]
+        assert [j.commit_id for j in runs] == [3]  # claim 1 -> released 2 -> claim 3
+        r = task.get(i)
+        assert r is not None and r.failed_times == 0
 
 
 def test_stop_without_handler_running_is_clean_and_restartable(make_task: TaskFactory) -> None:

@@ -157,6 +157,12 @@ class Consumer:
         self._stop_fetch = threading.Event()
         self._intake_closed = threading.Event()  # executors start nothing new
         self._set_aside: list[Job] = []  # taken by an executor after the intake closed
+        # When each held claim's lease ends, as far as this process knows (monotonic
+        # seconds): set by the claim, pushed back by every heartbeat that renews it.
+        self._lease_end: dict[int, float] = {}
+        # Claimed jobs an executor did not start because too little of their lease was
+        # left (heartbeats failing): the heartbeat gives them back.
+        self._not_started: list[Job] = []
         self._stop_hb = threading.Event()
         self._abandon = threading.Event()  # committer: stop retrying a dead database
         self._fetcher: threading.Thread | None = None
@@ -236,8 +242,8 @@ class Consumer:
             self._fetcher.join()
         unstarted += self._drain_work()  # the fetcher's last batch
         with self._lock:
-            unstarted += self._set_aside
-            self._set_aside = []
+            unstarted += self._set_aside + self._not_started
+            self._set_aside, self._not_started = [], []
         with self._lock:
             self._stopping = True  # the watchdog replaces no executor from now on
             slots = list(self._slots)
@@ -308,6 +314,7 @@ class Consumer:
         """Forget a claim (its lease is no longer renewed); call with the lock held."""
         del self._held[job_id]
         self._priority.pop(job_id, None)
+        self._lease_end.pop(job_id, None)
 
     def current_capacity(self) -> int:
         """How many claims the fetcher may hold unstarted or running: ``parallel_num +
@@ -369,7 +376,7 @@ class Consumer:
     def _claim(self, pairs: list[Pair]) -> None:
         if not pairs:
             return
-        now = self.clock()
+        now, began = self.clock(), time.monotonic()
         jobs = self.d.ledger.claim(
             self.task_id, pairs, now=now, lease_until=now + self._lease, worker=self.worker
         )
@@ -384,6 +391,7 @@ class Consumer:
             self._busy += len(jobs)
             for j in jobs:
                 self._held[j.id] = j.commit_id
+                self._lease_end[j.id] = began + self.opts.lease
                 self._priority[j.id] = j.priority
         for j in jobs:
             log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
@@ -406,8 +414,29 @@ class Consumer:
                 with self._lock:
                     self._set_aside.append(job)
                 continue
+            if not self._lease_left(job):
+                continue
             if not self._run(slot, job):
                 return  # timed out: a fresh executor has taken this one's place
+
+    def _lease_left(self, job: Job) -> bool:
+        """Whether enough of the job's lease is left to start it (a third: normally two
+        thirds are, as heartbeats renew it every third). A claim that waited in the
+        prefetch while heartbeats failed may have expired and been reaped, and its job
+        claimed and started elsewhere: starting it here too would run it twice at once.
+        It is given back instead (by the next heartbeat, if the claim is still ours)."""
+        with self._lock:
+            end = self._lease_end.get(job.id)
+            if end is not None and end - time.monotonic() >= self.opts.lease / 3:
+                return True
+            self._not_started.append(job)
+        log.warning(
+            "task %s: job %d not started: less than a third of its lease was left "
+            "(heartbeats failing?); it goes back to the queue",
+            self.task_id,
+            job.id,
+        )
+        return False
 
     def _run(self, slot: _Slot, job: Job) -> bool:
         """Run one job; False if it outlived job_timeout (this thread is then retired)."""
@@ -697,9 +726,14 @@ class Consumer:
     def heartbeat_once(self) -> set[Pair]:
         """Renew every lease this process holds; returns the claims found lost."""
         with self._lock:
+            not_started, self._not_started = self._not_started, []
+        if not_started:
+            self._release(not_started)
+        with self._lock:
             pairs = list(self._held.items())
         if not pairs:
             return set()
+        began = time.monotonic()
         try:
             lost = self.d.ledger.heartbeat(pairs, lease_until=self.clock() + self._lease)
         except MeepoError as exc:
@@ -707,6 +741,9 @@ class Consumer:
             return set()
         with self._lock:  # claims committed meanwhile were not lost, just finished
             lost = {(i, c) for i, c in lost if self._held.get(i) == c}
+            for i, c in pairs:
+                if (i, c) not in lost and self._held.get(i) == c:
+                    self._lease_end[i] = began + self.opts.lease
         if lost:
             log.warning(
                 "task %s: lost the lease of job(s) %s (reaped or repushed); their commits "
