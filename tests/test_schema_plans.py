@@ -27,9 +27,8 @@ import pytest
 from sqlalchemy import Connection, Engine, MetaData, Table, event, insert, pool, text
 from sqlalchemy.schema import DropTable
 
-from meepo.ledger import Ledger, Outcome, migrate
+from meepo.ledger import CHUNK, NEVER_DISPATCHED, Ledger, Outcome, migrate
 from meepo.ledger.engine import make_engine
-from meepo.ledger.ledger import CHUNK, NEVER_DISPATCHED
 from meepo.ledger.schema import jobs_table, version_table_name
 from meepo.ledger.types import UTC
 from meepo.records import Status

@@ -1,8 +1,8 @@
 """The ledger: all SQL. The source of truth for every job."""
 
 from .engine import make_engine
+from .fastpath import CHUNK
 from .ledger import (
-    CHUNK,
     NEVER_DISPATCHED,
     Inserted,
     Ledger,

@@ -50,7 +50,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
 from .engine import translate_errors
-from .fastpath import PLUS_ONE, MySQLScript, PgForms, sa_values
+from .fastpath import CHUNK, PLUS_ONE, MySQLScript, PgForms, sa_values
 from .schema import jobs_table, unique_table
 from .types import UTC
 
@@ -59,9 +59,6 @@ Pair = tuple[int, int]
 
 #: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
 NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
-
-#: Rows per statement for batched transitions (keeps IN lists and packets bounded).
-CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -278,6 +275,14 @@ class Ledger:
                     if sc is not None and sc.dialect.insert_returning:
                         row = self._row(task_id, jobs[0], now, redispatch_timeout, never_dispatched)
                         return [Inserted(self._my.insert_one(sc, row), True)]
+            if len(jobs) > 1 and self._my is not None and all(j.key is None for j in jobs):
+                with self._script() as sc:
+                    if sc is not None and sc.dialect.insert_returning:
+                        rows = [
+                            self._row(task_id, j, now, redispatch_timeout, never_dispatched)
+                            for j in jobs
+                        ]
+                        return [Inserted(i, True) for i in self._my.insert_many(sc, rows)]
             with self._one_statement() if one_plain else self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
