@@ -22,8 +22,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     so that the consumer's threads queue for the write lock instead of failing with
     "database is locked" when a read transaction tries to upgrade. Servers: no reset
     (ROLLBACK) when a connection goes back to the pool. PyMySQL: multi-statements
-    allowed, so a transition travels as one script (``fastpath.MySQLScript``; every
-    value is bound, never spliced into the text).
+    allowed, so a transition travels as one script (``fastpath.MySQLScript``: values
+    are bound or escaped by PyMySQL, ids written as integers).
     """
     try:
         parsed = make_url(url)

@@ -17,7 +17,8 @@ travels, never what it checks. Each still is one compare-and-set per job on
   sent in one packet (multi-statements): ``SELECT … FOR UPDATE`` of the named rows by
   primary key, the compare-and-set UPDATEs, ``COMMIT``. The locked read tells which
   pairs win, and the UPDATEs, under those locks, change exactly those rows. Three or
-  more round trips become one.
+  more round trips become one. A push (one row or a batch) is ``INSERT … RETURNING id``
+  and ``COMMIT`` in one packet.
 """
 
 from __future__ import annotations
@@ -350,18 +351,9 @@ class MySQLScript:
             args.append(task_id)
         return sql, args
 
-    def insert_one(self, conn: Connection, row: dict[str, Any]) -> int:
-        """INSERT … RETURNING id and COMMIT in one packet (MariaDB 10.5+); its id."""
-        cols = [self.table.c[k].name for k in row]  # known columns, never user text
-        sql = (
-            f"INSERT INTO {self.name} ({', '.join(cols)}) VALUES ({_marks(len(cols))}) RETURNING id"
-        )
-        (rows,) = self.run(conn, [(sql, list(row.values()))])
-        return int(rows[0][0])
-
     def insert_many(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Multi-row ``INSERT … RETURNING id`` statements of up to CHUNK rows and COMMIT,
-        in one packet; the ids in row order.
+        """``INSERT … RETURNING id`` statements of up to CHUNK rows each and COMMIT, in
+        one packet (MariaDB 10.5+): a single push or a batch; the ids in row order.
 
         The values are escaped by PyMySQL itself (``Connection.escape``), each distinct
         non-payload value once: in a batch most columns repeat (task, status, times,

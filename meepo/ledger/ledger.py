@@ -269,20 +269,16 @@ class Ledger:
         committed before this returns.
         """
         if conn is None:
-            one_plain = len(jobs) == 1 and jobs[0].key is None
-            if one_plain and self._my is not None:
+            plain = bool(jobs) and all(j.key is None for j in jobs)
+            if plain and self._my is not None:
                 with self._script() as sc:
-                    if sc is not None and sc.dialect.insert_returning:
-                        row = self._row(task_id, jobs[0], now, redispatch_timeout, never_dispatched)
-                        return [Inserted(self._my.insert_one(sc, row), True)]
-            if len(jobs) > 1 and self._my is not None and all(j.key is None for j in jobs):
-                with self._script() as sc:
-                    if sc is not None and sc.dialect.insert_returning:
+                    if sc is not None and sc.dialect.insert_returning:  # MariaDB 10.5+
                         rows = [
                             self._row(task_id, j, now, redispatch_timeout, never_dispatched)
                             for j in jobs
                         ]
                         return [Inserted(i, True) for i in self._my.insert_many(sc, rows)]
+            one_plain = plain and len(jobs) == 1
             with self._one_statement() if one_plain else self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
