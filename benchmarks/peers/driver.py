@@ -18,9 +18,10 @@ Workers are process groups the driver started, ended by their pid.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -165,13 +166,25 @@ class PeerSystem(System):
             for k in range(peer.processes)
         ]
 
-    def drain(self, ctx: Context, n: int) -> Measure:
+    @contextlib.contextmanager
+    def _session(self, ctx: Context, purpose: str) -> Iterator[tuple[Peer, Probe, list[Child]]]:
+        """The peer loaded on clean stores, a fresh probe and its worker processes (not
+        started yet); afterwards the workers' groups are ended and the stores cleaned."""
         peer = self.load(ctx)
         self.clean(ctx)
         probe_key = f"probe:{fresh_name(self.key)}"
         probe = Probe(ctx.redis_url, probe_key)
-        children = self._workers(ctx, probe_key, "drain")
+        children = self._workers(ctx, probe_key, purpose)
         try:
+            yield peer, probe, children
+        finally:
+            for child in children:
+                child.stop_group()
+            probe.close()
+            self.clean(ctx)
+
+    def drain(self, ctx: Context, n: int) -> Measure:
+        with self._session(ctx, "drain") as (peer, probe, children):
             self._enqueue(peer, n, ctx.settings.batch)
             if ctx.settings.analyze:
                 peer.enqueued()
@@ -179,20 +192,10 @@ class PeerSystem(System):
             t0 = start_together(children)
             last = probe.wait(n, ctx.timeout, _alive(children))
             return Measure(n, last - t0, {"procs": PROCS, "config": peer.config})
-        finally:
-            for child in children:
-                child.stop_group()
-            probe.close()
-            self.clean(ctx)
 
     def latency(self, ctx: Context, n: int) -> Measure:
-        peer = self.load(ctx)
-        self.clean(ctx)
-        probe_key = f"probe:{fresh_name(self.key)}"
-        probe = Probe(ctx.redis_url, probe_key)
-        children = self._workers(ctx, probe_key, "latency")
         s = ctx.settings
-        try:
+        with self._session(ctx, "latency") as (peer, probe, children):
             start_together(children)
             alive = _alive(children)
             warm_up(peer.push, probe, 5 * len(children), 120.0, alive)
@@ -200,11 +203,6 @@ class PeerSystem(System):
                 peer.push, probe, n, s.latency_rate, n / s.latency_rate + 60, alive
             )
             return Measure(n, seconds, extra)
-        finally:
-            for child in children:
-                child.stop_group()
-            probe.close()
-            self.clean(ctx)
 
 
 def _settings() -> Any:
