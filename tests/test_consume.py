@@ -336,7 +336,10 @@ def test_a_claim_left_with_little_lease_is_given_back_not_started(
     waiting = [i for i in ids if i != running.id]
     wait_for(lambda: set(consumer.held) == set(ids), message="the prefetch to claim the rest")
     wait_for(
-        lambda: all(consumer._lease_end.get(i, 0) - time.monotonic() < 1.5 / 3 for i in waiting),
+        lambda: all(
+            getattr(consumer._held.get(i), "lease_end", 0) - time.monotonic() < 1.5 / 3
+            for i in waiting
+        ),
         message="the waiting claims' leases to run low",
     )
     rec.release.set()  # the running handler returns; the executor takes the next job

@@ -37,7 +37,7 @@ from ..errors import (
     UnavailableError,
 )
 from ..ledger import CHUNK, Outcome, Pair
-from ..records import DEFAULT_PRIORITY, Job, Message, Status
+from ..records import Job, Message, Status
 from ..transport import decode
 
 log = logging.getLogger("meepo.consumer")
@@ -110,6 +110,17 @@ class Counters:
     timed_out: int = 0  # handler runs that outlived job_timeout (their threads abandoned)
 
 
+@dataclass
+class _Claim:
+    """One claim this process holds: its commit_id, the job's priority, and when its
+    lease ends as far as this process knows (monotonic seconds: set by the claim, pushed
+    back by every heartbeat that renews it)."""
+
+    commit_id: int
+    priority: str
+    lease_end: float
+
+
 @dataclass(eq=False)
 class _Slot:
     """One executor thread and the job it runs (for job_timeout)."""
@@ -142,8 +153,7 @@ class Consumer:
         self.capacity = options.parallel_num + options.prefetch
         self._run_time: float | None = None  # moving average of handler run times (s)
         self._lease = timedelta(seconds=options.lease)
-        self._held: dict[int, int] = {}  # job id -> commit_id of this process's claim
-        self._priority: dict[int, str] = {}  # job id -> priority, for held jobs
+        self._held: dict[int, _Claim] = {}  # job id -> this process's claim of it
         # Claims whose handler has not returned yet (queued or running): what the
         # capacity bounds. A job whose handler returned stays in _held (its lease is
         # renewed) until its commit is written, but no longer takes a slot; _held is
@@ -157,9 +167,6 @@ class Consumer:
         self._stop_fetch = threading.Event()
         self._intake_closed = threading.Event()  # executors start nothing new
         self._set_aside: list[Job] = []  # taken by an executor after the intake closed
-        # When each held claim's lease ends, as far as this process knows (monotonic
-        # seconds): set by the claim, pushed back by every heartbeat that renews it.
-        self._lease_end: dict[int, float] = {}
         # Claimed jobs an executor did not start because too little of their lease was
         # left (heartbeats failing): the heartbeat gives them back.
         self._not_started: list[Job] = []
@@ -306,15 +313,18 @@ class Consumer:
     def _forget(self, pairs: list[Pair]) -> None:
         with self._slot:
             for i, c in pairs:
-                if self._held.get(i) == c:
+                if self._holds(i, c):
                     self._drop_held(i)
             self._slot.notify_all()
+
+    def _holds(self, job_id: int, commit_id: int) -> bool:
+        """Whether this process holds that claim of the job; call with the lock held."""
+        claim = self._held.get(job_id)
+        return claim is not None and claim.commit_id == commit_id
 
     def _drop_held(self, job_id: int) -> None:
         """Forget a claim (its lease is no longer renewed); call with the lock held."""
         del self._held[job_id]
-        self._priority.pop(job_id, None)
-        self._lease_end.pop(job_id, None)
 
     def current_capacity(self) -> int:
         """How many claims the fetcher may hold unstarted or running: ``parallel_num +
@@ -330,7 +340,7 @@ class Consumer:
     @property
     def held(self) -> dict[int, int]:
         with self._lock:
-            return dict(self._held)
+            return {i: c.commit_id for i, c in self._held.items()}
 
     # -- fetcher ----------------------------------------------------------------------
 
@@ -390,9 +400,7 @@ class Consumer:
         with self._lock:
             self._busy += len(jobs)
             for j in jobs:
-                self._held[j.id] = j.commit_id
-                self._lease_end[j.id] = began + self.opts.lease
-                self._priority[j.id] = j.priority
+                self._held[j.id] = _Claim(j.commit_id, j.priority, began + self.opts.lease)
         for j in jobs:
             log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
             self._work.put(j)
@@ -426,8 +434,8 @@ class Consumer:
         claimed and started elsewhere: starting it here too would run it twice at once.
         It is given back instead (by the next heartbeat, if the claim is still ours)."""
         with self._lock:
-            end = self._lease_end.get(job.id)
-            if end is not None and end - time.monotonic() >= self.opts.lease / 3:
+            claim = self._held.get(job.id)
+            if claim is not None and claim.lease_end - time.monotonic() >= self.opts.lease / 3:
                 return True
             self._not_started.append(job)
         log.warning(
@@ -487,7 +495,7 @@ class Consumer:
             self._fail_now(job, error)  # it cannot have committed: it never ran
             return True
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
-            if self._held.get(job.id) == job.commit_id:
+            if self._holds(job.id, job.commit_id):
                 self._drop_held(job.id)
                 self._slot.notify_all()
                 log.info(
@@ -502,7 +510,7 @@ class Consumer:
         """Commit a failed attempt (retry or fail per max_failed_times) for a claim this
         process still holds; False if it holds it no more (committed, reaped)."""
         with self._slot:
-            if self._held.get(job.id) != job.commit_id:
+            if not self._holds(job.id, job.commit_id):
                 return False
             self._drop_held(job.id)  # no more lease renewals
             self._slot.notify_all()
@@ -610,10 +618,8 @@ class Consumer:
         if job is not None and job.id == job_id:
             return job.commit_id, job.priority
         with self._lock:
-            commit_id = self._held.get(job_id)
-            if commit_id is None:
-                return None
-            return commit_id, self._priority.get(job_id, DEFAULT_PRIORITY)
+            claim = self._held.get(job_id)
+            return None if claim is None else (claim.commit_id, claim.priority)
 
     def commit(self, outcome: Outcome) -> None:
         """A handler's commit, sent through the committer (shares its round trips).
@@ -730,7 +736,7 @@ class Consumer:
         if not_started:
             self._release(not_started)
         with self._lock:
-            pairs = list(self._held.items())
+            pairs = [(i, c.commit_id) for i, c in self._held.items()]
         if not pairs:
             return set()
         began = time.monotonic()
@@ -740,10 +746,10 @@ class Consumer:
             log.warning("task %s: heartbeat failed: %s", self.task_id, exc)
             return set()
         with self._lock:  # claims committed meanwhile were not lost, just finished
-            lost = {(i, c) for i, c in lost if self._held.get(i) == c}
+            lost = {(i, c) for i, c in lost if self._holds(i, c)}
             for i, c in pairs:
-                if (i, c) not in lost and self._held.get(i) == c:
-                    self._lease_end[i] = began + self.opts.lease
+                if (i, c) not in lost and self._holds(i, c):
+                    self._held[i].lease_end = began + self.opts.lease
         if lost:
             log.warning(
                 "task %s: lost the lease of job(s) %s (reaped or repushed); their commits "
