@@ -83,7 +83,7 @@ class Context:
     workdir: Path
     settings: Settings
     name: str  # unique per run: the table name and Redis key prefix of this run
-    run: int = 0  # which run (0-based): latency is measured in the first only
+    run: int = 0  # which run (0-based)
 
     @property
     def timeout(self) -> float:

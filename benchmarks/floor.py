@@ -407,7 +407,7 @@ class FloorUnbatched(_FloorSystem):
         out: list[Metric] = [("push", lambda c: self.push(c, s.single))]
         for procs in s.procs:
             out.append((drain_metric(procs), partial(self.drain, n=s.single, procs=procs)))
-        if s.latency and ctx.run == 0 and ctx.backend.name in ("mariadb", "postgres"):
+        if s.latency and ctx.backend.name in ("mariadb", "postgres"):
             out.append(("latency", partial(self.latency, n=s.latency)))
         return out
 

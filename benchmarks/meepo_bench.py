@@ -60,7 +60,7 @@ class Meepo(System):
             out.append(("push_many", lambda c: self.push_many(c, s.jobs)))
         for procs in s.procs:
             out.append((drain_metric(procs), partial(self.drain, n=s.jobs, procs=procs)))
-        if self.pushes and s.latency and ctx.run == 0 and ctx.backend.name in LATENCY_BACKENDS:
+        if self.pushes and s.latency and ctx.backend.name in LATENCY_BACKENDS:
             out.append(("latency", partial(self.latency, n=s.latency)))
         return out
 

@@ -7,7 +7,7 @@ is unreachable is skipped with a note) and each system:
 * ``push_many``  batches of ``--batch`` (``--jobs`` jobs)
 * ``drain_K``    ``--jobs`` no-op jobs enqueued first, then K worker processes started
   together; from the start signal to the last job ``done`` in the ledger
-* ``latency``    (MariaDB, PostgreSQL; first run only) one idle worker, ``--latency``
+* ``latency``    (MariaDB, PostgreSQL) one idle worker, ``--latency``
   jobs pushed at ~100/s: push -> handler start, p50/p99
 * growth         ``drain_2`` beside ``--growth`` finished rows vs on an empty table
 
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--latency",
         type=int,
         default=None,
-        help="jobs of the idle-latency measurement, pushed at ~100/s, first run only "
+        help="jobs of the idle-latency measurement, pushed at ~100/s, every run "
         "(1000; --quick 200; 0: none)",
     )
     p.add_argument(

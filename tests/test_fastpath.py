@@ -224,3 +224,62 @@ def test_postgres_autocommit_claims_leave_transactions_working(postgres_url: str
         conn.rollback()
     assert ledger.get(new_id) is None
     engine.dispose()
+
+
+def test_a_push_on_a_callers_connection_is_that_transactions(
+    db_url: str, make_task: TaskFactory
+) -> None:
+    """A push (one job or a batch) on a Connection that has not begun a transaction yet:
+    the caller's rollback takes the rows away, its commit keeps them, and the pooled
+    connection comes back clean (one connection in the pool: every push reuses it)."""
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    task = make_task(db=engine)
+    try:
+        with engine.connect() as conn:
+            gone = [
+                task.push(b"a", connection=conn),
+                *task.push_many([b"b", b"c"], connection=conn),
+            ]
+            conn.rollback()
+        assert [task.get(i) for i in gone] == [None, None, None]
+        with engine.connect() as conn:
+            kept = [
+                task.push(b"d", connection=conn),
+                *task.push_many([b"e", b"f"], connection=conn),
+            ]
+            conn.commit()
+        assert [record(task, i).payload for i in kept] == [b"d", b"e", b"f"]
+        after = task.push(b"g")  # on the same pooled connection
+        assert record(task, after).status is Status.TODO
+    finally:
+        engine.dispose()
+
+
+def test_postgres_hot_statements_are_never_prepared(postgres_url: str) -> None:
+    """On a caller's own Engine, psycopg would prepare a statement after its fifth run
+    (a generic plan, blind to how many ids an array holds): the claims, heartbeats and
+    commits of the hot path ask it not to."""
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0)  # prepare_threshold 5
+    ledger = Ledger(engine, "meepo_jobs")
+    task_id = unique_task_id("fp")
+    for _ in range(8):
+        t0 = now()
+        ids = new_rows(ledger, task_id, b"a", b"b")
+        jobs = ledger.claim(
+            task_id, [(i, 0) for i in ids], now=t0, lease_until=t0 + LEASE, worker="w"
+        )
+        assert (
+            ledger.heartbeat([(j.id, j.commit_id) for j in jobs], lease_until=t0 + LEASE) == set()
+        )
+        won = ledger.finish(
+            [Outcome(j.id, j.commit_id, Status.DONE) for j in jobs],
+            now=t0,
+            redispatch_timeout=LEASE,
+        )
+        assert won == {(j.id, j.commit_id) for j in jobs}
+    with engine.connect() as conn:
+        prepared = conn.exec_driver_sql(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%%ANY(%%'"
+        ).all()
+    assert prepared == []
+    engine.dispose()

@@ -94,7 +94,7 @@ class PeerSystem(System):
         if peer.bulk:
             out.append(("push_many", partial(self.push_many, n=s.jobs)))
         out.append((drain_metric(PROCS), partial(self.drain, n=s.jobs)))
-        if s.latency and ctx.run == 0:
+        if s.latency:
             out.append(("latency", partial(self.latency, n=s.latency)))
         return out
 

@@ -40,9 +40,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         options["pool_recycle"] = 3600
     elif backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         # No server-side prepared statements: every statement is planned with its
-        # values, never with a generic plan that cannot see how many ids an array holds
-        # (the hot statements' text no longer varies with the batch; psycopg still
-        # caches their client-side parse).
+        # values (the hot path's own statements ask for that themselves, see
+        # fastpath.PgForms; this covers the reaper's and the admin's too).
         options["connect_args"] = {"prepare_threshold": None}
     if backend in ("mysql", "postgresql"):
         # Every use of a connection ends its transaction itself (``engine.begin()``

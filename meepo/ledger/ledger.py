@@ -125,7 +125,7 @@ class Ledger:
         # The hot statements' server-specific forms (see fastpath.py); SQLite and other
         # drivers use the portable ones below.
         dialect = engine.dialect.name
-        self._pg = PgForms(self.table) if dialect == "postgresql" else None
+        self._pg = PgForms(self.table, engine) if PgForms.usable(engine) else None
         self._my = MySQLScript(self.table, engine) if dialect == "mysql" else None
         self._scripts: bool | None = None  # does the engine's driver run scripts?
         # PostgreSQL: a single-statement transition needs no BEGIN/COMMIT around it.
@@ -278,10 +278,15 @@ class Ledger:
                             for j in jobs
                         ]
                         return [Inserted(i, True) for i in self._my.insert_many(sc, rows)]
-            one_plain = plain and len(jobs) == 1
-            with self._one_statement() if one_plain else self.begin() as c:
+            # one statement (PostgreSQL: up to CHUNK rows) needs no transaction around it
+            one = len(jobs) <= (CHUNK if self._pg is not None else 1)
+            with self._one_statement() if plain and one else self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
+            if not conn.in_transaction():
+                # What an execute() would do (autobegin): the fast forms write on the
+                # driver's cursor, and the caller's commit or rollback must cover them.
+                conn.begin()
             return self._insert(conn, task_id, jobs, now, redispatch_timeout, never_dispatched)
 
     def _row(
@@ -330,17 +335,17 @@ class Ledger:
         t = self.table
         if not rows:
             return []
-        dialect = conn.dialect
-        if len(rows) == 1:
-            if dialect.insert_returning:
-                return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
-            return [_inserted_id(conn.execute(insert(t), rows[0]))]
         ids: list[int] = []
         if self._pg is not None:
             task_id, now = rows[0]["task_id"], rows[0]["created_at"]
             for i in range(0, len(rows), CHUNK):
                 ids.extend(self._pg.insert(conn, task_id, now, rows[i : i + CHUNK]))
             return ids
+        dialect = conn.dialect
+        if len(rows) == 1:
+            if dialect.insert_returning:
+                return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
+            return [_inserted_id(conn.execute(insert(t), rows[0]))]
         if dialect.insert_executemany_returning_sort_by_parameter_order:
             stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
             for i in range(0, len(rows), CHUNK):
@@ -461,25 +466,14 @@ class Ledger:
             return []
         if self._pg is not None:
             with self._one_statement() as conn:
-                got = self._pg.claim(
+                return self._pg.claim(
                     conn, task_id, want, now=now, lease_until=lease_until, worker=worker
                 )
-            return sorted(
-                (
-                    Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id, r.priority)
-                    for r in got
-                ),
-                key=lambda j: j.id,
-            )
         with self._script() as sc:
             if sc is not None and self._my is not None:
-                won = self._my.claim(
+                return self._my.claim(
                     sc, task_id, want, now=now, lease_until=lease_until, worker=worker
                 )
-                return [
-                    Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + 1, str(r[5]))
-                    for r in won
-                ]
         t = self.table
         values = {
             "status": Status.DOING.value,
