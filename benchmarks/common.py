@@ -137,6 +137,14 @@ def delete_keys(redis_url: str, pattern: str) -> int:
         client.close()
 
 
+def drop_ledger(engine: Engine, table: str) -> None:
+    """Drop a meepo ledger table and its companions (unique keys, schedules, the
+    Alembic version table)."""
+    with engine.begin() as conn:
+        for suffix in ("_unique", "_schedules", "", "_version"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}{suffix}"))
+
+
 def analyze(engine: Engine, table: str) -> None:
     """Refresh the planner's statistics of ``table``.
 

@@ -7,7 +7,7 @@ import time
 from datetime import datetime
 from functools import partial
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from meepo import Status, Task
 
@@ -21,6 +21,7 @@ from .common import (
     analyze,
     delete_keys,
     drain_metric,
+    drop_ledger,
     fresh_name,
     py_spy,
     start_together,
@@ -82,9 +83,7 @@ class Meepo(System):
     def teardown(self, ctx: Context) -> None:
         table = self.table(ctx)
         task = self.task(ctx)
-        with task.engine.begin() as conn:
-            for name in (table, f"{table}_version"):
-                conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+        drop_ledger(task.engine, table)
         delete_keys(ctx.redis_url, f"{task.list_name_prefix}*")
 
     # -- metrics ----------------------------------------------------------------------
