@@ -12,7 +12,7 @@ travels, never what it checks. Each still is one compare-and-set per job on
   multi-row INSERT is one ``INSERT … SELECT … FROM unnest(…) WITH ORDINALITY`` with a
   handful of array parameters instead of ten parameters per row. The statements are
   SQL text sent on psycopg's cursor: for a single push or claim on an idle queue,
-  SQLAlchemy's building, compiling and binding cost more than the round trip.
+  building, compiling and binding them through SQLAlchemy cost up to half a round trip.
 * **MariaDB/MySQL through PyMySQL** (:class:`MySQLScript`): a transition is one script
   sent in one packet (multi-statements): ``SELECT … FOR UPDATE`` of the named rows by
   primary key, the compare-and-set UPDATEs, ``COMMIT``. The locked read tells which
@@ -114,8 +114,9 @@ def driver_cursor(conn: Connection, statements: Sequence[tuple[str, Any]]) -> It
     except Exception as exc:
         dbapi = conn.dialect.loaded_dbapi
         if not isinstance(exc, dbapi.Error):
-            # Interrupted between results: the stream's state is unknown, so the
-            # connection is dropped (the server rolls back what did not commit).
+            # Not the driver's error (interrupted between a script's results, say): the
+            # stream's state is unknown, so the connection is dropped (the server rolls
+            # back what did not commit).
             conn.invalidate(exc)
             raise
         if conn.dialect.is_disconnect(exc, raw, cur):
