@@ -125,9 +125,13 @@ class TcpProxy:
 
     ``close()`` resets every open connection and every new one at once, as a server
     that went away would look to its clients; ``open()`` forwards again. It starts
-    closed. The port stays bound from construction to ``stop()``, so that no other
-    process (tests run in parallel) can take it during an outage. ``url(real_url)`` is a
-    SQLAlchemy URL ``real_url`` rewritten to go through the proxy.
+    closed. ``blackhole()`` makes it go silent instead, without a reset: open
+    connections stay open but nothing more is forwarded either way, and new ones are
+    accepted and then ignored (a partition, or a host that vanished behind a load
+    balancer); ``open()`` heals it (what was held back is delivered). The port stays
+    bound from construction to ``stop()``, so that no other process (tests run in
+    parallel) can take it during an outage. ``url(real_url)`` is a SQLAlchemy URL
+    ``real_url`` rewritten to go through the proxy.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -135,6 +139,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._up = False
+        self._silent = False
+        self._heal = threading.Condition(self._lock)
+        self._held: list[socket.socket] = []  # accepted while silent, not yet forwarded
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -158,13 +165,27 @@ class TcpProxy:
     def open(self) -> TcpProxy:
         with self._lock:
             self._up = True
+            self._silent = False
+            held, self._held = self._held, []
+            self._heal.notify_all()
+        for client in held:
+            self._forward(client)
         return self
+
+    def blackhole(self) -> None:
+        """Stop forwarding without a reset (see the class docstring)."""
+        with self._lock:
+            self._up = True
+            self._silent = True
 
     def close(self) -> None:
         with self._lock:
             self._up = False
+            self._silent = False
             conns, self._conns = self._conns, set()
-        for c in conns:
+            held, self._held = self._held, []
+            self._heal.notify_all()
+        for c in [*conns, *held]:
             _reset(c)
 
     def stop(self) -> None:
@@ -181,38 +202,48 @@ class TcpProxy:
             except OSError:
                 return
             with self._lock:
-                up = self._up
+                up, silent = self._up, self._silent
+                if up and silent:
+                    self._held.append(client)
+                    continue
             if not up:
                 _reset(client)
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
+            self._forward(client)
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            _reset(client)
+            return
+        client.settimeout(None)
+        upstream.settimeout(None)
+        with self._lock:
+            if not self._up:
                 _reset(client)
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                if not self._up:
-                    _reset(client)
-                    _reset(upstream)
-                    continue
-                self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                _reset(upstream)
+                return
+            self._conns.update((client, upstream))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    _reset(src)
-    _reset(dst)
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self._lock:  # silent: hold the data back until healed or closed
+                    while self._silent and self._up:
+                        self._heal.wait()
+                    if not self._up:
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        _reset(src)
+        _reset(dst)
 
 
 def _reset(sock: socket.socket) -> None:
