@@ -5,31 +5,58 @@ What a handler does is written in the job's payload by the producer (``{"k": kin
 
 auto task   ``normal`` a few ms · ``slow`` longer than the lease (the heartbeat must
             keep it) · ``flaky`` raises on its first attempt · ``poison`` always raises
+            · ``hog`` holds ``c`` connections of ``task.engine`` for ``h`` seconds (a
+            pool exhausted by handlers) · ``fork`` forks a child that calls
+            ``sys.exit(0)`` (the child must never run meepo's loops; the parent reaps it)
 manual task ``m-done`` / ``m-fail`` commit done / failed · ``m-retry`` commits todo on
             its first attempt, then done · ``m-none`` returns without committing (the
-            reaper's zombie policy retries it, then fails it after max_failed_times)
+            reaper's zombie policy retries it, then fails it after max_failed_times) ·
+            ``m-slow`` works 0.5-2 s, then commits done (a SIGTERM or a recycle catches
+            it running: its in-handler commit must still work during the grace period)
+zombie tasks (one per ``zombie_dst_status``: todo, done, failed; one thread, a large
+            prefetch, ``max_failed_times`` 1): ``z`` works 50-250 ms. A kill leaves
+            prefetched claims that never started: they must not be closed or charged.
+
+Timestamps in the log are the real wall clock: a worker started under ``faketime``
+(``--clock-offset``) subtracts its offset. Handlers wait with ``threading.Event().wait``
+(``time.sleep`` can fail with EINVAL under faketime). SIGUSR2 asks for a recycle (as
+``meepo worker --max-jobs`` does): after 3 more manual-task jobs the worker stops its
+tasks gracefully and re-executes itself (same pid).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import text
 
 from meepo import Task
-from meepo.errors import StaleCommitError
+from meepo.errors import MeepoError, StaleCommitError
 from meepo.records import Job
+from meepo.runtime.recycle import Recycler, exec_again
 
 from .records import AppendLog
+
+ZOMBIE_STATUSES = ("todo", "done", "failed")
 
 
 class PlannedFailure(RuntimeError):
     """A failure the workload asked for (flaky and poison jobs)."""
+
+
+def pause(seconds: float) -> None:
+    threading.Event().wait(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", required=True)
     p.add_argument("--auto-task", required=True)
     p.add_argument("--manual-task", required=True)
+    p.add_argument(
+        "--zombie-tasks",
+        default="",
+        help="task ids for zombie_dst_status todo,done,failed (comma-separated; empty: none)",
+    )
     p.add_argument("--log-dir", type=Path, required=True)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--manual-parallel", type=int, default=3)
@@ -46,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zombie-timeout", type=float, default=10.0)
     p.add_argument("--zombie-period", type=float, default=2.0)
     p.add_argument("--max-failed-times", type=int, default=3)
+    p.add_argument("--zombie-prefetch", type=int, default=12)
     p.add_argument("--slow", type=float, default=9.0, help="seconds a slow handler takes")
+    p.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds this process's clock is ahead of the real one (faketime)",
+    )
     args = p.parse_args(argv)
 
     logging.basicConfig(
@@ -56,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     pid = os.getpid()
     out = AppendLog(args.log_dir / f"exec-{pid}.jsonl")
+    offset = args.clock_offset
+
+    def now() -> float:
+        return time.time() - offset
 
     def record(event: str, task: str, job: Job, **extra: object) -> None:
         out.write(
@@ -64,18 +107,62 @@ def main(argv: list[str] | None = None) -> int:
             job=job.id,
             cid=job.commit_id,
             att=job.failed_times + 1,
-            pid=pid,
-            ts=time.time(),
+            pid=os.getpid(),  # a forked child that runs jobs shows up as itself
+            ts=now(),
             **extra,
         )
 
     def work(kind: str) -> None:
-        time.sleep(args.slow if kind == "slow" else random.uniform(0.0, 0.01))
+        if kind == "slow":
+            pause(args.slow)
+        elif kind == "m-slow":
+            pause(random.uniform(0.5, 2.0))
+        elif kind == "z":
+            pause(random.uniform(0.05, 0.25))
+        else:
+            pause(random.uniform(0.0, 0.01))
+
+    def hog(job: Job, spec: dict[str, float]) -> None:
+        """Hold connections of the task's own engine, as a handler doing its own SQL
+        would, until the deadline."""
+        deadline = time.monotonic() + spec["h"]
+        with contextlib.ExitStack() as stack:
+            for _ in range(int(spec["c"])):
+                if time.monotonic() >= deadline:
+                    break
+                try:
+                    conn = stack.enter_context(auto.engine.connect())
+                    conn.execute(text("SELECT 1"))
+                except Exception:  # a pool timeout: hold what we have
+                    break
+            pause(max(0.0, deadline - time.monotonic()))
+
+    def forked() -> None:
+        child = os.fork()
+        if child == 0:  # the child: leave at once, the way a careless handler does
+            sys.exit(0)
+        out.write(e="fork", parent=os.getpid(), child=child, ts=now())
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(child, os.WNOHANG)
+            if done:
+                return
+            pause(0.02)
+        out.write(e="fork_stuck", parent=os.getpid(), child=child, ts=now())
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
 
     def handle_auto(job: Job) -> None:
-        kind = json.loads(job.payload)["k"]
+        spec = json.loads(job.payload)
+        kind = spec["k"]
         record("start", "auto", job, kind=kind)
-        work(kind)
+        if kind == "hog":
+            hog(job, spec)
+        elif kind == "fork":
+            forked()
+        else:
+            work(kind)
         planned = kind == "poison" or (kind == "flaky" and job.failed_times == 0)
         record("end", "auto", job, out="raise" if planned else "ok")
         if planned:
@@ -87,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         work(kind)
         verdict = {
             "m-done": "done",
+            "m-slow": "done",
             "m-fail": "failed",
             "m-retry": "todo" if job.failed_times == 0 else "done",
         }.get(kind, "none")
@@ -99,6 +187,25 @@ def main(argv: list[str] | None = None) -> int:
             manual.commit(job.id, verdict, error="chaos: manual" if verdict != "done" else None)
         except StaleCommitError:
             record("stale", "manual", job, out=verdict)
+        except MeepoError as exc:  # e.g. NotRunningHereError during a graceful stop
+            record(
+                "commit_error",
+                "manual",
+                job,
+                out=verdict,
+                error=type(exc).__name__,
+                stopping=stopping.is_set(),
+            )
+            raise
+
+    def zombie_handler(name: str):  # type: ignore[no-untyped-def]
+        def handle(job: Job) -> None:
+            kind = json.loads(job.payload)["k"]
+            record("start", name, job, kind=kind)
+            work(kind)
+            record("end", name, job, out="ok")
+
+        return handle
 
     common = {
         "db": args.db,
@@ -110,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_failed_times": args.max_failed_times,
         "shutdown_grace": args.slow + 5.0,
     }
+    stopping = threading.Event()
     auto = Task(args.auto_task, job_func=handle_auto, parallel_num=args.parallel, **common)
     manual = Task(
         args.manual_task,
@@ -118,12 +226,56 @@ def main(argv: list[str] | None = None) -> int:
         auto_commit=False,
         **common,
     )
+    zombies: list[Task] = []
+    zombie_ids = [t for t in args.zombie_tasks.split(",") if t]
+    for status, task_id in zip(ZOMBIE_STATUSES, zombie_ids, strict=False):
+        zombies.append(
+            Task(
+                task_id,
+                job_func=zombie_handler(f"z-{status}"),
+                parallel_num=1,
+                prefetch=args.zombie_prefetch,
+                zombie_dst_status=status,
+                **{**common, "max_failed_times": 1},
+            )
+        )
+
+    # A recycle on demand (SIGUSR2), as `meepo worker --max-jobs` does it, on the
+    # manual-commit task: its running handlers commit during the grace period.
+    recycler = Recycler(manual, None, None)
+    recycled = threading.Event()
+
+    def on_usr2(_signum: int, _frame: FrameType | None) -> None:
+        recycler.max_jobs = recycler.jobs() + 3
+        out.write(e="recycle_asked", pid=os.getpid(), ts=now())
+
+    def watch_recycle() -> None:
+        while recycler.reason is None and not stopping.is_set():
+            pause(0.1)
+        if recycler.reason is not None:
+            recycled.set()
+            stopping.set()
+            auto.stop()
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    for z in zombies:
+        z.start()
     manual.start()
+    recycler.start()
+    threading.Thread(target=watch_recycle, name="chaos-recycle", daemon=True).start()
     try:
         auto.run()
     finally:
+        stopping.set()
         manual.stop()
+        for z in zombies:
+            z.stop()
+        recycler.close()
+    if recycled.is_set():
+        out.write(e="recycle", pid=os.getpid(), ts=now(), reason=recycler.reason)
         out.close()
+        exec_again(None)
+    out.close()
     return 0
 
 
