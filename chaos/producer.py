@@ -4,8 +4,17 @@ every id a push returned (the acknowledged set) to ``ack-<index>.jsonl``.
 Pushes are a seeded mix of ``push``, ``push_many``, and ``push_many`` inside the
 caller's transaction (a SQLAlchemy ``Connection``, or an ORM ``Session``), a tenth of
 which are rolled back on purpose (their ids are not acknowledged). A fifth of the plain
-pushes are delayed (up to 3 s) and a third carry a ``high`` or ``low`` priority. About
-a tenth of the jobs go to the manual-commit task.
+pushes are delayed (up to 3 s, or 4-12 s) and a third carry a ``high`` or ``low``
+priority. About a tenth of the jobs go to the manual-commit task. Each acknowledgement
+carries ``nb``: the earliest time its jobs may start (the wall time before the push,
+plus its delay), for the "no start before run_at" check.
+
+Extras: a few plain pushes carry a unique ``key`` (a push while the holder is unfinished
+returns the holder's id); batches of 8-16 ``z`` jobs go to one of the zombie tasks (to
+fill their large prefetch); some ORM-Session batches push in a savepoint that is rolled
+back (``begin_nested``) while the outer push commits (its ids are acknowledged and must
+be dispatched at once, not at the sweep deadline); and a few batches carry payloads near
+``max_payload_bytes`` (a push that fails is logged as ``push_error`` and not retried).
 
 SIGUSR1 arms a torn push: the next dispatch after a committed INSERT logs the ids it was
 about to send and SIGKILLs this process before the RPUSH (the harness restarts it). A
@@ -21,6 +30,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +45,22 @@ from meepo.records import Message
 
 from .records import AppendLog, read
 
-AUTO_KINDS = (("normal", 0.956), ("flaky", 0.03), ("poison", 0.01), ("slow", 0.004))
-MANUAL_KINDS = (("m-done", 0.8), ("m-fail", 0.07), ("m-retry", 0.08), ("m-none", 0.05))
+AUTO_KINDS = (
+    ("normal", 0.954),
+    ("flaky", 0.03),
+    ("poison", 0.01),
+    ("slow", 0.004),
+    ("fork", 0.002),
+)
+MANUAL_KINDS = (
+    ("m-done", 0.7),
+    ("m-slow", 0.1),
+    ("m-fail", 0.07),
+    ("m-retry", 0.08),
+    ("m-none", 0.05),
+)
+#: A payload this many bytes below max_payload_bytes (1 MiB): the JSON head fits.
+LARGE = 1024 * 1024 - 256
 
 
 class RolledBack(Exception):
@@ -67,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", type=float, required=True, help="seconds to spread pushes over")
     p.add_argument("--zombie-timeout", type=float, default=10.0)
     p.add_argument("--manual-fraction", type=float, default=0.1)
+    p.add_argument("--zombie-tasks", default="", help="z-todo,z-done,z-failed task ids")
     args = p.parse_args(argv)
 
     logging.basicConfig(
@@ -92,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "auto": Task(args.auto_task, zombie_timeout=args.zombie_timeout, **common),
         "manual": Task(args.manual_task, zombie_timeout=args.zombie_timeout, **common),
     }
+    znames = [f"z-{s}" for s in ("todo", "done", "failed")]
+    for name, task_id in zip(znames, [t for t in args.zombie_tasks.split(",") if t], strict=False):
+        tasks[name] = Task(task_id, zombie_timeout=args.zombie_timeout, **common)
+    zombie = [n for n in znames if n in tasks]
     engine = tasks["auto"].engine
 
     armed = {"torn": False}
@@ -107,28 +136,80 @@ def main(argv: list[str] | None = None) -> int:
     while acked < args.quota:
         due = args.quota * (time.time() - args.t0) / args.spread
         if acked >= due:
-            time.sleep(min(0.05, (acked - due + 1) * args.spread / args.quota))
+            pause(min(0.05, (acked - due + 1) * args.spread / args.quota))
+            continue
+        left = args.quota - acked
+        r = rng.random()
+        if zombie and r < 0.04:  # a burst for one zombie task's prefetch
+            name = rng.choice(zombie)
+            ps = [_payload("z", args, boots, seq + i) for i in range(min(left, rng.randint(8, 16)))]
+            seq += len(ps)
+            t = time.time()
+            try:
+                ids = tasks[name].push_many(ps)
+            except (MeepoError, SQLAlchemyError) as exc:
+                logging.getLogger("chaos").warning("push failed (%s); retrying", exc)
+                pause(0.2)
+                continue
+            out.write(e="ack", task=name, ids=ids, ts=time.time(), nb=t)
+            acked += len(ids)
+            continue
+        if r < 0.045:  # large payloads near max_payload_bytes, in one push_many
+            n = min(left, rng.randint(2, 20))
+            ps = [_payload("normal", args, boots, seq + i, pad=LARGE) for i in range(n)]
+            seq += n
+            t = time.time()
+            try:
+                ids = tasks["auto"].push_many(ps)
+            except (MeepoError, SQLAlchemyError) as exc:
+                out.write(
+                    e="push_error",
+                    what=f"{n} payloads of 1 MiB",
+                    error=str(exc)[:300],
+                    ts=time.time(),
+                )
+                acked += n  # counted as pushed: not retried
+                continue
+            out.write(e="ack", task="auto", ids=ids, ts=time.time(), nb=t)
+            acked += len(ids)
+            continue
+        if r < 0.06:  # a unique key (the holder's id comes back while it is unfinished)
+            key = f"u{args.index}-{rng.randrange(40)}"
+            seq += 1
+            t = time.time()
+            try:
+                ids = [tasks["auto"].push(_payload("normal", args, boots, seq), key=key)]
+            except (MeepoError, SQLAlchemyError) as exc:
+                logging.getLogger("chaos").warning("push failed (%s); retrying", exc)
+                pause(0.2)
+                continue
+            out.write(e="ack", task="auto", ids=ids, ts=time.time(), nb=t, key=key)
+            acked += 1
             continue
         n = 1 if rng.random() < 0.35 else rng.randint(2, 40)
-        n = min(n, args.quota - acked)
+        n = min(n, left)
         batch: dict[str, list[bytes]] = {"auto": [], "manual": []}
         for _ in range(n):
             seq += 1
             name = "manual" if rng.random() < args.manual_fraction else "auto"
             kind = pick(rng, MANUAL_KINDS if name == "manual" else AUTO_KINDS)
-            payload = {"k": kind, "p": args.index, "b": boots, "n": seq}
-            batch[name].append(json.dumps(payload).encode())
+            batch[name].append(_payload(kind, args, boots, seq))
         mode = rng.random()
         rollback = rng.random() < 0.1
+        nested = rng.random() < 0.3
+        t = time.time()
         try:
             got: dict[str, list[int]] = {}
             if mode < 0.6:
-                delay = rng.uniform(0.0, 3.0) if rng.random() < 0.2 else None
+                delay = None
+                if rng.random() < 0.2:
+                    delay = rng.uniform(0.0, 3.0) if rng.random() < 0.5 else rng.uniform(4, 12)
                 priority = rng.choice(["high", "default", "default", "default", "low"])
                 for name, ps in batch.items():
                     if ps:  # acknowledged one push at a time: a later failure keeps these
+                        t = time.time()
                         ids = _plain(tasks[name], ps, delay, priority)
-                        out.write(e="ack", task=name, ids=ids, ts=time.time())
+                        out.write(e="ack", task=name, ids=ids, ts=time.time(), nb=t + (delay or 0))
                         acked += len(ids)
             elif mode < 0.8:
                 with engine.begin() as conn:
@@ -142,20 +223,44 @@ def main(argv: list[str] | None = None) -> int:
                     for name, ps in batch.items():
                         if ps:
                             got[name] = tasks[name].push_many(ps, connection=session)
+                    if nested:  # a savepoint rolled back: its jobs vanish, the rest stay
+                        extra = [_payload("normal", args, boots, seq + 1)]
+                        seq += 1
+                        savepoint = session.begin_nested()
+                        tasks["auto"].push_many(extra, connection=session)
+                        savepoint.rollback()
                     if rollback:
                         raise RolledBack
         except RolledBack:
             continue
         except (MeepoError, SQLAlchemyError) as exc:
             logging.getLogger("chaos").warning("push failed (%s); retrying", exc)
-            time.sleep(0.2)
+            pause(0.2)
             continue
         for name, ids in got.items():
-            out.write(e="ack", task=name, ids=ids, ts=time.time())
+            out.write(
+                e="ack",
+                task=name,
+                ids=ids,
+                ts=time.time(),
+                nb=t,
+                savepoint=bool(nested and mode >= 0.8),
+            )
             acked += len(ids)
     out.write(e="finished", pid=os.getpid(), ts=time.time(), acked=acked)
     out.close()
     return 0
+
+
+def pause(seconds: float) -> None:
+    threading.Event().wait(seconds)
+
+
+def _payload(kind: str, args: argparse.Namespace, boots: int, seq: int, pad: int = 0) -> bytes:
+    head = json.dumps({"k": kind, "p": args.index, "b": boots, "n": seq}).encode()
+    if pad:
+        return head[:-1] + b', "x": "' + b"x" * (pad - len(head) - 8) + b'"}'
+    return head
 
 
 def _plain(task: Task, payloads: list[bytes], delay: float | None, priority: str) -> list[int]:

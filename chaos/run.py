@@ -35,21 +35,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, func, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from meepo import Task
 from meepo.ledger.schema import jobs_table
 
 from .check import Key, Outcome, Row, check
+from .proxy import SilentProxy
 from .records import AppendLog, read
-from .servers import RedisServer, Server, database_server
+from .servers import RedisServer, Server, database_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = "chaos_jobs"
 FAULT_KINDS = (
     "worker_kill",
     "worker_pause",
+    "worker_sigterm",
+    "worker_recycle",
+    "db_partition",
+    "redis_partition",
+    "db_lock",
+    "pool_hog",
+    "redis_oom",
+    "redis_readonly",
     "redis_restart",
     "redis_flushall",
     "db_restart",
@@ -58,14 +67,28 @@ FAULT_KINDS = (
 )
 #: How often each kind is drawn for the faults beyond one of each.
 WEIGHTS = {
-    "worker_kill": 3,
-    "worker_pause": 2,
+    "worker_kill": 4,
+    "worker_pause": 1,
+    "worker_sigterm": 2,
+    "worker_recycle": 2,
+    "db_partition": 2,
+    "redis_partition": 1,
+    "db_lock": 1,
+    "pool_hog": 1,
+    "redis_oom": 1,
+    "redis_readonly": 1,
     "redis_restart": 1,
     "redis_flushall": 1,
     "db_restart": 1,
     "producer_kill": 1,
     "producer_torn_push": 1,
 }
+#: The worker faults: the target is a worker index.
+WORKER_FAULTS = ("worker_kill", "worker_pause", "worker_sigterm", "worker_recycle")
+ZOMBIE_TASKS = ("z-todo", "z-done", "z-failed")
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+#: Pushes the harness makes itself (hog jobs) are acknowledged in this log.
+HARNESS_ACKS = 99
 PRODUCERS = 2
 
 
@@ -90,7 +113,7 @@ def plan(seed: int, duration: float, kinds: list[str], lease: float, workers: in
     faults: list[Fault] = []
     for i, kind in enumerate(chosen):
         at = lo + slot * i + rng.uniform(0, 0.6 * slot)
-        if kind.startswith("worker"):
+        if kind.startswith("worker") or kind in ("db_partition", "redis_partition"):
             target = rng.randrange(workers)
         elif kind.startswith("producer"):
             target = rng.randrange(PRODUCERS)
@@ -102,6 +125,12 @@ def plan(seed: int, duration: float, kinds: list[str], lease: float, workers: in
             "redis_restart": rng.uniform(0.5, 3.0),
             "db_restart": rng.uniform(3.0, 8.0),
             "producer_kill": rng.uniform(0.2, 1.5),
+            "db_partition": lease + rng.uniform(2.0, 5.0),
+            "redis_partition": rng.uniform(3.0, 10.0),
+            "db_lock": lease * 0.5,
+            "pool_hog": lease * 1.5,
+            "redis_oom": rng.uniform(4.0, 10.0),
+            "redis_readonly": rng.uniform(4.0, 10.0),
         }.get(kind, 0.0)
         faults.append(Fault(round(at, 2), kind, target, round(length, 2)))
     return faults
@@ -115,6 +144,9 @@ class Proc:
         self.popen: subprocess.Popen[bytes] | None = None
         self.paused_since: float | None = None
         self.expect_death = False  # the harness killed it (or armed its self-kill)
+        self.restart_on_exit = False  # a graceful stop the harness asked for (SIGTERM)
+        self.env: dict[str, str] = {}  # extra environment (faketime)
+        self.skew = 0.0
         self.finished = False  # a producer that pushed its whole share
         self.starts = 0
 
@@ -134,6 +166,7 @@ class Proc:
     def spawn(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 self.argv,
@@ -146,6 +179,7 @@ class Proc:
             )
         self.paused_since = None
         self.expect_death = False
+        self.restart_on_exit = False
         self.starts += 1
 
 
@@ -167,6 +201,12 @@ class Harness:
         self.threads: list[threading.Thread] = []
         run = f"{args.seed}-{os.getpid()}"
         self.task_ids = {"auto": f"chaos-auto-{run}", "manual": f"chaos-manual-{run}"}
+        if not args.no_zombie_tasks:
+            for name in ZOMBIE_TASKS:
+                self.task_ids[name] = f"chaos-{name}-{run}"
+        #: per worker index: silent proxies in front of the database and Redis
+        self.proxies: dict[int, dict[str, SilentProxy]] = {}
+        self.acks = AppendLog(self.workdir / "logs" / f"ack-{HARNESS_ACKS}.jsonl")
         self.task_names = {v: k for k, v in self.task_ids.items()}
         self.engine: Engine | None = None
         self.faults: list[Fault] = []
@@ -195,13 +235,32 @@ class Harness:
             "--table", TABLE,
             "--auto-task", self.task_ids["auto"],
             "--manual-task", self.task_ids["manual"],
+            "--zombie-tasks", ",".join(self.task_ids[n] for n in ZOMBIE_TASKS if n in self.task_ids),  # noqa: E501
             "--log-dir", str(self.workdir / "logs"),
             "--zombie-timeout", str(self.args.zombie_timeout),
         ]  # fmt: skip
 
-    def add_proc(self, role: str, index: int, extra: list[str]) -> Proc:
+    def add_proc(self, role: str, index: int, extra: list[str], skew: float = 0.0) -> Proc:
         argv = [sys.executable, "-m", f"chaos.{role}", *self.common_args(), *extra]
+        if role == "worker":  # every worker reaches both servers through its own proxies
+            assert self.db_url is not None
+            db = SilentProxy(make_url(self.db_url).port or 0)
+            rd = SilentProxy(self.redis.port)
+            self.proxies[index] = {"db": db, "redis": rd}
+            argv[argv.index(self.db_url)] = (
+                make_url(self.db_url).set(port=db.port).render_as_string(False)
+            )
+            argv[argv.index(self.redis.url)] = f"redis://127.0.0.1:{rd.port}/0"
         proc = Proc(role, index, argv, self.workdir / f"{role}-{index}.log")
+        if skew:
+            proc.skew = skew
+            proc.env = {
+                "LD_PRELOAD": FAKETIME_LIB,
+                "FAKETIME": f"{skew:+g}s",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                "FAKETIME_NO_CACHE": "1",
+            }
+            proc.argv += ["--clock-offset", str(skew)]
         self.procs.append(proc)
         self.start_proc(proc)
         return proc
@@ -210,7 +269,10 @@ class Harness:
         if proc.finished:
             return
         proc.spawn()
-        self.hlog.write(e="spawn", role=proc.role, index=proc.index, pid=proc.pid, ts=time.time())
+        self.hlog.write(
+            e="spawn", role=proc.role, index=proc.index, pid=proc.pid, ts=time.time(),
+            skew=proc.skew,
+        )  # fmt: skip
 
     def kill(self, proc: Proc) -> float:
         """SIGKILL by pid; returns the time of death."""
@@ -249,6 +311,15 @@ class Harness:
                 # a torn push: the producer killed itself; the harness restarts it
                 self.hlog.write(e="exit", role=proc.role, pid=proc.pid, ts=time.time(), rc=rc)
                 self.at(time.time() + 0.5, functools.partial(self.start_proc, proc))
+                continue
+            if proc.restart_on_exit:  # a graceful stop the harness asked for
+                self.hlog.write(e="exit", role=proc.role, pid=proc.pid, ts=time.time(), rc=rc)
+                if rc != 0:
+                    self.unexpected_exits.append(
+                        f"{proc.role} {proc.index} pid {proc.pid} rc {rc} after SIGTERM"
+                    )
+                proc.restart_on_exit = False
+                self.at(time.time() + 0.3, functools.partial(self.start_proc, proc))
                 continue
             if proc.expect_death:
                 continue  # killed by the harness, which records it and restarts it
@@ -345,7 +416,7 @@ class Harness:
             self.hlog.write(**rec, skipped=why)
 
         kind = fault.kind
-        if kind in ("worker_kill", "worker_pause", "producer_kill", "producer_torn_push"):
+        if kind in (*WORKER_FAULTS, "producer_kill", "producer_torn_push"):
             role = "worker" if kind.startswith("worker") else "producer"
             proc = self.pick(role, fault.target)
             if proc is None:
@@ -359,6 +430,69 @@ class Harness:
                 # read after the signal: a dead or frozen process changes nothing more
                 rec["orphans"] = self.claimed_by(proc.pid)
             self.hlog.write(**rec)
+        elif kind in ("db_partition", "redis_partition"):
+            proc = self.pick("worker", fault.target)
+            if proc is None:
+                return skip("no running worker")
+            what = kind.split("_")[0]
+            proxy = self.proxies[proc.index][what]
+            if proxy.silent:
+                return skip("already partitioned")
+            proxy.partition()
+            rec.update(pid=proc.pid, index=proc.index, length=fault.length, ts=time.time())
+            if what == "db":
+                rec["orphans"] = self.claimed_by(proc.pid)
+            self.hlog.write(**rec)
+
+            def heal() -> None:
+                proxy.heal()
+                self.hlog.write(
+                    e="partitioned", what=what, index=proc.index, since=rec["ts"],
+                    until=time.time(),
+                )  # fmt: skip
+
+            self.at(time.time() + fault.length, heal)
+        elif kind == "db_lock":
+            if not self.db_up.is_set():
+                return skip("the database is down")
+            th = threading.Thread(
+                target=self.hold_locks, args=(fault, rec), name="db-lock", daemon=True
+            )
+            th.start()
+            self.threads.append(th)
+        elif kind == "pool_hog":
+            n = self.args.workers * 5
+            hold = {"k": "hog", "h": fault.length, "c": 10}
+            try:
+                ids = self.setup_task().push_many([json.dumps(hold).encode()] * n)
+            except Exception as exc:
+                return skip(f"push failed: {type(exc).__name__}")
+            self.acks.write(e="ack", task="auto", ids=ids, ts=time.time(), nb=ts)
+            rec.update(jobs=len(ids), length=fault.length)
+            self.hlog.write(**rec)
+        elif kind in ("redis_oom", "redis_readonly"):
+            if not self.redis.running:
+                return skip("redis is down")
+            rec["sampled"] = time.time()
+            rec["waiting"] = self.waiting()
+            rec["ts"] = time.time()
+            c = self.redis.client()
+            try:
+                if kind == "redis_oom":
+                    used = int(c.info("memory")["used_memory"])
+                    c.config_set("maxmemory-policy", "noeviction")
+                    c.config_set("maxmemory", str(max(1024 * 1024, used // 2)))
+                    rec["maxmemory"] = max(1024 * 1024, used // 2)
+                    rec["used"] = used
+                else:  # a replica of a primary that does not answer: read-only
+                    c.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            except Exception as exc:
+                return skip(f"redis: {exc}")
+            finally:
+                c.close()
+            rec["length"] = fault.length
+            self.hlog.write(**rec)
+            self.at(time.time() + fault.length, functools.partial(self.redis_writable, kind))
         elif kind in ("redis_restart", "redis_flushall"):
             if not self.redis.running:
                 return skip("redis is down")
@@ -394,8 +528,59 @@ class Harness:
             self.threads.append(th)
         return None
 
+    def redis_writable(self, kind: str) -> None:
+        if not self.redis.running:
+            return
+        c = self.redis.client()
+        try:
+            if kind == "redis_oom":
+                c.config_set("maxmemory", "0")
+            else:
+                c.execute_command("REPLICAOF", "NO", "ONE")
+        except Exception as exc:
+            self.notes.append(f"{kind}: could not make redis writable again: {exc}")
+        finally:
+            c.close()
+
+    def hold_locks(self, fault: Fault, rec: dict[str, Any]) -> None:
+        """A slow database: a separate session holds row locks on running jobs (the
+        auto task's) for ``fault.length`` seconds, then rolls back."""
+        t = jobs_table(TABLE)
+        try:
+            with self.ledger().connect() as conn, conn.begin() as tx:
+                rows = conn.execute(
+                    select(t.c.id)
+                    .where(t.c.task_id == self.task_ids["auto"], t.c.status == "doing")
+                    .limit(5)
+                    .with_for_update()
+                ).all()
+                rec.update(ts=time.time(), locked=[int(r.id) for r in rows])
+                rec["length"] = fault.length
+                time.sleep(fault.length)
+                tx.rollback()
+        except SQLAlchemyError as exc:
+            rec["skipped"] = f"lock failed: {type(exc).__name__}"
+        self.hlog.write(**rec)
+
+    _setup: Task | None = None
+
+    def setup_task(self) -> Task:
+        if self._setup is None:
+            assert self.db_url is not None
+            self._setup = Task(
+                self.task_ids["auto"], db=self.db_url, redis=self.redis.url, table_name=TABLE
+            )
+        return self._setup
+
     def signal_fault(self, proc: Proc, fault: Fault, rec: dict[str, Any]) -> None:
-        if fault.kind in ("worker_kill", "producer_kill"):
+        if fault.kind == "worker_sigterm":
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.expect_death = proc.restart_on_exit = True
+            rec["ts"] = time.time()
+        elif fault.kind == "worker_recycle":
+            os.kill(proc.pid, signal.SIGUSR2)
+            rec["ts"] = time.time()
+        elif fault.kind in ("worker_kill", "producer_kill"):
             rec["ts"] = self.kill(proc)
             self.at(time.time() + fault.length, functools.partial(self.start_proc, proc))
         elif fault.kind == "worker_pause":
@@ -410,6 +595,7 @@ class Harness:
     # -- the run ----------------------------------------------------------------------
 
     db_url: str | None = None
+    skew = 0.0
 
     def run(self) -> tuple[Outcome, dict[str, Any]]:
         a = self.args
@@ -419,11 +605,21 @@ class Harness:
             self.db.start()
         self.db_up.set()
         self.db_url = a.db_url or self.db.url
-        setup = Task(self.task_ids["auto"], db=self.db_url, redis=self.redis.url, table_name=TABLE)
+        setup = self.setup_task()
         setup.migrate()
         self.hlog.write(e="begin", backend=self.backend, seed=a.seed, ts=time.time())
+        if a.schedule_every > 0:  # fires while the faults run; removed before the drain
+            setup.schedule_every(
+                "chaos-every", a.schedule_every, json.dumps({"k": "normal", "s": 1}).encode()
+            )
 
         slow = a.lease * 1.5
+        skew = 0.0
+        if a.skew and Path(FAKETIME_LIB).exists():
+            skew = a.skew * random.Random(f"{a.seed}:skew").choice([1, -1])
+        elif a.skew:
+            self.notes.append(f"clock skew skipped: {FAKETIME_LIB} is missing")
+        self.skew = skew
         for i in range(a.workers):
             self.add_proc(
                 "worker",
@@ -435,6 +631,7 @@ class Harness:
                     "--max-failed-times", str(a.max_failed_times),
                     "--slow", str(slow),
                 ],
+                skew=skew if i == a.workers - 1 else 0.0,
             )  # fmt: skip
         t0 = time.time() + 2.0
         spread = 0.85 * a.duration
@@ -466,6 +663,11 @@ class Harness:
             self.run_due()
             self.supervise()
             time.sleep(0.05)
+        if a.schedule_every > 0:
+            try:
+                setup.unschedule("chaos-every")
+            except Exception as exc:
+                self.notes.append(f"unschedule failed: {exc}")
         # Drain: the producers finish, every job reaches a terminal state.
         drained_at: float | None = None
         deadline = time.time() + a.drain_timeout
@@ -490,6 +692,7 @@ class Harness:
         }
         harness = list(read(self.workdir / "harness.jsonl"))
         outcome = check(self.workdir / "logs", self.final_rows(), a.max_failed_times, harness)
+        outcome.figures["skew"] = self.skew
         if drained_at is None:
             outcome.violations.append(
                 f"the queue did not drain within --drain-timeout {a.drain_timeout:.0f}s"
@@ -530,6 +733,10 @@ class Harness:
             th.join(90)
         if self.engine is not None:
             self.engine.dispose()
+        for pair in self.proxies.values():
+            for proxy in pair.values():
+                with contextlib.suppress(OSError):
+                    proxy.stop()
         for server in (self.db, self.redis):
             with contextlib.suppress(OSError, RuntimeError):
                 server.stop()
@@ -607,6 +814,24 @@ def main(argv: list[str] | None = None) -> int:
         help="use this database instead of a throwaway server (disables db_restart)",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory")
+    p.add_argument(
+        "--skew",
+        type=float,
+        default=5.0,
+        help="the last worker runs under faketime this many seconds off (sign drawn from "
+        "the seed; 0: no skew)",
+    )
+    p.add_argument(
+        "--schedule-every",
+        type=float,
+        default=1.0,
+        help="a schedule on the auto task firing every N seconds during the faults (0: none)",
+    )
+    p.add_argument(
+        "--no-zombie-tasks",
+        action="store_true",
+        help="leave out the three tasks with zombie_dst_status todo/done/failed",
+    )
     args = p.parse_args(argv)
     args.skip = [k for k in args.skip.split(",") if k]
     bad = [k for k in args.skip if k not in FAULT_KINDS]
