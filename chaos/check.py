@@ -19,6 +19,10 @@ Key = tuple[str, int]  # (task name "auto"|"manual", job id)
 
 #: End-record outcomes the workload asked for: a failed attempt by design.
 PLANNED_FAILURES = {"raise", "todo", "none"}
+#: Tasks whose zombie policy closes a job after one attempt (max_failed_times 1).
+ZOMBIE_TASKS = {"z-todo": "todo", "z-done": "done", "z-failed": "failed"}
+#: Clock rounding allowed between a producer's wall time and a start record.
+EPSILON = 0.002
 
 
 @dataclass
@@ -91,6 +95,9 @@ def check(
     deaths: dict[int, float] = {}
     paused: dict[int, list[tuple[float, float]]] = defaultdict(list)
     outages: list[tuple[float, float]] = []
+    index_of: dict[int, int] = {}  # worker pid -> worker index
+    skewed: dict[int, float] = {}  # worker pid -> its clock's offset
+    cut_off: dict[int, list[tuple[float, float]]] = defaultdict(list)  # index -> db partitions
     for rec in harness:
         if rec["e"] == "exit":
             deaths[rec["pid"]] = rec["ts"]
@@ -98,19 +105,48 @@ def check(
             paused[rec["pid"]].append((rec["since"], rec["until"]))
         elif rec["e"] == "db_down":
             outages.append((rec["since"], rec["until"]))
+        elif rec["e"] == "spawn" and rec.get("role") == "worker":
+            index_of[rec["pid"]] = rec["index"]
+            if rec.get("skew"):
+                skewed[rec["pid"]] = rec["skew"]
+        elif rec["e"] == "partitioned" and rec["what"] == "db":
+            cut_off[rec["index"]].append((rec["since"], rec["until"]))
+    faults = sorted(
+        (rec["ts"], rec["kind"], n)
+        for n, rec in enumerate(harness)
+        if rec["e"] == "fault" and not rec.get("skipped")
+    )
+    blame: Counter[int] = Counter()  # fault record -> violations that followed it
+
+    def blamed(ts: float) -> None:
+        """Charge a violation at wall time ``ts`` to the latest fault before it."""
+        before = [f for f in faults if f[0] <= ts]
+        if before:
+            blame[before[-1][2]] += 1
 
     # -- producers: acknowledged ids ----------------------------------------------------
     acked: set[Key] = set()
     torn: list[dict[str, Any]] = []
     acks: list[tuple[int, float, Key]] = []  # (producer index, wall time, first job)
+    not_before: dict[Key, float] = {}  # the earliest time a job may start (its run_at)
+    savepoint_acks: list[tuple[float, Key]] = []
+    push_errors: list[str] = []
     for path in sorted(run_dir.glob("ack-*.jsonl")):
         index = int(path.stem.split("-")[1])
         for rec in read(path):
             if rec["e"] == "ack":
                 acked.update((rec["task"], i) for i in rec["ids"])
                 acks.append((index, rec["ts"], (rec["task"], rec["ids"][0])))
+                if "nb" in rec and "key" not in rec:  # a keyed push may return an old job
+                    for i in rec["ids"]:
+                        not_before.setdefault((rec["task"], i), rec["nb"])
+                if rec.get("savepoint"):
+                    savepoint_acks += [(rec["ts"], (rec["task"], i)) for i in rec["ids"]]
             elif rec["e"] == "torn":
                 torn.append({**rec, "index": index})
+            elif rec["e"] == "push_error":
+                push_errors.append(f"producer {index}: {rec['what']}: {rec['error']}")
+                blamed(rec["ts"])
     acks.sort(key=lambda a: a[1])
     fig["acknowledged"] = len(acked)
     fig["ledger_rows"] = len(rows)
@@ -121,6 +157,8 @@ def check(
     lost = sorted(k for k in acked if k not in rows)
     res.fail("acknowledged jobs missing from the ledger (lost)", lost)
     fig["lost"] = len(lost)
+    res.fail("pushes refused (large payloads near max_payload_bytes)", push_errors, limit=3)
+    fig["push_errors"] = len(push_errors)
     # ... and invariant 4: every job (acknowledged or not) reached a terminal state.
     stuck = sorted((k, r.status) for k, r in rows.items() if r.status not in ("done", "failed"))
     res.fail("jobs not in a terminal state after the drain (stuck)", stuck)
@@ -152,7 +190,10 @@ def check(
     # Invariant 3: no two runs of a job overlap, setting aside runs of a process that
     # was frozen meanwhile (and runs across a database outage: no lease can be renewed
     # while the ledger is down, so it may expire under a live handler).
+    # A partition of the worker from the database excuses its runs like a pause does. A
+    # skewed clock excuses nothing: every time comparison uses the database's clock.
     overlaps: list[str] = []
+    skew_overlaps: list[str] = []
     excused = Counter[str]()
     for key, rs in by_job.items():
         for i, a in enumerate(rs):
@@ -162,16 +203,81 @@ def check(
                     break
                 if _intersects(a.start, a_end, paused.get(a.pid, [])):
                     excused["paused"] += 1
+                elif _intersects(a.start, a_end, cut_off.get(index_of.get(a.pid, -1), [])):
+                    excused["db_partition"] += 1
                 elif _intersects(a.start, b.start, outages):
                     excused["db_outage"] += 1
                 else:
-                    overlaps.append(
+                    what = (
                         f"{key}: pid {a.pid} cid {a.cid} [{a.start:.3f}, {a_end:.3f}] and "
                         f"pid {b.pid} cid {b.cid} from {b.start:.3f}"
                     )
-    res.fail("overlapping runs of one job (outside pauses and outages)", overlaps)
-    fig["overlaps"] = len(overlaps)
+                    blamed(b.start)
+                    if a.pid in skewed or b.pid in skewed:
+                        skew_overlaps.append(what)
+                    else:
+                        overlaps.append(what)
+    res.fail("overlapping runs of one job (outside pauses, partitions and outages)", overlaps)
+    res.fail("overlapping runs of one job involving the clock-skewed worker", skew_overlaps)
+    fig["overlaps"] = len(overlaps) + len(skew_overlaps)
+    fig["overlaps_under_skew"] = len(skew_overlaps)
     fig["overlaps_excused"] = dict(excused)
+
+    # No job starts before its run_at (its push's wall time plus its delay).
+    early: list[str] = []
+    for key, nb in not_before.items():
+        rs = by_job.get(key)
+        if rs and rs[0].start < nb - EPSILON:
+            r = rs[0]
+            skew = f" (skewed {skewed[r.pid]:+g}s)" if r.pid in skewed else ""
+            early.append(f"{key} started {nb - r.start:.2f}s early by pid {r.pid}{skew}")
+            blamed(r.start)
+    res.fail("jobs started before their run_at", early)
+    fig["early_starts"] = len(early)
+    fig["early_starts_under_skew"] = sum(1 for e in early if "skewed" in e)
+
+    # Every job closed done/failed started at least once: by its handler's verdict or by
+    # the zombie policy, which may only close (or charge) a job whose handler started.
+    never = sorted(k for k, r in rows.items() if r.status in ("done", "failed") and k not in by_job)
+    res.fail("jobs closed done/failed that never started", never)
+    fig["closed_never_started"] = dict(Counter(f"{k[0]}:{rows[k].status}" for k in never))
+    charged = [
+        f"{k} failed_times {r.failed_times}, {len({x.cid for x in by_job.get(k, [])})} starts"
+        for k, r in rows.items()
+        if r.failed_times > len({x.cid for x in by_job.get(k, [])})
+    ]
+    res.fail("jobs charged more attempts than their handler started", charged)
+    fig["charged_beyond_starts"] = len(charged)
+
+    # A handler that forks: its child exits; it never runs meepo's loops (jobs).
+    execs = list(read_all(run_dir, "exec-*.jsonl"))
+    children = {rec["child"] for rec in execs if rec["e"] == "fork"}
+    stuck_children = [rec["child"] for rec in execs if rec["e"] == "fork_stuck"]
+    in_child = [f"{r.key}@{r.cid} in child {r.pid}" for r in runs if r.pid in children]
+    res.fail("jobs run by a handler's forked child", in_child)
+    res.fail("forked children that did not exit within 5 s (killed)", stuck_children)
+    fig["forks"] = len(children)
+
+    # A manual commit in the handler works during a graceful stop (SIGTERM, a recycle).
+    refused = [
+        f"{(rec['task'], rec['job'])}@{rec['cid']}: {rec['error']} (stopping: {rec['stopping']})"
+        for rec in execs
+        if rec["e"] == "commit_error"
+    ]
+    for rec in execs:
+        if rec["e"] == "commit_error":
+            blamed(rec["ts"])
+    res.fail("in-handler manual commits refused", refused)
+    fig["manual_commits_refused"] = len(refused)
+
+    # A push in a rolled-back savepoint does not hold back the outer, committed push.
+    delays = [
+        nxt - ts
+        for ts, key in savepoint_acks
+        if (nxt := _first_start_after(by_job.get(key, []), 0.0)) is not None
+    ]
+    fig["savepoint_jobs"] = len(savepoint_acks)
+    fig["savepoint_worst_ack_to_start"] = round(max(delays), 2) if delays else None
 
     # Stale commits: the commit that finished a job carried the claim of the run that
     # made it (final commit_id - 1), and that run finished with that verdict.
@@ -183,6 +289,18 @@ def check(
         if row.status not in ("done", "failed"):
             continue
         committing = [r for r in by_job.get(key, []) if r.cid == row.commit_id - 1]
+        if key[0] in ZOMBIE_TASKS:  # closed by a handler, or by the zombie policy
+            if row.status == "failed" and row.failed_times >= 1:
+                failed_why["max_failed_times"] += 1
+            elif row.status == "done" and any(r.out == "ok" for r in committing):
+                pass
+            elif row.status == "done" and key[0] == "z-done" and key in by_job:
+                failed_why["done_by_zombie_policy"] += 1  # (not a failure: counted here)
+            else:
+                (bad_done if row.status == "done" else bad_failed).append(
+                    f"{key} {row.status} failed_times {row.failed_times}"
+                )
+            continue
         if row.status == "done":
             if not any(r.out == done_verdict[key[0]] for r in committing):
                 seen = [(r.pid, r.out) for r in committing]
@@ -220,7 +338,33 @@ def check(
     fig["never_ran"] = dict(Counter(rows[k].status for k in rows if k not in by_job))
 
     # -- recovery after each fault ------------------------------------------------------
-    fig["recovery"] = recovery(harness, by_job, runs, torn, acks)
+    fig["recovery"] = recovery(harness, by_job, runs, torn, acks, execs)
+    # Per fault kind: how many of its faults were followed by no violation (before the
+    # next fault), and the duplicate runs that followed it.
+    dup_after: Counter[int] = Counter()
+    for rs in by_job.values():
+        planned = 0
+        for r in rs:
+            if r.out in PLANNED_FAILURES:
+                planned += 1
+        for r in rs[1 + planned :]:
+            before = [f for f in faults if f[0] <= r.start]
+            if before:
+                dup_after[before[-1][2]] += 1
+    for _ts, kind, n in faults:
+        slot = fig["recovery"].setdefault(kind, {"injected": 0, "max_recovery": None})
+        slot["survived"] = slot.get("survived", 0) + (0 if blame[n] else 1)
+        slot["duplicates"] = slot.get("duplicates", 0) + dup_after[n]
+        slot["violations_after"] = slot.get("violations_after", 0) + blame[n]
+    if skewed:
+        fig["recovery"]["clock_skew"] = {
+            "injected": 1,
+            "survived": 1 if not (skew_overlaps or fig["early_starts_under_skew"]) else 0,
+            "duplicates": 0,
+            "max_recovery": None,
+            "runs": sum(1 for r in runs if r.pid in skewed),
+            "offset": sorted(set(skewed.values())),
+        }
     return res
 
 
@@ -237,6 +381,7 @@ def recovery(
     runs: list[Run],
     torn: list[dict[str, Any]],
     acks: list[tuple[int, float, Key]],
+    execs: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per fault kind: how many were injected and the worst recovery time (seconds).
 
@@ -253,6 +398,17 @@ def recovery(
     by_pid: dict[int, list[Run]] = defaultdict(list)
     for r in runs:
         by_pid[r.pid].append(r)
+    for rs in by_pid.values():
+        rs.sort(key=lambda r: r.start)
+    spawns = [
+        (rec["ts"], rec["index"], rec["pid"])
+        for rec in harness
+        if rec["e"] == "spawn" and rec.get("role") == "worker"
+    ]
+    recycles: dict[int, list[float]] = defaultdict(list)
+    for rec in execs or []:
+        if rec["e"] == "recycle":
+            recycles[rec["pid"]].append(rec["ts"])
     for rec in harness:
         if rec["e"] != "fault":
             continue
@@ -265,7 +421,21 @@ def recovery(
         t = rec["ts"]
         worst: float | None = None
         missing = 0
-        if kind in ("worker_kill", "worker_pause"):
+        if kind == "worker_sigterm":  # until the restarted worker runs a job
+            later = [pid for ts, i, pid in spawns if i == rec["index"] and ts >= t]
+            nxt = _first_start_after(by_pid.get(later[0], []), t) if later else None
+            if nxt is None:
+                missing += 1
+            else:
+                worst = nxt - t
+        elif kind == "worker_recycle":  # until the re-executed worker runs a job
+            done = [x for x in recycles.get(rec["pid"], []) if x >= t]
+            nxt = _first_start_after(by_pid.get(rec["pid"], []), done[0]) if done else None
+            if nxt is None:
+                slot["not_recycled"] = slot.get("not_recycled", 0) + 1
+            else:
+                worst = nxt - t
+        elif kind in ("worker_kill", "worker_pause", "db_partition"):
             # the jobs it held a claim on (running, prefetched, or awaiting their commit)
             pid = rec["pid"]
             held: set[Key] = {(k[0], k[1]) for k in rec.get("orphans", [])}
@@ -280,7 +450,13 @@ def recovery(
                     worst = max(worst or 0.0, nxt - t)
             slot.setdefault("orphans", 0)
             slot["orphans"] += len(held)
-        elif kind in ("redis_restart", "redis_flushall", "db_restart"):
+        elif kind in (
+            "redis_restart",
+            "redis_flushall",
+            "db_restart",
+            "redis_oom",
+            "redis_readonly",
+        ):
             watch: list[Key] = [(k[0], k[1]) for k in rec.get("waiting", [])]
             watch += [key for _, ts, key in acks if ts >= t][:1]
             for key in watch:
