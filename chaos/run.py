@@ -760,23 +760,35 @@ def report(backend: str, h: Harness, out: Outcome, info: dict[str, Any], secs: f
         f"  executions: {f['executions']} ({f['beyond_first']} beyond the first); "
         f"duplicates (beyond planned retries): {f['duplicates']}; "
         f"runs cut short by a kill or still frozen: {f['runs_killed_or_frozen']}",
-        f"  overlapping runs: {f['overlaps']} (set aside: {excused}); stale commits that "
+        f"  overlapping runs: {f['overlaps']} ({f['overlaps_under_skew']} with the skewed "
+        f"worker; set aside: {excused}); stale commits that "
         f"took effect: {f['stale_commits_taken']}; stale manual commits refused: "
         f"{f['stale_manual_commits_refused']}",
+        f"  closed without ever starting: {f['closed_never_started'] or 0}; charged beyond "
+        f"starts: {f['charged_beyond_starts']}; started before run_at: {f['early_starts']} "
+        f"({f['early_starts_under_skew']} by the skewed worker); in-handler manual commits "
+        f"refused: {f['manual_commits_refused']}; forks {f['forks']}; push errors "
+        f"{f['push_errors']}; savepoint jobs {f['savepoint_jobs']} (worst ack to start "
+        f"{f['savepoint_worst_ack_to_start']}s)",
         f"  drain: {'ok' if info['drained'] else 'TIMED OUT'}, "
         f"{info['last_push_to_drained']}s after the last push, "
         f"{info['end_to_drained']}s after the fault window",
-        "  faults (injected, worst recovery):",
+        "  faults: kind, injected, survived (no violation before the next fault), "
+        "duplicates after it, worst recovery:",
     ]
     for kind, slot in sorted(f["recovery"].items()):
         rec = slot["max_recovery"]
         extra = "".join(
             f", {k.replace('_', ' ')} {slot[k]}"
-            for k in ("skipped", "orphans", "waiting", "longest_outage", "not_rerun")
+            for k in (
+                "skipped", "orphans", "waiting", "longest_outage", "not_rerun", "not_recycled",
+                "runs", "offset",
+            )
             if slot.get(k)
-        )
+        )  # fmt: skip
         lines.append(
-            f"    {kind:<20} {slot['injected']:>3}  {'-' if rec is None else f'{rec:.1f}s'}{extra}"
+            f"    {kind:<18} {slot['injected']:>3} {slot.get('survived', 0):>3} "
+            f"{slot.get('duplicates', 0):>4}  {'-' if rec is None else f'{rec:.1f}s'}{extra}"
         )
     if info.get("unexpected_exits"):
         lines.append(f"  unexpected process exits (restarted): {len(info['unexpected_exits'])}")
