@@ -64,6 +64,8 @@ def load_runs(run_dir: Path, deaths: dict[int, float]) -> tuple[list[Run], list[
     problems: list[str] = []
     ends: list[dict[str, Any]] = []
     for rec in read_all(run_dir, "exec-*.jsonl"):
+        if "task" not in rec:  # fork, recycle
+            continue
         ident = (rec["task"], rec["job"], rec["cid"], rec["pid"])
         if rec["e"] == "start":
             if ident in runs:
