@@ -461,15 +461,11 @@ class Harness:
             th.start()
             self.threads.append(th)
         elif kind == "pool_hog":
-            n = self.args.workers * 5
-            hold = {"k": "hog", "h": fault.length, "c": 10}
-            try:
-                ids = self.setup_task().push_many([json.dumps(hold).encode()] * n)
-            except Exception as exc:
-                return skip(f"push failed: {type(exc).__name__}")
-            self.acks.write(e="ack", task="auto", ids=ids, ts=time.time(), nb=ts)
-            rec.update(jobs=len(ids), length=fault.length)
-            self.hlog.write(**rec)
+            if not self.db_up.is_set():
+                return skip("the database is down")
+            th = threading.Thread(target=self.push_hogs, args=(fault, rec), daemon=True)
+            th.start()
+            self.threads.append(th)
         elif kind in ("redis_oom", "redis_readonly"):
             if not self.redis.running:
                 return skip("redis is down")
@@ -560,6 +556,20 @@ class Harness:
                 tx.rollback()
         except SQLAlchemyError as exc:
             rec["skipped"] = f"lock failed: {type(exc).__name__}"
+        self.hlog.write(**rec)
+
+    def push_hogs(self, fault: Fault, rec: dict[str, Any]) -> None:
+        """A pool exhausted by handlers: jobs whose handlers each hold 10 connections of
+        their task's engine for ``fault.length`` (longer than the lease)."""
+        n = self.args.workers * 5
+        hold = {"k": "hog", "h": fault.length, "c": 10}
+        try:
+            ids = self.setup_task().push_many([json.dumps(hold).encode()] * n)
+        except Exception as exc:  # the database may be down
+            self.hlog.write(**rec, skipped=f"push failed: {type(exc).__name__}")
+            return
+        self.acks.write(e="ack", task="auto", ids=ids, ts=time.time(), nb=rec["ts"])
+        rec.update(jobs=len(ids), length=fault.length)
         self.hlog.write(**rec)
 
     _setup: Task | None = None
@@ -766,7 +776,7 @@ def report(backend: str, h: Harness, out: Outcome, info: dict[str, Any], secs: f
         f"{f['stale_manual_commits_refused']}",
         f"  closed without ever starting: {f['closed_never_started'] or 0}; charged beyond "
         f"starts: {f['charged_beyond_starts']}; started before run_at: {f['early_starts']} "
-        f"({f['early_starts_under_skew']} by the skewed worker); in-handler manual commits "
+        f"({f['early_starts_under_skew']} by the skewed worker itself); in-handler manual commits "
         f"refused: {f['manual_commits_refused']}; forks {f['forks']}; push errors "
         f"{f['push_errors']}; savepoint jobs {f['savepoint_jobs']} (worst ack to start "
         f"{f['savepoint_worst_ack_to_start']}s)",
