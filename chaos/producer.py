@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             seq += n
             t = time.time()
             try:
-                ids = tasks["auto"].push_many(ps)
+                ids = _persist(lambda ps=ps: tasks["auto"].push_many(ps))
             except (MeepoError, SQLAlchemyError) as exc:
                 out.write(
                     e="push_error",
@@ -254,6 +254,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def pause(seconds: float) -> None:
     threading.Event().wait(seconds)
+
+
+def _persist(push: Callable[[], list[int]], tries: int = 12) -> list[int]:
+    """``push()``, tried again for about 12 s: an error that outlasts a database
+    restart is the push's own (a server limit), not an outage."""
+    for _ in range(tries - 1):
+        try:
+            return push()
+        except (MeepoError, SQLAlchemyError):
+            pause(1.0)
+    return push()
 
 
 def _payload(kind: str, args: argparse.Namespace, boots: int, seq: int, pad: int = 0) -> bytes:
