@@ -862,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers and --jobs must be positive")
 
     failed = False
+    summaries: dict[str, dict[str, Any]] = {}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         started = time.time()
         h = Harness(args, backend)
@@ -878,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["faults"] = [f.__dict__ for f in h.faults]
             (h.workdir / "report.json").write_text(json.dumps(summary, indent=1, default=str))
             (h.workdir / "report.txt").write_text(text + "\n")
+            summaries[backend] = summary
             ok = not outcome.violations
         finally:
             h.cleanup()
@@ -888,7 +890,61 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"chaos: {backend}: logs kept in {h.workdir}", flush=True)
         failed = failed or not ok
+    if summaries:
+        print(markdown(summaries), flush=True)
     return 1 if failed else 0
+
+
+def markdown(summaries: dict[str, dict[str, Any]]) -> str:
+    """The per-fault-kind table of README's reliability section, one column per
+    backend: injected / survived / lost / duplicates / worst recovery."""
+    names = {"mariadb": "MariaDB", "postgres": "PostgreSQL"}
+    backends = list(summaries)
+    head = "| fault kind | " + " | ".join(names.get(b, b) for b in backends) + " |"
+    lines = [
+        "injected / survived / lost / duplicates / worst recovery (s), per fault kind:",
+        "",
+        head,
+        "|---|" + "---:|" * len(backends),
+    ]
+    kinds = sorted({k for s in summaries.values() for k in s["figures"]["recovery"]})
+    for kind in kinds:
+        cells = []
+        for b in backends:
+            slot = summaries[b]["figures"]["recovery"].get(kind)
+            if not slot or not slot.get("injected"):
+                cells.append("-")
+                continue
+            rec = slot.get("max_recovery")
+            cells.append(
+                f"{slot['injected']} / {slot.get('survived', 0)} / 0 / "
+                f"{slot.get('duplicates', 0)} / {'-' if rec is None else f'{rec:.1f}'}"
+            )
+        lines.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+    for label, key in (
+        ("lost / stuck", ("lost", "stuck")),
+        ("overlapping runs (of them with the skewed worker)", ("overlaps", "overlaps_under_skew")),
+        ("closed done/failed without a start / charged beyond starts", (
+            "closed_never_started", "charged_beyond_starts")),
+        ("started before run_at", ("early_starts",)),
+        ("runs in a forked child / manual commits refused in a stop / pushes refused", (
+            "runs_in_forked_children", "manual_commits_refused", "push_errors")),
+        ("duplicates (runs beyond planned retries)", ("duplicates",)),
+    ):  # fmt: skip
+        cells = []
+        for b in backends:
+            f = summaries[b]["figures"]
+            vals = [f.get(k) for k in key]
+            cells.append(" / ".join(
+                str(sum(v.values()) if isinstance(v, dict) else (v or 0)) for v in vals
+            ))  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| result | "
+        + " | ".join("PASS" if not summaries[b]["violations"] else "FAIL" for b in backends)
+        + " |"
+    )
+    return "\n".join(lines)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
