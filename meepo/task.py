@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, event
 from . import config
 from .batch import Batch
 from .config import DEFAULT_TABLE, Options, mask_url
-from .connect import engine_for, redis_for
+from .connect import engine_for, redis_for, service_engine_for
 from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
@@ -32,6 +32,8 @@ from .errors import (
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
+from .ledger.bounds import Bounds
+from .ledger.engine import check_server
 from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
@@ -145,11 +147,28 @@ class Task:
         self.dispatcher = Dispatcher(
             self.ledger, self.transport, self.task_id, self.clock, timedelta(seconds=timeout)
         )
+        # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
+        # pool of their own, every wait bounded from the lease: handlers holding
+        # task.engine connections never starve them (DESIGN.md invariant 9).
+        self.bounds = Bounds.from_lease(self.options.lease)
+        self.service_engine = service_engine_for(db, self.bounds)
+        self.service_dispatcher = (
+            self.dispatcher
+            if self.service_engine is self.engine
+            else Dispatcher(
+                Ledger(self.service_engine, self.table_name),
+                self.transport,
+                self.task_id,
+                self.clock,
+                timedelta(seconds=timeout),
+            )
+        )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
         self.schedule_ledger = Schedules(self.engine, self.table_name)
+        self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()
         self._state_lock = threading.Lock()
         self._starter: threading.Thread | None = None  # start() waiting for the database
@@ -466,7 +485,7 @@ class Task:
     def reaper(self) -> Reaper:
         """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
         if self._reaper is None:
-            self._reaper = Reaper(self.dispatcher, self.options, self.clock)
+            self._reaper = Reaper(self.service_dispatcher, self.options, self.clock)
         return self._reaper
 
     @property
@@ -481,7 +500,9 @@ class Task:
         """This task's scheduler of cron and periodic schedules
         (``task.scheduler.run_once()``)."""
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.schedule_ledger, self.dispatcher, self.clock)
+            self._scheduler = Scheduler(
+                self._service_schedules, self.service_dispatcher, self.clock
+            )
         return self._scheduler
 
     def start(self) -> None:
@@ -515,6 +536,7 @@ class Task:
             self.migrate()
             self._migrate_at_start = False
         migrations.check(self.engine, self.table_name)
+        check_server(self.engine)
 
     def _start_later(self, first: UnavailableError) -> None:
         try:
@@ -532,7 +554,7 @@ class Task:
     def _start_consumers(self) -> None:
         assert self.job_func is not None
         self._consumer = Consumer(
-            self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
+            self.service_dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
         )
         self._consumer.start()
         self.reaper.start()
