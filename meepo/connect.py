@@ -28,10 +28,12 @@ _engines: dict[str, Engine] = {}
 _clients: dict[str, redis_lib.Redis] = {}
 _service_engines: dict[tuple[str, Bounds], Engine] = {}
 
-#: The service pool: a few connections per Task (claim, committer, heartbeat, reaper,
-#: scheduler each hold at most one at a time), shared by the Tasks of a process.
-SERVICE_POOL_SIZE = 5
-SERVICE_MAX_OVERFLOW = 15
+#: The service pool: the claim, the committer and the heartbeat of a Task each hold at
+#: most one connection at a time (the reaper and the scheduler briefly, once a tick);
+#: shared by the Tasks of a process with the same URL and lease. Few stay idle: one
+#: service pool exists per lease value in a process.
+SERVICE_POOL_SIZE = 3
+SERVICE_MAX_OVERFLOW = 17
 
 
 def engine_for(db: str | Engine | None) -> Engine:

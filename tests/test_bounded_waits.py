@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 from conftest import SERVERS, backend_url
@@ -161,9 +162,7 @@ def test_a_row_lock_held_elsewhere_bounds_the_commit_and_it_retries(
         conn.execute(table.select().where(table.c.id == job_id).with_for_update()).all()
         go.set()
         # Far below MariaDB's default 50 s lock wait and PostgreSQL's unbounded one.
-        wait_for(
-            lambda: messages(caplog, "commit failed"), timeout=lease, message="a bounded wait"
-        )
+        wait_for(lambda: messages(caplog, "commit failed"), timeout=lease, message="a bounded wait")
         assert record(task, job_id).status is Status.DOING
         trans.rollback()
     finally:
@@ -207,7 +206,7 @@ def test_a_silent_network_is_detected_and_the_worker_recovers(
     second = producer.push(b"second")  # popped by the worker, claimed over the dead link
     limit = 4 * lease  # the old code stays blocked for minutes
     for what in ("heartbeat failed", "claim failed", "reaper pass failed"):
-        wait_for(lambda w=what: messages(caplog, w), timeout=limit, message=what)  # type: ignore[misc]
+        wait_for(partial(messages, caplog, what), timeout=limit, message=what)
     proxy.open()
     release.set()
     wait_for(
