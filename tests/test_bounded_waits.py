@@ -19,8 +19,9 @@ from helpers import TcpProxy, record, wait_for
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from meepo import Job, Status, Task
+from meepo import Job, Status, Task, UnsupportedServerError
 from meepo import connect as meepo_connect
+from meepo.ledger import engine as ledger_engine
 from meepo.ledger import make_engine
 from meepo.ledger.bounds import Bounds
 from meepo.ledger.engine import skip_locked_problem
@@ -91,6 +92,25 @@ def test_skip_locked_version_check_names_the_version(version: str, ok: bool) -> 
         assert problem is None
     else:
         assert problem is not None and version in problem and "SKIP LOCKED" in problem
+
+
+def test_a_consumer_on_a_server_without_skip_locked_fails_at_start(
+    make_task: TaskFactory, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raise the version meepo asks of MariaDB/MySQL above the real server's: start()
+    fails at once naming the server's version (PostgreSQL is not concerned)."""
+    monkeypatch.setattr(ledger_engine, "SKIP_LOCKED_SINCE", {"MariaDB": (99, 0), "MySQL": (99, 0)})
+    task = make_task(job_func=print)
+    if make_url(db_url).get_backend_name() == "postgresql":
+        task.start()
+        assert task.consumer is not None and task.consumer.running
+        return
+    with task.engine.connect() as conn:
+        version = str(conn.execute(text("SELECT VERSION()")).scalar())
+    with pytest.raises(UnsupportedServerError, match="SKIP LOCKED") as info:
+        task.start()
+    assert version in str(info.value) and ">= 99.0" in str(info.value)
+    assert task.consumer is None
 
 
 def test_handlers_exhausting_their_pool_do_not_starve_heartbeats(
@@ -204,11 +224,17 @@ def test_a_silent_network_is_detected_and_the_worker_recovers(
     wait_for(lambda: started, message="the first job running")
     proxy.blackhole()
     second = producer.push(b"second")  # popped by the worker, claimed over the dead link
+    release.set()  # the first job's commit is written over the dead link
     limit = 4 * lease  # the old code stays blocked for minutes
-    for what in ("heartbeat failed", "claim failed", "reaper pass failed"):
+    for what in (
+        "heartbeat failed",
+        "claim failed",
+        "commit failed",
+        "reaper pass failed",
+        "scheduler pass failed",
+    ):
         wait_for(partial(messages, caplog, what), timeout=limit, message=what)
     proxy.open()
-    release.set()
     wait_for(
         lambda: all(record(producer, i).status is Status.DONE for i in (first, second)),
         timeout=60,
