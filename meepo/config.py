@@ -216,7 +216,7 @@ _PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<p
 #: ``?password=``; PyMySQL also ``passwd``), matched case-insensitively.
 PASSWORD_PARAMS = ("password", "passwd", "pass", "pwd")
 _PARAM_RE = re.compile(
-    r"(?P<head>[?&](?:%s)=)(?P<pw>[^&#\s'\"]*)" % "|".join(PASSWORD_PARAMS), re.IGNORECASE
+    r"(?P<head>[?&](?:" + "|".join(PASSWORD_PARAMS) + r")=)(?P<pw>[^&#\s'\"]*)", re.IGNORECASE
 )
 
 
