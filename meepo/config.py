@@ -265,10 +265,10 @@ def with_password(url: str, password: str) -> str:
         parts = urlsplit(url)
     except ValueError as exc:
         raise ConfigError(f"invalid URL {mask_url(url)!r}: {exc}") from None
-    if not parts.scheme or not parts.netloc:
-        raise ConfigError(f"invalid URL {mask_url(url)!r}: expected scheme://host/...")
     if parts.scheme.startswith("sqlite"):
         raise ConfigError(f"a SQLite URL takes no password: {mask_url(url)!r}")
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError(f"invalid URL {mask_url(url)!r}: expected scheme://host/...")
     userinfo, _, hostpart = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]  # kept as written (already percent-encoded)
     netloc = f"{user}:{quote(password, safe='')}@{hostpart}"
