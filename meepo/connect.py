@@ -61,7 +61,8 @@ def service_engine_for(db: str | Engine | None, bounds: Bounds) -> Engine:
     engine = engine_for(db)
     if isinstance(db, Engine) or engine.dialect.name == "sqlite":
         return engine
-    url = engine.url.render_as_string(hide_password=False)
+    # The URL as given, not engine.url: make_engine moves a ?password= out of that.
+    url = db if isinstance(db, str) else default_db_url()
     with _lock:
         found = _service_engines.get((url, bounds))
         if found is None:
