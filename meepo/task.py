@@ -150,7 +150,10 @@ class Task:
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
         self.schedule_ledger = Schedules(self.engine, self.table_name)
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # set once stop() has finished: run() returns
+        # Set as soon as stop() begins: a delayed start (waiting for the database) must not
+        # start consumers after it.
+        self._stop_requested = threading.Event()
         self._state_lock = threading.Lock()
         self._starter: threading.Thread | None = None  # start() waiting for the database
         self._start_error: MeepoError | None = None
@@ -495,6 +498,7 @@ class Task:
             if self._starter is not None and self._starter.is_alive():
                 return
             self._stopped.clear()
+            self._stop_requested.clear()
             self._start_error = None
             try:
                 self._check_ledger()
@@ -518,16 +522,21 @@ class Task:
 
     def _start_later(self, first: UnavailableError) -> None:
         try:
-            ready = startup.wait_until_ready(self._check_ledger, self._stopped, self.task_id, first)
+            ready = startup.wait_until_ready(
+                self._check_ledger, self._stop_requested, self.task_id, first
+            )
+            with self._state_lock:
+                if ready and not self._stop_requested.is_set():
+                    log.warning("task %s: the database is reachable, starting", self.task_id)
+                    self._start_consumers()
         except MeepoError as exc:
             log.error("task %s: cannot start: %s", self.task_id, exc)
             self._start_error = exc
             self._stopped.set()
-            return
-        with self._state_lock:
-            if ready and not self._stopped.is_set():
-                log.warning("task %s: the database is reachable, starting", self.task_id)
-                self._start_consumers()
+        except Exception as exc:  # a bug must not leave a silent dead thread behind
+            log.exception("task %s: cannot start: unexpected error", self.task_id)
+            self._start_error = MeepoError(f"task {self.task_id!r} could not start: {exc!r}")
+            self._stopped.set()
 
     def _start_consumers(self) -> None:
         assert self.job_func is not None
@@ -551,13 +560,19 @@ class Task:
         (``shutdown_grace`` by default) to finish and be committed; returns False if
         some were still running then (the reaper recovers them)."""
         with self._state_lock:
-            consumer, self._consumer = self._consumer, None
+            # From here on no delayed start starts consumers. The consumer stays
+            # reachable until it has stopped: handlers finishing during the grace period
+            # still commit with task.commit(job.id, ...) (manual mode).
+            self._stop_requested.set()
+            consumer = self._consumer
         clean = True
         if consumer is not None:
             if wait:
-                clean = consumer.stop(grace)
+                clean = self._stop_consumer(consumer, grace)
             else:
-                threading.Thread(target=consumer.stop, args=(grace,), daemon=True).start()
+                threading.Thread(
+                    target=self._stop_consumer, args=(consumer, grace), daemon=True
+                ).start()
         if self._reaper is not None:
             self._reaper.stop()
         if self._promoter is not None:
@@ -565,6 +580,13 @@ class Task:
         if self._scheduler is not None:
             self._scheduler.stop()
         self._stopped.set()
+        return clean
+
+    def _stop_consumer(self, consumer: Consumer, grace: float | None) -> bool:
+        clean = consumer.stop(grace)
+        with self._state_lock:
+            if self._consumer is consumer:
+                self._consumer = None
         return clean
 
     def run(self) -> None:
