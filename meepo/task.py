@@ -298,14 +298,17 @@ class Task:
             # never dispatched: the first dispatch sweep after the commit sends them.
             return self.dispatcher.insert(jobs, connection, due_now=True)[0]
         ids, messages = self.dispatcher.insert(jobs, connection.connection())
-        pending: list[tuple[Dispatcher, list[Message]]] = connection.info.setdefault(
-            "meepo_pending", []
-        )
-        pending.append((self.dispatcher, messages))
+        # Messages wait for the session's real commit, tagged with the innermost
+        # transaction (a savepoint, maybe) they were pushed in: rolling back a savepoint
+        # drops only what was pushed inside it.
+        inner = connection.get_nested_transaction() or connection.get_transaction()
+        pending: list[_Pending] = connection.info.setdefault("meepo_pending", [])
+        pending.append((inner, self.dispatcher, messages))
         if not connection.info.get("meepo_hooked"):
             connection.info["meepo_hooked"] = True
             event.listen(connection, "after_commit", _session_committed)
-            event.listen(connection, "after_rollback", _session_rolled_back)
+            event.listen(connection, "after_soft_rollback", _session_rolled_back)
+            event.listen(connection, "after_transaction_end", _session_transaction_ended)
         return ids
 
     # -- committing -------------------------------------------------------------------
@@ -655,11 +658,35 @@ def _check_connection(connection: Any) -> None:
         )
 
 
+#: A transactional push waiting for its session's commit: the innermost transaction it
+#: was pushed in, and what to send.
+_Pending = tuple[Any, Dispatcher, list[Message]]
+
+
 def _session_committed(session: Any) -> None:
-    pending: list[tuple[Dispatcher, list[Message]]] = session.info.pop("meepo_pending", [])
-    for dispatcher, messages in pending:
+    if session.in_nested_transaction():
+        return  # a savepoint released: nothing is committed yet
+    pending: list[_Pending] = session.info.pop("meepo_pending", [])
+    for _, dispatcher, messages in pending:
         dispatcher.send(messages)
 
 
-def _session_rolled_back(session: Any) -> None:
-    session.info.pop("meepo_pending", None)
+def _inside(transaction: Any, ancestor: Any) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _session_rolled_back(session: Any, previous_transaction: Any) -> None:
+    """A rollback of a savepoint (or of the whole transaction) drops the messages of the
+    pushes made inside it, and only those."""
+    pending: list[_Pending] | None = session.info.get("meepo_pending")
+    if pending:
+        pending[:] = [p for p in pending if not _inside(p[0], previous_transaction)]
+
+
+def _session_transaction_ended(session: Any, transaction: Any) -> None:
+    if transaction.parent is None:  # ended without a commit (close()): nothing to send
+        session.info.pop("meepo_pending", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import unique_task_id
-from helpers import free_port, wait_for
+from helpers import free_port, record, wait_for
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -306,6 +306,54 @@ def test_transactional_push_session_rollback(make_task: TaskFactory) -> None:
     assert task.depth() == 0
     task.reaper.run_once(reap=True)
     assert task.depth() == 0
+
+
+def test_transactional_push_savepoints(make_task: TaskFactory) -> None:
+    """A savepoint rolled back drops only the pushes made inside it; a savepoint released
+    sends nothing yet; the outer commit sends every surviving job at once."""
+    task = make_task()
+    with Session(task.engine) as session:
+        outer = task.push(b"outer", connection=session)
+        inner = session.begin_nested()
+        dropped = task.push(b"rolled back", connection=session)
+        inner.rollback()
+        kept_sp = session.begin_nested()
+        nested = session.begin_nested()
+        kept = task.push(b"released", connection=session)
+        nested.commit()
+        kept_sp.commit()
+        assert task.depth() == 0  # not committed yet: nothing sent
+        session.commit()
+    assert sorted(queued(task)) == sorted([(outer, 0), (kept, 0)])  # sent at the commit
+    # (SQLite may give the rolled-back job's id to a later push: compare payloads)
+    assert sorted(record(task, r[0]).payload for r in rows_of(task)) == [b"outer", b"released"]
+    assert dropped == kept or task.get(dropped) is None
+
+
+def test_transactional_push_outer_savepoint_rollback_drops_released_inner(
+    make_task: TaskFactory,
+) -> None:
+    task = make_task()
+    with Session(task.engine) as session:
+        first = task.push(b"first", connection=session)
+        outer_sp = session.begin_nested()
+        inner_sp = session.begin_nested()
+        task.push(b"inner", connection=session)
+        inner_sp.commit()
+        outer_sp.rollback()  # takes the released inner savepoint with it
+        session.commit()
+    assert queued(task) == [(first, 0)]
+    assert [r[0] for r in rows_of(task)] == [first]
+
+
+def test_transactional_push_session_closed_without_commit(make_task: TaskFactory) -> None:
+    task = make_task()
+    session = Session(task.engine)
+    job_id = task.push(b"never", connection=session)
+    session.close()
+    with session.begin():  # the session used again: nothing stale is sent
+        pass
+    assert task.get(job_id) is None and task.depth() == 0
 
 
 def test_transactional_push_rejects_other_connection_types(make_task: TaskFactory) -> None:
