@@ -395,8 +395,14 @@ class Ledger:
             ).first()
             if holder is None:
                 continue  # deleted meanwhile: try to insert again
+            # A locking read: the holder's latest committed state, not the caller's
+            # snapshot (MySQL's REPEATABLE READ would show a finished holder as running,
+            # or a repushed one as finished). KEY SHARE on PostgreSQL does not block the
+            # holder's own transitions.
             held = conn.execute(
-                select(t.c.status, t.c.updated_at).where(t.c.id == holder.job_id)
+                select(t.c.status, t.c.updated_at)
+                .where(t.c.id == holder.job_id)
+                .with_for_update(read=True, key_share=True)
             ).first()
             if held is not None and (
                 not Status(held.status).terminal
