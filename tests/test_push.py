@@ -215,6 +215,32 @@ def test_large_payload_round_trips(make_task: TaskFactory) -> None:
     assert task.get(job_id).payload == payload  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("transactional", [False, True])
+def test_push_many_larger_than_a_packet(make_task: TaskFactory, transactional: bool) -> None:
+    """20 payloads of 1 MiB (each within max_payload_bytes) are 40 MiB of SQL text on
+    MySQL/MariaDB, past the default 16 MiB max_allowed_packet: split, all or nothing."""
+    task = make_task()
+    payloads = [bytes([i]) * (1024 * 1024) for i in range(20)]
+    if transactional:
+        with task.engine.begin() as conn:
+            ids = task.push_many(payloads, connection=conn)
+    else:
+        ids = task.push_many(payloads)
+    assert len(ids) == 20 and ids == sorted(ids)
+    for job_id, payload in zip(ids, payloads, strict=True):
+        assert record(task, job_id).payload == payload
+
+
+def test_push_many_of_many_small_jobs(make_task: TaskFactory) -> None:
+    """100,000 payloads of 200 bytes: 40 MiB of text on MySQL/MariaDB."""
+    task = make_task()
+    payloads = [b"%06d" % i + b"x" * 194 for i in range(100_000)]
+    ids = task.push_many(payloads)
+    assert len(ids) == 100_000 and ids == sorted(ids)
+    for i in (0, 1, 54_321, 99_999):
+        assert record(task, ids[i]).payload == payloads[i]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
