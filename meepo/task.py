@@ -488,6 +488,12 @@ class Task:
         return self._consumer
 
     @property
+    def stopping(self) -> bool:
+        """Whether a ``stop()`` has begun and this task's consumer has not stopped yet
+        (running handlers are finishing their grace period)."""
+        return self._stop_requested.is_set() and self._consumer is not None
+
+    @property
     def reaper(self) -> Reaper:
         """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
         if self._reaper is None:

@@ -265,7 +265,7 @@ def test_stop_waits_for_running_handlers_and_commits(make_task: TaskFactory) -> 
     stopper = threading.Thread(target=lambda: result.append(task.stop(wait=True, grace=30)))
     stopper.start()
     try:
-        wait_for(lambda: task.consumer is None, message="stop to begin")
+        wait_for(lambda: task.stopping, message="stop to begin")
         assert stopper.is_alive()  # it waits for the handlers
         assert all(status(task, i) is Status.DOING for i in ids)
     finally:
