@@ -44,7 +44,7 @@ from sqlalchemy import text
 from meepo import Task
 from meepo.errors import MeepoError, StaleCommitError
 from meepo.records import Job
-from meepo.runtime.recycle import Recycler, exec_again
+from meepo.runtime.recycle import Recycler
 
 from .records import AppendLog
 
@@ -274,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     if recycled.is_set():
         out.write(e="recycle", pid=os.getpid(), ts=now(), reason=recycler.reason)
         out.close()
-        exec_again(None)
+        # The same command line again (meepo's exec_again leaves --db/--redis out, for
+        # the CLI that exported them; this script takes them as arguments).
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     out.close()
     return 0
 
