@@ -136,6 +136,17 @@ def plan(seed: int, duration: float, kinds: list[str], lease: float, workers: in
     return faults
 
 
+def retried(call: Callable[[], Any], tries: int = 10) -> Any:
+    """``call()``, tried again for about 10 s (a pooled connection that a database
+    restart broke fails once)."""
+    for _ in range(tries - 1):
+        try:
+            return call()
+        except Exception:  # the last try raises it
+            time.sleep(1.0)
+    return call()
+
+
 class Proc:
     """A producer or worker process, restarted under the same role and index."""
 
@@ -563,7 +574,7 @@ class Harness:
         hold = {"k": "hog", "h": fault.length, "c": 10}
         self.db_up.wait(60)  # after a database restart the schedule placed before it
         try:
-            ids = self.setup_task().push_many([json.dumps(hold).encode()] * n)
+            ids = retried(lambda: self.setup_task().push_many([json.dumps(hold).encode()] * n))
         except Exception as exc:  # the database may be down
             self.hlog.write(**rec, skipped=f"push failed: {type(exc).__name__}")
             return
@@ -674,7 +685,7 @@ class Harness:
             time.sleep(0.05)
         if a.schedule_every > 0:
             try:
-                setup.unschedule("chaos-every")
+                retried(lambda: setup.unschedule("chaos-every"))
             except Exception as exc:
                 self.notes.append(f"unschedule failed: {exc}")
         # Drain: the producers finish, every job reaches a terminal state.
