@@ -41,12 +41,15 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python -m benchmarks.lateness
 
 # The chaos harness (chaos/README.md): a real workload under injected faults, then the
-# invariants. `make chaos SEED=7 DURATION=300 BACKENDS=postgres` reproduces a run.
+# invariants. `make chaos SEED=7 DURATION=300 BACKENDS=postgres` reproduces a run (about
+# 3 minutes per backend at the defaults); CHAOS_ARGS passes more, e.g.
+# CHAOS_ARGS="--skip worker_pause,db_restart --keep".
 SEED ?= 1
 DURATION ?= 120
 BACKENDS ?= mariadb,postgres
+CHAOS_ARGS ?=
 chaos: venv
-	$(PY) -m chaos.run --seed $(SEED) --duration $(DURATION) --backends $(BACKENDS)
+	$(PY) -m chaos.run --seed $(SEED) --duration $(DURATION) --backends $(BACKENDS) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .meepo .pytest_cache .mypy_cache
