@@ -19,7 +19,8 @@ zombie tasks (one per ``zombie_dst_status``: todo, done, failed; one thread, a l
 
 Timestamps in the log are the real wall clock: a worker started under ``faketime``
 (``--clock-offset``) subtracts its offset. Handlers wait with ``threading.Event().wait``
-(``time.sleep`` can fail with EINVAL under faketime). SIGUSR2 asks for a recycle (as
+(``time.sleep`` can fail with EINVAL under faketime; a worker started with a clock
+offset replaces ``time.sleep`` with that wait for every library). SIGUSR2 asks for a recycle (as
 ``meepo worker --max-jobs`` does): after 3 more manual-task jobs the worker stops its
 tasks gracefully and re-executes itself (same pid).
 """
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     pid = os.getpid()
     out = AppendLog(args.log_dir / f"exec-{pid}.jsonl")
     offset = args.clock_offset
+    if offset:
+        # Under faketime, time.sleep() can fail with EINVAL (its clock_nanosleep is
+        # rewritten); redis-py sleeps between its retries, and a thread that dies of that
+        # is an artefact of the tool, not a fault of the clock. Event.wait does not fail.
+        time.sleep = pause
 
     def now() -> float:
         return time.time() - offset
