@@ -60,6 +60,9 @@ def pause(seconds: float) -> None:
     threading.Event().wait(seconds)
 
 
+_real_sleep = time.sleep
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--db", required=True)
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         # rewritten); redis-py sleeps between its retries, and a thread that dies of that
         # is an artefact of the tool, not a fault of the clock. Event.wait does not fail.
         time.sleep = pause
+        for module in list(sys.modules.values()):  # bound by `from time import sleep`
+            if getattr(module, "sleep", None) is _real_sleep:
+                module.sleep = pause  # type: ignore[attr-defined]
 
     def now() -> float:
         return time.time() - offset
