@@ -174,6 +174,9 @@ def check(
     execs = list(read_all(run_dir, "exec-*.jsonl"))
     children = {rec["child"] for rec in execs if rec["e"] == "fork"}
     in_child = [f"{r.key}@{r.cid} in child {r.pid}" for r in runs if r.pid in children]
+    started_keys = Counter[Key]()  # distinct claims that reached a handler, children too
+    for key, _cid in {(r.key, r.cid) for r in runs}:
+        started_keys[key] += 1
     runs = [r for r in runs if r.pid not in children]
     double = [d for d in double if not any(f" {c})" in d for c in children)]
     # Invariant 2 (fencing): one claim (job, commit_id) is handed to one run only.
@@ -247,13 +250,15 @@ def check(
 
     # Every job closed done/failed started at least once: by its handler's verdict or by
     # the zombie policy, which may only close (or charge) a job whose handler started.
-    never = sorted(k for k, r in rows.items() if r.status in ("done", "failed") and k not in by_job)
+    never = sorted(
+        k for k, r in rows.items() if r.status in ("done", "failed") and not started_keys[k]
+    )
     res.fail("jobs closed done/failed that never started", never)
     fig["closed_never_started"] = dict(Counter(f"{k[0]}:{rows[k].status}" for k in never))
     charged = [
-        f"{k} failed_times {r.failed_times}, {len({x.cid for x in by_job.get(k, [])})} starts"
+        f"{k} failed_times {r.failed_times}, {started_keys[k]} starts"
         for k, r in rows.items()
-        if r.failed_times > len({x.cid for x in by_job.get(k, [])})
+        if r.failed_times > started_keys[k]
     ]
     res.fail("jobs charged more attempts than their handler started", charged)
     fig["charged_beyond_starts"] = len(charged)
