@@ -21,8 +21,13 @@ tag, so all of a task's keys share one slot):
                       back with another token; consumers notice and re-dispatch every
                       ``todo`` job from the ledger (due ones to their queues, later ones
                       to the delayed set).
+``P{task}:epoch:counter`` INTEGER incremented by every reaper tick: lower than a
+                      reaper saw last means Redis went back in time (an RDB/AOF restore,
+                      a failover to a lagging replica) though the epoch token survived;
+                      the reaper then replaces the token, and the re-dispatch runs.
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
-                      runs the re-dispatch for that epoch.
+                      runs the re-dispatch for that epoch, renewed page by page, released
+                      if it fails, ``done`` once finished.
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
@@ -47,8 +52,10 @@ Pair = tuple[int, int]
 
 #: Messages per RPUSH / LPOP call.
 CHUNK = 1000
-#: How long the recovery lock of one epoch is held (seconds).
-RECOVERY_LOCK_TTL = 60
+#: How long the recovery lock of one epoch is held without renewal (seconds): the
+#: re-dispatch renews it after every page, so a process that dies half-way is taken over
+#: this long after.
+RECOVERY_LOCK_TTL = 15
 #: The largest id or commit_id a message may carry (BIGINT columns).
 MAX_INT64 = 2**63 - 1
 #: Delayed messages moved per promote call.
@@ -75,6 +82,25 @@ end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if nxt[2] then return {#due, nxt[2]} end
 return {#due, false}
+"""
+
+# KEYS: the epoch key. ARGV: the old token, a new one. Replaces the token if still old.
+_ROTATE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return cur
+"""
+
+# KEYS: a recovery lock. ARGV: the holder's token, the new value ('' deletes), a TTL.
+# Acts only while the holder's token is the value.
+_SWAP_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
 """
 
 
@@ -147,8 +173,11 @@ class Transport:
         self._key_priority = {k: p for p, k in self.queue_keys.items()}
         self.delayed_key = f"{base}:delayed"
         self.epoch_key = f"{base}:epoch"
+        self.counter_key = f"{base}:epoch:counter"
         self._recovery_base = f"{base}:recovery:"
         self._promote = client.register_script(_PROMOTE_LUA)
+        self._rotate = client.register_script(_ROTATE_LUA)
+        self._swap = client.register_script(_SWAP_LUA)
         self._promote_args: list[Any] = [
             PROMOTE_LIMIT,
             self.priorities.index(default_priority) + 1,
@@ -309,21 +338,62 @@ class Transport:
             value: Any = self.client.get(self.epoch_key)
             return None if value is None else bytes(value)
 
-    def ensure_epoch(self) -> tuple[bytes, bool]:
-        """The current epoch token, creating one if missing; True when this call made it."""
+    def ensure_epoch(self) -> tuple[bytes, bool, int]:
+        """The current epoch token, creating one if missing, whether this call made it,
+        and the epoch counter after incrementing it (one round trip). The counter only
+        grows while Redis keeps its writes: a lower one than a reaper saw last means
+        Redis went back in time (a restore, a failover to a lagging replica)."""
         with self._errors("epoch check"):
             token = new_epoch()
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.epoch_key, token, nx=True)
             pipe.get(self.epoch_key)
-            created, current = pipe.execute()
-            return bytes(current if current is not None else token), bool(created)
+            pipe.incr(self.counter_key)
+            created, current, counter = pipe.execute()
+            return bytes(current if current is not None else token), bool(created), int(counter)
 
-    def take_recovery(self, epoch: bytes) -> bool:
-        """True for the one caller that should re-dispatch for ``epoch``."""
+    def rotate_epoch(self, old: bytes) -> bytes:
+        """Replace the epoch token ``old`` by a new one (unless another process already
+        did); returns the token now current. Every reaper then sees the epoch change."""
+        with self._errors("epoch rotation"):
+            got: Any = self._rotate(keys=[self.epoch_key], args=[old, new_epoch()])
+            return bytes(got)
+
+    def _recovery_key(self, epoch: bytes) -> str:
+        return self._recovery_base + epoch.decode()
+
+    def take_recovery(self, epoch: bytes) -> tuple[str, bytes | None]:
+        """Try to take the re-dispatch of ``epoch``: ``("taken", token)`` for the one
+        caller that should run it (the lock expires after :data:`RECOVERY_LOCK_TTL`
+        seconds unless renewed with :meth:`hold_recovery`), ``("running", None)`` while
+        another process holds it, ``("done", None)`` once one finished it."""
         with self._errors("recovery lock"):
-            key = self._recovery_base + epoch.decode()
-            return bool(self.client.set(key, b"1", nx=True, ex=RECOVERY_LOCK_TTL))
+            key = self._recovery_key(epoch)
+            token = b"running:" + new_epoch()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key, token, nx=True, ex=RECOVERY_LOCK_TTL)
+            pipe.get(key)
+            taken, current = pipe.execute()
+        if taken:
+            return "taken", token
+        if current is not None and bytes(current) == b"done":
+            return "done", None
+        return "running", None
+
+    def hold_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Renew the recovery lock (after each page sent)."""
+        with self._errors("recovery lock"):
+            self._swap(keys=[self._recovery_key(epoch)], args=[token, token, RECOVERY_LOCK_TTL])
+
+    def finish_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Mark the re-dispatch of ``epoch`` done (kept for a day, then forgotten)."""
+        with self._errors("recovery lock"):
+            self._swap(keys=[self._recovery_key(epoch)], args=[token, b"done", 86400])
+
+    def release_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Give up the recovery lock (the re-dispatch failed), if still ours."""
+        with self._errors("recovery lock"):
+            self._swap(keys=[self._recovery_key(epoch)], args=[token, b"", 0])
 
     def config_get(self, *names: str) -> dict[str, str] | None:
         """``CONFIG GET`` of each name (one pipelined round trip); None when the server
