@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -104,19 +105,45 @@ return 1
 """
 
 
-def make_client(url: str) -> redis.Redis:
-    """A redis-py client for ``url`` with timeouts and reconnect retries set for meepo."""
+#: Bounds of the per-attempt socket timeout of meepo's Redis connections (seconds).
+MIN_IO_TIMEOUT = 1.0
+MAX_IO_TIMEOUT = 10.0
+#: Retries redis-py makes after a connection error or timeout (not for pops).
+RETRIES = 2
+
+
+def io_timeout(lease: float) -> float:
+    """The socket timeout (connect, send, read) of the Redis connections of a task with
+    ``lease``: a silent Redis (a partition, a host that vanished without a reset) fails a
+    command, its retries included, within about a third of the lease, so no service
+    thread waits on it longer than that. Kept between :data:`MIN_IO_TIMEOUT` and
+    :data:`MAX_IO_TIMEOUT` per attempt (leases under 9 s get the floor)."""
+    return min(MAX_IO_TIMEOUT, max(MIN_IO_TIMEOUT, lease / (3 * (RETRIES + 1))))
+
+
+def make_client(url: str, *, timeout: float = MAX_IO_TIMEOUT) -> redis.Redis:
+    """A redis-py client for ``url`` with timeouts and reconnect retries set for meepo:
+    ``timeout`` bounds each attempt to connect, send or read (see :func:`io_timeout`);
+    TCP keepalives notice a dead idle connection about as fast."""
     extra: dict[str, Any] = {}
     if not url.startswith("unix:"):
         # TCP only: redis-py's unix socket connections reject socket_keepalive.
         extra["socket_keepalive"] = True
+        idle = max(1, int(timeout))
+        opts = {
+            getattr(socket, name): value
+            for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle), ("TCP_KEEPCNT", 3))
+            if hasattr(socket, name)
+        }
+        if opts:
+            extra["socket_keepalive_options"] = opts
     try:
         return redis.Redis.from_url(
             url,
-            socket_connect_timeout=5,
-            socket_timeout=30,  # above the BLPOP timeout
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,  # a blocking pop waits its own timeout on top
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **extra,
         )
@@ -245,29 +272,55 @@ class Transport:
     def pop(self, count: int, timeout: float) -> tuple[str, list[bytes]]:
         """Up to ``count`` messages from the first non-empty queue in priority order, and
         that queue's priority; waits up to ``timeout`` seconds (BLPOP/BLMPOP) only when
-        all are empty (a BLPOP returns the one message it woke up for)."""
+        all are empty (a BLPOP returns the one message it woke up for).
+
+        Each pop is sent once, never retried: a pop whose reply was lost (a reset, a
+        timeout) may have removed messages on the server, and a retry would return
+        later ones while those are silently gone. The error is raised instead
+        (:class:`TransportUnavailableError`); such messages are lost from Redis, never
+        from the ledger: the reaper's sweep re-sends their rows once their dispatch
+        deadline (``zombie_timeout``) has passed."""
         keys = self._pop_keys
-        with self._errors("pop"):
+        with self._errors("pop (sent once; messages it may have taken are re-sent by the sweep)"):
             got: Any
             if len(keys) == 1:
                 prio = self.priorities[0]
-                got = self.client.lpop(keys[0], count)
+                got = self._once(0, "LPOP", keys[0], count)
                 if got:
                     return prio, list(got)
                 if timeout <= 0:
                     return prio, []
-                one: Any = self.client.blpop(keys, timeout=timeout)
+                one: Any = self._once(timeout, "BLPOP", *keys, timeout)
                 # The one message that woke us goes to its claim at once (an idle
                 # queue's latency); if more came, the next call's LPOP takes them.
                 return prio, [one[1]] if one else []
-            run: Any = self.client.execute_command
-            got = run("LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
+            got = self._once(0, "LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
             if not got and timeout > 0:
-                got = run("BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count)
+                got = self._once(
+                    timeout, "BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count
+                )
             if not got:
                 return self.default_priority, []
             key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
             return self._key_priority[key], list(got[1])
+
+    def _once(self, block: float, *args: Any) -> Any:
+        """Send one command exactly once on a pooled connection and read its raw reply
+        (redis-py's retry would send it again after a lost reply). ``block``: how long
+        the server may hold the reply (a blocking pop), on top of the socket timeout."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*args)
+            if block > 0:
+                base = pool.connection_kwargs.get("socket_timeout")
+                return conn.read_response(timeout=None if base is None else base + block)
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def promote(self, now: datetime) -> tuple[int, float | None]:
         """Move due delayed messages to their queues. Returns how many moved and the due
