@@ -309,7 +309,7 @@ class Transport:
         (redis-py's retry would send it again after a lost reply). ``block``: how long
         the server may hold the reply (a blocking pop), on top of the socket timeout."""
         pool = self.client.connection_pool
-        conn = pool.get_connection()
+        conn: Any = pool.get_connection()  # redis-py leaves its connections untyped
         try:
             conn.send_command(*args)
             if block > 0:
