@@ -95,12 +95,19 @@ end
 return cur
 """
 
-# KEYS: a recovery lock. ARGV: the holder's token, the new value ('' deletes), a TTL.
-# Acts only while the holder's token is the value.
+# KEYS: a recovery lock. ARGV: the holder's token, the new value, a TTL. Acts only
+# while the holder's token is the value.
 _SWAP_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) return 1 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: a recovery lock. ARGV: the holder's token. Deletes the lock if still the
+# holder's; allowed while Redis is out of memory (it frees some).
+_RELEASE_LUA = """#!lua flags=allow-oom
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
 return 1
 """
 
@@ -205,6 +212,7 @@ class Transport:
         self._promote = client.register_script(_PROMOTE_LUA)
         self._rotate = client.register_script(_ROTATE_LUA)
         self._swap = client.register_script(_SWAP_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
         self._promote_args: list[Any] = [
             PROMOTE_LIMIT,
             self.priorities.index(default_priority) + 1,
@@ -446,7 +454,7 @@ class Transport:
     def release_recovery(self, epoch: bytes, token: bytes) -> None:
         """Give up the recovery lock (the re-dispatch failed), if still ours."""
         with self._errors("recovery lock"):
-            self._swap(keys=[self._recovery_key(epoch)], args=[token, b"", 0])
+            self._release(keys=[self._recovery_key(epoch)], args=[token])
 
     def config_get(self, *names: str) -> dict[str, str] | None:
         """``CONFIG GET`` of each name (one pipelined round trip); None when the server
