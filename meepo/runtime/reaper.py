@@ -52,6 +52,9 @@ from .service import Service
 
 log = logging.getLogger("meepo.reaper")
 
+#: The longest wait between ticks while a step keeps failing (seconds).
+MAX_BACKOFF = 5.0
+
 
 @dataclass
 class ReapReport:
@@ -79,6 +82,7 @@ class Reaper(Service):
         self._owed: tuple[bytes, bool] | None = None  # (epoch, lost): recovery to run
         self._last_recovery: datetime | None = None  # when this process last ran one
         self._deferred = False  # the storm window's line was logged
+        self._failing = 0  # ticks in a row with a failed step
         self._last_reap = float("-inf")
         self._redis_checked = False
         self._timeout = timedelta(seconds=options.zombie_timeout)
@@ -277,5 +281,12 @@ class Reaper(Service):
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
             self._redis_checked = check_redis_config(self.d.transport, self.opts.zombie_timeout)
-        self.run_once()
-        return self.opts.poll_interval
+        report = self.run_once()
+        if not report.errors:
+            self._failing = 0
+            return self.opts.poll_interval
+        # A step failed (logged): wait longer each time, so that a Redis refusing writes
+        # is not asked twice a second, but never longer than half the reap period.
+        self._failing += 1
+        cap = max(self.opts.poll_interval, min(MAX_BACKOFF, self.opts.zombie_period / 2))
+        return float(min(cap, self.opts.poll_interval * 2 ** min(self._failing, 10)))
