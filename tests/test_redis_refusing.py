@@ -176,11 +176,15 @@ def test_recovery_of_a_dead_process_is_taken_over(make_task: TaskFactory) -> Non
 # -- pops are sent once ------------------------------------------------------------------
 
 
-def test_pop_whose_reply_is_lost_is_not_sent_again(make_task: TaskFactory, redis_url: str) -> None:
+@pytest.mark.parametrize("priorities", [None, ["default"]], ids=["LMPOP", "LPOP"])
+def test_pop_whose_reply_is_lost_is_not_sent_again(
+    make_task: TaskFactory, redis_url: str, priorities: list[str] | None
+) -> None:
     proxy = TcpProxy.to(redis_url).open()
     try:
         clock = Clock()
-        task = make_task(redis=proxy.url(redis_url), clock=clock, zombie_timeout=5.0)
+        extra = {} if priorities is None else {"priorities": priorities}
+        task = make_task(redis=proxy.url(redis_url), clock=clock, zombie_timeout=5.0, **extra)
         ids = task.push_many([b"a", b"b", b"c"])
         proxy.lose_next_reply()
         # Old code: redis-py popped again on a new connection and returned nothing,
