@@ -104,7 +104,8 @@ return 1
 """
 
 # KEYS: a recovery lock. ARGV: the holder's token. Deletes the lock if still the
-# holder's; allowed while Redis is out of memory (it frees some).
+# holder's; allowed while Redis is out of memory (it frees some). The flag needs Redis 7;
+# an older server refuses the script, and the lock then expires on its own.
 _RELEASE_LUA = """#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -324,7 +325,9 @@ class Transport:
                 base = pool.connection_kwargs.get("socket_timeout")
                 return conn.read_response(timeout=None if base is None else base + block)
             return conn.read_response()
-        except BaseException:
+        except redis.ResponseError:  # the server answered: the connection is fine
+            raise
+        except BaseException:  # the reply may be half-read: never reuse the connection
             conn.disconnect()
             raise
         finally:
