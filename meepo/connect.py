@@ -25,7 +25,7 @@ from .transport import make_client
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-_clients: dict[str, redis_lib.Redis] = {}
+_clients: dict[tuple[str, float | None], redis_lib.Redis] = {}
 _service_engines: dict[tuple[str, Bounds], Engine] = {}
 
 #: The service pool: the claim, the committer and the heartbeat of a Task each hold at
@@ -75,7 +75,12 @@ def service_engine_for(db: str | Engine | None, bounds: Bounds) -> Engine:
         return found
 
 
-def redis_for(client: str | redis_lib.Redis | None) -> redis_lib.Redis:
+def redis_for(
+    client: str | redis_lib.Redis | None, timeout: float | None = None
+) -> redis_lib.Redis:
+    """The shared client of a URL (one per URL and ``timeout``, the per-attempt socket
+    timeout, see :func:`meepo.transport.transport.io_timeout`); a client passed in is
+    used as it is, with its own timeouts."""
     if isinstance(client, redis_lib.Redis):
         return client
     if client is None:
@@ -89,9 +94,10 @@ def redis_for(client: str | redis_lib.Redis | None) -> redis_lib.Redis:
             f"redis must be a URL or a redis.Redis client, not {type(client).__name__}"
         )
     with _lock:
-        found = _clients.get(client)
+        found = _clients.get((client, timeout))
         if found is None:
-            found = _clients[client] = make_client(client)
+            kwargs = {} if timeout is None else {"timeout": timeout}
+            found = _clients[(client, timeout)] = make_client(client, **kwargs)
         return found
 
 

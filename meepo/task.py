@@ -38,7 +38,7 @@ from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
-from .transport import Transport
+from .transport import Transport, io_timeout
 
 log = logging.getLogger("meepo")
 
@@ -139,7 +139,7 @@ class Task:
         self.clock = clock or utcnow
 
         self.engine = engine_for(db)
-        self.redis = redis_for(redis)
+        self.redis = redis_for(redis, io_timeout(self.options.lease))
         self.ledger = Ledger(self.engine, self.table_name)
         self.transport = Transport(
             self.redis, self.task_id, self.list_name_prefix, prios, self.default_priority
