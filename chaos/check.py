@@ -63,7 +63,10 @@ def load_runs(run_dir: Path, deaths: dict[int, float]) -> tuple[list[Run], list[
     runs: dict[tuple[str, int, int, int], Run] = {}
     problems: list[str] = []
     ends: list[dict[str, Any]] = []
+    execs: dict[int, list[float]] = defaultdict(list)  # a recycle re-executes the process
     for rec in read_all(run_dir, "exec-*.jsonl"):
+        if rec["e"] == "recycle":
+            execs[rec["pid"]].append(rec["ts"])
         if "task" not in rec:  # fork, recycle
             continue
         ident = (rec["task"], rec["job"], rec["cid"], rec["pid"])
@@ -79,8 +82,9 @@ def load_runs(run_dir: Path, deaths: dict[int, float]) -> tuple[list[Run], list[
         if run is not None:
             run.end, run.out = rec["ts"], rec["out"]
     for run in runs.values():
-        if run.end is None:
-            run.end = deaths.get(run.pid)
+        if run.end is None:  # it lasted until its process died or re-executed itself
+            later = [t for t in execs.get(run.pid, []) if t >= run.start]
+            run.end = min(later) if later else deaths.get(run.pid)
     return list(runs.values()), problems
 
 

@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sqlalchemy import text
 
@@ -138,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         """Hold connections of the task's own engine, as a handler doing its own SQL
         would, until the deadline."""
         deadline = time.monotonic() + spec["h"]
+        pool: Any = auto.engine.pool
+        room = pool.size() + getattr(pool, "_max_overflow", 0)
         with contextlib.ExitStack() as stack:
             for _ in range(int(spec["c"])):
-                if time.monotonic() >= deadline:
+                # never wait for the pool (the wait is bounded by pool_timeout only):
+                # take what is free, and hold it
+                if time.monotonic() >= deadline or pool.checkedout() >= room:
                     break
                 try:
                     conn = stack.enter_context(auto.engine.connect())
