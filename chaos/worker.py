@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         would, until the deadline."""
         deadline = time.monotonic() + spec["h"]
         pool: Any = auto.engine.pool
+        if not hasattr(pool, "checkedout"):  # not a QueuePool: nothing to exhaust
+            pause(spec["h"])
+            return
         room = pool.size() + getattr(pool, "_max_overflow", 0)
         with contextlib.ExitStack() as stack:
             for _ in range(int(spec["c"])):
