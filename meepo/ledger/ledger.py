@@ -849,7 +849,10 @@ class Ledger:
             return groups
 
         won = self._transition_unlocked(
-            build, Status.DOING, now=now, recheck=lambda at: self.table.c.expires_at < at
+            build,
+            Status.DOING,
+            now=now,
+            recheck=lambda expires, at: expires is not None and expires < at,
         )
         prio = {z.id: z.priority for z in zombies}
         requeued = [Message(i, c + 1, prio[i]) for i, c in requeue if (i, c) in won]
@@ -861,7 +864,7 @@ class Ledger:
         status: Status,
         *,
         now: datetime | None,
-        recheck: Callable[[datetime], ColumnElement[bool]] | None = None,
+        recheck: Callable[[datetime | None, datetime], bool] | None = None,
     ) -> set[Pair]:
         """The reaper's and the sweep's compare-and-set: like :meth:`_transition`, but
         rows locked by another transaction are skipped, never waited for.
@@ -874,8 +877,10 @@ class Ledger:
         row locks: its ``BEGIN IMMEDIATE`` write lock makes the transaction atomic.
 
         The groups are built (``build``) for the time the transaction judges by: ``now``,
-        or the database's clock read in it; ``recheck`` of that time is a condition the
-        locked rows must still meet (the reaper: the lease is still expired).
+        or the database's clock read in it; ``recheck(expires_at, that time)`` is a
+        condition the locked rows must still meet (the reaper: the lease is still
+        expired), checked on the locked read (in Python: the statement, and its plan by
+        primary key, stay as they are).
         """
         groups = [(sorted(set(p)), list(s), v) for p, s, v in build(host_now()) if p]
         if not groups:
@@ -890,17 +895,17 @@ class Ledger:
         with self.begin() as conn:
             at = self._resolve_now(conn, now)
             groups = [(sorted(set(p)), list(s), v) for p, s, v in build(at) if p]
-            again = [] if recheck is None else [recheck(at)]
             current: set[Pair] = set()
             for i in range(0, len(ids), CHUNK):
                 current.update(
                     (r.id, r.commit_id)
                     for r in conn.execute(
-                        select(t.c.id, t.c.commit_id)
+                        select(t.c.id, t.c.commit_id, t.c.expires_at)
                         .with_hint(t, pk, "mysql")
-                        .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value, *again)
+                        .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
                         .with_for_update(skip_locked=True)
                     )
+                    if recheck is None or recheck(r.expires_at, at)
                 )
             for pairs, statuses, values in groups:
                 mine = [p for p in pairs if p in current]
@@ -984,7 +989,8 @@ class Ledger:
             lambda _: [(pairs, [Status.TODO], values)],
             Status.TODO,
             now=now,
-            recheck=lambda _: t.c.expires_at < latest,  # not dispatched since the scan
+            # not dispatched since the scan
+            recheck=lambda expires, _: expires is not None and expires < latest,
         )
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
