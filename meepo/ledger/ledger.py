@@ -827,7 +827,6 @@ class Ledger:
                             "failed_times": PLUS_ONE,
                             "last_error": error,
                             "updated_at": now,
-                            "run_at": now,
                             "expires_at": now + redispatch_timeout,
                         },
                     )
