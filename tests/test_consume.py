@@ -357,7 +357,7 @@ def test_a_claim_left_with_little_lease_is_given_back_not_started(
     wait_done(task, ids, "the given-back jobs to run under new claims")
     for i in waiting:
         runs = [j for j in rec.runs if j.id == i]
-        assert [j.commit_id for j in runs] == [3]  # claim 1 -> released 2 -> claim 3
+        assert len(runs) == 1 and runs[0].commit_id > 2  # claim -> released (+1) -> claim
         r = task.get(i)
         assert r is not None and r.failed_times == 0
 
