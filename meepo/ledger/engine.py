@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
-from ..config import mask_url
+from ..config import PASSWORD_PARAMS, mask_url
 from ..errors import ConfigError, LedgerUnavailableError, SchemaError
 
 
@@ -24,12 +24,23 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     (ROLLBACK) when a connection goes back to the pool. PyMySQL: multi-statements
     allowed, so a transition travels as one script (``fastpath.MySQLScript``: values
     are bound or escaped by PyMySQL, ids written as integers).
+
+    A password in the query string (``?password=``, which libpq and PyMySQL accept) is
+    moved out of the engine's URL into its ``connect_args``, so that ``repr(engine)``
+    and ``engine.url`` never show it (SQLAlchemy masks only the userinfo password).
     """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"invalid database URL {mask_url(str(url))!r}: {exc}") from None
     backend = parsed.get_backend_name()
+    secrets: dict[str, str] = {}
+    if backend != "sqlite":
+        for key, value in parsed.query.items():
+            if key.lower() in PASSWORD_PARAMS:
+                secrets[key] = value if isinstance(value, str) else value[-1]
+        if secrets:
+            parsed = parsed.difference_update_query(secrets)
     options: dict[str, Any] = {}
     if backend == "sqlite":
         database = parsed.database
@@ -50,6 +61,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # single push on MariaDB.
         options["pool_reset_on_return"] = None
     options.update(kwargs)
+    if secrets:
+        # The driver gets the same keyword it would have read from the query string.
+        options["connect_args"] = {**options.get("connect_args", {}), **secrets}
     try:
         engine = create_engine(parsed, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
