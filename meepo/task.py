@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, event
 from . import config
 from .batch import Batch
 from .config import DEFAULT_TABLE, Options, mask_url
-from .connect import engine_for, redis_for
+from .connect import engine_for, redis_for, service_engine_for
 from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
@@ -32,11 +32,13 @@ from .errors import (
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
+from .ledger.bounds import Bounds
+from .ledger.engine import check_server
 from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
-from .transport import Transport
+from .transport import Transport, io_timeout
 
 log = logging.getLogger("meepo")
 
@@ -137,7 +139,7 @@ class Task:
         self._clock_given = clock is not None
 
         self.engine = engine_for(db)
-        self.redis = redis_for(redis)
+        self.redis = redis_for(redis, io_timeout(self.options.lease))
         self.ledger = Ledger(self.engine, self.table_name)
         # The database's clock, as this host estimates it (an injected clock, in tests,
         # replaces it everywhere).
@@ -153,11 +155,28 @@ class Task:
             timedelta(seconds=timeout),
             injected_clock=self._clock_given,
         )
+        # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
+        # pool of their own, every wait bounded from the lease: handlers holding
+        # task.engine connections never starve them (DESIGN.md invariant 9).
+        self.bounds = Bounds.from_lease(self.options.lease)
+        self.service_engine = service_engine_for(db, self.bounds)
+        self.service_dispatcher = (
+            self.dispatcher
+            if self.service_engine is self.engine
+            else Dispatcher(
+                Ledger(self.service_engine, self.table_name),
+                self.transport,
+                self.task_id,
+                self.clock,
+                timedelta(seconds=timeout),
+            )
+        )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
         self.schedule_ledger = Schedules(self.engine, self.table_name)
+        self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
         # Set as soon as stop() begins: a delayed start (waiting for the database) must not
         # start consumers after it.
@@ -477,10 +496,16 @@ class Task:
         return self._consumer
 
     @property
+    def stopping(self) -> bool:
+        """Whether a ``stop()`` has begun and this task's consumer has not stopped yet
+        (running handlers are finishing their grace period)."""
+        return self._stop_requested.is_set() and self._consumer is not None
+
+    @property
     def reaper(self) -> Reaper:
         """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
         if self._reaper is None:
-            self._reaper = Reaper(self.dispatcher, self.options, self.clock)
+            self._reaper = Reaper(self.service_dispatcher, self.options, self.clock)
         return self._reaper
 
     @property
@@ -495,7 +520,9 @@ class Task:
         """This task's scheduler of cron and periodic schedules
         (``task.scheduler.run_once()``)."""
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.schedule_ledger, self.dispatcher, self.clock)
+            self._scheduler = Scheduler(
+                self._service_schedules, self.service_dispatcher, self.clock
+            )
         return self._scheduler
 
     def start(self) -> None:
@@ -530,6 +557,7 @@ class Task:
             self.migrate()
             self._migrate_at_start = False
         migrations.check(self.engine, self.table_name)
+        check_server(self.engine)
 
     def _start_later(self, first: UnavailableError) -> None:
         try:
@@ -552,7 +580,7 @@ class Task:
     def _start_consumers(self) -> None:
         assert self.job_func is not None
         self._consumer = Consumer(
-            self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
+            self.service_dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
         )
         self._consumer.start()
         self.reaper.start()

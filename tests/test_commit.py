@@ -367,7 +367,7 @@ def test_manual_commit_inside_the_handler_works_during_a_graceful_stop(
     stopped: list[bool] = []
     stopper = threading.Thread(target=lambda: stopped.append(task.stop(grace=20)))
     stopper.start()
-    wait_for(lambda: task.consumer is None or task.consumer._stop_fetch.is_set(), message="stop")
+    wait_for(lambda: task.stopping, message="stop to begin")
     release.set()
     stopper.join(30)
     assert stopped == [True] and errors == []
@@ -424,3 +424,31 @@ def test_an_unexpected_error_in_a_delayed_start_is_reported(make_task: TaskFacto
     task._check_ledger = check  # type: ignore[method-assign]
     with pytest.raises(MeepoError, match="boom"):
         task.run()  # not from the main thread: no signal handlers, returns on the error
+
+
+def test_a_commit_after_the_committer_has_finished_does_not_hang(
+    make_task: TaskFactory,
+) -> None:
+    """A handler's commit that arrives after a stopping consumer's committer has finished
+    goes to the ledger directly instead of waiting forever for it."""
+    started, go = threading.Event(), threading.Event()
+    done: list[bool] = []
+
+    def handler(job: Job) -> None:
+        started.set()
+        go.wait(30)
+        task.commit(job.id, Status.DONE)
+        done.append(True)
+
+    task = make_task(job_func=handler, auto_commit=False)
+    job_id = task.push(b"late")
+    task.start()
+    assert started.wait(15)
+    consumer = task.consumer
+    assert consumer is not None and consumer._commits is not None
+    consumer._commits.put(None)  # the committer's end, as at the end of a stop
+    assert consumer._committer is not None
+    consumer._committer.join(15)
+    go.set()
+    wait_for(lambda: done == [True], message="the handler's commit to return")
+    assert record(task, job_id).status is Status.DONE
