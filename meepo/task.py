@@ -169,6 +169,7 @@ class Task:
                 self.task_id,
                 self.clock,
                 timedelta(seconds=timeout),
+                injected_clock=self._clock_given,
             )
         )
         self._consumer: Consumer | None = None
