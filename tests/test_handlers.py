@@ -60,7 +60,7 @@ def test_hung_handler_times_out_and_is_retried_at_once(make_task: TaskFactory, h
     assert rec.failed_times == 1
     assert rec.last_error == "JobTimeout: timed out after 0.5s (job_timeout)"
     first, second = hang.runs
-    assert (first.commit_id, second.commit_id) == (1, 3)
+    assert 1 <= first.commit_id < first.commit_id + 1 < second.commit_id  # claim, fail, claim
     consumer = task.consumer
     assert consumer is not None
     assert (consumer.counters.timed_out, consumer.abandoned) == (1, 1)
@@ -70,7 +70,9 @@ def test_hung_handler_times_out_and_is_retried_at_once(make_task: TaskFactory, h
     hang.release.set()  # the hung handler returns now: its outcome is ignored
     wait_for(lambda: consumer.abandoned == 0, message="the abandoned thread to end")
     after = record(task, job_id)
-    assert (after.status, after.commit_id, after.failed_times) == (Status.DONE, 4, 1)
+    assert (after.status, after.failed_times) == (Status.DONE, 1)
+    retry = [j for j in hang.runs if j.id == job_id][-1]
+    assert after.commit_id == retry.commit_id + 1  # the retry's claim, then done
     assert consumer.counters.stale == 0  # not even sent to the ledger
 
 
