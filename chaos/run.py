@@ -574,7 +574,11 @@ class Harness:
         hold = {"k": "hog", "h": fault.length, "c": 10}
         self.db_up.wait(60)  # after a database restart the schedule placed before it
         try:
-            ids = retried(lambda: self.setup_task().push_many([json.dumps(hold).encode()] * n))
+            # after a MariaDB restart each dead pooled connection fails one push (with
+            # a raw OperationalError or InterfaceError): up to the pool's size of tries
+            ids = retried(
+                lambda: self.setup_task().push_many([json.dumps(hold).encode()] * n), tries=45
+            )
         except Exception as exc:  # the database may be down
             self.hlog.write(**rec, skipped=f"push failed: {type(exc).__name__}")
             return
@@ -685,7 +689,7 @@ class Harness:
             time.sleep(0.05)
         if a.schedule_every > 0:
             try:
-                retried(lambda: setup.unschedule("chaos-every"))
+                retried(lambda: setup.unschedule("chaos-every"), tries=45)
             except Exception as exc:
                 self.notes.append(f"unschedule failed: {exc}")
         # Drain: the producers finish, every job reaches a terminal state.
