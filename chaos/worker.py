@@ -57,6 +57,18 @@ class PlannedFailure(RuntimeError):
     """A failure the workload asked for (flaky and poison jobs)."""
 
 
+def where(pid: int) -> dict[str, str]:
+    """Where a stuck process waits (its kernel wait channel and syscall), to tell a lock
+    inherited across fork() from anything else."""
+    found: dict[str, str] = {}
+    for name in ("wchan", "syscall", "stat"):
+        try:
+            found[name] = Path(f"/proc/{pid}/{name}").read_text(errors="replace").strip()
+        except OSError as exc:
+            found[name] = f"unreadable: {exc.strerror}"
+    return found
+
+
 def pause(seconds: float) -> None:
     threading.Event().wait(seconds)
 
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             if done:
                 return
             pause(0.02)
-        out.write(e="fork_stuck", parent=os.getpid(), child=child, ts=now())
+        out.write(e="fork_stuck", parent=os.getpid(), child=child, ts=now(), where=where(child))
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
             os.waitpid(child, 0)
