@@ -268,7 +268,17 @@ def check(
     fig["charged_beyond_starts"] = len(charged)
 
     # A handler that forks: its child exits; it never runs meepo's loops (jobs).
-    stuck_children = [rec["child"] for rec in execs if rec["e"] == "fork_stuck"]
+    stuck_children = [
+        f"{rec['child']} (parent {rec['parent']}"
+        + (f", skewed {skewed[rec['parent']]:+g}s" if rec["parent"] in skewed else "")
+        + (
+            f", wchan {w.get('wchan')}, syscall {w.get('syscall', '').split(' ')[0]})"
+            if (w := rec.get("where"))
+            else ")"
+        )
+        for rec in execs
+        if rec["e"] == "fork_stuck"
+    ]
     res.fail("jobs run by a handler's forked child", in_child)
     res.fail("forked children that did not exit within 5 s (killed)", stuck_children)
     fig["forks"] = len(children)
