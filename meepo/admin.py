@@ -192,10 +192,11 @@ class Admin:
     ) -> None:
         self.table = check_table_name(table or DEFAULT_TABLE)
         self.prefix = check_prefix(default_prefix(self.table) if prefix is None else prefix)
-        self.clock = clock or utcnow
         self.redispatch_timeout = timedelta(seconds=redispatch_timeout)
         self.engine = engine_for(db)
         self.ledger = Ledger(self.engine, self.table)
+        # the database's clock as this host estimates it (see meepo.ledger.clock)
+        self.clock = clock or self.ledger.clock.now
         self.schedule_ledger = Schedules(self.engine, self.table)
         self._redis_arg = redis
         self._redis: redis_lib.Redis | None = None

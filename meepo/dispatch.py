@@ -32,12 +32,22 @@ class Dispatcher:
         task_id: str,
         clock: Callable[[], datetime],
         redispatch_timeout: timedelta,
+        *,
+        injected_clock: bool = False,
     ) -> None:
         self.ledger = ledger
         self.transport = transport
         self.task_id = task_id
         self.clock = clock
         self.redispatch_timeout = redispatch_timeout
+        #: A clock given by the caller (tests) replaces the database's clock in the
+        #: transitions that judge time (claim, heartbeat, reaping).
+        self.injected_clock = injected_clock
+
+    def ledger_now(self) -> datetime | None:
+        """The ``now`` of a transition that judges time: None (the database's clock),
+        or the injected clock's time."""
+        return self.clock() if self.injected_clock else None
 
     def insert(
         self, jobs: Sequence[NewJob], conn: Connection | None = None, *, due_now: bool = False

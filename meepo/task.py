@@ -134,16 +134,24 @@ class Task:
             list_name_prefix = config.default_prefix(self.table_name)
         self.list_name_prefix = config.check_prefix(list_name_prefix)
         self.job_func = job_func
-        self.clock = clock or utcnow
+        self._clock_given = clock is not None
 
         self.engine = engine_for(db)
         self.redis = redis_for(redis)
         self.ledger = Ledger(self.engine, self.table_name)
+        # The database's clock, as this host estimates it (an injected clock, in tests,
+        # replaces it everywhere).
+        self.clock = clock or self.ledger.clock.now
         self.transport = Transport(
             self.redis, self.task_id, self.list_name_prefix, prios, self.default_priority
         )
         self.dispatcher = Dispatcher(
-            self.ledger, self.transport, self.task_id, self.clock, timedelta(seconds=timeout)
+            self.ledger,
+            self.transport,
+            self.task_id,
+            self.clock,
+            timedelta(seconds=timeout),
+            injected_clock=self._clock_given,
         )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None

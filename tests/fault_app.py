@@ -17,7 +17,12 @@ The payload tells the handler what to do:
 * ``hang:S``  - sleep S seconds only on the first run (``failed_times == 0``), so a
   job whose worker is killed runs quickly once recovered;
 * ``ms:N``    - sleep N milliseconds;
+* ``when``    - also log the database's time at the start, as ``dbtime <job id> <ISO
+  time>`` (a run must never start before its ``run_at``, whatever the host's clock);
 * anything else - return at once.
+
+Handlers wait with ``threading.Event().wait``, not ``time.sleep``: under Debian's
+``faketime`` (the clock-skew tests) ``time.sleep`` can fail with EINVAL.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import argparse
 import logging
 import os
 import sys
-import time
+import threading
 
 from meepo import Job, Task
+from meepo.ledger.clock import read_db_now
 
 
 def append_line(path: str, line: str) -> None:
@@ -76,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     def handler(job: Job) -> None:
         who = f"{job.id} {job.commit_id} {pid} {job.failed_times}"
         append_line(args.log, f"start {who}")
+        if job.payload == b"when":
+            with task.engine.connect() as conn:
+                append_line(args.log, f"dbtime {job.id} {read_db_now(conn).isoformat()}")
         delay = delay_of(job)
         if delay > 0:
-            time.sleep(delay)
+            threading.Event().wait(delay)
         append_line(args.log, f"end {who}")
 
     task = Task(

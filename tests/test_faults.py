@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,7 +76,9 @@ class ExecLog:
 class Worker:
     """One fault_app.py process; its stderr (meepo's INFO log) goes to a file."""
 
-    def __init__(self, args: list[str], stderr_path: Path) -> None:
+    def __init__(
+        self, args: list[str], stderr_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.stderr_path = stderr_path
         with stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -83,7 +86,7 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                env=child_env(),
+                env=child_env(**(env or {})),
             )
 
     @property
@@ -121,6 +124,21 @@ class Worker:
 
 Spawn = Callable[..., Worker]
 
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+def faketime_env(skew: str) -> dict[str, str]:
+    """The environment of a worker whose wall clock is ``skew`` off (``"+5s"``), under
+    Debian's faketime; monotonic time is left alone (timers keep working)."""
+    if not FAKETIME_LIB.exists():
+        pytest.skip(f"faketime is not installed ({FAKETIME_LIB})")
+    return {
+        "LD_PRELOAD": str(FAKETIME_LIB),
+        "FAKETIME": skew,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
+
 
 @pytest.fixture
 def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
@@ -137,6 +155,8 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
         zombie_timeout: float = 2.0,
         zombie_period: float = 0.5,
         grace: float = 15.0,
+        lease: float | None = None,
+        skew: str | None = None,
     ) -> Worker:
         args = [
             "--db", db_url,
@@ -151,7 +171,10 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
         ]  # fmt: skip
         if prefetch is not None:
             args += ["--prefetch", str(prefetch)]
-        worker = Worker(args, tmp_path / f"worker{len(started)}.stderr")
+        if lease is not None:
+            args += ["--lease", str(lease)]
+        env = None if skew is None else faketime_env(skew)
+        worker = Worker(args, tmp_path / f"worker{len(started)}.stderr", env)
         started.append(worker)
         return worker
 
@@ -466,3 +489,77 @@ def test_duplicate_messages_run_the_job_once(
     for i in ids:
         rec = record(producer, i)
         assert (rec.status, rec.commit_id) == (Status.DONE, 2)  # one claim, one commit
+
+
+# -- 7. clock skew (DESIGN.md invariant 8: the database's clock is the one clock) -------
+
+
+def one_host_on_sqlite(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite is embedded: its clock is the one host's (no skew to judge)")
+
+
+def test_reaper_host_ahead_does_not_reap_a_healthy_job(
+    make_task: TaskFactory, db_url: str, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    """A worker runs a healthy 10 s job under a 6 s lease (renewed every 2 s) while the
+    reaper of another worker runs with its clock 5 s ahead: judged by the database's
+    clock, the lease never expires, so the job runs once and ends done."""
+    one_host_on_sqlite(db_url)
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    runner = spawn(producer, log, redis_url=redis_url, parallel=1, lease=6.0, zombie_timeout=6.0)
+    job_id = producer.push(b"sleep:10")
+    until(lambda: log.starts(job_id), workers=[runner], message="the job to start")
+    ahead = spawn(
+        producer, log, redis_url=redis_url, parallel=1, lease=6.0, zombie_timeout=6.0, skew="+5s"
+    )
+    workers = [runner, ahead]
+    until(lambda: "off the database" in ahead.stderr(200), workers=workers, message="skew warning")
+    rec = until(
+        lambda: (
+            status_is(producer, job_id, Status.DONE) or status_is(producer, job_id, Status.FAILED)
+        ),
+        workers=workers,
+        message="the job to finish",
+        detail=progress(producer, log),
+    )
+    starts = log.starts(job_id)
+    assert len(starts) == 1, f"the job ran {len(starts)} times: {starts}"
+    assert rec.status is Status.DONE and rec.failed_times == 0
+
+
+def db_start_times(log: ExecLog) -> dict[int, datetime]:
+    """The database's time at each ``when`` job's start (``dbtime`` lines)."""
+    out: dict[int, datetime] = {}
+    if log.path.exists():
+        for line in log.path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "dbtime":
+                out.setdefault(int(parts[1]), datetime.fromisoformat(parts[2]))
+    return out
+
+
+@pytest.mark.parametrize("skew", ["+5s", "-5s"])
+def test_delayed_job_never_starts_before_its_run_at_under_skew(
+    make_task: TaskFactory, db_url: str, redis_url: str, spawn: Spawn, tmp_path: Path, skew: str
+) -> None:
+    """A job delayed by 6 s, a worker whose clock is 5 s off: it starts at its run_at
+    by the database's clock, never before (the promoter judges by the worker's estimate
+    of the database's clock, and the claim refuses a job that is not due)."""
+    one_host_on_sqlite(db_url)
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    worker = spawn(producer, log, redis_url=redis_url, parallel=1, skew=skew)
+    until(lambda: "off the database" in worker.stderr(200), workers=[worker], message="warning")
+    job_id = producer.push(b"when", delay=6.0)
+    run_at = record(producer, job_id).run_at
+    started = until(
+        lambda: db_start_times(log).get(job_id),
+        workers=[worker],
+        message="the delayed job to start",
+        detail=progress(producer, log),
+    )
+    assert started >= run_at, f"started at {started}, before its run_at {run_at}"
+    until(lambda: status_is(producer, job_id, Status.DONE), workers=[worker], message="done")
+    assert len(log.starts(job_id)) == 1

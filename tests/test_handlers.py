@@ -60,7 +60,7 @@ def test_hung_handler_times_out_and_is_retried_at_once(make_task: TaskFactory, h
     assert rec.failed_times == 1
     assert rec.last_error == "JobTimeout: timed out after 0.5s (job_timeout)"
     first, second = hang.runs
-    assert (first.commit_id, second.commit_id) == (1, 3)
+    assert 1 <= first.commit_id < first.commit_id + 1 < second.commit_id  # claim, fail, claim
     consumer = task.consumer
     assert consumer is not None
     assert (consumer.counters.timed_out, consumer.abandoned) == (1, 1)

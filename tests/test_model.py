@@ -13,8 +13,12 @@ example. The clock is the model's: nothing sleeps.
 What the model pins down (DESIGN.md invariants):
 
 * fencing: a transition is accepted only from the right status with the current
-  commit_id, and then adds exactly one to commit_id; a stale claim, heartbeat or
-  commit changes nothing (the whole row is compared after every step);
+  commit_id, and then adds exactly one to commit_id (a claim: a random step of 1 to
+  2**31); a stale claim, heartbeat or commit changes nothing (the whole row is compared
+  after every step);
+* one clock: a claim never takes a job before its run_at (it reports it early), and
+  the reaper's locked step re-checks the lease it scanned: a heartbeat between the scan
+  (``expired_leases``) and the locked step (``reap``) keeps the lease;
 * one runner at a time: a job is ``doing`` only under a claim the model handed out;
 * ledger first, transport as a cache: every pushed id keeps its row, the queue holds
   exactly the messages the model expects (as a multiset: ties in the reaper's order are
@@ -113,7 +117,7 @@ class JobModel:
     run_at: datetime
     expires_at: datetime | None  # lease end (doing) or dispatch deadline (todo)
     updated_at: datetime
-    transitions: int = 0  # accepted transitions so far: commit_id must equal it
+    transitions: int = 0  # accepted transitions so far
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -129,6 +133,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.inbox: list[Pair] = []  # popped by "a consumer", not yet claimed
         self.seen: list[Pair] = []  # every message ever popped (for stale claims)
         self.claims: list[Pair] = []  # every claim ever won: (id, commit_id after claim)
+        self.scanned: list[Any] | None = None  # the reaper's last scan, not yet reaped
         self.last_seen: dict[int, int] = {}  # commit_id at the last invariant check
         self._tokens = 0
         self.epoch: int | None = None  # the model's name for Redis's epoch token
@@ -205,12 +210,13 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.epoch is None:
             self.epoch = self._new_token()
 
-    def _accept(self, job_id: int, **values: Any) -> Pair:
-        """One accepted transition: the new values, commit_id + 1. Returns the new pair."""
+    def _accept(self, job_id: int, step: int = 1, **values: Any) -> Pair:
+        """One accepted transition: the new values, commit_id + step (1; a claim's is
+        random). Returns the new pair."""
         m = self.jobs[job_id]
         for name, value in values.items():
             setattr(m, name, value)
-        m.commit_id += 1
+        m.commit_id += step
         m.transitions += 1
         m.updated_at = self.now
         return job_id, m.commit_id
@@ -292,18 +298,25 @@ class LedgerMachine(RuleBasedStateMachine):
         lease_until = self.now + LEASE
         doing_before = {i for i, m in self.jobs.items() if m.status is Status.DOING}
         jobs = self.t.ledger.claim(
-            self.t.task_id, pairs, now=self.now, lease_until=lease_until, worker="model:1"
+            self.t.task_id, pairs, now=self.now, lease=LEASE, worker="model:1"
         )
-        expect: list[tuple[int, int, int]] = []
+        got = {j.id: j for j in jobs}
+        expect: list[tuple[int, int]] = []
+        early: list[Pair] = []
         for pair in sorted(set(pairs)):
             if self._current(pair, Status.TODO):
-                job_id, commit_id = self._accept(
-                    pair[0], status=Status.DOING, expires_at=lease_until
-                )
-                expect.append((job_id, commit_id, self.jobs[job_id].failed_times))
+                if self.jobs[pair[0]].run_at > self.now:
+                    early.append(pair)  # not due: never claimed before its run_at
+                    continue
+                assert pair[0] in got, f"claim of {pair} lost"
+                step = got[pair[0]].commit_id - pair[1]
+                assert 1 <= step <= 2**31, f"claim step {step}"
+                self._accept(pair[0], step, status=Status.DOING, expires_at=lease_until)
+                expect.append((pair[0], self.jobs[pair[0]].failed_times))
         # One runner at a time: a doing job (lease alive or not) is never claimed.
         assert not doing_before & {j.id for j in jobs}
-        assert [(j.id, j.commit_id, j.failed_times) for j in jobs] == expect
+        assert [(j.id, j.failed_times) for j in jobs] == expect
+        assert [(m.job_id, m.commit_id) for m in jobs.early] == early
         won = [(j.id, j.commit_id) for j in jobs]
         self.claims.extend(won)
         return won
@@ -388,7 +401,6 @@ class LedgerMachine(RuleBasedStateMachine):
                         i,
                         status=Status.TODO,
                         failed_times=m.failed_times + 1,
-                        run_at=self.now,
                         expires_at=self.now + TIMEOUT,
                     )
                 )
@@ -518,14 +530,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="with a fresh one") and self._fresh_claims():
             pairs.append(data.draw(st.sampled_from(self._fresh_claims()), label="fresh"))
         lease_until = self.now + LEASE
-        lost = self.t.ledger.heartbeat(pairs, lease_until=lease_until)
+        renewal = self.t.ledger.heartbeat(pairs, lease=LEASE, now=self.now)
         expect_lost: set[Pair] = set()
         for p in set(pairs):
             if self._current(p, Status.DOING):
                 self.jobs[p[0]].expires_at = lease_until  # not a transition
             else:
                 expect_lost.add(p)
-        assert lost == expect_lost
+        assert renewal.lost == expect_lost
+        assert renewal.skipped == set()  # no other transaction holds a row lock
+        assert renewal.renewed == set(pairs) - expect_lost
 
     @precondition(lambda self: self.claims)
     @rule(data=st.data())
@@ -616,6 +630,65 @@ class LedgerMachine(RuleBasedStateMachine):
             self._check_epoch()
 
     @precondition(lambda self: self.jobs)
+    @rule()
+    def reaper_scan(self) -> None:
+        """The reaper's first step alone: read the expired leases (a separate
+        transaction from the locked step, which a later rule takes)."""
+        zombies = self.t.ledger.expired_leases(self.t.task_id, now=self.now, limit=1000)
+        expect = {
+            i
+            for i, m in self.jobs.items()
+            if m.status is Status.DOING and m.expires_at is not None and m.expires_at < self.now
+        }
+        assert {z.id for z in zombies} == expect
+        for z in zombies:
+            assert (z.commit_id, z.failed_times) == (
+                self.jobs[z.id].commit_id,
+                self.jobs[z.id].failed_times,
+            )
+        self.scanned = list(zombies)
+
+    @precondition(lambda self: self.scanned is not None)
+    @rule()
+    def reaper_locked_step(self) -> None:
+        """The reaper's locked step on what the last scan read, whatever happened since
+        (a heartbeat that renewed a lease, a commit, a claim, a clock move): only the
+        leases still doing under the scanned commit_id and still expired are reaped."""
+        zombies, self.scanned = self.scanned or [], None
+        requeued, closed = self.t.ledger.reap(
+            zombies,
+            dst=self.dst,
+            max_failed_times=self.max_failed,
+            redispatch_timeout=TIMEOUT,
+            now=self.now,
+        )
+        self.t.dispatcher.send(requeued)
+        expect_requeued: list[Pair] = []
+        expect_closed = 0
+        for z in zombies:
+            m = self.jobs[z.id]
+            if not self._current((z.id, z.commit_id), Status.DOING):
+                continue  # moved since the scan
+            if m.expires_at is None or m.expires_at >= self.now:
+                continue  # renewed since the scan: its lease is alive
+            if self.dst is Status.TODO and m.failed_times + 1 < self.max_failed:
+                expect_requeued.append(
+                    self._accept(
+                        z.id,
+                        status=Status.TODO,
+                        failed_times=m.failed_times + 1,
+                        expires_at=self.now + TIMEOUT,
+                    )
+                )
+            else:
+                final = Status.FAILED if self.dst is Status.TODO else self.dst
+                self._accept(z.id, status=final, failed_times=m.failed_times + 1, expires_at=None)
+                expect_closed += 1
+        self._sent(expect_requeued)
+        assert sorted((r.job_id, r.commit_id) for r in requeued) == sorted(expect_requeued)
+        assert closed == expect_closed
+
+    @precondition(lambda self: self.jobs)
     @rule(data=st.data())
     def repush(self, data: st.DataObject) -> None:
         job_id = data.draw(st.sampled_from(sorted(self.jobs)), label="job")
@@ -685,9 +758,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 m.expires_at,
                 m.updated_at,
             ), (job_id, rec, m)
-            # commit_id only grows, by exactly one per accepted transition.
+            # commit_id only grows, at least by one per accepted transition.
             assert rec.commit_id >= self.last_seen.get(job_id, 0)
-            assert rec.commit_id == m.transitions
+            assert rec.commit_id >= m.transitions
             self.last_seen[job_id] = rec.commit_id
             # doing only under a claim someone was handed.
             if rec.status is Status.DOING:

@@ -39,7 +39,7 @@ def claim_and_die(task: Task, ids: list[int], lease: float = 5.0) -> list[Job]:
         task.task_id,
         [(i, rows[i]) for i in ids],
         now=now,
-        lease_until=now + timedelta(seconds=lease),
+        lease=timedelta(seconds=lease),
         worker="dead-host:1",
     )
     assert sorted(j.id for j in jobs) == sorted(ids)
@@ -53,7 +53,7 @@ def test_dead_consumer_job_is_requeued_and_runs_later(make_task: TaskFactory) ->
     clock = Clock()
     producer = make_task(clock=clock, zombie_timeout=5.0)
     job_id = producer.push(b"orphan")
-    claim_and_die(producer, [job_id], lease=5.0)
+    (dead,) = claim_and_die(producer, [job_id], lease=5.0)
 
     assert producer.reaper.run_once(reap=True) == ReapReport()  # lease still alive
     assert record(producer, job_id).status is Status.DOING
@@ -61,9 +61,9 @@ def test_dead_consumer_job_is_requeued_and_runs_later(make_task: TaskFactory) ->
     report = producer.reaper.run_once(reap=True)
     assert (report.requeued, report.closed) == (1, 0)
     rec = record(producer, job_id)
-    assert (rec.status, rec.failed_times, rec.commit_id) == (Status.TODO, 1, 2)
+    assert (rec.status, rec.failed_times, rec.commit_id) == (Status.TODO, 1, dead.commit_id + 1)
     assert rec.last_error is not None and "lease expired" in rec.last_error
-    assert queued(producer) == Counter({(job_id, 2): 1})
+    assert queued(producer) == Counter({(job_id, dead.commit_id + 1): 1})
     assert producer.reaper.run_once(reap=True) == ReapReport()  # handled once
 
     runs: list[Job] = []
@@ -78,14 +78,15 @@ def test_zombie_dst_status_closes(make_task: TaskFactory, dst: Status | str) -> 
     clock = Clock()
     task = make_task(clock=clock, zombie_dst_status=dst, zombie_timeout=2.0)
     ids = task.push_many([b"a", b"b"])
-    claim_and_die(task, ids, lease=2.0)
+    dead = {j.id: j.commit_id for j in claim_and_die(task, ids, lease=2.0)}
     clock.advance(3)
     report = task.reaper.run_once(reap=True)
     assert (report.requeued, report.closed) == (0, 2)
     for i in ids:
         rec = record(task, i)
         assert rec.status is Status.parse(dst)
-        assert rec.failed_times == 1 and rec.expires_at is None and rec.commit_id == 2
+        assert rec.failed_times == 1 and rec.expires_at is None
+        assert rec.commit_id == dead[i] + 1
     assert task.depth() == 0
     assert task.reaper.run_once(reap=True) == ReapReport()
 
@@ -122,7 +123,7 @@ def test_racing_reapers_handle_each_zombie_once(make_task: TaskFactory) -> None:
     clock = Clock()
     reapers = [make_task(clock=clock, zombie_timeout=5.0) for _ in range(4)]
     ids = reapers[0].push_many([b"%d" % i for i in range(30)])
-    claim_and_die(reapers[0], ids, lease=5.0)
+    dead = {j.id: j.commit_id for j in claim_and_die(reapers[0], ids, lease=5.0)}
     clock.advance(10)
     barrier = threading.Barrier(len(reapers))
     reports: list[ReapReport] = []
@@ -148,8 +149,8 @@ def test_racing_reapers_handle_each_zombie_once(make_task: TaskFactory) -> None:
     assert sum(r.closed for r in reports) == 0
     for i in ids:
         rec = record(reapers[0], i)
-        assert (rec.status, rec.failed_times, rec.commit_id) == (Status.TODO, 1, 2)
-    assert queued(reapers[0]) == Counter({(i, 2): 1 for i in ids})  # one message each
+        assert (rec.status, rec.failed_times, rec.commit_id) == (Status.TODO, 1, dead[i] + 1)
+    assert queued(reapers[0]) == Counter({(i, dead[i] + 1): 1 for i in ids})  # one message each
 
 
 def test_reap_reads_at_most_zombie_limit_rows(make_task: TaskFactory) -> None:
@@ -211,14 +212,14 @@ def test_redis_data_loss_redispatches_due_todo_jobs_at_once(make_task: TaskFacto
         a.task_id,
         [(running, 0)],
         now=clock(),
-        lease_until=clock() + timedelta(seconds=600),
+        lease=timedelta(seconds=600),
         worker="w",
     )
     (delayed,) = a.ledger.claim(
         a.task_id,
         [(later, 0)],
         now=clock(),
-        lease_until=clock() + timedelta(seconds=600),
+        lease=timedelta(seconds=600),
         worker="w",
     )
     a.commit(later, Status.TODO, commit_id=delayed.commit_id, delay=3600)

@@ -204,8 +204,7 @@ def test_unique_key_returns_the_unfinished_job(make_task: TaskFactory) -> None:
     (job,) = task.ledger.claim(
         task.task_id,
         [(first, 0)],
-        now=datetime.now(timezone.utc),
-        lease_until=datetime.now(timezone.utc) + timedelta(seconds=60),
+        lease=timedelta(seconds=60),
         worker="w",
     )
     assert task.push(b"again", key="invoice-2026-11") == first
@@ -225,7 +224,7 @@ def test_unique_for_keeps_the_key_after_completion(make_task: TaskFactory) -> No
         task.task_id,
         [(first, 0)],
         now=clock(),
-        lease_until=clock() + timedelta(seconds=60),
+        lease=timedelta(seconds=60),
         worker="w",
     )
     task.commit(first, Status.FAILED, commit_id=job.commit_id)
@@ -321,16 +320,16 @@ def test_retries_reaping_and_repush_keep_the_priority(make_task: TaskFactory) ->
         task.task_id,
         [(job_id, 0)],
         now=clock(),
-        lease_until=clock() + timedelta(seconds=60),
+        lease=timedelta(seconds=60),
         worker="w",
     )
     assert job.priority == "low"
     clock.advance(120)
     assert task.reaper.run_once(reap=True).requeued == 1  # expired lease: back to low
-    assert queue(task, "low") == [(job_id, 2)]
+    assert queue(task, "low") == [(job_id, job.commit_id + 1)]
     task.redis.delete(task.transport.key_for("low"))
-    assert task.repush(job_id) == 3
-    assert queue(task, "low") == [(job_id, 3)] and queue(task) == []
+    assert task.repush(job_id) == job.commit_id + 2
+    assert queue(task, "low") == [(job_id, job.commit_id + 2)] and queue(task) == []
 
 
 # -- batches ---------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
     def listener(
         conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
     ) -> None:
-        if label and re.match(r"\s*(SELECT|UPDATE)\b", statement, re.IGNORECASE):
+        if label and re.match(r"\s*(SELECT|UPDATE|WITH)\b", statement, re.IGNORECASE):
             recorded.setdefault(label[0], []).append((statement, params))
 
     def run(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -132,11 +132,11 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
     event.listen(engine, "before_cursor_execute", listener)
     try:
         pairs = [(r.id, r.commit_id) for r in queued]
-        jobs = run("claim", ledger.claim, TASK, pairs, now=NOW, lease_until=NOW + LEASE, worker="w")
+        jobs = run("claim", ledger.claim, TASK, pairs, now=NOW, lease=LEASE, worker="w")
         assert len(jobs) == 10
         mine = [(j.id, j.commit_id) for j in jobs]
-        lost = run("heartbeat", ledger.heartbeat, mine, lease_until=NOW + 2 * LEASE)
-        assert lost == set()
+        renewal = run("heartbeat", ledger.heartbeat, mine, now=NOW, lease=2 * LEASE)
+        assert renewal.lost == set() and renewal.renewed == set(mine)
         outcomes = [Outcome(j.id, j.commit_id, Status.DONE) for j in jobs]
         won = run("finish", ledger.finish, outcomes, now=NOW, redispatch_timeout=REDISPATCH)
         assert won == set(mine)
@@ -300,7 +300,9 @@ BY_ID = re.compile(r"\bWHERE\s+(\w+\.)?id\s+IN\b", re.IGNORECASE)
 
 
 def expected_index(table: str, label: str, sql: str) -> str:
-    if sql.lstrip().upper().startswith("UPDATE") or label in ID_SELECTS or BY_ID.search(sql):
+    # a WITH is PostgreSQL's claim or heartbeat: by primary key in every part
+    by_pk = sql.lstrip().upper().startswith(("UPDATE", "WITH"))
+    if by_pk or label in ID_SELECTS or BY_ID.search(sql):
         return "pk"
     return f"ix_{table}_task_status_expires"
 
@@ -373,7 +375,7 @@ def test_claim_uses_the_primary_key_when_statistics_say_there_is_no_todo_row(
         def listener(
             conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
         ) -> None:
-            if re.match(r"\s*(SELECT|UPDATE)\b", statement, re.IGNORECASE):
+            if re.match(r"\s*(SELECT|UPDATE|WITH)\b", statement, re.IGNORECASE):
                 recorded.append((statement, params))
 
         ledger = Ledger(plan_engine, name)
@@ -383,7 +385,7 @@ def test_claim_uses_the_primary_key_when_statistics_say_there_is_no_todo_row(
                 TASK,
                 [(r.id, r.commit_id) for r in todo],
                 now=NOW,
-                lease_until=NOW + LEASE,
+                lease=LEASE,
                 worker="w",
             )
         finally:

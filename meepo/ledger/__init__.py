@@ -1,13 +1,16 @@
 """The ledger: all SQL. The source of truth for every job."""
 
+from .clock import ServerClock
 from .engine import make_engine
 from .fastpath import CHUNK
 from .ledger import (
     NEVER_DISPATCHED,
+    Claimed,
     Inserted,
     Ledger,
     Outcome,
     Pair,
+    Renewal,
     TaskStats,
     Zombie,
 )
@@ -15,10 +18,13 @@ from .ledger import (
 __all__ = [
     "CHUNK",
     "NEVER_DISPATCHED",
+    "Claimed",
     "Inserted",
     "Ledger",
     "Outcome",
     "Pair",
+    "Renewal",
+    "ServerClock",
     "TaskStats",
     "Zombie",
     "make_engine",

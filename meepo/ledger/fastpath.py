@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.exc import DBAPIError
 
-from ..records import Job, Status
+from ..records import Job, Message, Status
 from .types import UTC
 
 Pair = tuple[int, int]
@@ -53,6 +53,17 @@ class PlusOne:
 PLUS_ONE = PlusOne()
 
 
+class Raw:
+    """A SET value that is SQL text of meepo's own (a script's ``@now``), never user
+    input: MariaDB/MySQL scripts only."""
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+
+    def __repr__(self) -> str:
+        return f"Raw({self.sql!r})"
+
+
 def sa_values(table: Table, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` for a SQLAlchemy UPDATE: PLUS_ONE becomes ``column + 1``."""
     return {k: (table.c[k] + 1 if v is PLUS_ONE else v) for k, v in values.items()}
@@ -70,15 +81,19 @@ def _bind(v: Any, *, keep_zone: bool) -> Any:
     return v
 
 
-def _set_clause(table: Table, values: dict[str, Any], *, named: bool) -> tuple[str, dict[str, Any]]:
-    """A transition's SET list (``commit_id`` plus one, then ``values``) and its
+def _set_clause(
+    table: Table, values: dict[str, Any], *, named: bool, step: int = 1
+) -> tuple[str, dict[str, Any]]:
+    """A transition's SET list (``commit_id`` plus ``step``, then ``values``) and its
     parameters: named ``%(v_col)s`` or positional ``%s`` (in order)."""
-    sets = ["commit_id = commit_id + 1"]
+    sets = [f"commit_id = commit_id + {int(step)}"]
     args: dict[str, Any] = {}
     for k, v in values.items():
         col = table.c[k].name  # a known column, never user text
         if v is PLUS_ONE:
             sets.append(f"{col} = {col} + 1")
+        elif isinstance(v, Raw):
+            sets.append(f"{col} = {v.sql}")
         else:
             sets.append(f"{col} = %(v_{col})s" if named else f"{col} = %s")
             args[f"v_{col}"] = v
@@ -157,16 +172,40 @@ class PgForms:
         # the same test) so that the (task_id, status, expires_at) index is no
         # candidate: with statistics that say "few todo rows" (an ANALYZE on a drained
         # table) the planner would otherwise walk every todo row of the task per claim.
-        self.claim_sql = (
-            f"UPDATE {name} SET status = '{Status.DOING.value}', commit_id = commit_id + 1, "
-            "updated_at = %(now)s, expires_at = %(lease_until)s, worker = %(worker)s "
-            f"WHERE {self.by_pair} AND coalesce(status, '') = '{Status.TODO.value}' "
-            "AND coalesce(task_id, '') = %(task_id)s "
-            "RETURNING id, commit_id, failed_times, payload, priority"
+        # The claim judges time by the database's clock unless the caller gives one
+        # (``now``): the lease ends ``lease`` after it, and a job not due yet (``run_at``
+        # after it) is not claimed but returned as early (its run_at, the judged time;
+        # a NULL payload marks it), for the consumer to delay again. The fencing token
+        # grows by a random step (``step``), so that it cannot repeat after a failover
+        # lost the claim's commit.
+        todo = (
+            f"coalesce(status, '') = '{Status.TODO.value}' AND coalesce(task_id, '') = %(task_id)s"
         )
+        self.claim_sql = (
+            "WITH c AS (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS db_now), "
+            f"u AS (UPDATE {name} SET status = '{Status.DOING.value}', "
+            "commit_id = commit_id + %(step)s, updated_at = c.db_now, "
+            "expires_at = c.db_now + %(lease)s::interval, worker = %(worker)s FROM c "
+            f"WHERE {self.by_pair} AND {todo} AND run_at <= c.db_now "
+            "RETURNING id, commit_id, failed_times, payload, priority) "
+            "SELECT id, commit_id, failed_times, payload, priority, NULL::timestamptz, "
+            "NULL::timestamptz FROM u UNION ALL "
+            "SELECT id, commit_id, failed_times, NULL::bytea, priority, run_at, c.db_now "
+            f"FROM {name}, c WHERE {self.by_pair} AND {todo} AND run_at > c.db_now"
+        )
+        # Renewal never waits on another job's row lock: the rows it can lock now are
+        # renewed (SKIP LOCKED), and a plain read of the same statement's snapshot tells
+        # the others apart: still doing with our commit_id is skipped (locked, retried
+        # next beat), anything else is lost.
         self.heartbeat_sql = (
-            f"UPDATE {name} SET expires_at = %(lease_until)s "
-            f"WHERE {self.by_pair} AND status = '{Status.DOING.value}' RETURNING id, commit_id"
+            f"WITH cur AS (SELECT id, commit_id FROM {name} "
+            f"WHERE {self.by_pair} AND status = '{Status.DOING.value}'), "
+            f"mine AS (SELECT id FROM {name} WHERE {self.by_pair} "
+            f"AND status = '{Status.DOING.value}' FOR UPDATE SKIP LOCKED), "
+            f"u AS (UPDATE {name} SET expires_at = "
+            "coalesce(%(now)s::timestamptz, statement_timestamp()) + %(lease)s::interval "
+            f"WHERE id IN (SELECT id FROM mine) RETURNING id) "
+            "SELECT cur.id, cur.commit_id, u.id IS NOT NULL FROM cur LEFT JOIN u ON u.id = cur.id"
         )
         # One row: INSERT … VALUES (planned and run in about 0.2 ms less than the
         # batch form below).
@@ -217,24 +256,37 @@ class PgForms:
         task_id: str,
         pairs: Sequence[Pair],
         *,
-        now: datetime,
-        lease_until: datetime,
+        now: datetime | None,
+        lease: timedelta,
+        step: int,
         worker: str,
-    ) -> list[Job]:
-        """todo → doing; the jobs that won (with their new commit_id), by id."""
+    ) -> tuple[list[Job], list[Message], datetime | None]:
+        """todo → doing; the jobs that won (with their new commit_id), by id, the
+        messages of the jobs not due yet (with their run_at), and the time judged."""
         params = self._pair_params(pairs)
-        params.update(task_id=task_id, now=now, lease_until=lease_until, worker=worker)
+        params.update(task_id=task_id, now=now, lease=lease, step=step, worker=worker)
         got = self._run(conn, self.claim_sql, params)
-        jobs = [Job(int(r[0]), task_id, bytes(r[3]), int(r[2]), int(r[1]), str(r[4])) for r in got]
-        return sorted(jobs, key=lambda j: j.id)
+        jobs = [
+            Job(int(r[0]), task_id, bytes(r[3]), int(r[2]), int(r[1]), str(r[4]))
+            for r in got
+            if r[3] is not None
+        ]
+        early = [Message(int(r[0]), int(r[1]), str(r[4]), r[5]) for r in got if r[3] is None]
+        judged = next((r[6] for r in got if r[3] is None), None)
+        return sorted(jobs, key=lambda j: j.id), sorted(early, key=lambda m: m.job_id), judged
 
     def heartbeat(
-        self, conn: Connection, pairs: Sequence[Pair], lease_until: datetime
-    ) -> set[Pair]:
-        """Renew the leases; return the pairs that are still ours."""
+        self, conn: Connection, pairs: Sequence[Pair], now: datetime | None, lease: timedelta
+    ) -> tuple[set[Pair], set[Pair]]:
+        """Renew the leases that are not locked; returns (renewed, skipped) pairs (the
+        others are no longer ours)."""
         params = self._pair_params(pairs)
-        params["lease_until"] = lease_until
-        return {(int(r[0]), int(r[1])) for r in self._run(conn, self.heartbeat_sql, params)}
+        params.update(now=now, lease=lease)
+        renewed: set[Pair] = set()
+        skipped: set[Pair] = set()
+        for r in self._run(conn, self.heartbeat_sql, params):
+            (renewed if r[2] else skipped).add((int(r[0]), int(r[1])))
+        return renewed, skipped
 
     def transition(
         self,
@@ -342,8 +394,11 @@ class MySQLScript:
         statuses: Sequence[str],
         values: dict[str, Any],
         task_id: str | None = None,
+        *,
+        step: int = 1,
+        where: str = "",
     ) -> tuple[str, list[Any]]:
-        sets, named = _set_clause(self.table, values, named=False)
+        sets, named = _set_clause(self.table, values, named=False, step=step)
         args: list[Any] = list(named.values())
         ids = sorted({i for i, _ in pairs})
         sql = (
@@ -355,7 +410,7 @@ class MySQLScript:
         if task_id is not None:
             sql += " AND task_id = %s"
             args.append(task_id)
-        return sql, args
+        return sql + where, args
 
     def insert_many(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
         """``INSERT … RETURNING id`` statements of up to CHUNK rows each and COMMIT, in
@@ -399,33 +454,57 @@ class MySQLScript:
         task_id: str,
         pairs: Sequence[Pair],
         *,
-        now: datetime,
-        lease_until: datetime,
+        now: datetime | None,
+        lease: timedelta,
+        step: int,
         worker: str,
-    ) -> list[Job]:
-        """todo → doing; the jobs that won (with their new commit_id), by id."""
+    ) -> tuple[list[Job], list[Message], datetime | None]:
+        """todo → doing, judged by the database's clock (``@now``) unless ``now`` is
+        given; the jobs that won (with their new commit_id), by id, the messages of the
+        jobs not due yet (with their run_at), and the time judged."""
         ids = sorted({i for i, _ in pairs})
-        cols = "id, commit_id, status, failed_times, payload, priority"
+        cols = (
+            "id, commit_id, status, failed_times, payload, priority, run_at, "
+            "run_at <= @now, CAST(@now AS DATETIME(6))"
+        )
+        micros = round(lease / timedelta(microseconds=1))
         values = {
             "status": Status.DOING.value,
-            "updated_at": now,
-            "expires_at": lease_until,
+            "updated_at": Raw("@now"),
+            "expires_at": Raw(f"@now + INTERVAL {int(micros)} MICROSECOND"),
             "worker": worker,
         }
-        locked, n = self.run(
+        _, locked, n = self.run(
             conn,
             [
+                ("SET @now = CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))", [now]),
                 self._lock(ids, cols, task_id),
-                self._update(pairs, [Status.TODO.value], values, task_id),
+                self._update(
+                    pairs,
+                    [Status.TODO.value],
+                    values,
+                    task_id,
+                    step=step,
+                    where=" AND run_at <= @now",
+                ),
             ],
         )
         wanted = set(pairs)
-        won = [r for r in locked if r[2] == Status.TODO.value and (r[0], r[1]) in wanted]
+        current = [r for r in locked if r[2] == Status.TODO.value and (r[0], r[1]) in wanted]
+        won = [r for r in current if r[7]]
         if n != len(won):  # the rows were locked: cannot happen
             raise RuntimeError(f"claim: {n} rows changed under lock, {len(won)} expected")
-        return [
-            Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + 1, str(r[5])) for r in won
+        early = [
+            Message(int(r[0]), int(r[1]), str(r[5]), r[6].replace(tzinfo=UTC))
+            for r in current
+            if not r[7]
         ]
+        judged = locked[0][8].replace(tzinfo=UTC) if locked else None
+        jobs = [
+            Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + step, str(r[5]))
+            for r in won
+        ]
+        return jobs, early, judged
 
     def transition(self, conn: Connection, groups: Sequence[Group]) -> set[Pair]:
         """Every group's compare-and-set in one script; returns the pairs that won.

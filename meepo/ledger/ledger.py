@@ -25,7 +25,8 @@ Statements, by caller:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +40,7 @@ from sqlalchemy import (
     and_,
     func,
     insert,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -49,6 +51,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
+from .clock import ServerClock, host_now, now_sql, read_db_now
 from .engine import translate_errors
 from .fastpath import CHUNK, PLUS_ONE, MySQLScript, PgForms, sa_values
 from .schema import jobs_table, unique_table
@@ -56,6 +59,8 @@ from .types import UTC
 
 Pair = tuple[int, int]
 """``(job id, commit_id)``: one claim of one job, the unit every transition checks."""
+
+Group = tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]
 
 #: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
 NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
@@ -90,6 +95,44 @@ class Inserted:
     created: bool
 
 
+class Claimed(list[Job]):
+    """The jobs a claim won (a list, by id), and beside them :attr:`early`: messages
+    of current jobs the claim refused because their ``run_at`` is after the time it
+    judged by (:attr:`now`, the database's clock); they are to be delayed again."""
+
+    def __init__(
+        self,
+        jobs: Iterable[Job] = (),
+        early: Sequence[Message] = (),
+        now: datetime | None = None,
+    ) -> None:
+        super().__init__(jobs)
+        self.early: list[Message] = list(early)
+        self.now = now
+
+
+@dataclass
+class Renewal:
+    """What a heartbeat did: leases ``renewed``, leases ``skipped`` (the row was locked
+    by another transaction; not renewed this time, but still ours), leases ``lost``
+    (reaped, repushed or finished: no longer doing under that commit_id)."""
+
+    renewed: set[Pair] = field(default_factory=set)
+    skipped: set[Pair] = field(default_factory=set)
+    lost: set[Pair] = field(default_factory=set)
+
+
+#: A claim adds a random step of 1 to CLAIM_STEP to commit_id (other transitions add 1).
+CLAIM_STEP = 2**31
+
+
+def claim_step() -> int:
+    """The random step of one claim's commit_id: after a failover that lost recent
+    commits, a second claim of the same row from the same (rolled back) commit_id draws
+    another step, so two claims share a token with odds of 1 in 2**31."""
+    return secrets.randbelow(CLAIM_STEP) + 1
+
+
 @dataclass
 class TaskStats:
     task_id: str
@@ -122,6 +165,8 @@ class Ledger:
         self.unique: Table = unique_table(table_name)
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
+        #: The database's time as this host estimates it (see clock.py).
+        self.clock = ServerClock(engine)
         # The hot statements' server-specific forms (see fastpath.py); SQLite and other
         # drivers use the portable ones below.
         dialect = engine.dialect.name
@@ -444,16 +489,34 @@ class Ledger:
 
     # -- consumer ---------------------------------------------------------------------
 
+    def _now_expr(self, now: datetime | None) -> Any:
+        """``now``, or the database's current time as a SQL expression (the host's on
+        SQLite)."""
+        if now is not None:
+            return now
+        sql = now_sql(self.engine.dialect.name)
+        return host_now() if sql is None else literal_column(sql, type_=self.table.c.run_at.type)
+
+    def _resolve_now(self, conn: Connection, now: datetime | None) -> datetime:
+        return now if now is not None else read_db_now(conn)
+
     def claim(
         self,
         task_id: str,
         pairs: Sequence[Pair],
         *,
-        now: datetime,
-        lease_until: datetime,
+        lease: timedelta,
         worker: str,
-    ) -> list[Job]:
-        """todo → doing for every ``(id, commit_id)`` that is still current.
+        now: datetime | None = None,
+    ) -> Claimed:
+        """todo → doing for every ``(id, commit_id)`` that is still current and due.
+
+        Time is judged by the database's clock (``now`` replaces it, for tests): the
+        lease ends ``lease`` after it, and a current job whose ``run_at`` is after it is
+        not claimed but comes back in :attr:`Claimed.early` (its message, with its
+        run_at), to be delayed again. The claim adds a random step (1 to 2**31) to
+        commit_id, so that a claim token cannot repeat after a database failover lost
+        the commit of an earlier claim (DESIGN.md, invariant 10).
 
         Returns the jobs this call won, with their new commit_id; stale, duplicate and
         foreign messages simply do not come back. PostgreSQL and SQLite do it in one
@@ -463,27 +526,33 @@ class Ledger:
         """
         want = sorted(set(pairs))
         if not want:
-            return []
+            return Claimed()
+        step = claim_step()
         if self._pg is not None:
             with self._one_statement() as conn:
-                return self._pg.claim(
-                    conn, task_id, want, now=now, lease_until=lease_until, worker=worker
+                return Claimed(
+                    *self._pg.claim(
+                        conn, task_id, want, now=now, lease=lease, step=step, worker=worker
+                    )
                 )
         with self._script() as sc:
             if sc is not None and self._my is not None:
-                return self._my.claim(
-                    sc, task_id, want, now=now, lease_until=lease_until, worker=worker
+                return Claimed(
+                    *self._my.claim(
+                        sc, task_id, want, now=now, lease=lease, step=step, worker=worker
+                    )
                 )
         t = self.table
-        values = {
-            "status": Status.DOING.value,
-            "commit_id": t.c.commit_id + 1,
-            "updated_at": now,
-            "expires_at": lease_until,
-            "worker": worker,
-        }
         ids = sorted({p[0] for p in want})
         with self.begin() as conn:
+            at = self._resolve_now(conn, now)
+            values = {
+                "status": Status.DOING.value,
+                "commit_id": t.c.commit_id + step,
+                "updated_at": at,
+                "expires_at": at + lease,
+                "worker": worker,
+            }
             if conn.dialect.update_returning:
                 stmt = (
                     update(t)
@@ -491,12 +560,26 @@ class Ledger:
                         self._pairs_where(want),
                         t.c.status == Status.TODO.value,
                         t.c.task_id == task_id,
+                        t.c.run_at <= at,
                     )
                     .values(**values)
                     .returning(t.c.id, t.c.commit_id, t.c.failed_times, t.c.payload, t.c.priority)
                 )
                 rows: Sequence[Row[Any]] = conn.execute(stmt).all()
-                return sorted(
+                early: list[Message] = []
+                if len(rows) < len(want):
+                    early = [
+                        Message(r.id, r.commit_id, r.priority, r.run_at)
+                        for r in conn.execute(
+                            select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at).where(
+                                self._pairs_where(want),
+                                t.c.status == Status.TODO.value,
+                                t.c.task_id == task_id,
+                                t.c.run_at > at,
+                            )
+                        )
+                    ]
+                jobs = sorted(
                     (
                         Job(
                             r.id,
@@ -510,6 +593,7 @@ class Ledger:
                     ),
                     key=lambda j: j.id,
                 )
+                return Claimed(jobs, sorted(early, key=lambda m: m.job_id), at)
             locked = conn.execute(
                 select(
                     t.c.id,
@@ -518,6 +602,7 @@ class Ledger:
                     t.c.failed_times,
                     t.c.payload,
                     t.c.priority,
+                    t.c.run_at,
                 )
                 .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")  # lock only these rows
                 .where(t.c.id.in_(ids), t.c.task_id == task_id)
@@ -525,59 +610,111 @@ class Ledger:
                 .with_for_update()
             ).all()
             wanted = set(want)
-            winners = [
+            current = [
                 r for r in locked if r.status == Status.TODO.value and (r.id, r.commit_id) in wanted
             ]
-            if not winners:
-                return []
-            win_pairs = [(r.id, r.commit_id) for r in winners]
-            conn.execute(
-                update(t)
-                .where(self._pairs_where(win_pairs), t.c.status == Status.TODO.value)
-                .values(**values)
-            )
-            return [
-                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + 1, r.priority)
+            winners = [r for r in current if r.run_at <= at]
+            early = [
+                Message(r.id, r.commit_id, r.priority, r.run_at) for r in current if r.run_at > at
+            ]
+            if winners:
+                win_pairs = [(r.id, r.commit_id) for r in winners]
+                conn.execute(
+                    update(t)
+                    .where(self._pairs_where(win_pairs), t.c.status == Status.TODO.value)
+                    .values(**values)
+                )
+            jobs = [
+                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + step, r.priority)
                 for r in winners
             ]
+            return Claimed(jobs, early, at)
 
-    def heartbeat(self, pairs: Sequence[Pair], *, lease_until: datetime) -> set[Pair]:
-        """Extend the leases of running jobs; return the pairs that are no longer ours.
+    def heartbeat(
+        self, pairs: Sequence[Pair], *, lease: timedelta, now: datetime | None = None
+    ) -> Renewal:
+        """Extend the leases of running jobs to ``lease`` after the database's time
+        (``now`` replaces it, for tests).
 
-        Not a transition: commit_id is checked, not incremented.
+        Not a transition: commit_id is checked, not incremented. Renewal never waits on
+        another transaction's lock of a row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and
+        MariaDB/MySQL): a locked row's lease is reported skipped, neither renewed nor
+        lost (the next beat retries it). A row no longer doing under that commit_id is
+        lost.
         """
         want = sorted(set(pairs))
+        out = Renewal()
         if not want:
-            return set()
+            return out
         t = self.table
-        lost: set[Pair] = set()
         if self._pg is not None:
             with self.begin() as conn:
                 for i in range(0, len(want), CHUNK):
                     chunk = want[i : i + CHUNK]
-                    kept = self._pg.heartbeat(conn, chunk, lease_until)
-                    lost.update(p for p in chunk if p not in kept)
-            return lost
+                    renewed, skipped = self._pg.heartbeat(conn, chunk, now, lease)
+                    out.renewed |= renewed
+                    out.skipped |= skipped
+                    out.lost.update(p for p in chunk if p not in renewed and p not in skipped)
+            return out
+        dialect = self.engine.dialect.name
+        locks = dialect != "sqlite"  # SQLite has no row locks to wait on
         with self.begin() as conn:
+            at = now if now is not None or dialect == "mysql" else read_db_now(conn)
+            end = at + lease if at is not None else self._lease_end_sql(lease)
             for i in range(0, len(want), CHUNK):
                 chunk = want[i : i + CHUNK]
-                n = conn.execute(
-                    update(t)
-                    .where(self._pairs_where(chunk), t.c.status == Status.DOING.value)
-                    .values(expires_at=lease_until)
-                ).rowcount
+                mine = chunk
+                if locks:
+                    got = {
+                        (r.id, r.commit_id)
+                        for r in conn.execute(
+                            select(t.c.id, t.c.commit_id)
+                            .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")
+                            .where(self._pairs_where(chunk), t.c.status == Status.DOING.value)
+                            .with_for_update(skip_locked=True)
+                        )
+                    }
+                    mine = [p for p in chunk if p in got]
+                n = 0
+                if mine:
+                    n = conn.execute(
+                        update(t)
+                        .with_hint("FORCE INDEX (PRIMARY)", dialect_name="mysql")
+                        .where(self._pairs_where(mine), t.c.status == Status.DOING.value)
+                        .values(expires_at=end)
+                    ).rowcount
                 if n == len(chunk):
+                    out.renewed.update(chunk)
                     continue
+                if locks:
+                    out.renewed.update(mine)
+                    rest = [p for p in chunk if p not in set(mine)]
+                else:
+                    rest = chunk
                 current = {
                     (r.id, r.commit_id)
-                    for r in conn.execute(
+                    for r in conn.execute(  # a plain read: it waits on no lock
                         select(t.c.id, t.c.commit_id).where(
-                            t.c.id.in_([p[0] for p in chunk]), t.c.status == Status.DOING.value
+                            t.c.id.in_([p[0] for p in rest]), t.c.status == Status.DOING.value
                         )
                     )
                 }
-                lost.update(p for p in chunk if p not in current)
-        return lost
+                for p in rest:
+                    if p not in current:
+                        out.lost.add(p)
+                    elif locks:
+                        out.skipped.add(p)
+                    else:
+                        out.renewed.add(p)
+        return out
+
+    def _lease_end_sql(self, lease: timedelta) -> Any:
+        """The database's time plus ``lease`` (MariaDB/MySQL)."""
+        micros = round(lease / timedelta(microseconds=1))
+        return literal_column(
+            f"UTC_TIMESTAMP(6) + INTERVAL {int(micros)} MICROSECOND",
+            type_=self.table.c.expires_at.type,
+        )
 
     def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
         values: dict[str, Any] = {"status": o.status.value, "updated_at": now}
@@ -627,8 +764,11 @@ class Ledger:
 
     # -- reaper -----------------------------------------------------------------------
 
-    def expired_leases(self, task_id: str, *, now: datetime, limit: int) -> list[Zombie]:
-        """doing rows whose lease ran out (their consumer died or froze)."""
+    def expired_leases(
+        self, task_id: str, *, limit: int, now: datetime | None = None
+    ) -> list[Zombie]:
+        """doing rows whose lease ran out (their consumer died or froze), by the
+        database's clock (``now`` replaces it, for tests)."""
         t = self.table
         with self.begin() as conn:
             rows = conn.execute(
@@ -636,7 +776,7 @@ class Ledger:
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.DOING.value,
-                    t.c.expires_at < now,
+                    t.c.expires_at < self._now_expr(now),
                 )
                 .order_by(t.c.expires_at)
                 .limit(limit)
@@ -649,10 +789,15 @@ class Ledger:
         *,
         dst: Status,
         max_failed_times: int,
-        now: datetime,
         redispatch_timeout: timedelta,
+        now: datetime | None = None,
     ) -> tuple[list[Message], int]:
         """Apply the zombie policy to expired leases.
+
+        The locked step re-reads the rows (``FOR UPDATE SKIP LOCKED``) and reaps only
+        those still doing under the same commit_id whose lease is still expired by the
+        database's clock (``now`` replaces it, for tests): a heartbeat that renewed a
+        lease since :meth:`expired_leases` read it keeps it.
 
         A reaped lease counts as a failed attempt (so a job that kills its worker every
         time still ends). ``dst=todo`` re-queues it, or fails it once failed_times
@@ -669,45 +814,56 @@ class Ledger:
             else:
                 final = Status.FAILED if dst is Status.TODO else dst
                 close.setdefault(final, []).append((z.id, z.commit_id))
-        groups: list[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]] = []
-        if requeue:
-            groups.append(
-                (
-                    requeue,
-                    [Status.DOING],
-                    {
-                        "status": Status.TODO.value,
-                        "failed_times": PLUS_ONE,
-                        "last_error": error,
-                        "updated_at": now,
-                        "run_at": now,
-                        "expires_at": now + redispatch_timeout,
-                    },
+
+        def build(now: datetime) -> list[Group]:
+            groups: list[Group] = []
+            if requeue:
+                groups.append(
+                    (
+                        requeue,
+                        [Status.DOING],
+                        {
+                            "status": Status.TODO.value,
+                            "failed_times": PLUS_ONE,
+                            "last_error": error,
+                            "updated_at": now,
+                            "expires_at": now + redispatch_timeout,
+                        },
+                    )
                 )
-            )
-        for final, pairs in close.items():
-            groups.append(
-                (
-                    pairs,
-                    [Status.DOING],
-                    {
-                        "status": final.value,
-                        "failed_times": PLUS_ONE,
-                        "last_error": error,
-                        "updated_at": now,
-                        "expires_at": None,
-                    },
+            for final, pairs in close.items():
+                groups.append(
+                    (
+                        pairs,
+                        [Status.DOING],
+                        {
+                            "status": final.value,
+                            "failed_times": PLUS_ONE,
+                            "last_error": error,
+                            "updated_at": now,
+                            "expires_at": None,
+                        },
+                    )
                 )
-            )
-        won = self._transition_unlocked(groups, Status.DOING)
+            return groups
+
+        won = self._transition_unlocked(
+            build,
+            Status.DOING,
+            now=now,
+            recheck=lambda expires, at: expires is not None and expires < at,
+        )
         prio = {z.id: z.priority for z in zombies}
         requeued = [Message(i, c + 1, prio[i]) for i, c in requeue if (i, c) in won]
         return requeued, len(won) - len(requeued)
 
     def _transition_unlocked(
         self,
-        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
+        build: Callable[[datetime], Sequence[Group]],
         status: Status,
+        *,
+        now: datetime | None,
+        recheck: Callable[[datetime | None, datetime], bool] | None = None,
     ) -> set[Pair]:
         """The reaper's and the sweep's compare-and-set: like :meth:`_transition`, but
         rows locked by another transaction are skipped, never waited for.
@@ -718,8 +874,14 @@ class Ledger:
         inside its claim transaction (SIGSTOP between its ``FOR UPDATE`` and its commit)
         then delays its own rows only, not every other zombie of the task. SQLite has no
         row locks: its ``BEGIN IMMEDIATE`` write lock makes the transaction atomic.
+
+        The groups are built (``build``) for the time the transaction judges by: ``now``,
+        or the database's clock read in it; ``recheck(expires_at, that time)`` is a
+        condition the locked rows must still meet (the reaper: the lease is still
+        expired), checked on the locked read (in Python: the statement, and its plan by
+        primary key, stay as they are).
         """
-        groups = [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
+        groups = [(sorted(set(p)), list(s), v) for p, s, v in build(host_now()) if p]
         if not groups:
             return set()
         t = self.table
@@ -730,16 +892,19 @@ class Ledger:
         ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
         won: set[Pair] = set()
         with self.begin() as conn:
+            at = self._resolve_now(conn, now)
+            groups = [(sorted(set(p)), list(s), v) for p, s, v in build(at) if p]
             current: set[Pair] = set()
             for i in range(0, len(ids), CHUNK):
                 current.update(
                     (r.id, r.commit_id)
                     for r in conn.execute(
-                        select(t.c.id, t.c.commit_id)
+                        select(t.c.id, t.c.commit_id, t.c.expires_at)
                         .with_hint(t, pk, "mysql")
                         .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
                         .with_for_update(skip_locked=True)
                     )
+                    if recheck is None or recheck(r.expires_at, at)
                 )
             for pairs, statuses, values in groups:
                 mine = [p for p in pairs if p in current]
@@ -818,7 +983,14 @@ class Ledger:
         pairs = [(r.id, r.commit_id) for r in rows]
         prio = {r.id: r.priority for r in rows}
         values = {"updated_at": now, "expires_at": now + redispatch_timeout}
-        won = self._transition_unlocked([(pairs, [Status.TODO], values)], Status.TODO)
+        latest = max(cutoffs.values())
+        won = self._transition_unlocked(
+            lambda _: [(pairs, [Status.TODO], values)],
+            Status.TODO,
+            now=now,
+            # not dispatched since the scan
+            recheck=lambda expires, _: expires is not None and expires < latest,
+        )
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
     def todo_page(

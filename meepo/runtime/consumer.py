@@ -44,6 +44,9 @@ log = logging.getLogger("meepo.consumer")
 
 Handler = Callable[[Job], Any]
 
+#: A message claimed before its run_at is delayed at least this long (seconds).
+EARLY_MARGIN = 0.05
+
 
 def worker_name() -> str:
     import os
@@ -193,6 +196,7 @@ class Consumer:
         if self.running:
             return
         self.running = True
+        self._measure_skew()
         name = f"meepo-{self.task_id}"
         self._committer = threading.Thread(
             target=self._commit_loop, name=f"{name}-committer", daemon=True
@@ -219,6 +223,22 @@ class Consumer:
                 "plain functions in threads, so every job will fail without running",
                 self.task_id,
             )
+
+    def _measure_skew(self) -> None:
+        """Measure this host's clock against the database's (the ledger's clock warns
+        when they differ by more than a second): leases and due times are judged by the
+        database's, but this host's estimate of it promotes delayed jobs."""
+        clock = self.d.ledger.clock
+        try:
+            offset = clock.measure()
+        except Exception as exc:  # the database may be down at start: measured later
+            log.warning(
+                "task %s: could not measure this host's clock against the database's: %s",
+                self.task_id,
+                error_summary(exc),
+            )
+            return
+        log.debug("task %s: database clock offset %+.3fs", self.task_id, offset)
 
     def _new_slot(self) -> _Slot:
         slot = _Slot()
@@ -386,11 +406,13 @@ class Consumer:
     def _claim(self, pairs: list[Pair]) -> None:
         if not pairs:
             return
-        now, began = self.clock(), time.monotonic()
+        began = time.monotonic()
         jobs = self.d.ledger.claim(
-            self.task_id, pairs, now=now, lease_until=now + self._lease, worker=self.worker
+            self.task_id, pairs, now=self.d.ledger_now(), lease=self._lease, worker=self.worker
         )
-        stale = len(set(pairs)) - len(jobs)
+        if jobs.early:
+            self._delay_early(jobs.early)
+        stale = len(set(pairs)) - len(jobs) - len(jobs.early)
         if stale:
             self.counters.dropped += stale
             log.debug("task %s: dropped %d stale or duplicate message(s)", self.task_id, stale)
@@ -404,6 +426,24 @@ class Consumer:
         for j in jobs:
             log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
             self._work.put(j)
+
+    def _delay_early(self, early: list[Message]) -> None:
+        """Messages of jobs the claim refused as not due yet by the database's clock
+        (promoted early by a host whose clock runs ahead, or sent by an old meepo):
+        back to the delayed set, due at their run_at by this host's estimate of the
+        database's clock, and at least EARLY_MARGIN from now (so that an estimate a
+        little behind does not send them straight back)."""
+        now = self.clock()
+        soon = now + timedelta(seconds=EARLY_MARGIN)
+        again = [
+            Message(m.job_id, m.commit_id, m.priority, max(m.run_at or soon, soon)) for m in early
+        ]
+        log.info(
+            "task %s: %d job(s) not due yet by the database's clock, delayed again",
+            self.task_id,
+            len(again),
+        )
+        self.d.send(again)
 
     # -- executors --------------------------------------------------------------------
 
@@ -741,14 +781,21 @@ class Consumer:
             return set()
         began = time.monotonic()
         try:
-            lost = self.d.ledger.heartbeat(pairs, lease_until=self.clock() + self._lease)
+            renewal = self.d.ledger.heartbeat(pairs, lease=self._lease, now=self.d.ledger_now())
         except MeepoError as exc:
             log.warning("task %s: heartbeat failed: %s", self.task_id, exc)
             return set()
+        if renewal.skipped:
+            log.info(
+                "task %s: lease(s) of job(s) %s not renewed this beat: their rows are locked "
+                "by another transaction (retried next beat)",
+                self.task_id,
+                sorted(i for i, _ in renewal.skipped),
+            )
         with self._lock:  # claims committed meanwhile were not lost, just finished
-            lost = {(i, c) for i, c in lost if self._holds(i, c)}
-            for i, c in pairs:
-                if (i, c) not in lost and self._holds(i, c):
+            lost = {(i, c) for i, c in renewal.lost if self._holds(i, c)}
+            for i, c in renewal.renewed:
+                if self._holds(i, c):
                     self._held[i].lease_end = began + self.opts.lease
         if lost:
             log.warning(

@@ -148,7 +148,7 @@ class Reaper(Service):
 
     def reap(self) -> tuple[int, int]:
         """Apply the zombie policy to expired leases; returns (requeued, closed)."""
-        now = self.clock()
+        now = self.d.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
         zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
         if not zombies:
             return 0, 0
