@@ -36,7 +36,7 @@ from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0002"
+HEAD = "0003"
 
 
 def new_table_name() -> str:

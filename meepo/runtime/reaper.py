@@ -59,6 +59,8 @@ class Reaper(Service):
         self._last_reap = float("-inf")
         self._redis_checked = False
         self._timeout = timedelta(seconds=options.zombie_timeout)
+        #: Expired claims requeued uncharged because their job had not started.
+        self.unstarted = 0
 
     # -- one pass ---------------------------------------------------------------------
 
@@ -147,27 +149,33 @@ class Reaper(Service):
         return len(messages)
 
     def reap(self) -> tuple[int, int]:
-        """Apply the zombie policy to expired leases; returns (requeued, closed)."""
+        """Apply the zombie policy to expired leases; returns (requeued, closed).
+
+        Requeued counts the unstarted claims too (requeued uncharged); how many of them
+        there were is logged and kept in :attr:`unstarted` (a running total)."""
         now = self.d.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
         zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
         if not zombies:
             return 0, 0
-        requeued, closed = self.d.ledger.reap(
+        reaped = self.d.ledger.reap(
             zombies,
             dst=self.opts.zombie_dst_status,
             max_failed_times=self.opts.max_failed_times,
             now=now,
             redispatch_timeout=self._timeout,
         )
-        self.d.send(requeued)
+        self.d.send(reaped.requeued)
+        self.unstarted += reaped.unstarted
         log.warning(
-            "task %s: reaped %d job(s) with expired leases: %d re-queued, %d closed",
+            "task %s: reaped %d job(s) with expired leases: %d re-queued (%d of them never "
+            "started: not charged), %d closed",
             self.task_id,
-            len(requeued) + closed,
-            len(requeued),
-            closed,
+            len(reaped.requeued) + reaped.closed,
+            len(reaped.requeued),
+            reaped.unstarted,
+            reaped.closed,
         )
-        return len(requeued), closed
+        return len(reaped.requeued), reaped.closed
 
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
