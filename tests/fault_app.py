@@ -17,6 +17,8 @@ The payload tells the handler what to do:
 * ``hang:S``  - sleep S seconds only on the first run (``failed_times == 0``), so a
   job whose worker is killed runs quickly once recovered;
 * ``ms:N``    - sleep N milliseconds;
+* ``kill``    - SIGKILL its own worker process right after logging the start, on
+  every run (a poison job);
 * ``when``    - also log the database's time at the start, as ``dbtime <job id> <ISO
   time>`` (a run must never start before its ``run_at``, whatever the host's clock);
 * anything else - return at once.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zombie-period", type=float, default=0.5)
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--max-failed-times", type=int, default=None)
+    p.add_argument("--zombie-dst", default=None)
     args = p.parse_args(argv)
 
     logging.basicConfig(
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     def handler(job: Job) -> None:
         who = f"{job.id} {job.commit_id} {pid} {job.failed_times}"
         append_line(args.log, f"start {who}")
+        if job.payload == b"kill":
+            os.kill(pid, signal.SIGKILL)
         if job.payload == b"when":
             with task.engine.connect() as conn:
                 append_line(args.log, f"dbtime {job.id} {read_db_now(conn).isoformat()}")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         zombie_period=args.zombie_period,
         poll_interval=args.poll_interval,
         shutdown_grace=args.grace,
+        **({} if args.max_failed_times is None else {"max_failed_times": args.max_failed_times}),
+        **({} if args.zombie_dst is None else {"zombie_dst_status": args.zombie_dst}),
     )
     task.run()
     logging.getLogger("meepo").info("fault_app %d: run() returned, exiting 0", pid)

@@ -157,6 +157,8 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
         grace: float = 15.0,
         lease: float | None = None,
         skew: str | None = None,
+        max_failed_times: int | None = None,
+        zombie_dst: str | None = None,
     ) -> Worker:
         args = [
             "--db", db_url,
@@ -173,6 +175,10 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
             args += ["--prefetch", str(prefetch)]
         if lease is not None:
             args += ["--lease", str(lease)]
+        if max_failed_times is not None:
+            args += ["--max-failed-times", str(max_failed_times)]
+        if zombie_dst is not None:
+            args += ["--zombie-dst", zombie_dst]
         env = None if skew is None else faketime_env(skew)
         worker = Worker(args, tmp_path / f"worker{len(started)}.stderr", env)
         started.append(worker)

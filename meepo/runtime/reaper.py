@@ -41,8 +41,9 @@ log = logging.getLogger("meepo.reaper")
 class ReapReport:
     recovered: int = 0
     swept: int = 0
-    requeued: int = 0
+    requeued: int = 0  # the unstarted ones included
     closed: int = 0
+    unstarted: int = 0  # requeued uncharged: their claim expired before the job started
 
 
 class Reaper(Service):
@@ -72,7 +73,9 @@ class Reaper(Service):
         due = time.monotonic() - self._last_reap >= self.opts.zombie_period
         if reap if reap is not None else due:
             self._last_reap = time.monotonic()
+            before = self.unstarted
             report.requeued, report.closed = self.reap()
+            report.unstarted = self.unstarted - before
         return report
 
     def check_epoch(self) -> int:
