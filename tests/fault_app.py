@@ -17,6 +17,8 @@ The payload tells the handler what to do:
 * ``hang:S``  - sleep S seconds only on the first run (``failed_times == 0``), so a
   job whose worker is killed runs quickly once recovered;
 * ``ms:N``    - sleep N milliseconds;
+* ``hangonce:S`` - sleep S seconds on the first run of any ``hangonce`` job of this
+  log (a flag file beside it says one ran), return at once on every other run;
 * ``kill``    - SIGKILL its own worker process right after logging the start, on
   every run (a poison job);
 * ``when``    - also log the database's time at the start, as ``dbtime <job id> <ISO
@@ -55,9 +57,20 @@ def delay_of(job: Job) -> float:
         return float(arg)
     if kind == "hang":
         return float(arg) if job.failed_times == 0 else 0.0
+    if kind == "hangonce":
+        return float(arg)
     if kind == "ms":
         return float(arg) / 1000.0
     return 0.0
+
+
+def first_hang(log: str) -> bool:
+    """Whether this is the first ``hangonce`` run of the test (atomically: O_EXCL)."""
+    try:
+        os.close(os.open(log + ".hung", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             with task.engine.connect() as conn:
                 append_line(args.log, f"dbtime {job.id} {read_db_now(conn).isoformat()}")
         delay = delay_of(job)
+        if job.payload.startswith(b"hangonce:") and not first_hang(args.log):
+            delay = 0.0
         if delay > 0:
             threading.Event().wait(delay)
         append_line(args.log, f"end {who}")
