@@ -940,12 +940,16 @@ class Ledger:
                 )
             return groups
 
-        won = self._transition_unlocked(
-            build,
-            Status.DOING,
-            now=now,
-            recheck=lambda expires, at: expires is not None and expires < at,
-        )
+        started = {z.id: z.started for z in zombies}
+
+        def recheck(row: Any, at: datetime) -> bool:
+            # still expired, and started as the scan saw it (a lease renewed since the
+            # scan may have been marked started, and then have expired again)
+            expires = row.expires_at
+            same = (row.started_at is not None) == started.get(row.id)
+            return expires is not None and expires < at and same
+
+        won = self._transition_unlocked(build, Status.DOING, now=now, recheck=recheck)
         prio = {z.id: z.priority for z in zombies}
         requeued = [Message(i, c + 1, prio[i]) for i, c in requeue + orphans if (i, c) in won]
         unstarted = sum(1 for p in orphans if p in won)
@@ -957,7 +961,7 @@ class Ledger:
         status: Status,
         *,
         now: datetime | None,
-        recheck: Callable[[datetime | None, datetime], bool] | None = None,
+        recheck: Callable[[Any, datetime], bool] | None = None,
     ) -> set[Pair]:
         """The reaper's and the sweep's compare-and-set: like :meth:`_transition`, but
         rows locked by another transaction are skipped, never waited for.
@@ -973,7 +977,8 @@ class Ledger:
         or the database's clock read in it; ``recheck(expires_at, that time)`` is a
         condition the locked rows must still meet (the reaper: the lease is still
         expired), checked on the locked read (in Python: the statement, and its plan by
-        primary key, stay as they are).
+        primary key, stay as they are); ``recheck`` gets the locked row (``id``,
+        ``commit_id``, ``expires_at``, ``started_at``).
         """
         groups = [(sorted(set(p)), list(s), v) for p, s, v in build(host_now()) if p]
         if not groups:
@@ -993,12 +998,12 @@ class Ledger:
                 current.update(
                     (r.id, r.commit_id)
                     for r in conn.execute(
-                        select(t.c.id, t.c.commit_id, t.c.expires_at)
+                        select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
                         .with_hint(t, pk, "mysql")
                         .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
                         .with_for_update(skip_locked=True)
                     )
-                    if recheck is None or recheck(r.expires_at, at)
+                    if recheck is None or recheck(r, at)
                 )
             for pairs, statuses, values in groups:
                 mine = [p for p in pairs if p in current]
@@ -1083,7 +1088,7 @@ class Ledger:
             Status.TODO,
             now=now,
             # not dispatched since the scan
-            recheck=lambda expires, _: expires is not None and expires < latest,
+            recheck=lambda row, _: row.expires_at is not None and row.expires_at < latest,
         )
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
