@@ -14,6 +14,7 @@ from .errors import (
     TaskNotFoundError,
     TransportUnavailableError,
     UnavailableError,
+    UnsupportedServerError,
 )
 from .records import Job, JobRecord, ScheduleRecord, Status
 from .task import Task
@@ -39,5 +40,6 @@ __all__ = [
     "TaskNotFoundError",
     "TransportUnavailableError",
     "UnavailableError",
+    "UnsupportedServerError",
     "__version__",
 ]

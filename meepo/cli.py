@@ -13,7 +13,12 @@
     meepo schedules next NAME --task T [-n N] [--table T] [--json]
 
 Connection options (``--db``, ``--redis``) go before or after the command; without them
-``MEEPO_DB_URL`` / ``MEEPO_REDIS_URL`` apply, then the embedded defaults.
+``MEEPO_DB_URL`` / ``MEEPO_REDIS_URL`` apply, then the embedded defaults. To keep a
+password off the command line (where ``ps`` shows it), give the URL in a file
+(``--db-file``, ``--redis-file``, or ``MEEPO_DB_URL_FILE`` / ``MEEPO_REDIS_URL_FILE``) or the
+password alone in one (``--db-password-file``, ``--redis-password-file``, or
+``MEEPO_DB_PASSWORD_FILE`` / ``MEEPO_REDIS_PASSWORD_FILE``); a password given in ``--db`` or
+``--redis`` draws a warning.
 
 Every failure ends in one line on stderr, ``meepo: error: …`` (passwords in URLs
 masked), and a non-zero exit status: 2 for bad input (arguments, names, URLs,
@@ -40,7 +45,17 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .admin import Admin, DbState, RepushResult, TaskSummary, record_dict, schedule_dict
-from .config import DB_ENV, PREFETCH_PER_THREAD, REDIS_ENV, mask_url
+from .config import (
+    DB_ENV,
+    PREFETCH_PER_THREAD,
+    REDIS_ENV,
+    env_url,
+    has_password,
+    mask_url,
+    password_file_env,
+    read_secret_file,
+    with_password,
+)
 from .errors import ConfigError, MeepoError
 from .records import Status
 from .runtime.recycle import Recycler, exec_again
@@ -153,6 +168,20 @@ def _common() -> _Parser:
         default=argparse.SUPPRESS,
         help=f"Redis URL (default: ${REDIS_ENV}, else the embedded Redis server)",
     )
+    for name, env in (("db", DB_ENV), ("redis", REDIS_ENV)):
+        g.add_argument(
+            f"--{name}-file",
+            metavar="PATH",
+            default=argparse.SUPPRESS,
+            help=f"read the --{name} URL from this file (default: ${env}_FILE)",
+        )
+        g.add_argument(
+            f"--{name}-password-file",
+            metavar="PATH",
+            default=argparse.SUPPRESS,
+            help=f"read the password of the --{name} URL from this file "
+            f"(default: ${password_file_env(env)})",
+        )
     p.add_argument(
         "-v",
         "--verbose",
@@ -302,6 +331,57 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--revision", metavar="R", help="target revision")
         q.set_defaults(func=cmd_db, db_action=name)
     return parser
+
+
+# -- connections ------------------------------------------------------------------------
+
+
+def resolve_connections(args: argparse.Namespace) -> None:
+    """Set ``args.db`` and ``args.redis`` from the options, their files and the
+    environment (None: the embedded default)."""
+    args.db = _connection(args, "db", DB_ENV)
+    args.redis = _connection(args, "redis", REDIS_ENV)
+
+
+def _connection(args: argparse.Namespace, name: str, env: str) -> str | None:
+    flag = f"--{name}"
+    url: str | None = getattr(args, name, None)
+    url_file: str | None = getattr(args, f"{name}_file", None)
+    pw_file: str | None = getattr(args, f"{name}_password_file", None)
+    if url is not None and url_file is not None:
+        raise UsageError(f"give {flag} or {flag}-file, not both")
+    if url is not None:
+        if not url.strip():
+            raise UsageError(f"{flag} needs a URL, not an empty string")
+        if has_password(url):
+            _stderr(
+                f"warning: the {flag} URL holds a password, which `ps` shows to every user "
+                f"of this machine: use {flag}-password-file, {flag}-file or ${env} instead"
+            )
+    elif url_file is not None:
+        url = read_secret_file(url_file, f"{flag}-file")
+    elif pw_file is None:
+        return env_url(env)  # with $..._PASSWORD_FILE, if set
+    else:
+        saved = os.environ.pop(password_file_env(env), None)
+        try:
+            url = env_url(env)
+        finally:
+            if saved is not None:
+                os.environ[password_file_env(env)] = saved
+    pw_env = password_file_env(env)
+    if pw_file is not None:
+        where = f"{flag}-password-file"
+    elif os.environ.get(pw_env):
+        pw_file, where = os.environ[pw_env], f"${pw_env}"
+    else:
+        return url
+    if url is None:
+        raise UsageError(
+            f"{where} needs a URL to go with: {flag}, {flag}-file or ${env} "
+            "(the embedded default takes no password)"
+        )
+    return with_password(url, read_secret_file(pw_file, where))
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -728,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = None if argv is None else list(argv)  # a recycled worker runs it again
     restore = _logging(bool(getattr(args, "verbose", False)), args.command == "worker")
     try:
+        resolve_connections(args)
         return func(args)
     except (UsageError, ConfigError) as exc:
         return _fail(str(exc), 2)

@@ -212,11 +212,71 @@ def positive_int(value: object, name: str) -> int:
 # The password runs to the last "@" of the URL's authority (redis-py accepts a raw "@"
 # inside a password), so the greedy match stops only at "/" or white space.
 _PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]*)@")
+#: Query parameters that carry a password (libpq, PyMySQL and redis-py accept
+#: ``?password=``; PyMySQL also ``passwd``), matched case-insensitively.
+PASSWORD_PARAMS = ("password", "passwd", "pass", "pwd")
+_PARAM_RE = re.compile(
+    r"(?P<head>[?&](?:" + "|".join(PASSWORD_PARAMS) + r")=)(?P<pw>[^&#\s'\"]*)", re.IGNORECASE
+)
 
 
 def mask_url(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``***``."""
-    return _PASSWORD_RE.sub(lambda m: f"{m.group('head')}***@", text)
+    """Replace every password in ``text`` with ``***``: the password of every URL's
+    userinfo (``scheme://user:PASSWORD@host``) and the value of every ``password``,
+    ``passwd``, ``pass`` or ``pwd`` query parameter (any case), for SQL and Redis URLs
+    alike. Every URL meepo shows (reprs, errors, log lines) goes through it."""
+    text = _PASSWORD_RE.sub(lambda m: f"{m.group('head')}***@", text)
+    return _PARAM_RE.sub(lambda m: f"{m.group('head')}***", text)
+
+
+def has_password(url: str) -> bool:
+    """Whether ``url`` carries a password (in its userinfo or its query string)."""
+    return mask_url(url) != url
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The content of a URL or password file, without its trailing line break.
+
+    ``what`` names the option or variable the path came from, for the errors: a missing,
+    unreadable or empty file is a :class:`ConfigError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file {path!r}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path!r} is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: cannot read {path!r}: {exc}") from None
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise ConfigError(f"{what}: the file {path!r} is empty")
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"{what}: the file {path!r} must hold one line, not several")
+    return value
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` as its userinfo password (replacing any there or in
+    its query string); for SQLAlchemy and Redis URLs."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"invalid URL {mask_url(url)!r}: {exc}") from None
+    if parts.scheme.startswith("sqlite"):
+        raise ConfigError(f"a SQLite URL takes no password: {mask_url(url)!r}")
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError(f"invalid URL {mask_url(url)!r}: expected scheme://host/...")
+    userinfo, _, hostpart = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]  # kept as written (already percent-encoded)
+    netloc = f"{user}:{quote(password, safe='')}@{hostpart}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in PASSWORD_PARAMS for k, _v in pairs):
+        query = urlencode([(k, v) for k, v in pairs if k.lower() not in PASSWORD_PARAMS])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def home_dir() -> Path:
@@ -224,16 +284,43 @@ def home_dir() -> Path:
     return Path(os.environ.get(HOME_ENV) or ".meepo").absolute()
 
 
+def env_url(env: str) -> str | None:
+    """A URL from the environment: ``$<env>``, else the content of the file named by
+    ``$<env>_FILE``; then the password in the file named by ``$<env minus _URL>_PASSWORD_FILE``
+    (``MEEPO_DB_PASSWORD_FILE``, ``MEEPO_REDIS_PASSWORD_FILE``), if set. None if neither
+    the URL nor its file is set."""
+    url = os.environ.get(env) or None
+    if url is None:
+        path = os.environ.get(env + "_FILE")
+        if path:
+            url = read_secret_file(path, f"${env}_FILE")
+    pw_env = password_file_env(env)
+    pw_path = os.environ.get(pw_env)
+    if pw_path:
+        if url is None:
+            raise ConfigError(f"${pw_env} is set but there is no URL to use it with (${env})")
+        url = with_password(url, read_secret_file(pw_path, f"${pw_env}"))
+    return url
+
+
+def password_file_env(env: str) -> str:
+    """``MEEPO_DB_URL`` -> ``MEEPO_DB_PASSWORD_FILE``."""
+    return env.removesuffix("_URL") + "_PASSWORD_FILE"
+
+
 def default_db_url() -> str:
-    url = os.environ.get(DB_ENV)
+    """``MEEPO_DB_URL`` (or ``MEEPO_DB_URL_FILE``, see :func:`env_url`), else the
+    embedded SQLite file."""
+    url = env_url(DB_ENV)
     if url:
         return url
     return f"sqlite:///{home_dir() / 'meepo.sqlite3'}"
 
 
 def default_redis_url() -> str | None:
-    """``MEEPO_REDIS_URL`` or None, meaning: use the embedded Redis server."""
-    return os.environ.get(REDIS_ENV) or None
+    """``MEEPO_REDIS_URL`` (or ``MEEPO_REDIS_URL_FILE``, see :func:`env_url`), or None,
+    meaning: use the embedded Redis server."""
+    return env_url(REDIS_ENV)
 
 
 #: The default ``prefetch`` is this many claims per executor thread: claims are made in

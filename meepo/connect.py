@@ -1,8 +1,12 @@
 """Turning ``db=`` and ``redis=`` arguments into shared, fork-safe clients.
 
 Tasks in one process that name the same URL share one Engine (one connection pool) and
-one Redis client. After ``fork`` the child drops the parent's pooled connections
-(redis-py does this by itself on the first command in the child).
+one Redis client. meepo's own threads (claim, committer, heartbeat, reaper, scheduler)
+use a second, small Engine per URL and lease bounds (``service_engine_for``), so that
+they never queue behind handlers holding ``task.engine`` connections, and every wait of
+theirs is bounded (:mod:`meepo.ledger.bounds`). After ``fork`` the child drops the
+parent's pooled connections (redis-py does this by itself on the first command in the
+child).
 """
 
 from __future__ import annotations
@@ -16,11 +20,20 @@ from sqlalchemy import Engine
 from .config import default_db_url, default_redis_url, home_dir
 from .errors import ConfigError
 from .ledger import make_engine
+from .ledger.bounds import Bounds
 from .transport import make_client
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-_clients: dict[str, redis_lib.Redis] = {}
+_clients: dict[tuple[str, float | None], redis_lib.Redis] = {}
+_service_engines: dict[tuple[str, Bounds], Engine] = {}
+
+#: The service pool: the claim, the committer and the heartbeat of a Task each hold at
+#: most one connection at a time (the reaper and the scheduler briefly, once a tick);
+#: shared by the Tasks of a process with the same URL and lease. Few stay idle: one
+#: service pool exists per lease value in a process.
+SERVICE_POOL_SIZE = 3
+SERVICE_MAX_OVERFLOW = 17
 
 
 def engine_for(db: str | Engine | None) -> Engine:
@@ -37,7 +50,37 @@ def engine_for(db: str | Engine | None) -> Engine:
         return engine
 
 
-def redis_for(client: str | redis_lib.Redis | None) -> redis_lib.Redis:
+def service_engine_for(db: str | Engine | None, bounds: Bounds) -> Engine:
+    """The Engine meepo's own threads use for ``db``: one per URL and bounds per
+    process, apart from the handlers' ``engine_for(db)``.
+
+    A caller's own Engine is used as it is (meepo cannot rebuild its connect arguments),
+    and so is an SQLite database (one writer at a time whichever pool asks; an in-memory
+    one exists in one connection only).
+    """
+    engine = engine_for(db)
+    if isinstance(db, Engine) or engine.dialect.name == "sqlite":
+        return engine
+    # The URL as given, not engine.url: make_engine moves a ?password= out of that.
+    url = db if isinstance(db, str) else default_db_url()
+    with _lock:
+        found = _service_engines.get((url, bounds))
+        if found is None:
+            found = _service_engines[(url, bounds)] = make_engine(
+                url,
+                bounds,
+                pool_size=SERVICE_POOL_SIZE,
+                max_overflow=SERVICE_MAX_OVERFLOW,
+            )
+        return found
+
+
+def redis_for(
+    client: str | redis_lib.Redis | None, timeout: float | None = None
+) -> redis_lib.Redis:
+    """The shared client of a URL (one per URL and ``timeout``, the per-attempt socket
+    timeout, see :func:`meepo.transport.transport.io_timeout`); a client passed in is
+    used as it is, with its own timeouts."""
     if isinstance(client, redis_lib.Redis):
         return client
     if client is None:
@@ -51,14 +94,15 @@ def redis_for(client: str | redis_lib.Redis | None) -> redis_lib.Redis:
             f"redis must be a URL or a redis.Redis client, not {type(client).__name__}"
         )
     with _lock:
-        found = _clients.get(client)
+        found = _clients.get((client, timeout))
         if found is None:
-            found = _clients[client] = make_client(client)
+            kwargs = {} if timeout is None else {"timeout": timeout}
+            found = _clients[(client, timeout)] = make_client(client, **kwargs)
         return found
 
 
 def _after_fork() -> None:
-    for engine in _engines.values():
+    for engine in [*_engines.values(), *_service_engines.values()]:
         engine.dispose(close=False)
 
 

@@ -57,6 +57,10 @@ class SchemaError(MeepoError):
     """The ledger schema is missing or older than this version of meepo expects."""
 
 
+class UnsupportedServerError(MeepoError):
+    """The database server is too old for meepo (the message names its version)."""
+
+
 class UnavailableError(MeepoError):
     """A server could not be reached or failed mid-operation."""
 

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, event
 from . import config
 from .batch import Batch
 from .config import DEFAULT_TABLE, Options, mask_url
-from .connect import engine_for, redis_for
+from .connect import engine_for, redis_for, service_engine_for
 from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
@@ -32,11 +32,13 @@ from .errors import (
 )
 from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
+from .ledger.bounds import Bounds
+from .ledger.engine import check_server
 from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
-from .transport import Transport
+from .transport import Transport, io_timeout
 
 log = logging.getLogger("meepo")
 
@@ -137,7 +139,7 @@ class Task:
         self._clock_given = clock is not None
 
         self.engine = engine_for(db)
-        self.redis = redis_for(redis)
+        self.redis = redis_for(redis, io_timeout(self.options.lease))
         self.ledger = Ledger(self.engine, self.table_name)
         # The database's clock, as this host estimates it (an injected clock, in tests,
         # replaces it everywhere).
@@ -153,12 +155,33 @@ class Task:
             timedelta(seconds=timeout),
             injected_clock=self._clock_given,
         )
+        # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
+        # pool of their own, every wait bounded from the lease: handlers holding
+        # task.engine connections never starve them (DESIGN.md invariant 9).
+        self.bounds = Bounds.from_lease(self.options.lease)
+        self.service_engine = service_engine_for(db, self.bounds)
+        self.service_dispatcher = (
+            self.dispatcher
+            if self.service_engine is self.engine
+            else Dispatcher(
+                Ledger(self.service_engine, self.table_name),
+                self.transport,
+                self.task_id,
+                self.clock,
+                timedelta(seconds=timeout),
+                injected_clock=self._clock_given,
+            )
+        )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
         self.schedule_ledger = Schedules(self.engine, self.table_name)
-        self._stopped = threading.Event()
+        self._service_schedules = Schedules(self.service_engine, self.table_name)
+        self._stopped = threading.Event()  # set once stop() has finished: run() returns
+        # Set as soon as stop() begins: a delayed start (waiting for the database) must not
+        # start consumers after it.
+        self._stop_requested = threading.Event()
         self._state_lock = threading.Lock()
         self._starter: threading.Thread | None = None  # start() waiting for the database
         self._start_error: MeepoError | None = None
@@ -303,14 +326,17 @@ class Task:
             # never dispatched: the first dispatch sweep after the commit sends them.
             return self.dispatcher.insert(jobs, connection, due_now=True)[0]
         ids, messages = self.dispatcher.insert(jobs, connection.connection())
-        pending: list[tuple[Dispatcher, list[Message]]] = connection.info.setdefault(
-            "meepo_pending", []
-        )
-        pending.append((self.dispatcher, messages))
+        # Messages wait for the session's real commit, tagged with the innermost
+        # transaction (a savepoint, maybe) they were pushed in: rolling back a savepoint
+        # drops only what was pushed inside it.
+        inner = connection.get_nested_transaction() or connection.get_transaction()
+        pending: list[_Pending] = connection.info.setdefault("meepo_pending", [])
+        pending.append((inner, self.dispatcher, messages))
         if not connection.info.get("meepo_hooked"):
             connection.info["meepo_hooked"] = True
             event.listen(connection, "after_commit", _session_committed)
-            event.listen(connection, "after_rollback", _session_rolled_back)
+            event.listen(connection, "after_soft_rollback", _session_rolled_back)
+            event.listen(connection, "after_transaction_end", _session_transaction_ended)
         return ids
 
     # -- committing -------------------------------------------------------------------
@@ -471,10 +497,16 @@ class Task:
         return self._consumer
 
     @property
+    def stopping(self) -> bool:
+        """Whether a ``stop()`` has begun and this task's consumer has not stopped yet
+        (running handlers are finishing their grace period)."""
+        return self._stop_requested.is_set() and self._consumer is not None
+
+    @property
     def reaper(self) -> Reaper:
         """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
         if self._reaper is None:
-            self._reaper = Reaper(self.dispatcher, self.options, self.clock)
+            self._reaper = Reaper(self.service_dispatcher, self.options, self.clock)
         return self._reaper
 
     @property
@@ -489,7 +521,9 @@ class Task:
         """This task's scheduler of cron and periodic schedules
         (``task.scheduler.run_once()``)."""
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.schedule_ledger, self.dispatcher, self.clock)
+            self._scheduler = Scheduler(
+                self._service_schedules, self.service_dispatcher, self.clock
+            )
         return self._scheduler
 
     def start(self) -> None:
@@ -503,6 +537,7 @@ class Task:
             if self._starter is not None and self._starter.is_alive():
                 return
             self._stopped.clear()
+            self._stop_requested.clear()
             self._start_error = None
             try:
                 self._check_ledger()
@@ -523,24 +558,30 @@ class Task:
             self.migrate()
             self._migrate_at_start = False
         migrations.check(self.engine, self.table_name)
+        check_server(self.engine)
 
     def _start_later(self, first: UnavailableError) -> None:
         try:
-            ready = startup.wait_until_ready(self._check_ledger, self._stopped, self.task_id, first)
+            ready = startup.wait_until_ready(
+                self._check_ledger, self._stop_requested, self.task_id, first
+            )
+            with self._state_lock:
+                if ready and not self._stop_requested.is_set():
+                    log.warning("task %s: the database is reachable, starting", self.task_id)
+                    self._start_consumers()
         except MeepoError as exc:
             log.error("task %s: cannot start: %s", self.task_id, exc)
             self._start_error = exc
             self._stopped.set()
-            return
-        with self._state_lock:
-            if ready and not self._stopped.is_set():
-                log.warning("task %s: the database is reachable, starting", self.task_id)
-                self._start_consumers()
+        except Exception as exc:  # a bug must not leave a silent dead thread behind
+            log.exception("task %s: cannot start: unexpected error", self.task_id)
+            self._start_error = MeepoError(f"task {self.task_id!r} could not start: {exc!r}")
+            self._stopped.set()
 
     def _start_consumers(self) -> None:
         assert self.job_func is not None
         self._consumer = Consumer(
-            self.dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
+            self.service_dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
         )
         self._consumer.start()
         self.reaper.start()
@@ -559,13 +600,19 @@ class Task:
         (``shutdown_grace`` by default) to finish and be committed; returns False if
         some were still running then (the reaper recovers them)."""
         with self._state_lock:
-            consumer, self._consumer = self._consumer, None
+            # From here on no delayed start starts consumers. The consumer stays
+            # reachable until it has stopped: handlers finishing during the grace period
+            # still commit with task.commit(job.id, ...) (manual mode).
+            self._stop_requested.set()
+            consumer = self._consumer
         clean = True
         if consumer is not None:
             if wait:
-                clean = consumer.stop(grace)
+                clean = self._stop_consumer(consumer, grace)
             else:
-                threading.Thread(target=consumer.stop, args=(grace,), daemon=True).start()
+                threading.Thread(
+                    target=self._stop_consumer, args=(consumer, grace), daemon=True
+                ).start()
         if self._reaper is not None:
             self._reaper.stop()
         if self._promoter is not None:
@@ -573,6 +620,13 @@ class Task:
         if self._scheduler is not None:
             self._scheduler.stop()
         self._stopped.set()
+        return clean
+
+    def _stop_consumer(self, consumer: Consumer, grace: float | None) -> bool:
+        clean = consumer.stop(grace)
+        with self._state_lock:
+            if self._consumer is consumer:
+                self._consumer = None
         return clean
 
     def run(self) -> None:
@@ -641,11 +695,35 @@ def _check_connection(connection: Any) -> None:
         )
 
 
+#: A transactional push waiting for its session's commit: the innermost transaction it
+#: was pushed in, and what to send.
+_Pending = tuple[Any, Dispatcher, list[Message]]
+
+
 def _session_committed(session: Any) -> None:
-    pending: list[tuple[Dispatcher, list[Message]]] = session.info.pop("meepo_pending", [])
-    for dispatcher, messages in pending:
+    if session.in_nested_transaction():
+        return  # a savepoint released: nothing is committed yet
+    pending: list[_Pending] = session.info.pop("meepo_pending", [])
+    for _, dispatcher, messages in pending:
         dispatcher.send(messages)
 
 
-def _session_rolled_back(session: Any) -> None:
-    session.info.pop("meepo_pending", None)
+def _inside(transaction: Any, ancestor: Any) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _session_rolled_back(session: Any, previous_transaction: Any) -> None:
+    """A rollback of a savepoint (or of the whole transaction) drops the messages of the
+    pushes made inside it, and only those."""
+    pending: list[_Pending] | None = session.info.get("meepo_pending")
+    if pending:
+        pending[:] = [p for p in pending if not _inside(p[0], previous_transaction)]
+
+
+def _session_transaction_ended(session: Any, transaction: Any) -> None:
+    if transaction.parent is None:  # ended without a commit (close()): nothing to send
+        session.info.pop("meepo_pending", None)

@@ -128,7 +128,10 @@ class TcpProxy:
     closed. ``blackhole()`` makes it go silent instead, without a reset: open
     connections stay open but nothing more is forwarded either way, and new ones are
     accepted and then ignored (a partition, or a host that vanished behind a load
-    balancer); ``open()`` heals it (what was held back is delivered). The port stays
+    balancer); ``open()`` heals it (what was held back is delivered).
+    ``lose_next_reply()`` drops the next data the server sends (on any connection) and
+    resets that connection: the command reached the server and ran, its reply is lost
+    (a reset or timeout after a command was sent). The port stays
     bound from construction to ``stop()``, so that no other process (tests run in
     parallel) can take it during an outage. ``url(real_url)`` is a SQLAlchemy URL
     ``real_url`` rewritten to go through the proxy.
@@ -140,6 +143,7 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._up = False
         self._silent = False
+        self._lose_reply = False
         self._heal = threading.Condition(self._lock)
         self._held: list[socket.socket] = []  # accepted while silent, not yet forwarded
         self._listener = socket.socket()
@@ -177,6 +181,12 @@ class TcpProxy:
         with self._lock:
             self._up = True
             self._silent = True
+
+    def lose_next_reply(self) -> None:
+        """Drop the server's next reply and reset its connection (see the class
+        docstring)."""
+        with self._lock:
+            self._lose_reply = True
 
     def close(self) -> None:
         with self._lock:
@@ -225,10 +235,10 @@ class TcpProxy:
                 _reset(upstream)
                 return
             self._conns.update((client, upstream))
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        for a, b, reply in ((client, upstream, False), (upstream, client, True)):
+            threading.Thread(target=self._pump, args=(a, b, reply), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
         try:
             while True:
                 data = src.recv(65536)
@@ -238,6 +248,9 @@ class TcpProxy:
                     while self._silent and self._up:
                         self._heal.wait()
                     if not self._up:
+                        break
+                    if reply and self._lose_reply:  # dropped, and the connection reset
+                        self._lose_reply = False
                         break
                 dst.sendall(data)
         except OSError:

@@ -41,6 +41,13 @@ def assert_one_error_line(err: str) -> str:
     return lines[0]
 
 
+def after_argv_warning(err: str, option: str) -> str:
+    """``err`` without its first line, the warning about a password in ``option``."""
+    first, _, rest = err.partition("\n")
+    assert first.startswith(f"meepo: warning: the {option} URL holds a password"), err
+    return rest
+
+
 def queue(task: Task) -> list[bytes]:
     """The messages waiting in a task's Redis queue."""
     return list(task.redis.lrange(task.transport.queue_key, 0, -1))  # type: ignore[arg-type]
@@ -114,7 +121,7 @@ def test_unreachable_database_masks_the_password(
 ) -> None:
     code, _, err = run(capsys, "--db", url, "stats")
     assert code == 1
-    line = assert_one_error_line(err)
+    line = assert_one_error_line(after_argv_warning(err, "--db"))
     assert "s3cret" not in err
     assert ":***@127.0.0.1:1" in line
 
@@ -122,7 +129,7 @@ def test_unreachable_database_masks_the_password(
 def test_bad_database_url_masks_the_password(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "db", "current", "--db", "nonsense://u:s3cret@h/x")
     assert code == 2
-    line = assert_one_error_line(err)
+    line = assert_one_error_line(after_argv_warning(err, "--db"))
     assert "s3cret" not in err and "u:***@h" in line
 
 
@@ -152,10 +159,12 @@ def test_runtime_errors_are_one_line_exit_1(
     # Redis: unreachable (password masked), or a URL that is not one
     code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "redis://:s3cret@127.0.0.1:1/0")
     assert code == 1
-    assert "127.0.0.1:1" in assert_one_error_line(err) and "s3cret" not in err
+    line = assert_one_error_line(after_argv_warning(err, "--redis"))
+    assert "127.0.0.1:1" in line and "s3cret" not in err
     code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "nonsense://u:s3cret@h/0")
     assert code == 2
-    assert "invalid Redis URL" in assert_one_error_line(err) and "s3cret" not in err
+    line = assert_one_error_line(after_argv_warning(err, "--redis"))
+    assert "invalid Redis URL" in line and "s3cret" not in err
 
 
 # -- worker: loading MODULE:ATTR -----------------------------------------------------------

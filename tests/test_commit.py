@@ -14,6 +14,8 @@ from meepo import (
     CommitModeError,
     Job,
     JobNotFoundError,
+    LedgerUnavailableError,
+    MeepoError,
     NotRunningHereError,
     StaleCommitError,
     Status,
@@ -339,3 +341,114 @@ def test_handler_returning_without_commit_leaves_job_to_the_reaper(
     assert [j.failed_times for j in runs] == [0, 1]
     assert rec.failed_times == 1
     assert rec.last_error is not None and "lease expired" in rec.last_error
+
+
+def test_manual_commit_inside_the_handler_works_during_a_graceful_stop(
+    make_task: TaskFactory,
+) -> None:
+    """A stop (SIGTERM, deploy, --max-jobs recycle) lets running handlers finish; their
+    in-handler commit without commit_id is accepted during the grace period."""
+    started, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def handler(job: Job) -> None:
+        started.set()
+        release.wait(30)
+        try:
+            task.commit(job.id, Status.DONE)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    task = make_task(job_func=handler, auto_commit=False)
+    job_id = task.push(b"graceful")
+    task.start()
+    assert started.wait(15)
+    stopped: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped.append(task.stop(grace=20)))
+    stopper.start()
+    wait_for(lambda: task.stopping, message="stop to begin")
+    release.set()
+    stopper.join(30)
+    assert stopped == [True] and errors == []
+    assert record(task, job_id).status is Status.DONE
+    assert task.consumer is None
+
+
+def test_a_stop_during_a_delayed_start_starts_nothing(make_task: TaskFactory) -> None:
+    """start() while the database is unreachable waits in the background; a stop() that
+    has begun wins, even when the database answers before the stop has finished."""
+    task = make_task(job_func=lambda job: None)
+    gate, entered = threading.Event(), threading.Event()
+    real_check = task._check_ledger
+    calls = {"n": 0}
+
+    def check() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise LedgerUnavailableError("down (test)")
+        entered.set()
+        gate.wait(15)  # the database answers... while stop() runs
+        real_check()
+
+    class LastStep(threading.Event):
+        """stop()'s last step: let the delayed start go on first."""
+
+        def set(self) -> None:
+            gate.set()
+            assert task._starter is not None
+            task._starter.join(15)
+            super().set()
+
+    task._check_ledger = check  # type: ignore[method-assign]
+    task._stopped = LastStep()
+    task.start()
+    assert entered.wait(20)
+    task.stop(wait=True, grace=1)
+    assert task._starter is not None and not task._starter.is_alive()
+    assert task.consumer is None and not task.reaper.running
+
+
+def test_an_unexpected_error_in_a_delayed_start_is_reported(make_task: TaskFactory) -> None:
+    """A delayed start that fails with something other than a meepo error does not leave
+    a silent dead thread: run() returns and raises it."""
+    task = make_task(job_func=lambda job: None)
+    calls = {"n": 0}
+
+    def check() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise LedgerUnavailableError("down (test)")
+        raise RuntimeError("boom (test)")
+
+    task._check_ledger = check  # type: ignore[method-assign]
+    with pytest.raises(MeepoError, match="boom"):
+        task.run()  # not from the main thread: no signal handlers, returns on the error
+
+
+def test_a_commit_after_the_committer_has_finished_does_not_hang(
+    make_task: TaskFactory,
+) -> None:
+    """A handler's commit that arrives after a stopping consumer's committer has finished
+    goes to the ledger directly instead of waiting forever for it."""
+    started, go = threading.Event(), threading.Event()
+    done: list[bool] = []
+
+    def handler(job: Job) -> None:
+        started.set()
+        go.wait(30)
+        task.commit(job.id, Status.DONE)
+        done.append(True)
+
+    task = make_task(job_func=handler, auto_commit=False)
+    job_id = task.push(b"late")
+    task.start()
+    assert started.wait(15)
+    consumer = task.consumer
+    assert consumer is not None and consumer._commits is not None
+    consumer._commits.put(None)  # the committer's end, as at the end of a stop
+    assert consumer._committer is not None
+    consumer._committer.join(15)
+    go.set()
+    wait_for(lambda: done == [True], message="the handler's commit to return")
+    assert record(task, job_id).status is Status.DONE

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -416,3 +417,32 @@ def test_every_package_is_listed_in_pyproject() -> None:
     assert on_disk - listed == set(), "add these packages to [tool.setuptools] packages"
     assert {"meepo._migrations", "meepo._migrations.versions"} <= listed
     assert config["package-dir"]["meepo._migrations"] == "migrations"
+
+
+def test_the_head_revision_is_read_once_when_threads_ask_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tasks starting together ask for the head from several threads; reading the
+    migration files in parallel (ast.parse) has crashed CPython's parser, so it is read
+    once, under a lock."""
+    monkeypatch.setattr(migrate, "_head", None, raising=False)
+    reads: list[int] = []
+    second = threading.Event()
+    real = migrate._revisions
+
+    def slow_revisions(path: Path) -> Any:
+        reads.append(threading.get_ident())
+        if len(set(reads)) > 1:
+            second.set()
+        second.wait(0.5)  # long enough for a second thread to come in, if it can
+        return real(path)
+
+    monkeypatch.setattr(migrate, "_revisions", slow_revisions)
+    heads: list[str] = []
+    threads = [threading.Thread(target=lambda: heads.append(migrate.head())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert heads == [HEAD] * 4
+    assert len(set(reads)) == 1  # one thread read the files

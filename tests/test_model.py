@@ -56,10 +56,11 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import delete, text
 
-from meepo import JobNotFoundError, StaleCommitError, Status, Task
+from meepo import JobNotFoundError, StaleCommitError, Status, Task, TransportUnavailableError
 from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
 from meepo.ledger import migrate as migrations
+from meepo.runtime import reaper as reaper_module
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
 
@@ -140,6 +141,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self._tokens = 0
         self.epoch: int | None = None  # the model's name for Redis's epoch token
         self.reaper_epoch: int | None = None  # the token the reaper last saw
+        self.owed: tuple[int, bool] | None = None  # (epoch, lost): a recovery still owed
+        self.recovered_epochs: set[int] = set()  # epochs whose recovery finished
+        self.last_recovery: datetime | None = None  # the storm window's start
         self.task: Task | None = None
         self.committer: Task | None = None
         self.neighbour: Task | None = None
@@ -339,19 +343,66 @@ class LedgerMachine(RuleBasedStateMachine):
             if (o.job_id, o.commit_id) in won:
                 self._apply_outcome(o)
 
-    def _model_epoch_check(self) -> list[int]:
+    def _model_epoch_check(self, fail_page: int | None = None) -> list[int]:
         """Reaper.check_epoch: a missing token is created; a token the reaper has not
-        seen (or one it created) means Redis lost its data, and every due todo job is
-        sent again (later ones to the delayed set). Returns the ids sent, in order."""
+        seen (or one it created) means Redis lost its data, and a recovery is owed: every
+        todo job is sent again (later ones to the delayed set), unless one ran less than
+        zombie_timeout ago (the storm window). Returns the ids sent, in order.
+
+        ``fail_page``: the page (of 2 rows, 0-based) whose send fails; the pages before
+        it were sent, and the recovery stays owed (the caller expects the error)."""
         created = self.epoch is None
         if created:
             self.epoch = self._new_token()
         previous, self.reaper_epoch = self.reaper_epoch, self.epoch
-        if previous == self.epoch or (previous is None and not created):
+        if previous != self.epoch and not (previous is None and not created):
+            lost = previous is not None or (self.owed is not None and self.owed[1])
+            self.owed = (self.epoch, lost)
+        if self.owed is None:
+            return []
+        if self.last_recovery is not None and self.now - self.last_recovery < TIMEOUT:
+            return []
+        epoch, lost = self.owed
+        if epoch in self.recovered_epochs:
+            self.owed = None
             return []
         todo = self._todo()
+        if fail_page is not None:
+            todo = todo[: 2 * fail_page]
         self._sent([(i, self.jobs[i].commit_id) for i in todo], [self.jobs[i].run_at for i in todo])
+        if fail_page is not None:
+            return todo
+        self.recovered_epochs.add(epoch)
+        self.owed = None
+        if todo and lost:
+            self.last_recovery = self.now
         return todo
+
+    def _recovery_fails_at(self) -> int | None:
+        """The page (of 2) whose send fails in the recovery an epoch check would run
+        now, if it has a second page to fail on (the model's state is left as it was)."""
+        saved = (
+            self.epoch,
+            self.reaper_epoch,
+            self.owed,
+            set(self.recovered_epochs),
+            self.last_recovery,
+            self._tokens,
+            Counter(self.queue),
+            dict(self.delayed),
+        )
+        sent = self._model_epoch_check()
+        (
+            self.epoch,
+            self.reaper_epoch,
+            self.owed,
+            self.recovered_epochs,
+            self.last_recovery,
+            self._tokens,
+            self.queue,
+            self.delayed,
+        ) = saved
+        return 1 if len(sent) > 2 else None
 
     def _check_epoch(self) -> None:
         got = self.t.reaper.check_epoch()
@@ -739,6 +790,37 @@ class LedgerMachine(RuleBasedStateMachine):
         self.queue.clear()
         self.delayed.clear()
         self.epoch = None
+
+    @precondition(lambda self: self.jobs)
+    @rule()
+    def recovery_fails_half_way(self) -> None:
+        """An epoch check whose recovery (pages of 2 rows) fails on its 2nd page (Redis
+        refuses writes): the first page was sent, and the recovery stays owed, to be
+        retried by the next epoch check (issue 11, finding 10)."""
+        fail = self._recovery_fails_at()
+        real_send = self.t.transport.send
+        calls: list[int] = []
+
+        def send(messages: Sequence[Any], now: datetime | None = None) -> None:
+            calls.append(len(messages))
+            if len(calls) == 2:
+                raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
+            real_send(messages, now)
+
+        chunk = reaper_module.CHUNK
+        reaper_module.CHUNK = 2
+        self.t.transport.send = send  # type: ignore[method-assign]
+        try:
+            if fail is None:
+                got = self.t.reaper.check_epoch()
+                assert got == len(self._model_epoch_check())
+            else:
+                with pytest.raises(TransportUnavailableError):
+                    self.t.reaper.check_epoch()
+                self._model_epoch_check(fail_page=fail)
+        finally:
+            reaper_module.CHUNK = chunk
+            del self.t.transport.send
 
     @precondition(lambda self: self.delayed)
     @rule()

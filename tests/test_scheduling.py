@@ -236,6 +236,67 @@ def test_unique_for_keeps_the_key_after_completion(make_task: TaskFactory) -> No
     assert second != first and rows(task) == 2
 
 
+def _concurrent_writers(task: Task) -> None:
+    if task.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer at a time: no other writer inside a transaction")
+
+
+def _set_status(task: Task, job_id: int, status: Status) -> None:
+    with task.engine.begin() as conn:
+        t = task.ledger.table
+        conn.execute(t.update().where(t.c.id == job_id).values(status=status.value))
+
+
+def _unfinished_with_key(task: Task, key: str) -> int:
+    with task.engine.connect() as conn:
+        t, u = task.ledger.table, task.ledger.unique
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(t.join(u, u.c.job_id == t.c.id))
+                .where(u.c.task_id == task.task_id, u.c.key == key)
+                .where(t.c.status.in_(["todo", "doing"]))
+            ).scalar_one()
+        )
+
+
+def test_unique_key_push_in_a_transaction_sees_the_holder_finish(
+    make_task: TaskFactory,
+) -> None:
+    """push(key=..., connection=conn) inside a transaction whose snapshot predates the
+    holder's completion: the key is free, a new job is written (MySQL's REPEATABLE READ
+    snapshot must not hide the completion)."""
+    task = make_task()
+    _concurrent_writers(task)
+    first = task.push(b"a", key="k")
+    with task.engine.connect() as conn:
+        conn.execute(select(func.count()).select_from(task.ledger.table))  # the snapshot
+        _set_status(task, first, Status.DONE)
+        second = task.push(b"b", key="k", connection=conn)
+        conn.commit()
+    assert second != first
+    assert task.ledger.unique_holder(task.task_id, "k") == second
+    assert record(task, second).status is Status.TODO
+
+
+def test_unique_key_push_in_a_transaction_sees_the_holder_repushed(
+    make_task: TaskFactory,
+) -> None:
+    """The reverse: the finished holder is repushed after the caller's snapshot; the
+    push returns it and writes nothing, so one key never has two unfinished jobs."""
+    task = make_task()
+    _concurrent_writers(task)
+    first = task.push(b"a", key="k")
+    _set_status(task, first, Status.DONE)
+    with task.engine.connect() as conn:
+        conn.execute(select(func.count()).select_from(task.ledger.table))  # the snapshot
+        task.repush(first)
+        again = task.push(b"b", key="k", connection=conn)
+        conn.commit()
+    assert again == first
+    assert _unfinished_with_key(task, "k") == 1 and rows(task) == 1
+
+
 def test_unique_key_race_between_pushers(make_task: TaskFactory, db_url: str) -> None:
     """Eight pushers (own Task, own pooled connection) race on five keys: one job each."""
     task_id = unique_task_id("uniq")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
-from ..config import mask_url
-from ..errors import ConfigError, LedgerUnavailableError, SchemaError
+from ..config import PASSWORD_PARAMS, mask_url
+from ..errors import ConfigError, LedgerUnavailableError, SchemaError, UnsupportedServerError
+from .bounds import Bounds, apply_bounds
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, bounds: Bounds | None = None, **kwargs: Any) -> Engine:
     """An Engine for ``url`` set up for meepo's access pattern.
 
     SQLite: WAL journal, a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction,
@@ -24,12 +26,26 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     (ROLLBACK) when a connection goes back to the pool. PyMySQL: multi-statements
     allowed, so a transition travels as one script (``fastpath.MySQLScript``: values
     are bound or escaped by PyMySQL, ids written as integers).
+
+    A password in the query string (``?password=``, which libpq and PyMySQL accept) is
+    moved out of the engine's URL into its ``connect_args``, so that ``repr(engine)``
+    and ``engine.url`` never show it (SQLAlchemy masks only the userinfo password).
+
+    ``bounds`` (for meepo's service engine, see :mod:`meepo.ledger.bounds`): lock
+    waits, statements, silent connections and the pool's checkout wait are bounded.
     """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"invalid database URL {mask_url(str(url))!r}: {exc}") from None
     backend = parsed.get_backend_name()
+    secrets: dict[str, str] = {}
+    if backend != "sqlite":
+        for key, value in parsed.query.items():
+            if key.lower() in PASSWORD_PARAMS:
+                secrets[key] = value if isinstance(value, str) else value[-1]
+        if secrets:
+            parsed = parsed.difference_update_query(secrets)
     options: dict[str, Any] = {}
     if backend == "sqlite":
         database = parsed.database
@@ -43,6 +59,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # values (the hot path's own statements ask for that themselves, see
         # fastpath.PgForms; this covers the reaper's and the admin's too).
         options["connect_args"] = {"prepare_threshold": None}
+    if bounds is not None and backend in ("mysql", "postgresql"):
+        driver = parsed.get_driver_name()
+        args = options.setdefault("connect_args", {})
+        if backend == "postgresql" and driver == "psycopg":
+            args.update(bounds.psycopg_connect_args())
+        elif backend == "mysql" and driver == "pymysql":
+            args.update(bounds.pymysql_connect_args())
+        options["pool_timeout"] = bounds.network
     if backend in ("mysql", "postgresql"):
         # Every use of a connection ends its transaction itself (``engine.begin()``
         # commits or rolls back; a Connection closed mid-transaction rolls back), so the
@@ -50,6 +74,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # single push on MariaDB.
         options["pool_reset_on_return"] = None
     options.update(kwargs)
+    if secrets:
+        # The driver gets the same keyword it would have read from the query string.
+        options["connect_args"] = {**options.get("connect_args", {}), **secrets}
     try:
         engine = create_engine(parsed, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
@@ -63,6 +90,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         _tune_sqlite(engine)
     elif backend == "mysql" and parsed.get_driver_name() == "pymysql":
         _allow_scripts(engine)
+    if bounds is not None:
+        apply_bounds(engine, bounds)
     return engine
 
 
@@ -87,6 +116,41 @@ def _tune_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+#: The first server versions with ``SELECT … FOR UPDATE SKIP LOCKED``, which the claim
+#: path and the reaper's locked step rely on.
+SKIP_LOCKED_SINCE = {"MariaDB": (10, 6), "MySQL": (8, 0)}
+
+
+def skip_locked_problem(version: str) -> str | None:
+    """Why a MariaDB/MySQL server reporting ``version`` (``SELECT VERSION()``) cannot
+    run meepo, or None."""
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    if found is None:
+        return None  # unknown form: let the server speak for itself
+    have = (int(found.group(1)), int(found.group(2)))
+    kind = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+    need = SKIP_LOCKED_SINCE[kind]
+    if have >= need:
+        return None
+    return (
+        f"{kind} {version} does not support SELECT ... FOR UPDATE SKIP LOCKED, which "
+        f"meepo needs: use {kind} >= {need[0]}.{need[1]}"
+    )
+
+
+def check_server(engine: Engine) -> None:
+    """Fail at start, naming the version, on a server meepo cannot run on (rather than
+    on every tick of the claim and the reaper)."""
+    if engine.dialect.name != "mysql":
+        return
+    url = engine.url.render_as_string(hide_password=True)
+    with translate_errors(url), engine.connect() as conn:
+        version = str(conn.exec_driver_sql("SELECT VERSION()").scalar())
+    problem = skip_locked_problem(version)
+    if problem is not None:
+        raise UnsupportedServerError(f"{mask_url(url)}: {problem}")
 
 
 _MISSING_TABLE_MARKERS = (

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, func
 from sqlalchemy.exc import DBAPIError
 
+from ..errors import PayloadError
 from ..records import Job, Message, Status
 from .types import UTC
 
@@ -369,6 +370,30 @@ def _marks(n: int) -> str:
     return ", ".join(["%s"] * n)
 
 
+def max_packet(conn: Connection) -> int:
+    """The largest packet this MySQL/MariaDB connection can send: the smaller of the
+    server's ``max_allowed_packet`` and PyMySQL's, read once per connection."""
+    info = conn.connection.info
+    got = info.get("meepo_max_packet")
+    if got is None:
+        raw: Any = conn.connection.dbapi_connection
+        cur = raw.cursor()
+        try:
+            cur.execute("SELECT @@max_allowed_packet")
+            server = int(cur.fetchone()[0])
+        finally:
+            cur.close()
+        client = int(getattr(raw, "max_allowed_packet", server))
+        got = info["meepo_max_packet"] = min(server, client)
+    return int(got)
+
+
+def packet_budget(conn: Connection) -> int:
+    """How much SQL text meepo puts in one packet: ``max_packet`` with room for the
+    protocol's framing and for text that is not ASCII."""
+    return int(max_packet(conn) * 0.9)
+
+
 class MySQLScript:
     """Transitions of one jobs table as one-packet scripts on a PyMySQL connection that
     allows multi-statements (meepo's own engines do; see :func:`.engine.make_engine`)."""
@@ -389,12 +414,15 @@ class MySQLScript:
             raw.client_flag & CLIENT.MULTI_STATEMENTS
         )
 
-    def run(self, conn: Connection, parts: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Send the statements as one script ending in COMMIT; return, per statement,
+    def run(
+        self, conn: Connection, parts: Sequence[tuple[str, Sequence[Any]]], commit: bool = True
+    ) -> list[Any]:
+        """Send the statements as one script ending in COMMIT (unless ``commit`` is
+        false: a later script of the same transaction commits); return, per statement,
         its rows (a SELECT) or its row count. An error rolls the transaction back (see
         :func:`driver_cursor`)."""
         bound = [(p[0], tuple(_bind(a, keep_zone=False) for a in p[1])) for p in parts]
-        sql = ";\n".join([b[0] for b in bound] + ["COMMIT"])
+        sql = ";\n".join([b[0] for b in bound] + (["COMMIT"] if commit else []))
         args = [a for b in bound for a in b[1]]
         out: list[Any] = []
         with driver_cursor(conn, bound) as cur:
@@ -444,6 +472,10 @@ class MySQLScript:
         The values are escaped by PyMySQL itself (``Connection.escape``), each distinct
         non-payload value once: in a batch most columns repeat (task, status, times,
         priority), and escaping ten values per row one by one was most of the cost.
+
+        A batch whose text would not fit in one packet (see :func:`max_packet`) is split
+        into statements and scripts that fit: all but the last script leave the
+        transaction open, the last one commits, and an error rolls back the whole batch.
         """
         raw = conn.connection.dbapi_connection
         assert raw is not None
@@ -462,15 +494,41 @@ class MySQLScript:
                 got = seen[key] = str(escape(_bind(v, keep_zone=False)))
             return got
 
-        parts: list[tuple[str, Sequence[Any]]] = []
-        for i in range(0, len(rows), CHUNK):
-            values = ", ".join(
-                "(" + ", ".join([literal(r[c]) for c in cols]) + ")" for r in rows[i : i + CHUNK]
-            )
-            parts.append((f"INSERT INTO {self.name} ({names}) VALUES {values} RETURNING id", []))
+        head = f"INSERT INTO {self.name} ({names}) VALUES "
+        tail = " RETURNING id"
+        budget = packet_budget(conn)
+        statements: list[str] = []
+        values: list[str] = []
+        size = len(head) + len(tail)
+        for r in rows:
+            one = "(" + ", ".join([literal(r[c]) for c in cols]) + ")"
+            if len(head) + len(one) + len(tail) > budget:
+                raise PayloadError(
+                    f"a job of {len(r['payload'])} bytes does not fit in one packet of this "
+                    f"MySQL/MariaDB connection (max_allowed_packet {max_packet(conn)} bytes; "
+                    "the payload is sent as hex): raise max_allowed_packet or lower "
+                    "max_payload_bytes"
+                )
+            if values and (len(values) == CHUNK or size + len(one) + 2 > budget):
+                statements.append(head + ", ".join(values) + tail)
+                values, size = [], len(head) + len(tail)
+            values.append(one)
+            size += len(one) + 2
+        statements.append(head + ", ".join(values) + tail)
+        scripts: list[list[str]] = [[]]
+        size = 0
+        for statement in statements:
+            if scripts[-1] and size + len(statement) + 16 > budget:
+                scripts.append([])
+                size = 0
+            scripts[-1].append(statement)
+            size += len(statement) + 2
         ids: list[int] = []
-        for got in self.run(conn, parts):  # each statement's ids ascend in row order
-            ids.extend(sorted(int(r[0]) for r in got))
+        for n, script in enumerate(scripts):
+            last = n == len(scripts) - 1
+            parts: list[tuple[str, Sequence[Any]]] = [(statement, []) for statement in script]
+            for got in self.run(conn, parts, commit=last):  # each statement's ids ascend
+                ids.extend(sorted(int(r[0]) for r in got))
         return ids
 
     def claim(

@@ -54,7 +54,15 @@ from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
 from .clock import ServerClock, host_now, now_sql, read_db_now
 from .engine import translate_errors
-from .fastpath import CHUNK, PLUS_ONE, Coalesce, MySQLScript, PgForms, sa_values
+from .fastpath import (
+    CHUNK,
+    PLUS_ONE,
+    Coalesce,
+    MySQLScript,
+    PgForms,
+    packet_budget,
+    sa_values,
+)
 from .schema import jobs_table, unique_table
 from .types import UTC
 
@@ -65,6 +73,8 @@ Group = tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]
 
 #: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
 NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
+#: A generous size of a row's SQL text besides its payload (MySQL/MariaDB packets).
+ROW_TEXT = 512
 
 
 @dataclass(frozen=True)
@@ -409,12 +419,34 @@ class Ledger:
             return [_inserted_id(conn.execute(insert(t), rows[0]))]
         if dialect.insert_executemany_returning_sort_by_parameter_order:
             stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
-            for i in range(0, len(rows), CHUNK):
-                ids.extend(int(x) for x in conn.execute(stmt, rows[i : i + CHUNK]).scalars())
+            for chunk in self._chunks(conn, rows):
+                ids.extend(int(x) for x in conn.execute(stmt, chunk).scalars())
             return ids
         for row in rows:  # MySQL (not MariaDB): no INSERT … RETURNING
             ids.append(_inserted_id(conn.execute(insert(t), row)))
         return ids
+
+    def _chunks(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """``rows`` in slices of at most CHUNK rows; on MySQL/MariaDB also small enough
+        for one packet (SQLAlchemy sends each slice as one statement, payloads as hex)."""
+        if conn.dialect.name != "mysql":
+            for i in range(0, len(rows), CHUNK):
+                yield rows[i : i + CHUNK]
+            return
+        budget = packet_budget(conn)
+        chunk: list[dict[str, Any]] = []
+        size = 0
+        for row in rows:
+            one = 2 * len(row["payload"]) + ROW_TEXT
+            if chunk and (len(chunk) == CHUNK or size + one > budget):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(row)
+            size += one
+        if chunk:
+            yield chunk
 
     def _insert_keyed(
         self, conn: Connection, task_id: str, job: NewJob, row: dict[str, Any], now: datetime
@@ -456,8 +488,14 @@ class Ledger:
             ).first()
             if holder is None:
                 continue  # deleted meanwhile: try to insert again
+            # A locking read: the holder's latest committed state, not the caller's
+            # snapshot (MySQL's REPEATABLE READ would show a finished holder as running,
+            # or a repushed one as finished). KEY SHARE on PostgreSQL does not block the
+            # holder's own transitions.
             held = conn.execute(
-                select(t.c.status, t.c.updated_at).where(t.c.id == holder.job_id)
+                select(t.c.status, t.c.updated_at)
+                .where(t.c.id == holder.job_id)
+                .with_for_update(read=True, key_share=True)
             ).first()
             if held is not None and (
                 not Status(held.status).terminal

@@ -14,8 +14,8 @@ revision from the migration files, which keeps ~7 MB of modules out of every wor
 from __future__ import annotations
 
 import ast
-import functools
 import os
+import threading
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,9 +99,24 @@ def _revisions(path: Path) -> tuple[str | None, set[str]]:
     return revision, follows
 
 
-@functools.lru_cache(maxsize=1)
+_head_lock = threading.Lock()
+_head: str | None = None
+
+
 def head() -> str:
-    """The head revision of the migrations folder."""
+    """The head revision of the migrations folder, read once per process.
+
+    Read under a lock: the first calls can come from several threads at once (tasks
+    starting together), and CPython's ``ast`` can fail with "SystemError: AST constructor
+    recursion depth mismatch" when threads parse at the same time."""
+    global _head
+    with _head_lock:
+        if _head is None:
+            _head = _read_head()
+        return _head
+
+
+def _read_head() -> str:
     revisions: set[str] = set()
     followed: set[str] = set()
     for path in sorted((script_location() / "versions").glob("*.py")):

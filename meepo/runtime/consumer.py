@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,6 +56,9 @@ EARLY_MARGIN = 0.05
 #: start, so that one UPDATE marks every job begun meanwhile (jobs that end sooner are
 #: marked by their commit instead).
 START_RECORD_DELAY = 0.005
+
+#: How often a handler waiting for its commit checks that the committer is still there.
+COMMIT_WAIT_CHECK = 0.5
 
 
 def worker_name() -> str:
@@ -825,7 +829,21 @@ class Consumer:
             )
         fut: Future[bool] = Future()
         self._commits.put(_Commit(outcome, fut))
-        if not fut.result():
+        while True:
+            try:
+                accepted = fut.result(timeout=COMMIT_WAIT_CHECK)
+                break
+            except FutureTimeout:
+                committer = self._committer
+                if committer is not None and committer.is_alive():
+                    continue
+                if fut.done():
+                    continue
+                # The committer has finished (a stop is ending): nobody will take this
+                # commit from the queue, so it goes to the ledger directly.
+                self.d.commit_one(outcome)
+                return
+        if not accepted:
             raise StaleCommitError(outcome.job_id, outcome.commit_id)
 
     # -- committer --------------------------------------------------------------------

@@ -150,13 +150,38 @@ class Recycler:
             return
 
 
+#: Options dropped from the command line on re-exec: their URLs (and any password in
+#: them) reach the new image through ``MEEPO_DB_URL`` / ``MEEPO_REDIS_URL``, which the
+#: worker sets from them, not through its argv.
+SECRET_OPTIONS = ("--db", "--redis")
+
+
+def without_secrets(argv: list[str]) -> list[str]:
+    """``argv`` without ``--db URL``, ``--db=URL``, ``--redis URL``, ``--redis=URL``."""
+    out: list[str] = []
+    skip = positional = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif positional or arg == "--":
+            positional = True
+            out.append(arg)
+        elif arg in SECRET_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in SECRET_OPTIONS)):
+            out.append(arg)
+    return out
+
+
 def exec_again(argv: list[str] | None) -> None:
     """Replace this process with a fresh run of the same command (never returns).
 
     ``argv``: the arguments ``meepo`` was called with in-process, if not ``sys.argv``.
+    ``--db`` and ``--redis`` are left out (see :data:`SECRET_OPTIONS`): the new image
+    reads the URLs from the environment the worker exported them to.
     """
-    command = [sys.executable, *sys.orig_argv[1:]] if argv is None else [
-        sys.executable, "-m", "meepo", *argv
+    command = [sys.executable, *without_secrets(sys.orig_argv[1:])] if argv is None else [
+        sys.executable, "-m", "meepo", *without_secrets(argv)
     ]  # fmt: skip
     os.environ[GENERATION_ENV] = str(generation() + 1)
     import atexit

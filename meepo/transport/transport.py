@@ -21,8 +21,13 @@ tag, so all of a task's keys share one slot):
                       back with another token; consumers notice and re-dispatch every
                       ``todo`` job from the ledger (due ones to their queues, later ones
                       to the delayed set).
+``P{task}:epoch:counter`` INTEGER incremented by every reaper tick: lower than a
+                      reaper saw last means Redis went back in time (an RDB/AOF restore,
+                      a failover to a lagging replica) though the epoch token survived;
+                      the reaper then replaces the token, and the re-dispatch runs.
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
-                      runs the re-dispatch for that epoch.
+                      runs the re-dispatch for that epoch, renewed page by page, released
+                      if it fails, ``done`` once finished.
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -47,8 +53,10 @@ Pair = tuple[int, int]
 
 #: Messages per RPUSH / LPOP call.
 CHUNK = 1000
-#: How long the recovery lock of one epoch is held (seconds).
-RECOVERY_LOCK_TTL = 60
+#: How long the recovery lock of one epoch is held without renewal (seconds): the
+#: re-dispatch renews it after every page, so a process that dies half-way is taken over
+#: this long after.
+RECOVERY_LOCK_TTL = 15
 #: The largest id or commit_id a message may carry (BIGINT columns).
 MAX_INT64 = 2**63 - 1
 #: Delayed messages moved per promote call.
@@ -77,20 +85,73 @@ if nxt[2] then return {#due, nxt[2]} end
 return {#due, false}
 """
 
+# KEYS: the epoch key. ARGV: the old token, a new one. Replaces the token if still old.
+_ROTATE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return cur
+"""
 
-def make_client(url: str) -> redis.Redis:
-    """A redis-py client for ``url`` with timeouts and reconnect retries set for meepo."""
+# KEYS: a recovery lock. ARGV: the holder's token, the new value, a TTL. Acts only
+# while the holder's token is the value.
+_SWAP_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: a recovery lock. ARGV: the holder's token. Deletes the lock if still the
+# holder's; allowed while Redis is out of memory (it frees some). The flag needs Redis 7;
+# an older server refuses the script, and the lock then expires on its own.
+_RELEASE_LUA = """#!lua flags=allow-oom
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+#: Bounds of the per-attempt socket timeout of meepo's Redis connections (seconds).
+MIN_IO_TIMEOUT = 1.0
+MAX_IO_TIMEOUT = 10.0
+#: Retries redis-py makes after a connection error or timeout (not for pops).
+RETRIES = 2
+
+
+def io_timeout(lease: float) -> float:
+    """The socket timeout (connect, send, read) of the Redis connections of a task with
+    ``lease``: a silent Redis (a partition, a host that vanished without a reset) fails a
+    command, its retries included, within about a third of the lease, so no service
+    thread waits on it longer than that. Kept between :data:`MIN_IO_TIMEOUT` and
+    :data:`MAX_IO_TIMEOUT` per attempt (leases under 9 s get the floor)."""
+    return min(MAX_IO_TIMEOUT, max(MIN_IO_TIMEOUT, lease / (3 * (RETRIES + 1))))
+
+
+def make_client(url: str, *, timeout: float = MAX_IO_TIMEOUT) -> redis.Redis:
+    """A redis-py client for ``url`` with timeouts and reconnect retries set for meepo:
+    ``timeout`` bounds each attempt to connect, send or read (see :func:`io_timeout`);
+    TCP keepalives notice a dead idle connection about as fast."""
     extra: dict[str, Any] = {}
     if not url.startswith("unix:"):
         # TCP only: redis-py's unix socket connections reject socket_keepalive.
         extra["socket_keepalive"] = True
+        idle = max(1, int(timeout))
+        opts = {
+            getattr(socket, name): value
+            for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle), ("TCP_KEEPCNT", 3))
+            if hasattr(socket, name)
+        }
+        if opts:
+            extra["socket_keepalive_options"] = opts
     try:
         return redis.Redis.from_url(
             url,
-            socket_connect_timeout=5,
-            socket_timeout=30,  # above the BLPOP timeout
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,  # a blocking pop waits its own timeout on top
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **extra,
         )
@@ -147,8 +208,12 @@ class Transport:
         self._key_priority = {k: p for p, k in self.queue_keys.items()}
         self.delayed_key = f"{base}:delayed"
         self.epoch_key = f"{base}:epoch"
+        self.counter_key = f"{base}:epoch:counter"
         self._recovery_base = f"{base}:recovery:"
         self._promote = client.register_script(_PROMOTE_LUA)
+        self._rotate = client.register_script(_ROTATE_LUA)
+        self._swap = client.register_script(_SWAP_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
         self._promote_args: list[Any] = [
             PROMOTE_LIMIT,
             self.priorities.index(default_priority) + 1,
@@ -216,29 +281,57 @@ class Transport:
     def pop(self, count: int, timeout: float) -> tuple[str, list[bytes]]:
         """Up to ``count`` messages from the first non-empty queue in priority order, and
         that queue's priority; waits up to ``timeout`` seconds (BLPOP/BLMPOP) only when
-        all are empty (a BLPOP returns the one message it woke up for)."""
+        all are empty (a BLPOP returns the one message it woke up for).
+
+        Each pop is sent once, never retried: a pop whose reply was lost (a reset, a
+        timeout) may have removed messages on the server, and a retry would return
+        later ones while those are silently gone. The error is raised instead
+        (:class:`TransportUnavailableError`); such messages are lost from Redis, never
+        from the ledger: the reaper's sweep re-sends their rows once their dispatch
+        deadline (``zombie_timeout``) has passed."""
         keys = self._pop_keys
-        with self._errors("pop"):
+        with self._errors("pop (sent once; messages it may have taken are re-sent by the sweep)"):
             got: Any
             if len(keys) == 1:
                 prio = self.priorities[0]
-                got = self.client.lpop(keys[0], count)
+                got = self._once(0, "LPOP", keys[0], count)
                 if got:
                     return prio, list(got)
                 if timeout <= 0:
                     return prio, []
-                one: Any = self.client.blpop(keys, timeout=timeout)
+                one: Any = self._once(timeout, "BLPOP", *keys, timeout)
                 # The one message that woke us goes to its claim at once (an idle
                 # queue's latency); if more came, the next call's LPOP takes them.
                 return prio, [one[1]] if one else []
-            run: Any = self.client.execute_command
-            got = run("LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
+            got = self._once(0, "LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
             if not got and timeout > 0:
-                got = run("BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count)
+                got = self._once(
+                    timeout, "BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count
+                )
             if not got:
                 return self.default_priority, []
             key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
             return self._key_priority[key], list(got[1])
+
+    def _once(self, block: float, *args: Any) -> Any:
+        """Send one command exactly once on a pooled connection and read its raw reply
+        (redis-py's retry would send it again after a lost reply). ``block``: how long
+        the server may hold the reply (a blocking pop), on top of the socket timeout."""
+        pool = self.client.connection_pool
+        conn: Any = pool.get_connection()  # redis-py leaves its connections untyped
+        try:
+            conn.send_command(*args)
+            if block > 0:
+                base = pool.connection_kwargs.get("socket_timeout")
+                return conn.read_response(timeout=None if base is None else base + block)
+            return conn.read_response()
+        except redis.ResponseError:  # the server answered: the connection is fine
+            raise
+        except BaseException:  # the reply may be half-read: never reuse the connection
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def promote(self, now: datetime) -> tuple[int, float | None]:
         """Move due delayed messages to their queues. Returns how many moved and the due
@@ -309,21 +402,62 @@ class Transport:
             value: Any = self.client.get(self.epoch_key)
             return None if value is None else bytes(value)
 
-    def ensure_epoch(self) -> tuple[bytes, bool]:
-        """The current epoch token, creating one if missing; True when this call made it."""
+    def ensure_epoch(self) -> tuple[bytes, bool, int]:
+        """The current epoch token, creating one if missing, whether this call made it,
+        and the epoch counter after incrementing it (one round trip). The counter only
+        grows while Redis keeps its writes: a lower one than a reaper saw last means
+        Redis went back in time (a restore, a failover to a lagging replica)."""
         with self._errors("epoch check"):
             token = new_epoch()
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.epoch_key, token, nx=True)
             pipe.get(self.epoch_key)
-            created, current = pipe.execute()
-            return bytes(current if current is not None else token), bool(created)
+            pipe.incr(self.counter_key)
+            created, current, counter = pipe.execute()
+            return bytes(current if current is not None else token), bool(created), int(counter)
 
-    def take_recovery(self, epoch: bytes) -> bool:
-        """True for the one caller that should re-dispatch for ``epoch``."""
+    def rotate_epoch(self, old: bytes) -> bytes:
+        """Replace the epoch token ``old`` by a new one (unless another process already
+        did); returns the token now current. Every reaper then sees the epoch change."""
+        with self._errors("epoch rotation"):
+            got: Any = self._rotate(keys=[self.epoch_key], args=[old, new_epoch()])
+            return bytes(got)
+
+    def _recovery_key(self, epoch: bytes) -> str:
+        return self._recovery_base + epoch.decode()
+
+    def take_recovery(self, epoch: bytes) -> tuple[str, bytes | None]:
+        """Try to take the re-dispatch of ``epoch``: ``("taken", token)`` for the one
+        caller that should run it (the lock expires after :data:`RECOVERY_LOCK_TTL`
+        seconds unless renewed with :meth:`hold_recovery`), ``("running", None)`` while
+        another process holds it, ``("done", None)`` once one finished it."""
         with self._errors("recovery lock"):
-            key = self._recovery_base + epoch.decode()
-            return bool(self.client.set(key, b"1", nx=True, ex=RECOVERY_LOCK_TTL))
+            key = self._recovery_key(epoch)
+            token = b"running:" + new_epoch()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key, token, nx=True, ex=RECOVERY_LOCK_TTL)
+            pipe.get(key)
+            taken, current = pipe.execute()
+        if taken:
+            return "taken", token
+        if current is not None and bytes(current) == b"done":
+            return "done", None
+        return "running", None
+
+    def hold_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Renew the recovery lock (after each page sent)."""
+        with self._errors("recovery lock"):
+            self._swap(keys=[self._recovery_key(epoch)], args=[token, token, RECOVERY_LOCK_TTL])
+
+    def finish_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Mark the re-dispatch of ``epoch`` done (kept for a day, then forgotten)."""
+        with self._errors("recovery lock"):
+            self._swap(keys=[self._recovery_key(epoch)], args=[token, b"done", 86400])
+
+    def release_recovery(self, epoch: bytes, token: bytes) -> None:
+        """Give up the recovery lock (the re-dispatch failed), if still ours."""
+        with self._errors("recovery lock"):
+            self._release(keys=[self._recovery_key(epoch)], args=[token])
 
     def config_get(self, *names: str) -> dict[str, str] | None:
         """``CONFIG GET`` of each name (one pipelined round trip); None when the server
