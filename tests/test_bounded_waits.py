@@ -230,7 +230,7 @@ def test_a_silent_network_is_detected_and_the_worker_recovers(
         "heartbeat failed",
         "claim failed",
         "commit failed",
-        "reaper pass failed",
+        "reaper step",  # the sweep or the lease scan, on the database
         "scheduler pass failed",
     ):
         wait_for(partial(messages, caplog, what), timeout=limit, message=what)

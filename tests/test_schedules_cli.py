@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from conftest import TaskFactory
-from test_cli import assert_one_error_line, run
+from test_cli import after_argv_warning, assert_one_error_line, run
 
 UTC = timezone.utc
 
@@ -17,7 +17,7 @@ def test_unreachable_database_masks_the_password(capsys: pytest.CaptureFixture[s
     url = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/test"
     code, _, err = run(capsys, "--db", url, "schedules", "list")
     assert code == 1
-    line = assert_one_error_line(err)
+    line = assert_one_error_line(after_argv_warning(err, "--db"))
     assert "s3cret" not in err and ":***@127.0.0.1:1" in line
 
 
