@@ -173,7 +173,9 @@ def test_release_failing_at_shutdown_leaves_unstarted_jobs_uncharged(
         go.set()  # the running job finishes once the release has failed
         raise LedgerUnavailableError("injected: the database is unreachable")
 
-    monkeypatch.setattr(task.ledger, "release", release)
+    consumer = task.consumer
+    assert consumer is not None
+    monkeypatch.setattr(consumer.d.ledger, "release", release)  # the consumer's own ledger
     assert task.stop(wait=True, grace=10)
     assert ran == [running]
     prefetched = [i for i in ids if i != running]
