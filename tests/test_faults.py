@@ -274,6 +274,12 @@ def test_sigkill_mid_job_is_recovered_by_another_worker(
     victim = next(w for w in workers if w.pid == first.pid)
     survivor = next(w for w in workers if w is not victim)
     assert record(producer, job_id).status is Status.DOING
+    # mid-job: its start is recorded (a batched mark, a few ms after the handler began)
+    until(
+        lambda: record(producer, job_id).started_at is not None,
+        workers=workers,
+        message="the start mark",
+    )
     victim.proc.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
 
