@@ -52,6 +52,10 @@ class Job:
     ``commit_id`` is the fencing token of this claim: pass it as
     ``task.commit(job.id, status, commit_id=job.commit_id)`` when the job is finished
     from another thread, process or service.
+
+    ``orphaned_claims`` counts earlier claims of the job whose lease expired before its
+    handler started (their worker died or lost them): they were requeued without
+    counting a failed attempt.
     """
 
     id: int
@@ -60,6 +64,7 @@ class Job:
     failed_times: int
     commit_id: int
     priority: str = DEFAULT_PRIORITY
+    orphaned_claims: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,12 @@ class Message:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job's row in the ledger, as returned by ``Task.get``."""
+    """A job's row in the ledger, as returned by ``Task.get``.
+
+    ``started_at``: when the current (or last) claim's handler began; None while a
+    claim has not started (or its start is not recorded yet). ``orphaned_claims``:
+    claims whose lease expired before the handler started (requeued uncharged).
+    """
 
     id: int
     task_id: str
@@ -105,6 +115,8 @@ class JobRecord:
     worker: str | None
     last_error: str | None
     priority: str = DEFAULT_PRIORITY
+    started_at: datetime | None = None
+    orphaned_claims: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ The payload tells the handler what to do:
 * ``hang:S``  - sleep S seconds only on the first run (``failed_times == 0``), so a
   job whose worker is killed runs quickly once recovered;
 * ``ms:N``    - sleep N milliseconds;
+* ``hangonce:S`` - sleep S seconds on the first run of any ``hangonce`` job of this
+  log (a flag file beside it says one ran), return at once on every other run;
+* ``kill``    - SIGKILL its own worker process right after logging the start, on
+  every run (a poison job);
 * ``when``    - also log the database's time at the start, as ``dbtime <job id> <ISO
   time>`` (a run must never start before its ``run_at``, whatever the host's clock);
 * anything else - return at once.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -52,9 +57,20 @@ def delay_of(job: Job) -> float:
         return float(arg)
     if kind == "hang":
         return float(arg) if job.failed_times == 0 else 0.0
+    if kind == "hangonce":
+        return float(arg)
     if kind == "ms":
         return float(arg) / 1000.0
     return 0.0
+
+
+def first_hang(log: str) -> bool:
+    """Whether this is the first ``hangonce`` run of the test (atomically: O_EXCL)."""
+    try:
+        os.close(os.open(log + ".hung", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zombie-period", type=float, default=0.5)
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--max-failed-times", type=int, default=None)
+    p.add_argument("--zombie-dst", default=None)
     args = p.parse_args(argv)
 
     logging.basicConfig(
@@ -82,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     def handler(job: Job) -> None:
         who = f"{job.id} {job.commit_id} {pid} {job.failed_times}"
         append_line(args.log, f"start {who}")
+        if job.payload == b"kill":
+            os.kill(pid, signal.SIGKILL)
         if job.payload == b"when":
             with task.engine.connect() as conn:
                 append_line(args.log, f"dbtime {job.id} {read_db_now(conn).isoformat()}")
         delay = delay_of(job)
+        if job.payload.startswith(b"hangonce:") and not first_hang(args.log):
+            delay = 0.0
         if delay > 0:
             threading.Event().wait(delay)
         append_line(args.log, f"end {who}")
@@ -102,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         zombie_period=args.zombie_period,
         poll_interval=args.poll_interval,
         shutdown_grace=args.grace,
+        **({} if args.max_failed_times is None else {"max_failed_times": args.max_failed_times}),
+        **({} if args.zombie_dst is None else {"zombie_dst_status": args.zombie_dst}),
     )
     task.run()
     logging.getLogger("meepo").info("fault_app %d: run() returned, exiting 0", pid)

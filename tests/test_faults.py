@@ -157,6 +157,8 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
         grace: float = 15.0,
         lease: float | None = None,
         skew: str | None = None,
+        max_failed_times: int | None = None,
+        zombie_dst: str | None = None,
     ) -> Worker:
         args = [
             "--db", db_url,
@@ -173,6 +175,10 @@ def spawn(db_url: str, tmp_path: Path) -> Iterator[Spawn]:
             args += ["--prefetch", str(prefetch)]
         if lease is not None:
             args += ["--lease", str(lease)]
+        if max_failed_times is not None:
+            args += ["--max-failed-times", str(max_failed_times)]
+        if zombie_dst is not None:
+            args += ["--zombie-dst", zombie_dst]
         env = None if skew is None else faketime_env(skew)
         worker = Worker(args, tmp_path / f"worker{len(started)}.stderr", env)
         started.append(worker)
@@ -268,6 +274,12 @@ def test_sigkill_mid_job_is_recovered_by_another_worker(
     victim = next(w for w in workers if w.pid == first.pid)
     survivor = next(w for w in workers if w is not victim)
     assert record(producer, job_id).status is Status.DOING
+    # mid-job: its start is recorded (a batched mark, a few ms after the handler began)
+    until(
+        lambda: record(producer, job_id).started_at is not None,
+        workers=workers,
+        message="the start mark",
+    )
     victim.proc.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
 
@@ -564,3 +576,75 @@ def test_delayed_job_never_starts_before_its_run_at_under_skew(
     assert started >= run_at, f"started at {started}, before its run_at {run_at}"
     until(lambda: status_is(producer, job_id, Status.DONE), workers=[worker], message="done")
     assert len(log.starts(job_id)) == 1
+
+
+# -- start marks: an attempt is a run, not a claim -------------------------------------------
+
+
+@pytest.mark.parametrize("dst", ["todo", "done", "failed"])
+def test_prefetched_jobs_of_a_killed_worker_are_not_charged(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path, dst: str
+) -> None:
+    """One worker (parallel 1, prefetch 5) claims six jobs and is SIGKILLed while the
+    first runs: the running one was started, its lost lease is charged (and, with
+    max_failed_times=1, follows the zombie policy); the five prefetched ones never
+    started, so they are requeued uncharged whatever the policy, and all run once."""
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    options = {"parallel": 1, "prefetch": 5, "max_failed_times": 1, "zombie_dst": dst}
+    ids = producer.push_many([b"hangonce:120"] * 6)
+    victim = spawn(producer, log, redis_url=redis_url, **options)
+    first = until(lambda: log.starts(), workers=[victim], message="a job to start")[0]
+    until(
+        lambda: (
+            all(record(producer, i).status is Status.DOING for i in ids)
+            and record(producer, first.job_id).started_at is not None
+        ),
+        workers=[victim],
+        message="every job claimed, the first one's start recorded",
+    )
+    victim.proc.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+
+    survivor = spawn(producer, log, redis_url=redis_url, **options)
+    until(
+        lambda: all(record(producer, i).status.terminal for i in ids),
+        workers=[survivor],
+        message="every job to finish",
+        detail=progress(producer, log),
+    )
+    killed = record(producer, first.job_id)
+    assert killed.failed_times == 1  # the run that lost its worker was charged
+    assert killed.status is (Status.FAILED if dst == "todo" else Status(dst))
+    prefetched = [i for i in ids if i != first.job_id]
+    for i in prefetched:
+        rec = record(producer, i)
+        assert (rec.status, rec.failed_times, rec.orphaned_claims) == (Status.DONE, 0, 1)
+        assert [r.pid for r in log.starts(i)] == [survivor.pid]  # run once, by the survivor
+
+
+def test_poison_job_that_kills_every_worker_ends(
+    make_task: TaskFactory, redis_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    """A job whose handler SIGKILLs its worker at once, every run: its first claim may
+    expire before its start was recorded (uncharged); the next claims record the start
+    before running it, so it is charged and fails after max_failed_times attempts, with
+    at most max_failed_times + 1 runs."""
+    producer = make_task()
+    log = ExecLog(tmp_path / "exec.log")
+    job_id = producer.push(b"kill")
+    workers = [spawn(producer, log, redis_url=redis_url, parallel=1, max_failed_times=2)]
+
+    def failed() -> JobRecord | None:
+        if not workers[-1].alive():  # killed by the job: a fresh worker takes over
+            assert workers[-1].wait() == -signal.SIGKILL, workers[-1].stderr()
+            workers.append(
+                spawn(producer, log, redis_url=redis_url, parallel=1, max_failed_times=2)
+            )
+        return status_is(producer, job_id, Status.FAILED)
+
+    wait_for(failed, timeout=90, interval=0.1, message="the poison job to fail")
+    rec = record(producer, job_id)
+    assert rec.failed_times == 2
+    assert 2 <= len(log.starts(job_id)) <= 3
+    assert rec.orphaned_claims == len(log.starts(job_id)) - 2

@@ -114,7 +114,7 @@ def test_a_heartbeat_between_the_scan_and_the_locked_step_keeps_the_lease(
     # the consumer was only slow: its heartbeat lands before the reaper's locked step
     renewal = ledger.heartbeat([(job_id, job.commit_id)], lease=LEASE, now=late)
     assert renewal.renewed == {(job_id, job.commit_id)}
-    requeued, closed = ledger.reap(
+    requeued, closed, _ = ledger.reap(
         zombies, dst=Status.TODO, max_failed_times=3, redispatch_timeout=TIMEOUT, now=late
     )
     assert (requeued, closed) == ([], 0)

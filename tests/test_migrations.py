@@ -37,7 +37,7 @@ from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0002"
+HEAD = "0003"
 
 
 def new_table_name() -> str:
@@ -163,6 +163,11 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
     assert {table, version_table_name(table)} <= names
 
     migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0002"
+    assert {"started_at", "orphaned_claims"}.isdisjoint(
+        Table(table, MetaData(), autoload_with=engine).c.keys()
+    )
+    migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0001"
     assert {f"{table}_unique", f"{table}_schedules"}.isdisjoint(table_names(engine))
     with pytest.raises(SchemaError, match="is at revision 0001"):
@@ -196,6 +201,32 @@ def test_upgrade_keeps_rows_and_gives_them_the_default_priority(engine: Engine, 
     with engine.connect() as conn:
         row = conn.execute(select(t.c.task_id, t.c.payload, t.c.priority)).one()
     assert (row.task_id, bytes(row.payload), row.priority) == ("t", b"x", "default")
+
+
+def test_upgrade_to_start_marks_takes_doing_rows_as_started(engine: Engine, table: str) -> None:
+    """0003: a doing row was claimed by an older meepo, which charged every expired
+    lease: it is taken as started (started_at = updated_at); other rows are not."""
+    migrate.upgrade(engine, table, "0002")
+    old = Table(table, MetaData(), autoload_with=engine)
+    assert "started_at" not in old.c
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    later = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    with engine.begin() as conn:
+        for status, updated in (("todo", when), ("doing", later), ("done", later)):
+            conn.execute(
+                old.insert(),
+                {
+                    "task_id": "t", "status": status, "payload": b"x", "failed_times": 0,
+                    "commit_id": 0, "created_at": when, "updated_at": updated, "run_at": when,
+                },
+            )  # fmt: skip
+    migrate.upgrade(engine, table)
+    assert migrate.current(engine, table) == HEAD
+    t = jobs_table(table)
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.status, t.c.started_at, t.c.orphaned_claims)).all()
+    got = {r.status: (r.started_at, r.orphaned_claims) for r in rows}
+    assert got == {"todo": (None, 0), "doing": (later, 0), "done": (None, 0)}
 
 
 def test_tables_migrate_independently(engine: Engine, table: str) -> None:
@@ -335,7 +366,7 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert list(cols) == [c.name for c in jobs_table(name).columns]
     assert [c for c in cols if not cols[c]["nullable"]] == [
         "id", "task_id", "status", "payload", "failed_times", "commit_id",
-        "created_at", "updated_at", "run_at", "priority",
+        "created_at", "updated_at", "run_at", "priority", "orphaned_claims",
     ]  # fmt: skip
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}

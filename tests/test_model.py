@@ -119,6 +119,8 @@ class JobModel:
     expires_at: datetime | None  # lease end (doing) or dispatch deadline (todo)
     updated_at: datetime
     transitions: int = 0  # accepted transitions so far
+    started: datetime | None = None  # started_at: cleared by a claim, set by a commit
+    orphaned: int = 0  # orphaned_claims: expired claims that had not started
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -146,6 +148,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.committer: Task | None = None
         self.neighbour: Task | None = None
         self.foreign = 0
+        self.unstarted = 0  # unstarted claims the model's last reap requeued
 
     # -- set-up and tear-down -----------------------------------------------------------
 
@@ -232,6 +235,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def _apply_outcome(self, o: Outcome) -> None:
         """Ledger._outcome_values, for an outcome that won its compare-and-set."""
         m = self.jobs[o.job_id]
+        m.started = m.started or self.now  # a commit records the start (COALESCE)
         if o.status is Status.DONE:
             self._accept(o.job_id, status=Status.DONE, expires_at=None)
         elif o.status is Status.FAILED:
@@ -315,7 +319,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert pair[0] in got, f"claim of {pair} lost"
                 step = got[pair[0]].commit_id - pair[1]
                 assert 1 <= step <= 2**31, f"claim step {step}"
-                self._accept(pair[0], step, status=Status.DOING, expires_at=lease_until)
+                self._accept(
+                    pair[0], step, status=Status.DOING, expires_at=lease_until, started=None
+                )
                 expect.append((pair[0], self.jobs[pair[0]].failed_times))
         # One runner at a time: a doing job (lease alive or not) is never claimed.
         assert not doing_before & {j.id for j in jobs}
@@ -443,10 +449,21 @@ class LedgerMachine(RuleBasedStateMachine):
     def _model_reap(self) -> tuple[int, int]:
         requeued: list[Pair] = []
         closed = 0
+        self.unstarted = 0
         for i, m in sorted(self.jobs.items()):
             if m.status is not Status.DOING or m.expires_at is None or m.expires_at >= self.now:
                 continue
-            if self.dst is Status.TODO and m.failed_times + 1 < self.max_failed:
+            if m.started is None:  # never started: back to todo, uncharged
+                requeued.append(
+                    self._accept(
+                        i,
+                        status=Status.TODO,
+                        orphaned=m.orphaned + 1,
+                        expires_at=self.now + TIMEOUT,
+                    )
+                )
+                self.unstarted += 1
+            elif self.dst is Status.TODO and m.failed_times + 1 < self.max_failed:
                 requeued.append(
                     self._accept(
                         i,
@@ -472,7 +489,7 @@ class LedgerMachine(RuleBasedStateMachine):
             length, head = len(due), (due[0], self.jobs[due[0]].commit_id)
         swept = self._model_sweep(length, head)
         requeued, closed = self._model_reap()
-        assert report == ReapReport(len(sent), swept, requeued, closed)
+        assert report == ReapReport(len(sent), swept, requeued, closed, self.unstarted)
 
     def _real_queue(self) -> Counter[Pair]:
         key = self.t.transport.queue_key
@@ -706,7 +723,7 @@ class LedgerMachine(RuleBasedStateMachine):
         (a heartbeat that renewed a lease, a commit, a claim, a clock move): only the
         leases still doing under the scanned commit_id and still expired are reaped."""
         zombies, self.scanned = self.scanned or [], None
-        requeued, closed = self.t.ledger.reap(
+        requeued, closed, _ = self.t.ledger.reap(
             zombies,
             dst=self.dst,
             max_failed_times=self.max_failed,
@@ -722,7 +739,16 @@ class LedgerMachine(RuleBasedStateMachine):
                 continue  # moved since the scan
             if m.expires_at is None or m.expires_at >= self.now:
                 continue  # renewed since the scan: its lease is alive
-            if self.dst is Status.TODO and m.failed_times + 1 < self.max_failed:
+            if not z.started:
+                expect_requeued.append(
+                    self._accept(
+                        z.id,
+                        status=Status.TODO,
+                        orphaned=m.orphaned + 1,
+                        expires_at=self.now + TIMEOUT,
+                    )
+                )
+            elif self.dst is Status.TODO and m.failed_times + 1 < self.max_failed:
                 expect_requeued.append(
                     self._accept(
                         z.id,
@@ -835,6 +861,11 @@ class LedgerMachine(RuleBasedStateMachine):
             assert rec is not None, f"job {job_id} was lost"
             got = (rec.status, rec.commit_id, rec.failed_times)
             assert got == (m.status, m.commit_id, m.failed_times), (job_id, got, m)
+            assert (rec.started_at, rec.orphaned_claims) == (m.started, m.orphaned), (
+                job_id,
+                rec,
+                m,
+            )
             assert (rec.run_at, rec.expires_at, rec.updated_at) == (
                 m.run_at,
                 m.expires_at,

@@ -30,8 +30,11 @@ def queued(task: Task) -> Counter[tuple[int, int]]:
     return Counter(p for p in (decode(bytes(m)) for m in raw) if p is not None)
 
 
-def claim_and_die(task: Task, ids: list[int], lease: float = 5.0) -> list[Job]:
-    """What a consumer does before it is SIGKILLed: pop the messages, claim the jobs."""
+def claim_and_die(
+    task: Task, ids: list[int], lease: float = 5.0, *, started: bool = True
+) -> list[Job]:
+    """What a consumer does before it is SIGKILLed: pop the messages, claim the jobs,
+    and (``started``) record that their handlers began."""
     task.redis.delete(task.transport.queue_key)
     rows = {r[0]: r[2] for r in task.ledger.find(task_id=task.task_id, ids=ids)}
     now = task.clock()
@@ -43,6 +46,8 @@ def claim_and_die(task: Task, ids: list[int], lease: float = 5.0) -> list[Job]:
         worker="dead-host:1",
     )
     assert sorted(j.id for j in jobs) == sorted(ids)
+    if started:
+        assert task.ledger.start([(j.id, j.commit_id) for j in jobs], now=now) == len(jobs)
     return jobs
 
 

@@ -142,7 +142,7 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
         assert won == set(mine)
         zombies = run("expired_leases", ledger.expired_leases, TASK, now=NOW, limit=1000)
         assert len(zombies) == 1000
-        requeued, closed = run(
+        requeued, closed, _ = run(
             "reap",
             ledger.reap,
             zombies,

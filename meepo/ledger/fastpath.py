@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, Table, func
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import PayloadError
@@ -54,6 +54,17 @@ class PlusOne:
 PLUS_ONE = PlusOne()
 
 
+class Coalesce:
+    """A SET value meaning "keep the column if set, else ``value``" (``started_at`` of
+    a commit: the start mark if the consumer wrote one, else the commit's time)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Coalesce({self.value!r})"
+
+
 class Raw:
     """A SET value that is SQL text of meepo's own (a script's ``@now``), never user
     input: MariaDB/MySQL scripts only."""
@@ -67,7 +78,15 @@ class Raw:
 
 def sa_values(table: Table, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` for a SQLAlchemy UPDATE: PLUS_ONE becomes ``column + 1``."""
-    return {k: (table.c[k] + 1 if v is PLUS_ONE else v) for k, v in values.items()}
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if v is PLUS_ONE:
+            out[k] = table.c[k] + 1
+        elif isinstance(v, Coalesce):
+            out[k] = func.coalesce(table.c[k], v.value)
+        else:
+            out[k] = v
+    return out
 
 
 def _bind(v: Any, *, keep_zone: bool) -> Any:
@@ -95,6 +114,10 @@ def _set_clause(
             sets.append(f"{col} = {col} + 1")
         elif isinstance(v, Raw):
             sets.append(f"{col} = {v.sql}")
+        elif isinstance(v, Coalesce):
+            mark = f"%(v_{col})s" if named else "%s"
+            sets.append(f"{col} = COALESCE({col}, {mark})")
+            args[f"v_{col}"] = v.value
         else:
             sets.append(f"{col} = %(v_{col})s" if named else f"{col} = %s")
             args[f"v_{col}"] = v
@@ -186,13 +209,15 @@ class PgForms:
             "WITH c AS (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS db_now), "
             f"u AS (UPDATE {name} SET status = '{Status.DOING.value}', "
             "commit_id = commit_id + %(step)s, updated_at = c.db_now, "
-            "expires_at = c.db_now + %(lease)s::interval, worker = %(worker)s FROM c "
+            "expires_at = c.db_now + %(lease)s::interval, worker = %(worker)s, "
+            "started_at = NULL FROM c "
             f"WHERE {self.by_pair} AND {todo} AND run_at <= c.db_now "
-            "RETURNING id, commit_id, failed_times, payload, priority) "
+            "RETURNING id, commit_id, failed_times, payload, priority, orphaned_claims) "
             "SELECT id, commit_id, failed_times, payload, priority, NULL::timestamptz, "
-            "NULL::timestamptz FROM u UNION ALL "
-            "SELECT id, commit_id, failed_times, NULL::bytea, priority, run_at, c.db_now "
-            f"FROM {name}, c WHERE {self.by_pair} AND {todo} AND run_at > c.db_now"
+            "NULL::timestamptz, orphaned_claims FROM u UNION ALL "
+            "SELECT id, commit_id, failed_times, NULL::bytea, priority, run_at, c.db_now, "
+            f"orphaned_claims FROM {name}, c WHERE {self.by_pair} AND {todo} "
+            "AND run_at > c.db_now"
         )
         # Renewal never waits on another job's row lock: the rows it can lock now are
         # renewed (SKIP LOCKED), and a plain read of the same statement's snapshot tells
@@ -268,7 +293,7 @@ class PgForms:
         params.update(task_id=task_id, now=now, lease=lease, step=step, worker=worker)
         got = self._run(conn, self.claim_sql, params)
         jobs = [
-            Job(int(r[0]), task_id, bytes(r[3]), int(r[2]), int(r[1]), str(r[4]))
+            Job(int(r[0]), task_id, bytes(r[3]), int(r[2]), int(r[1]), str(r[4]), int(r[7]))
             for r in got
             if r[3] is not None
         ]
@@ -523,7 +548,7 @@ class MySQLScript:
         ids = sorted({i for i, _ in pairs})
         cols = (
             "id, commit_id, status, failed_times, payload, priority, run_at, "
-            "run_at <= @now, CAST(@now AS DATETIME(6))"
+            "run_at <= @now, CAST(@now AS DATETIME(6)), orphaned_claims"
         )
         micros = round(lease / timedelta(microseconds=1))
         values = {
@@ -531,6 +556,7 @@ class MySQLScript:
             "updated_at": Raw("@now"),
             "expires_at": Raw(f"@now + INTERVAL {int(micros)} MICROSECOND"),
             "worker": worker,
+            "started_at": None,  # an attempt is a run: this claim has not started
         }
         _, locked, n = self.run(
             conn,
@@ -559,7 +585,7 @@ class MySQLScript:
         ]
         judged = locked[0][8].replace(tzinfo=UTC) if locked else None
         jobs = [
-            Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + step, str(r[5]))
+            Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + step, str(r[5]), int(r[9]))
             for r in won
         ]
         return jobs, early, judged

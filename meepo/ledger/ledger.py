@@ -14,7 +14,8 @@ Statements, by caller:
 * producer: :meth:`insert` (one row or a multi-row INSERT … RETURNING; a job with a
   unique key also takes or hands over its key in ``<table>_unique``)
 * consumer: :meth:`claim` (todo → doing), :meth:`heartbeat` (lease renewal, no
-  transition), :meth:`finish` (doing → done | failed | todo), :meth:`release`
+  transition), :meth:`start` (start marks, no transition), :meth:`finish`
+  (doing → done | failed | todo), :meth:`release`
   (doing → todo, unstarted jobs at shutdown)
 * reaper: :meth:`expired_leases` + :meth:`reap` (doing → todo | done | failed),
   :meth:`sweep` (todo past its dispatch deadline → todo with a new commit_id),
@@ -29,7 +30,7 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -53,7 +54,15 @@ from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
 from .clock import ServerClock, host_now, now_sql, read_db_now
 from .engine import translate_errors
-from .fastpath import CHUNK, PLUS_ONE, MySQLScript, PgForms, packet_budget, sa_values
+from .fastpath import (
+    CHUNK,
+    PLUS_ONE,
+    Coalesce,
+    MySQLScript,
+    PgForms,
+    packet_budget,
+    sa_values,
+)
 from .schema import jobs_table, unique_table
 from .types import UTC
 
@@ -82,10 +91,25 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Zombie:
+    """A doing row whose lease expired; ``started``: its handler's start was recorded
+    (``started_at`` set), so the lost claim was a run, a failed attempt."""
+
     id: int
     commit_id: int
     failed_times: int
     priority: str = DEFAULT_PRIORITY
+    started: bool = True
+
+
+class Reaped(NamedTuple):
+    """What :meth:`Ledger.reap` did: the messages of the jobs it put back in ``todo``
+    (to send; started ones charged a failed attempt, unstarted ones not), how many it
+    closed (done or failed by the zombie policy), and how many of the requeued ones had
+    never started (requeued uncharged, ``orphaned_claims`` + 1)."""
+
+    requeued: list[Message]
+    closed: int
+    unstarted: int
 
 
 @dataclass(frozen=True)
@@ -582,6 +606,7 @@ class Ledger:
                 "updated_at": at,
                 "expires_at": at + lease,
                 "worker": worker,
+                "started_at": None,  # an attempt is a run: this claim has not started
             }
             if conn.dialect.update_returning:
                 stmt = (
@@ -593,7 +618,14 @@ class Ledger:
                         t.c.run_at <= at,
                     )
                     .values(**values)
-                    .returning(t.c.id, t.c.commit_id, t.c.failed_times, t.c.payload, t.c.priority)
+                    .returning(
+                        t.c.id,
+                        t.c.commit_id,
+                        t.c.failed_times,
+                        t.c.payload,
+                        t.c.priority,
+                        t.c.orphaned_claims,
+                    )
                 )
                 rows: Sequence[Row[Any]] = conn.execute(stmt).all()
                 early: list[Message] = []
@@ -618,6 +650,7 @@ class Ledger:
                             r.failed_times,
                             r.commit_id,
                             r.priority,
+                            r.orphaned_claims,
                         )
                         for r in rows
                     ),
@@ -633,6 +666,7 @@ class Ledger:
                     t.c.payload,
                     t.c.priority,
                     t.c.run_at,
+                    t.c.orphaned_claims,
                 )
                 .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")  # lock only these rows
                 .where(t.c.id.in_(ids), t.c.task_id == task_id)
@@ -655,7 +689,15 @@ class Ledger:
                     .values(**values)
                 )
             jobs = [
-                Job(r.id, task_id, bytes(r.payload), r.failed_times, r.commit_id + step, r.priority)
+                Job(
+                    r.id,
+                    task_id,
+                    bytes(r.payload),
+                    r.failed_times,
+                    r.commit_id + step,
+                    r.priority,
+                    r.orphaned_claims,
+                )
                 for r in winners
             ]
             return Claimed(jobs, early, at)
@@ -738,6 +780,37 @@ class Ledger:
                         out.renewed.add(p)
         return out
 
+    def start(self, pairs: Sequence[Pair], *, now: datetime | None = None) -> int:
+        """Record that the handlers of these claims began: ``started_at`` = the
+        database's time (``now`` replaces it, for tests), in one UPDATE. Not a
+        transition (commit_id is checked, not incremented). Only rows still doing under
+        that commit_id, not marked yet and whose lease has not expired are marked: a
+        claim the reaper may already judge unstarted stays so. Returns how many rows
+        were marked (for one pair: 1 if the claim is still ours and now started).
+        """
+        want = sorted(set(pairs))
+        if not want:
+            return 0
+        t = self.table
+        marked = 0
+        with self._one_statement() if len(want) <= CHUNK else self.begin() as conn:
+            for i in range(0, len(want), CHUNK):
+                chunk = want[i : i + CHUNK]
+                at = self._now_expr(now)
+                marked += int(
+                    conn.execute(
+                        update(t)
+                        .where(
+                            self._pairs_where(chunk),
+                            t.c.status == Status.DOING.value,
+                            t.c.started_at.is_(None),
+                            t.c.expires_at > at,
+                        )
+                        .values(started_at=at)
+                    ).rowcount
+                )
+        return marked
+
     def _lease_end_sql(self, lease: timedelta) -> Any:
         """The database's time plus ``lease`` (MariaDB/MySQL)."""
         micros = round(lease / timedelta(microseconds=1))
@@ -747,7 +820,12 @@ class Ledger:
         )
 
     def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
-        values: dict[str, Any] = {"status": o.status.value, "updated_at": now}
+        # A commit ends a run: it records the start if the consumer's mark did not.
+        values: dict[str, Any] = {
+            "status": o.status.value,
+            "updated_at": now,
+            "started_at": Coalesce(now),
+        }
         if o.status is Status.DONE:
             values["expires_at"] = None
         elif o.status is Status.FAILED:
@@ -802,7 +880,7 @@ class Ledger:
         t = self.table
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority)
+                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority, t.c.started_at)
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.DOING.value,
@@ -811,7 +889,10 @@ class Ledger:
                 .order_by(t.c.expires_at)
                 .limit(limit)
             ).all()
-        return [Zombie(r.id, r.commit_id, r.failed_times, r.priority) for r in rows]
+        return [
+            Zombie(r.id, r.commit_id, r.failed_times, r.priority, r.started_at is not None)
+            for r in rows
+        ]
 
     def reap(
         self,
@@ -821,7 +902,7 @@ class Ledger:
         max_failed_times: int,
         redispatch_timeout: timedelta,
         now: datetime | None = None,
-    ) -> tuple[list[Message], int]:
+    ) -> Reaped:
         """Apply the zombie policy to expired leases.
 
         The locked step re-reads the rows (``FOR UPDATE SKIP LOCKED``) and reaps only
@@ -829,17 +910,24 @@ class Ledger:
         database's clock (``now`` replaces it, for tests): a heartbeat that renewed a
         lease since :meth:`expired_leases` read it keeps it.
 
-        A reaped lease counts as a failed attempt (so a job that kills its worker every
-        time still ends). ``dst=todo`` re-queues it, or fails it once failed_times
-        reaches max_failed_times; ``done``/``failed`` close it. Returns the messages of
-        the re-queued jobs (new commit_id) and the number closed.
+        An attempt is a run, not a claim. A lease whose job had started (its start mark
+        or ``started_at`` set) counts as a failed attempt (so a job that kills its worker
+        every time still ends): ``dst=todo`` re-queues it, or fails it once failed_times
+        reaches max_failed_times; ``done``/``failed`` close it. A lease whose job never
+        started (its worker died with it prefetched, or lost the claim's reply, or could
+        not release it at shutdown) goes back to ``todo`` whatever ``dst``, failed_times
+        unchanged, ``orphaned_claims`` + 1. (A start mark is never written once the lease
+        has expired, so an unstarted zombie stays unstarted.) Returns a :class:`Reaped`.
         """
         error = "lease expired: the consumer stopped heartbeating (died, froze or lost)"
         requeue: list[Pair] = []
+        orphans: list[Pair] = []
         close: dict[Status, list[Pair]] = {}
         final: Status
         for z in zombies:
-            if dst is Status.TODO and z.failed_times + 1 < max_failed_times:
+            if not z.started:
+                orphans.append((z.id, z.commit_id))
+            elif dst is Status.TODO and z.failed_times + 1 < max_failed_times:
                 requeue.append((z.id, z.commit_id))
             else:
                 final = Status.FAILED if dst is Status.TODO else dst
@@ -847,6 +935,19 @@ class Ledger:
 
         def build(now: datetime) -> list[Group]:
             groups: list[Group] = []
+            if orphans:
+                groups.append(
+                    (
+                        orphans,
+                        [Status.DOING],
+                        {
+                            "status": Status.TODO.value,
+                            "orphaned_claims": PLUS_ONE,
+                            "updated_at": now,
+                            "expires_at": now + redispatch_timeout,
+                        },
+                    )
+                )
             if requeue:
                 groups.append(
                     (
@@ -877,15 +978,20 @@ class Ledger:
                 )
             return groups
 
-        won = self._transition_unlocked(
-            build,
-            Status.DOING,
-            now=now,
-            recheck=lambda expires, at: expires is not None and expires < at,
-        )
+        started = {z.id: z.started for z in zombies}
+
+        def recheck(row: Any, at: datetime) -> bool:
+            # still expired, and started as the scan saw it (a lease renewed since the
+            # scan may have been marked started, and then have expired again)
+            expires = row.expires_at
+            same = (row.started_at is not None) == started.get(row.id)
+            return expires is not None and expires < at and same
+
+        won = self._transition_unlocked(build, Status.DOING, now=now, recheck=recheck)
         prio = {z.id: z.priority for z in zombies}
-        requeued = [Message(i, c + 1, prio[i]) for i, c in requeue if (i, c) in won]
-        return requeued, len(won) - len(requeued)
+        requeued = [Message(i, c + 1, prio[i]) for i, c in requeue + orphans if (i, c) in won]
+        unstarted = sum(1 for p in orphans if p in won)
+        return Reaped(requeued, len(won) - len(requeued), unstarted)
 
     def _transition_unlocked(
         self,
@@ -893,7 +999,7 @@ class Ledger:
         status: Status,
         *,
         now: datetime | None,
-        recheck: Callable[[datetime | None, datetime], bool] | None = None,
+        recheck: Callable[[Any, datetime], bool] | None = None,
     ) -> set[Pair]:
         """The reaper's and the sweep's compare-and-set: like :meth:`_transition`, but
         rows locked by another transaction are skipped, never waited for.
@@ -909,7 +1015,8 @@ class Ledger:
         or the database's clock read in it; ``recheck(expires_at, that time)`` is a
         condition the locked rows must still meet (the reaper: the lease is still
         expired), checked on the locked read (in Python: the statement, and its plan by
-        primary key, stay as they are).
+        primary key, stay as they are); ``recheck`` gets the locked row (``id``,
+        ``commit_id``, ``expires_at``, ``started_at``).
         """
         groups = [(sorted(set(p)), list(s), v) for p, s, v in build(host_now()) if p]
         if not groups:
@@ -929,12 +1036,12 @@ class Ledger:
                 current.update(
                     (r.id, r.commit_id)
                     for r in conn.execute(
-                        select(t.c.id, t.c.commit_id, t.c.expires_at)
+                        select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
                         .with_hint(t, pk, "mysql")
                         .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
                         .with_for_update(skip_locked=True)
                     )
-                    if recheck is None or recheck(r.expires_at, at)
+                    if recheck is None or recheck(r, at)
                 )
             for pairs, statuses, values in groups:
                 mine = [p for p in pairs if p in current]
@@ -1019,7 +1126,7 @@ class Ledger:
             Status.TODO,
             now=now,
             # not dispatched since the scan
-            recheck=lambda expires, _: expires is not None and expires < latest,
+            recheck=lambda row, _: row.expires_at is not None and row.expires_at < latest,
         )
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
@@ -1076,6 +1183,8 @@ class Ledger:
             worker=r.worker,
             last_error=r.last_error,
             priority=r.priority,
+            started_at=r.started_at,
+            orphaned_claims=r.orphaned_claims,
         )
 
     def get(self, job_id: int, task_id: str | None = None) -> JobRecord | None:

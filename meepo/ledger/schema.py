@@ -70,6 +70,13 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("last_error", Text, nullable=True),
         # The priority queue the job is dispatched to (one of its task's priorities).
         Column("priority", String(32), nullable=False, server_default=DEFAULT_PRIORITY),
+        # When the current claim's handler began (NULL: not started, or not recorded
+        # yet). A claim clears it; the consumer's start mark or the commit sets it. The
+        # reaper charges an expired lease as a failed attempt only if it is set.
+        Column("started_at", UTCDateTime, nullable=True),
+        # Claims of this job whose lease expired before its handler started (requeued
+        # uncharged). Non-zero: the consumer records the next start before running it.
+        Column("orphaned_claims", Integer, nullable=False, server_default="0"),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
     )
 

@@ -6,6 +6,7 @@
     executors (parallel_num threads) ── run handler ──► outcome queue
     committer ── group commit (one UPDATE per status) ──► re-dispatch retries
     heartbeat ── one UPDATE renews every lease this process holds
+    starter ── one UPDATE records the start of the handlers that began meanwhile
 
 Round trips are shared, checks are not: every claim, commit and lease renewal is a
 per-job compare-and-set on ``commit_id`` (see :mod:`meepo.ledger.ledger`).
@@ -17,10 +18,13 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import queue
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -47,6 +51,11 @@ Handler = Callable[[Job], Any]
 
 #: A message claimed before its run_at is delayed at least this long (seconds).
 EARLY_MARGIN = 0.05
+
+#: The starter waits this long (seconds) after a handler began before it records the
+#: start, so that one UPDATE marks every job begun meanwhile (jobs that end sooner are
+#: marked by their commit instead).
+START_RECORD_DELAY = 0.005
 
 #: How often a handler waiting for its commit checks that the committer is still there.
 COMMIT_WAIT_CHECK = 0.5
@@ -189,6 +198,15 @@ class Consumer:
         self._watchdog: threading.Thread | None = None
         self._committer: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
+        # Claims whose handler began and whose start is not recorded yet: the starter
+        # marks them (Ledger.start), unless their commit does first.
+        self._unmarked: set[Pair] = set()
+        self._start_cv = threading.Condition(self._lock)
+        self._stop_start = threading.Event()
+        self._starter: threading.Thread | None = None
+        # The process that runs the handlers: a handler that forks returns in a child
+        # too, which must exit instead of running this consumer's loops (see _run).
+        self._pid = os.getpid()
         self.running = False
         #: Abandoned handler threads still running above this number are logged as an
         #: error on every new timeout: hung handlers are piling up threads.
@@ -200,6 +218,7 @@ class Consumer:
         if self.running:
             return
         self.running = True
+        self._pid = os.getpid()
         self._measure_skew()
         name = f"meepo-{self.task_id}"
         self._committer = threading.Thread(
@@ -210,7 +229,10 @@ class Consumer:
         )
         self._slots = [self._new_slot() for _ in range(self.opts.parallel_num)]
         self._fetcher = threading.Thread(target=self._fetch_loop, name=f"{name}-fetch", daemon=True)
-        threads = [self._committer, self._heartbeat, self._fetcher]
+        self._starter = threading.Thread(
+            target=self._start_loop, name=f"{name}-starter", daemon=True
+        )
+        threads = [self._committer, self._heartbeat, self._starter, self._fetcher]
         if self.opts.job_timeout is not None:
             self._watchdog = threading.Thread(
                 target=self._watch_loop, name=f"{name}-watchdog", daemon=True
@@ -301,6 +323,14 @@ class Consumer:
                 self.task_id,
                 grace,
             )
+        # Record the start of the handlers still running: their jobs are left to the
+        # reaper, which charges a started job's expired lease as a failed attempt.
+        self._stop_start.set()
+        with self._start_cv:
+            self._start_cv.notify_all()
+        if self._starter is not None:
+            self._starter.join(5.0)
+        self._record_starts()
         self._commits.put(None)
         if self._committer is not None:
             self._committer.join(max(5.0, deadline - time.monotonic()))
@@ -466,7 +496,7 @@ class Consumer:
                 with self._lock:
                     self._set_aside.append(job)
                 continue
-            if not self._lease_left(job):
+            if not self._lease_left(job) or not self._may_start(job):
                 continue
             if not self._run(slot, job):
                 return  # timed out: a fresh executor has taken this one's place
@@ -490,6 +520,104 @@ class Consumer:
         )
         return False
 
+    # -- start marks ------------------------------------------------------------------
+
+    def _may_start(self, job: Job) -> bool:
+        """Whether to run the job now; an attempt is a run, so a run's start is recorded.
+
+        Usually the start is recorded later, in a batch, by the starter (or by the
+        commit). A job whose earlier claim expired before it started
+        (``orphaned_claims``) is marked first, synchronously: if its handler kills the
+        worker at once, the next reap then counts the attempt, so such a job still ends
+        after max_failed_times attempts. False if the claim was lost meanwhile (the job
+        is not run) or the mark could not be written (the job is given back)."""
+        pair = (job.id, job.commit_id)
+        if job.orphaned_claims <= 0:
+            with self._start_cv:
+                self._unmarked.add(pair)
+                self._start_cv.notify()
+            return True
+        try:
+            marked = self.d.ledger.start([pair], now=self.d.ledger_now())
+        except MeepoError as exc:
+            log.warning(
+                "task %s: job %d not started: could not record its start: %s; it goes "
+                "back to the queue",
+                self.task_id,
+                job.id,
+                exc,
+            )
+            with self._lock:
+                self._not_started.append(job)  # given back by the next heartbeat
+            return False
+        if marked:
+            return True
+        log.warning(
+            "task %s: job %d not started: its claim (commit_id %d) was lost or expired "
+            "before its start was recorded",
+            self.task_id,
+            job.id,
+            job.commit_id,
+        )
+        with self._slot:
+            self._busy -= 1
+            if self._holds(job.id, job.commit_id):
+                self._drop_held(job.id)
+            self._slot.notify_all()
+        return False
+
+    def _start_loop(self) -> None:
+        backoff = Backoff(first=0.05, cap=1.0)
+        while not self._stop_start.is_set():
+            with self._start_cv:
+                while not self._unmarked and not self._stop_start.is_set():
+                    self._start_cv.wait()
+            if self._stop_start.wait(START_RECORD_DELAY):
+                return
+            try:
+                self._record_starts()
+                backoff.reset()
+            except Exception as exc:  # the starter must never die silently
+                log.warning(
+                    "task %s: could not record job starts: %s (retrying)",
+                    self.task_id,
+                    error_summary(exc),
+                )
+                backoff.wait(self._stop_start)
+
+    def _record_starts(self) -> None:
+        """Mark the start of every job whose handler began and is not recorded yet, in
+        one UPDATE (jobs committed meanwhile no longer match: their commit marked them)."""
+        with self._lock:
+            batch = sorted(self._unmarked)
+        if not batch:
+            return
+        self.d.ledger.start(batch, now=self.d.ledger_now())
+        with self._lock:
+            self._unmarked.difference_update(batch)
+
+    def _exit_if_forked(self, exc: BaseException | None) -> None:
+        """A handler that forked returns (or raises) in the child too: the child must
+        never go on to run this consumer's loops (claims, commits, the next job). It
+        exits at once: with a SystemExit's code, 1 after printing another exception's
+        traceback, 0 after a normal return."""
+        if os.getpid() == self._pid:
+            return
+        code = 0
+        if isinstance(exc, SystemExit):
+            if isinstance(exc.code, int):
+                code = exc.code
+            elif exc.code is not None:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        elif exc is not None:
+            traceback.print_exception(exc)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
     def _run(self, slot: _Slot, job: Job) -> bool:
         """Run one job; False if it outlived job_timeout (this thread is then retired)."""
         with self._lock:
@@ -498,7 +626,13 @@ class Consumer:
         error: str | None = None
         began = time.perf_counter()
         try:
-            error = did_no_work(self.handler(job))
+            try:
+                result = self.handler(job)
+            except BaseException as exc:
+                self._exit_if_forked(exc)
+                raise
+            self._exit_if_forked(None)
+            error = did_no_work(result)
             if error is not None:
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
@@ -507,6 +641,10 @@ class Consumer:
         finally:
             self._local.job = None
         took = time.perf_counter() - began
+        pair = (job.id, job.commit_id)
+        with self._lock:
+            unmarked = pair in self._unmarked
+            self._unmarked.discard(pair)  # its commit records the start from now on
         avg = self._run_time
         self._run_time = took if avg is None else avg + 0.05 * (took - avg)
         with self._lock:
@@ -538,6 +676,16 @@ class Consumer:
         if error is not None and error.startswith("HandlerError:"):
             self._fail_now(job, error)  # it cannot have committed: it never ran
             return True
+        with self._lock:
+            uncommitted = self._holds(job.id, job.commit_id)
+        if uncommitted and unmarked:
+            # The reaper will charge this run only if its start is recorded.
+            try:
+                self.d.ledger.start([pair], now=self.d.ledger_now())
+            except MeepoError as exc:
+                log.warning(
+                    "task %s: job %d: could not record its start: %s", self.task_id, job.id, exc
+                )
         with self._slot:  # manual mode: a handler that did not commit leaves it to the reaper
             if self._holds(job.id, job.commit_id):
                 self._drop_held(job.id)

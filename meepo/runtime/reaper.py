@@ -60,8 +60,9 @@ MAX_BACKOFF = 5.0
 class ReapReport:
     recovered: int = 0
     swept: int = 0
-    requeued: int = 0
+    requeued: int = 0  # the unstarted ones included
     closed: int = 0
+    unstarted: int = 0  # requeued uncharged: their claim expired before the job started
     #: Steps of the tick that failed (``"epoch"``, ``"sweep"``, ``"reap"``), with the
     #: error; the other steps ran.
     errors: dict[str, str] = field(default_factory=dict)
@@ -86,6 +87,8 @@ class Reaper(Service):
         self._last_reap = float("-inf")
         self._redis_checked = False
         self._timeout = timedelta(seconds=options.zombie_timeout)
+        #: Expired claims requeued uncharged because their job had not started.
+        self.unstarted = 0
 
     # -- one pass ---------------------------------------------------------------------
 
@@ -105,11 +108,13 @@ class Reaper(Service):
             self._failed(report, "sweep", exc)
         due = time.monotonic() - self._last_reap >= self.opts.zombie_period
         if reap if reap is not None else due:
+            before = self.unstarted
             try:
                 report.requeued, report.closed = self.reap()
                 self._last_reap = time.monotonic()
             except MeepoError as exc:  # retried on the next tick, not a period later
                 self._failed(report, "reap", exc)
+            report.unstarted = self.unstarted - before
         return report
 
     def _failed(self, report: ReapReport, step: str, exc: MeepoError) -> None:
@@ -256,27 +261,33 @@ class Reaper(Service):
         return len(messages)
 
     def reap(self) -> tuple[int, int]:
-        """Apply the zombie policy to expired leases; returns (requeued, closed)."""
+        """Apply the zombie policy to expired leases; returns (requeued, closed).
+
+        Requeued counts the unstarted claims too (requeued uncharged); how many of them
+        there were is logged and kept in :attr:`unstarted` (a running total)."""
         now = self.d.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
         zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
         if not zombies:
             return 0, 0
-        requeued, closed = self.d.ledger.reap(
+        reaped = self.d.ledger.reap(
             zombies,
             dst=self.opts.zombie_dst_status,
             max_failed_times=self.opts.max_failed_times,
             now=now,
             redispatch_timeout=self._timeout,
         )
-        self.d.send(requeued)
+        self.d.send(reaped.requeued)
+        self.unstarted += reaped.unstarted
         log.warning(
-            "task %s: reaped %d job(s) with expired leases: %d re-queued, %d closed",
+            "task %s: reaped %d job(s) with expired leases: %d re-queued (%d of them never "
+            "started: not charged), %d closed",
             self.task_id,
-            len(requeued) + closed,
-            len(requeued),
-            closed,
+            len(reaped.requeued) + reaped.closed,
+            len(reaped.requeued),
+            reaped.unstarted,
+            reaped.closed,
         )
-        return len(requeued), closed
+        return len(reaped.requeued), reaped.closed
 
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
