@@ -255,6 +255,8 @@ def test_commit_from_elsewhere_with_commit_id(make_task: TaskFactory) -> None:
     assert set(jobs) == set(ids)
     a, b = jobs[ids[0]], jobs[ids[1]]
 
+    # the handler returned without committing: its start is recorded (synchronously)
+    wait_for(lambda: record(outside, a.id).started_at is not None, message="start mark")
     before = record(outside, a.id)
     assert before.status is Status.DOING
     with pytest.raises(StaleCommitError) as info:

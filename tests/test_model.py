@@ -136,6 +136,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.inbox: list[Pair] = []  # popped by "a consumer", not yet claimed
         self.seen: list[Pair] = []  # every message ever popped (for stale claims)
         self.claims: list[Pair] = []  # every claim ever won: (id, commit_id after claim)
+        self.lost_claims: set[Pair] = set()  # won on the server, the reply never arrived
         self.scanned: list[Any] | None = None  # the reaper's last scan, not yet reaped
         self.last_seen: dict[int, int] = {}  # commit_id at the last invariant check
         self._tokens = 0
@@ -584,6 +585,19 @@ class LedgerMachine(RuleBasedStateMachine):
         self._claim(pairs)
 
     @precondition(lambda self: self.inbox)
+    @rule(data=st.data())
+    def claim_reply_lost(self, data: st.DataObject) -> None:
+        """A claim that committed on the server but whose reply never arrived: nobody
+        holds it, so nobody renews, starts or commits it; once its lease expires the
+        reaper must requeue it uncharged (it never started)."""
+        n = data.draw(st.integers(min_value=1, max_value=len(self.inbox)), label="take")
+        pairs, self.inbox = self.inbox[:n], self.inbox[n:]
+        won = self._claim(pairs)  # the model learns the tokens (as a get() would)
+        for pair in won:
+            self.claims.remove(pair)
+        self.lost_claims.update(won)
+
+    @precondition(lambda self: self.inbox)
     @rule()
     def consumer_dies_before_claiming(self) -> None:
         self.inbox.clear()
@@ -855,7 +869,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def ledger_matches_model(self) -> None:
         if self.task is None:
             return
-        held = set(self.claims)
+        held = set(self.claims) | self.lost_claims
         for job_id, m in self.jobs.items():
             rec = self.t.get(job_id)
             assert rec is not None, f"job {job_id} was lost"
