@@ -28,11 +28,11 @@ _engines: dict[str, Engine] = {}
 _clients: dict[tuple[str, float | None], redis_lib.Redis] = {}
 _service_engines: dict[tuple[str, Bounds], Engine] = {}
 
-#: The service pool: the claim, the committer and the heartbeat of a Task each hold at
-#: most one connection at a time (the reaper and the scheduler briefly, once a tick);
-#: shared by the Tasks of a process with the same URL and lease. Few stay idle: one
-#: service pool exists per lease value in a process.
-SERVICE_POOL_SIZE = 3
+#: The service pool: the claim, the committer, the heartbeat and the starter of a Task
+#: each hold at most one connection at a time (the reaper and the scheduler briefly, once
+#: a tick): six stay open, so none of them reconnects on every checkout; shared by the
+#: Tasks of a process with the same URL and lease (one service pool per lease value).
+SERVICE_POOL_SIZE = 6
 SERVICE_MAX_OVERFLOW = 17
 
 
