@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import RedisServer
 from sqlalchemy import text
 
 from meepo import Task
@@ -116,6 +117,22 @@ def make_task(db_url: str, redis_url: str) -> Iterator[TaskFactory]:
     yield factory
     for task in made:
         task.stop(wait=True, grace=5)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start throwaway redis-servers (``servers(*args)``, in the test's temporary
+    folder, on free ports); all are stopped at teardown."""
+    started: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(started)}", *args).start()
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -38,20 +37,6 @@ from meepo.runtime.reaper import ReapReport
 pytestmark = pytest.mark.timeout(180)
 
 TaskFactory = Callable[..., Task]
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    started: list[RedisServer] = []
-
-    def start(*args: str) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(started)}", *args).start()
-        started.append(server)
-        return server
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 def admin(server: RedisServer) -> redis.Redis:

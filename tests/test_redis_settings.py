@@ -4,8 +4,7 @@ against throwaway redis-servers configured each way."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from helpers import RedisServer, wait_for
@@ -18,20 +17,6 @@ pytestmark = pytest.mark.timeout(120)
 TaskFactory = Callable[..., Task]
 
 DURABLE = ("--maxmemory-policy", "noeviction", "--save", "3600 1")
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    started: list[RedisServer] = []
-
-    def start(*args: str) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(started)}", *args).start()
-        started.append(server)
-        return server
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 def start_worker(make_task: TaskFactory, server: RedisServer) -> Task:
