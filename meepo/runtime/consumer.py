@@ -492,51 +492,61 @@ class Consumer:
             job = self._work.get()
             if job is None:
                 return
-            if self._intake_closed.is_set():
-                with self._lock:
-                    self._set_aside.append(job)
-                continue
-            if not self._lease_left(job) or not self._may_start(job):
+            if not self._admit(slot, job):
                 continue
             if not self._run(slot, job):
                 return  # timed out: a fresh executor has taken this one's place
 
-    def _lease_left(self, job: Job) -> bool:
-        """Whether enough of the job's lease is left to start it (a third: normally two
-        thirds are, as heartbeats renew it every third). A claim that waited in the
-        prefetch while heartbeats failed may have expired and been reaped, and its job
-        claimed and started elsewhere: starting it here too would run it twice at once.
-        It is given back instead (by the next heartbeat, if the claim is still ours)."""
+    def _admit(self, slot: _Slot, job: Job) -> bool:
+        """Whether to run the job now; if so it is the slot's job from now on.
+
+        Every job passes here, so the usual case holds the lock once. It is not run
+        after the intake closed (it waits to be given back by :meth:`stop`), nor when
+        less than a third of its lease is left (normally two thirds are, as heartbeats
+        renew it every third): a claim that waited in the prefetch while heartbeats
+        failed may have expired and been reaped, and its job claimed and started
+        elsewhere; starting it here too would run it twice at once. Such a job is given
+        back by the next heartbeat, if the claim is still ours. An attempt is a run, so
+        a run's start is recorded: usually later, in a batch, by the starter (or by the
+        commit); see :meth:`_mark_start` for a job whose earlier claim expired unstarted."""
         with self._lock:
+            if self._intake_closed.is_set():
+                self._set_aside.append(job)
+                return False
             claim = self._held.get(job.id)
-            if claim is not None and claim.lease_end - time.monotonic() >= self.opts.lease / 3:
+            now = time.monotonic()
+            fresh = claim is not None and claim.lease_end - now >= self.opts.lease / 3
+            if not fresh:
+                self._not_started.append(job)
+            elif job.orphaned_claims <= 0:
+                if not self._unmarked:
+                    self._start_cv.notify()  # the starter waits only while there is none
+                self._unmarked.add((job.id, job.commit_id))
+                slot.job, slot.started = job, now
                 return True
-            self._not_started.append(job)
-        log.warning(
-            "task %s: job %d not started: less than a third of its lease was left "
-            "(heartbeats failing?); it goes back to the queue",
-            self.task_id,
-            job.id,
-        )
-        return False
+        if not fresh:
+            log.warning(
+                "task %s: job %d not started: less than a third of its lease was left "
+                "(heartbeats failing?); it goes back to the queue",
+                self.task_id,
+                job.id,
+            )
+            return False
+        if not self._mark_start(job):
+            return False
+        with self._lock:
+            slot.job, slot.started = job, time.monotonic()
+        return True
 
     # -- start marks ------------------------------------------------------------------
 
-    def _may_start(self, job: Job) -> bool:
-        """Whether to run the job now; an attempt is a run, so a run's start is recorded.
-
-        Usually the start is recorded later, in a batch, by the starter (or by the
-        commit). A job whose earlier claim expired before it started
-        (``orphaned_claims``) is marked first, synchronously: if its handler kills the
+    def _mark_start(self, job: Job) -> bool:
+        """Record the start of a job whose earlier claim expired before it started
+        (``orphaned_claims``) synchronously, before it runs: if its handler kills the
         worker at once, the next reap then counts the attempt, so such a job still ends
         after max_failed_times attempts. False if the claim was lost meanwhile (the job
         is not run) or the mark could not be written (the job is given back)."""
         pair = (job.id, job.commit_id)
-        if job.orphaned_claims <= 0:
-            with self._start_cv:
-                self._unmarked.add(pair)
-                self._start_cv.notify()
-            return True
         try:
             marked = self.d.ledger.start([pair], now=self.d.ledger_now())
         except MeepoError as exc:
@@ -620,8 +630,6 @@ class Consumer:
 
     def _run(self, slot: _Slot, job: Job) -> bool:
         """Run one job; False if it outlived job_timeout (this thread is then retired)."""
-        with self._lock:
-            slot.job, slot.started = job, time.monotonic()
         self._local.job = job
         error: str | None = None
         began = time.perf_counter()
@@ -642,20 +650,21 @@ class Consumer:
             self._local.job = None
         took = time.perf_counter() - began
         pair = (job.id, job.commit_id)
-        with self._lock:
-            unmarked = pair in self._unmarked
-            self._unmarked.discard(pair)  # its commit records the start from now on
         avg = self._run_time
         self._run_time = took if avg is None else avg + 0.05 * (took - avg)
-        with self._lock:
+        with self._slot:  # one hold of the lock per job's end, as at its start
+            unmarked = pair in self._unmarked
+            self._unmarked.discard(pair)  # its commit records the start from now on
             slot.job = None
             abandoned = slot.abandoned
             if abandoned:
-                self._timed_out.discard((job.id, job.commit_id))
+                self._timed_out.discard(pair)
                 if slot in self._abandoned:
                     self._abandoned.remove(slot)
             else:
                 self.counters.finished += 1
+                self._busy -= 1  # the slot is free; the claim stays held until committed
+                self._slot.notify()
         if abandoned:
             log.warning(
                 "task %s: job %d: its handler returned %.1fs after it started, past the "
@@ -667,9 +676,6 @@ class Consumer:
                 self.opts.job_timeout,
             )
             return False
-        with self._slot:  # the slot is free now; the claim stays held until committed
-            self._busy -= 1
-            self._slot.notify()
         if self.opts.auto_commit:
             self._commits.put(_Commit(self._auto_outcome(job, error)))
             return True
