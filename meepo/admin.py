@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis as redis_lib
@@ -35,7 +35,7 @@ from .config import (
 from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
 from .errors import ConfigError, JobNotFoundError, ScheduleNotFoundError, TaskNotFoundError
-from .ledger import CHUNK, Ledger
+from .ledger import ROWS_PER_STATEMENT, Ledger
 from .ledger import migrate as migrations
 from .ledger.schedules import Schedules, next_fires
 from .records import JobRecord, ScheduleRecord, Status
@@ -48,10 +48,6 @@ Progress = Callable[[int, int | None], None]
 #: How many times a job that moved between the read and the compare-and-set is re-read
 #: and tried again before it is reported as skipped.
 RETRIES = 5
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -259,7 +255,7 @@ class Admin:
         narrows; an id that does not exist is a JobNotFoundError and nothing changes),
         or a filter: ``status`` with optional ``since``/``until`` (bounds on
         ``updated_at``), ``limit`` and ``task_id`` (an unknown task is a
-        TaskNotFoundError). Jobs are handled ``CHUNK`` at a time, each chunk one
+        TaskNotFoundError). Jobs are handled ``ROWS_PER_STATEMENT`` at a time, each chunk one
         compare-and-set per task followed by one pipelined RPUSH; ``progress`` is called
         after each chunk. ``dry_run`` reads only and returns what would be repushed.
         """
@@ -287,8 +283,8 @@ class Admin:
         progress: Progress | None,
     ) -> None:
         rows: list[tuple[int, str, int, Status]] = []
-        for i in range(0, len(ids), CHUNK):
-            rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + CHUNK]))
+        for i in range(0, len(ids), ROWS_PER_STATEMENT):
+            rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + ROWS_PER_STATEMENT]))
         missing = sorted(set(ids) - {r[0] for r in rows})
         if missing:
             shown = ", ".join(str(i) for i in missing[:10])
@@ -301,8 +297,8 @@ class Admin:
         order = {job_id: n for n, job_id in enumerate(ids)}
         rows.sort(key=lambda r: order[r[0]])
         done = 0
-        for i in range(0, len(rows), CHUNK):
-            chunk = rows[i : i + CHUNK]
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[i : i + ROWS_PER_STATEMENT]
             self._apply(chunk, result, lambda lost: self.ledger.find(task_id=task_id, ids=lost))
             done += len(chunk)
             if progress is not None:
@@ -326,7 +322,7 @@ class Admin:
         after: int | None = None
         done = 0
         while limit is None or done < limit:
-            want = CHUNK if limit is None else min(CHUNK, limit - done)
+            want = ROWS_PER_STATEMENT if limit is None else min(ROWS_PER_STATEMENT, limit - done)
             rows = find(limit=want, after_id=after)
             if not rows:
                 break

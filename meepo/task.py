@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -35,7 +35,15 @@ from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
 from .ledger.schedules import Schedules, next_fires
-from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
+from .records import (
+    DEFAULT_PRIORITY,
+    Job,
+    JobRecord,
+    Message,
+    NewJob,
+    ScheduleRecord,
+    Status,
+)
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
 from .transport import Transport, io_timeout
@@ -43,10 +51,6 @@ from .transport import Transport, io_timeout
 log = logging.getLogger("meepo")
 
 JobFunc = Callable[[Job], Any]
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 _migrated: set[tuple[str, str]] = set()

@@ -1,4 +1,4 @@
-"""The server-specific statement forms of the hot path (meepo/ledger/fastpath.py): the
+"""The server drivers' statement forms of the hot path (meepo/ledger/drivers/): the
 same results as the portable forms, errors that leave nothing half-done, and the
 fallback when a driver cannot run them.
 
@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, insert, select
 
 from meepo import Job, LedgerUnavailableError, Status, Task
 from meepo.ledger import Ledger, make_engine
+from meepo.ledger.drivers import MySQLDriver
 from meepo.ledger.ledger import Outcome
 from meepo.ledger.types import UTC
 from meepo.records import NewJob
@@ -155,7 +156,7 @@ def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) ->
 def test_mariadb_transition_script_error_changes_no_group(mariadb_url: str) -> None:
     engine = make_engine(mariadb_url)
     ledger = Ledger(engine, "meepo_jobs")
-    assert ledger._my is not None
+    assert isinstance(ledger.driver, MySQLDriver)
     task_id = unique_task_id("fp")
     t0 = now()
     ids = new_rows(ledger, task_id, b"a", b"b")
@@ -182,12 +183,13 @@ def test_mariadb_engine_without_multi_statements_uses_the_portable_forms(
     runs: list[Job] = []
     task = Task(unique_task_id("fp"), db=engine, redis=redis_url, job_func=runs.append)
     try:
-        assert task.ledger._my is not None
+        driver = task.ledger.driver
+        assert isinstance(driver, MySQLDriver)
         ids = task.push_many([b"%d" % i for i in range(50)])
         task.start()
         wait_for(lambda: all(record(task, i).status is Status.DONE for i in ids), timeout=30)
         assert sorted(j.id for j in runs) == ids
-        assert task.ledger._scripts is False
+        assert driver.scripts is False
     finally:
         task.stop(wait=True, grace=5)
         engine.dispose()

@@ -821,8 +821,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
             real_send(messages, now)
 
-        chunk = reaper_module.CHUNK
-        reaper_module.CHUNK = 2
+        chunk = reaper_module.ROWS_PER_STATEMENT
+        reaper_module.ROWS_PER_STATEMENT = 2
         self.t.transport.send = send  # type: ignore[method-assign]
         try:
             if fail is None:
@@ -833,7 +833,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.t.reaper.check_epoch()
                 self._model_epoch_check(fail_page=fail)
         finally:
-            reaper_module.CHUNK = chunk
+            reaper_module.ROWS_PER_STATEMENT = chunk
             del self.t.transport.send
 
     @precondition(lambda self: self.delayed)

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Connection, Engine, MetaData, Table, event, insert, pool, text
 from sqlalchemy.schema import DropTable
 
-from meepo.ledger import CHUNK, NEVER_DISPATCHED, Ledger, Outcome, migrate
+from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome, migrate
 from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, version_table_name
 from meepo.ledger.types import UTC
@@ -87,8 +87,8 @@ def fill(
             }
             for _ in range(n)
         )
-    for i in range(0, len(rows), CHUNK):
-        conn.execute(insert(table), rows[i : i + CHUNK])
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        conn.execute(insert(table), rows[i : i + ROWS_PER_STATEMENT])
 
 
 def analyze(conn: Connection, name: str) -> None:
