@@ -206,10 +206,9 @@ class MySQLDriver(PortableDriver):
     def push(self, rows: list[dict[str, Any]]) -> list[int]:
         """``INSERT … RETURNING id`` and COMMIT in one packet (MariaDB 10.5+), else the
         portable form."""
-        if self.insert_returning:
-            with self.script() as sc:
-                if sc is not None:
-                    return self._insert_script(sc, rows)
+        with self.script() as sc:
+            if sc is not None and self.insert_returning:
+                return self._insert_script(sc, rows)
         return super().push(rows)
 
     def _insert_script(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:

@@ -117,10 +117,26 @@ class PortableDriver:
         dialect = engine.dialect
         #: The server has row locks to wait on (and to skip): not SQLite.
         self.row_locks = dialect.name != "sqlite"
-        self.update_returning = bool(dialect.update_returning)
-        self.insert_returning = bool(dialect.insert_returning)
-        self.many_returning = bool(dialect.insert_executemany_returning_sort_by_parameter_order)
+        self._dialect = dialect
         self._now_sql = now_sql(dialect.name)
+
+    # The dialect's capabilities are read when used: MariaDB's are known only once the
+    # first connection told the server's version.
+
+    @property
+    def update_returning(self) -> bool:
+        """The dialect has ``UPDATE … RETURNING``."""
+        return bool(self._dialect.update_returning)
+
+    @property
+    def insert_returning(self) -> bool:
+        """The dialect has ``INSERT … RETURNING``."""
+        return bool(self._dialect.insert_returning)
+
+    @property
+    def many_returning(self) -> bool:
+        """The dialect returns executemany's ids in parameter order."""
+        return bool(self._dialect.insert_executemany_returning_sort_by_parameter_order)
 
     # -- plumbing -----------------------------------------------------------------------
 
