@@ -84,44 +84,6 @@ def test_payloads_of_any_bytes_round_trip_through_every_insert_form(
         assert rec is not None and rec.payload == payload
 
 
-def test_claim_and_finish_report_exactly_the_winners(db_url: str) -> None:
-    """A batch mixing current, stale, duplicate and foreign claims: only the current ones
-    win, in one call, and a commit of a mix of current and stale claims likewise."""
-    engine = make_engine(db_url)
-    ledger = Ledger(engine, "meepo_jobs")
-    task_id, other = unique_task_id("fp"), unique_task_id("fp_other")
-    t0 = now()
-    a, b, c = new_rows(ledger, task_id, b"a", b"b", b"c")
-    (foreign,) = new_rows(ledger, other, b"x")
-    got = ledger.claim(
-        task_id,
-        [(a, 0), (b, 0), (b, 0), (c, 5), (foreign, 0)],
-        lease=LEASE,
-        worker="w",
-    )
-    assert [(j.id, j.payload) for j in got] == [(a, b"a"), (b, b"b")]
-    ca, cb = (j.commit_id for j in got)
-    assert ca > 0 and cb > 0  # a claim's random step (1 to 2**31)
-    again = ledger.claim(task_id, [(a, 0)], lease=LEASE, worker="w")
-    assert again == []  # the message is stale now
-    won = ledger.finish(
-        [
-            Outcome(a, ca, Status.DONE),
-            Outcome(b, 0, Status.DONE),  # stale: b is at commit_id cb
-            Outcome(c, 0, Status.FAILED, "boom"),  # not doing
-        ],
-        now=t0,
-        redispatch_timeout=LEASE,
-    )
-    assert won == {(a, ca)}
-    recs = {i: ledger.get(i) for i in (a, b, c)}
-    assert [(r.status, r.commit_id) for r in recs.values() if r] == [
-        (Status.DONE, ca + 1),
-        (Status.DOING, cb),
-        (Status.TODO, 0),
-    ]
-
-
 def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) -> None:
     """The claim's UPDATE fails after its SELECT … FOR UPDATE locked the rows (a worker
     name too long for its column): nothing changes, no lock stays behind, and the pooled
