@@ -137,6 +137,7 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
         mine = [(j.id, j.commit_id) for j in jobs]
         renewal = run("heartbeat", ledger.heartbeat, mine, now=NOW, lease=2 * LEASE)
         assert renewal.lost == set() and renewal.renewed == set(mine)
+        assert run("start", ledger.start, mine, now=NOW) == len(mine)
         outcomes = [Outcome(j.id, j.commit_id, Status.DONE) for j in jobs]
         won = run("finish", ledger.finish, outcomes, now=NOW, redispatch_timeout=REDISPATCH)
         assert won == set(mine)
@@ -310,6 +311,7 @@ def expected_index(table: str, label: str, sql: str) -> str:
 STATEMENTS = [
     "claim",
     "heartbeat",
+    "start",
     "finish",
     "expired_leases",
     "reap",

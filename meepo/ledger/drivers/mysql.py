@@ -13,6 +13,7 @@ everywhere a statement locks, the rest inherited from the portable driver.
   a full scan to a range of primary keys; every locking read and UPDATE that names its
   rows forces the primary key, so that it touches only those rows (a frozen consumer's
   locked rows then delay its own jobs only).
+* Start marks: the UPDATE and COMMIT in one packet.
 * Time: ``UTC_TIMESTAMP(6)``, in the statement itself (no separate read).
 """
 
@@ -351,6 +352,25 @@ class MySQLDriver(PortableDriver):
             for r in won
         ]
         return Claimed(jobs, early, judged)
+
+    def start(self, pairs: Sequence[Pair], *, now: datetime | None) -> int:
+        """Up to a chunk of pairs: the start marks' UPDATE and COMMIT in one packet
+        (``UTC_TIMESTAMP(6)`` unless ``now`` is given); more, or without scripts: the
+        portable form."""
+        if len(pairs) <= CHUNK:
+            with self.script() as sc:
+                if sc is not None:
+                    at = "CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))"
+                    ids = sorted({i for i, _ in pairs})
+                    sql = (
+                        f"UPDATE {self.qname} {PK} SET started_at = {at} "
+                        f"WHERE id IN ({_ints(ids)}) AND (id, commit_id) IN ({_int_pairs(pairs)}) "
+                        f"AND status = '{Status.DOING.value}' AND started_at IS NULL "
+                        f"AND expires_at > {at}"
+                    )
+                    (n,) = self.run(sc, [(sql, [now, now])])
+                    return int(n)
+        return super().start(pairs, now=now)
 
     def transition(self, groups: Sequence[Group]) -> set[Pair]:
         """Up to a chunk of pairs: one script (locked read, every group's UPDATE,

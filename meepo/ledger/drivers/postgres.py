@@ -7,8 +7,8 @@ cursor, the rest inherited from the portable driver.
   meanwhile needs no second pass.
 * A multi-row INSERT is one ``INSERT … SELECT … FROM unnest(…) WITH ORDINALITY`` with a
   handful of array parameters instead of ten parameters per row.
-* A single-statement transition (a push, a claim, a start mark, a one-chunk commit)
-  runs in autocommit: no BEGIN and COMMIT round trips.
+* A single statement (a push, a claim, a start mark, a one-chunk commit) runs in
+  autocommit: no BEGIN and COMMIT round trips.
 * The statements are never prepared (a generic plan cannot see how many ids an array
   holds). Building, compiling and binding them through SQLAlchemy cost up to half a
   round trip for a single push or claim on an idle queue (0.36 ms per push, 0.18 ms per
@@ -107,6 +107,14 @@ class PostgresDriver(PortableDriver):
             "coalesce(%(now)s::timestamptz, statement_timestamp()) + %(lease)s::interval "
             f"WHERE id IN (SELECT id FROM mine) RETURNING id) "
             "SELECT cur.id, cur.commit_id, u.id IS NOT NULL FROM cur LEFT JOIN u ON u.id = cur.id"
+        )
+        #: start marks: started_at = the database's time (or ``now``) for doing rows
+        #: under these commit_ids, not marked yet, whose lease has not expired.
+        at = "coalesce(%(now)s::timestamptz, statement_timestamp())"
+        self.start_sql = (
+            f"UPDATE {name} SET started_at = {at} WHERE {self.by_pair} "
+            f"AND status = '{Status.DOING.value}' AND started_at IS NULL AND expires_at > {at} "
+            "RETURNING id"
         )
         columns = (
             "task_id, status, payload, failed_times, commit_id, "
@@ -217,6 +225,16 @@ class PostgresDriver(PortableDriver):
                 out.skipped |= skipped
                 out.lost.update(p for p in chunk if p not in renewed and p not in skipped)
         return out
+
+    def start(self, pairs: Sequence[Pair], *, now: datetime | None) -> int:
+        """``start_sql`` per chunk; one chunk in autocommit."""
+        marked = 0
+        with self.one_statement() if len(pairs) <= CHUNK else self.begin() as conn:
+            for i in range(0, len(pairs), CHUNK):
+                params = _pair_params(pairs[i : i + CHUNK])
+                params["now"] = now
+                marked += len(_run(conn, self.start_sql, params))
+        return marked
 
     def transition(self, groups: Sequence[Group]) -> set[Pair]:
         """One ``UPDATE … RETURNING`` per group chunk (it names its winners); a single
