@@ -21,7 +21,7 @@ from conftest import backend_url, unique_task_id
 from sqlalchemy import Engine, event, update
 
 from meepo.connect import engine_for
-from meepo.errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
+from meepo.errors import ConfigError, JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome
 from meepo.ledger.bounds import Bounds
 from meepo.ledger.clock import host_now, read_db_now
@@ -73,6 +73,11 @@ def locking(request: pytest.FixtureRequest, sqlite_url: str) -> Ledger:
 
 def test_every_driver_is_in_the_suite() -> None:
     assert {d for d, _ in SUPPORTED} == set(DRIVERS)
+
+
+def test_an_unknown_driver_is_refused_by_name(sqlite_url: str) -> None:
+    with pytest.raises(ConfigError, match=r"unknown ledger driver 'oracle'.*portable"):
+        Ledger(engine_for(sqlite_url), "meepo_jobs", driver="oracle")
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ This module decides *what* each transition checks and writes (the statuses it st
 from, the values, the zombie policy, the claim's random step, the unique key's
 hand-over); the statements that do it are the driver's (:mod:`meepo.ledger.driver`,
 one implementation per server in :mod:`meepo.ledger.drivers`), chosen once, at
-construction. The transitions report one way: the pairs that won (``finish``,
-``release``) or the messages to send for them (``reap``, ``sweep``, ``repush``).
+construction. A driver only runs statements: it never decides who wins.
 
 Statements, by caller:
 

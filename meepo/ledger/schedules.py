@@ -1,4 +1,6 @@
-"""Every SQL statement on the schedules table (``<table>_schedules``).
+"""The schedules table (``<table>_schedules``): declarations, and the scheduler's
+statements (the due scan and the fire), which are the ledger driver's
+(:mod:`meepo.ledger.drivers`).
 
 * :meth:`Schedules.declare` - insert or update a declaration. Declaring the same
   settings again writes nothing (``next_fire_at`` is kept); changed timing (kind,

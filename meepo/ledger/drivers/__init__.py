@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from ...errors import ConfigError
 from ..driver import LedgerDriver
 from .mysql import MySQLDriver
 from .portable import PortableDriver
@@ -29,7 +30,7 @@ def driver_for(engine: Engine, table_name: str, name: str | None = None) -> Ledg
     suite runs the portable driver on every server)."""
     if name is not None:
         if name not in DRIVERS:
-            raise ValueError(f"unknown ledger driver {name!r}; choose one of {sorted(DRIVERS)}")
+            raise ConfigError(f"unknown ledger driver {name!r}; choose one of {sorted(DRIVERS)}")
         return DRIVERS[name](engine, table_name)
     if PostgresDriver.usable(engine):
         return PostgresDriver(engine, table_name)

@@ -349,6 +349,7 @@ class PortableDriver:
         at: datetime,
         values: dict[str, Any],
     ) -> Claimed:
+        """The claim as one ``UPDATE … RETURNING`` (PostgreSQL, SQLite)."""
         t = self.table
         stmt = (
             update(t)
@@ -408,6 +409,7 @@ class PortableDriver:
         values: dict[str, Any],
         step: int,
     ) -> Claimed:
+        """The claim as ``SELECT … FOR UPDATE`` and an UPDATE of the winners (MariaDB)."""
         t = self.table
         ids = sorted({p[0] for p in want})
         locked = conn.execute(
