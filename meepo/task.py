@@ -157,7 +157,7 @@ class Task:
         )
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
-        # task.engine connections never starve them (DESIGN.md invariant 9).
+        # task.engine connections never starve them (docs/design.md invariant 9).
         self.bounds = Bounds.from_lease(self.options.lease)
         self.service_engine = service_engine_for(db, self.bounds)
         self.service_dispatcher = (
