@@ -58,7 +58,7 @@ class Task:
 
     A Task without ``job_func`` is a producer: it pushes, commits, repushes and reads,
     and never starts consumers. Any number of processes may build a Task for the same
-    task id at once. See the README for every option.
+    task id at once. Every option: docs/operations.md, "Configuration reference".
     """
 
     def __init__(
