@@ -26,7 +26,7 @@ Statements, by caller:
 from __future__ import annotations
 
 import contextlib
-import secrets
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -155,8 +155,11 @@ CLAIM_STEP = 2**31
 def claim_step() -> int:
     """The random step of one claim's commit_id: after a failover that lost recent
     commits, a second claim of the same row from the same (rolled back) commit_id draws
-    another step, so two claims share a token with odds of 1 in 2**31."""
-    return secrets.randbelow(CLAIM_STEP) + 1
+    another step, so two claims share a token with odds of 1 in 2**31. The step need not
+    be secret, only different: ``random``'s generator (seeded from the OS at import and
+    again in a forked child) draws it without the system call that ``secrets`` makes
+    on every claim."""
+    return random.randrange(CLAIM_STEP) + 1
 
 
 @dataclass
