@@ -232,3 +232,16 @@ def test_every_install_line_names_the_distribution_and_its_extras() -> None:
     assert not wrong, f"install lines that do not install {name!r} and its extras:\n" + (
         "\n".join(wrong)
     )
+
+
+# -- the two commands --------------------------------------------------------------------
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    blocks, _ = split(ROOT / "README.md")
+    commands = [b for b in blocks if b.info == "sh" and "make demo" in b.code]
+    assert commands, "the README lost its block of the two commands"
+    lines = [line.split("#")[0].strip() for line in commands[0].code.splitlines()]
+    assert lines[:2] == ["make demo", "make test"], lines
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci, ".ci/run must run the README's test command, `make test`"
