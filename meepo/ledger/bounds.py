@@ -1,4 +1,4 @@
-"""Bounded waits for meepo's own database sessions (DESIGN.md invariant 9).
+"""Bounded waits for meepo's own database sessions (docs/design.md invariant 9).
 
 The service engine (heartbeat, claim, committer, reaper, scheduler: see
 ``meepo.connect.service_engine_for``) never waits without a bound, on a row lock, a slow

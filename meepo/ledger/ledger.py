@@ -1,6 +1,6 @@
 """Every SQL statement meepo runs against the jobs table, one method per transition.
 
-Each transition is a compare-and-set on ``commit_id`` that increments it (DESIGN.md,
+Each transition is a compare-and-set on ``commit_id`` that increments it (docs/design.md,
 invariant 2): it names its precondition (``status`` and ``commit_id``) in the WHERE
 clause, and a row that does not match is left alone and reported back as lost.
 Batches share round trips but never the check: ``(id, commit_id) IN (…)`` keeps the
@@ -573,7 +573,7 @@ class Ledger:
         not claimed but comes back in :attr:`Claimed.early` (its message, with its
         run_at), to be delayed again. The claim adds a random step (1 to 2**31) to
         commit_id, so that a claim token cannot repeat after a database failover lost
-        the commit of an earlier claim (DESIGN.md, invariant 10).
+        the commit of an earlier claim (docs/design.md, invariant 10).
 
         Returns the jobs this call won, with their new commit_id; stale, duplicate and
         foreign messages simply do not come back. PostgreSQL and SQLite do it in one
