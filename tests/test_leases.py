@@ -1,4 +1,4 @@
-"""The host's estimate of the database's clock (DESIGN.md invariant 8).
+"""The host's estimate of the database's clock (docs/design.md invariant 8).
 
 The statements' own cases (leases set and judged by the database's clock, the reaper's
 locked step re-checking expiry, claim tokens that cannot repeat after a failover,

@@ -80,7 +80,9 @@ class PostgresDriver(PortableDriver):
         )
         #: claim: todo → doing judged by the database's clock (or ``now``), commit_id +
         #: a random step; the not-yet-due rows come back too (a NULL payload marks them,
-        #: with their run_at and the judged time).
+        #: with their run_at and the judged time). That second read runs only when the
+        #: UPDATE did not claim every message: a one-time filter, checked before it
+        #: reads a row, so that the usual claim reads its rows once.
         self.claim_sql = (
             "WITH c AS (SELECT coalesce(%(now)s::timestamptz, statement_timestamp()) AS db_now), "
             f"u AS (UPDATE {name} SET status = '{Status.DOING.value}', "
@@ -93,7 +95,8 @@ class PostgresDriver(PortableDriver):
             "NULL::timestamptz, orphaned_claims FROM u UNION ALL "
             "SELECT id, commit_id, failed_times, NULL::bytea, priority, run_at, c.db_now, "
             f"orphaned_claims FROM {name}, c WHERE {self.by_pair} AND {todo} "
-            "AND run_at > c.db_now"
+            "AND run_at > c.db_now "
+            "AND (SELECT count(*) FROM u) < cardinality(%(ids)s::bigint[])"
         )
         #: heartbeat: renew the leases whose rows can be locked now (SKIP LOCKED); a
         #: plain read of the same snapshot tells skipped (still doing under our
