@@ -229,6 +229,52 @@ def test_keyed_and_plain_jobs_in_one_batch_come_back_in_order(ledger: Ledger) ->
     assert payloads == [b"a", b"b", b"c"]
 
 
+def _push_racing_an_uncommitted_push(ledger: Ledger, task_id: str, job: NewJob) -> tuple[Any, Any]:
+    """Push ``job`` in a transaction left open, push it again from another session, then
+    commit the first: what each push returned."""
+    first = ledger.engine.connect()
+    try:
+        trans = first.begin()
+        (mine,) = ledger.insert(
+            task_id, [job], now=host_now(), redispatch_timeout=TIMEOUT, conn=first
+        )
+        results: list[Any] = []
+
+        def other() -> None:
+            results.extend(
+                ledger.insert(task_id, [job], now=host_now(), redispatch_timeout=TIMEOUT)
+            )
+
+        thread = threading.Thread(target=other, daemon=True)
+        thread.start()
+        trans.commit()
+        thread.join(DEADLINE)
+        assert len(results) == 1, "the second push did not return"
+        return mine, results[0]
+    finally:
+        first.close()
+
+
+def test_two_sessions_pushing_one_key_make_one_job(locking: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    mine, theirs = _push_racing_an_uncommitted_push(locking, task_id, NewJob(b"a", key="k"))
+    assert mine.created and (theirs.id, theirs.created) == (mine.id, False)
+    assert locking.unique_holder(task_id, "k") == mine.id
+
+
+def test_two_sessions_taking_over_a_finished_key_make_one_job(locking: Ledger) -> None:
+    ledger = locking
+    task_id = unique_task_id("cf")
+    now = host_now()
+    (old,) = ledger.insert(task_id, [NewJob(b"a", key="k")], now=now, redispatch_timeout=TIMEOUT)
+    (pair,) = claim(ledger, task_id, [old.id])
+    ledger.finish([Outcome(*pair, Status.DONE)], now=now, redispatch_timeout=TIMEOUT)
+    mine, theirs = _push_racing_an_uncommitted_push(ledger, task_id, NewJob(b"b", key="k"))
+    assert mine.created and mine.id != old.id
+    assert (theirs.id, theirs.created) == (mine.id, False)
+    assert ledger.unique_holder(task_id, "k") == mine.id
+
+
 # -- claim --------------------------------------------------------------------------------
 
 
