@@ -60,11 +60,10 @@ from meepo import JobNotFoundError, StaleCommitError, Status, Task, TransportUna
 from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
 from meepo.ledger import migrate as migrations
+from meepo.records import Pair
 from meepo.runtime import reaper as reaper_module
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
-
-Pair = tuple[int, int]
 
 EXAMPLES = int(os.environ.get("MEEPO_MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("MEEPO_MODEL_STEPS", "50"))
