@@ -34,7 +34,6 @@ from ..types import UTC
 from .portable import PortableDriver
 from .raw import Raw, bind, driver_cursor, set_clause
 
-CHUNK = ROWS_PER_STATEMENT
 #: A generous size of a row's SQL text besides its payload (packets).
 ROW_TEXT = 512
 PK = "FORCE INDEX (PRIMARY)"
@@ -158,7 +157,7 @@ class MySQLDriver(PortableDriver):
         size = 0
         for row in rows:
             one = 2 * len(row["payload"]) + ROW_TEXT
-            if chunk and (len(chunk) == CHUNK or size + one > budget):
+            if chunk and (len(chunk) == ROWS_PER_STATEMENT or size + one > budget):
                 yield chunk
                 chunk, size = [], 0
             chunk.append(row)
@@ -254,7 +253,7 @@ class MySQLDriver(PortableDriver):
                     "the payload is sent as hex): raise max_allowed_packet or lower "
                     "max_payload_bytes"
                 )
-            if values and (len(values) == CHUNK or size + len(one) + 2 > budget):
+            if values and (len(values) == ROWS_PER_STATEMENT or size + len(one) + 2 > budget):
                 statements.append(head + ", ".join(values) + tail)
                 values, size = [], len(head) + len(tail)
             values.append(one)
@@ -355,7 +354,7 @@ class MySQLDriver(PortableDriver):
         """Up to a chunk of pairs: the start marks' UPDATE and COMMIT in one packet
         (``UTC_TIMESTAMP(6)`` unless ``now`` is given); more, or without scripts: the
         portable form."""
-        if len(pairs) <= CHUNK:
+        if len(pairs) <= ROWS_PER_STATEMENT:
             with self.script() as sc:
                 if sc is not None:
                     at = "CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))"
@@ -373,7 +372,7 @@ class MySQLDriver(PortableDriver):
     def transition(self, groups: Sequence[Group]) -> set[Pair]:
         """Up to a chunk of pairs: one script (locked read, every group's UPDATE,
         COMMIT); more, or without scripts: the portable form."""
-        if sum(len(p) for p, _, _ in groups) <= CHUNK:
+        if sum(len(p) for p, _, _ in groups) <= ROWS_PER_STATEMENT:
             with self.script() as sc:
                 if sc is not None:
                     return self._transition_script(sc, groups)

@@ -48,8 +48,6 @@ from ..driver import (
 from ..engine import translate_errors
 from ..schema import jobs_table, schedules_table, unique_table
 
-CHUNK = ROWS_PER_STATEMENT
-
 
 class _Mismatch(Exception):
     """Internal: a batched compare-and-set hit fewer rows than it named."""
@@ -205,8 +203,8 @@ class PortableDriver:
         self, conn: Connection, rows: list[dict[str, Any]]
     ) -> Iterator[list[dict[str, Any]]]:
         """``rows`` in slices that one statement carries."""
-        for i in range(0, len(rows), CHUNK):
-            yield rows[i : i + CHUNK]
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            yield rows[i : i + ROWS_PER_STATEMENT]
 
     def insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         """INSERT todo rows in the caller's transaction: one row with RETURNING (or the
@@ -303,8 +301,8 @@ class PortableDriver:
         """Set the dispatch deadline of current todo rows to ``never``."""
         t = self.table
         with self.begin() as conn:
-            for i in range(0, len(pairs), CHUNK):
-                chunk = sorted(set(pairs[i : i + CHUNK]))
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = sorted(set(pairs[i : i + ROWS_PER_STATEMENT]))
                 conn.execute(
                     update(t)
                     .where(self.pairs_where(chunk), t.c.status == Status.TODO.value)
@@ -470,8 +468,8 @@ class PortableDriver:
         locks = self.row_locks
         with self.begin() as conn:
             end = self.lease_end(conn, now, lease)
-            for i in range(0, len(pairs), CHUNK):
-                chunk = pairs[i : i + CHUNK]
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
                 mine = chunk
                 if locks:
                     got = {
@@ -524,9 +522,9 @@ class PortableDriver:
         commit_ids, unmarked, whose lease has not expired."""
         t = self.table
         marked = 0
-        with self.one_statement() if len(pairs) <= CHUNK else self.begin() as conn:
-            for i in range(0, len(pairs), CHUNK):
-                chunk = pairs[i : i + CHUNK]
+        with self.one_statement() if len(pairs) <= ROWS_PER_STATEMENT else self.begin() as conn:
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
                 at = self.now_expr(now)
                 marked += int(
                     conn.execute(
@@ -549,8 +547,8 @@ class PortableDriver:
         try:
             with self.begin() as conn:
                 for pairs, statuses, values in groups:
-                    for i in range(0, len(pairs), CHUNK):
-                        chunk = pairs[i : i + CHUNK]
+                    for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                        chunk = pairs[i : i + ROWS_PER_STATEMENT]
                         if self.cas(conn, chunk, statuses, values) != len(chunk):
                             raise _Mismatch
         except _Mismatch:
@@ -593,12 +591,14 @@ class PortableDriver:
         key (SQLite: its write lock already holds the table)."""
         t = self.table
         out: list[Row[Any]] = []
-        for i in range(0, len(ids), CHUNK):
+        for i in range(0, len(ids), ROWS_PER_STATEMENT):
             out.extend(
                 conn.execute(
                     self.by_primary_key(
                         select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
-                        .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
+                        .where(
+                            t.c.id.in_(ids[i : i + ROWS_PER_STATEMENT]), t.c.status == status.value
+                        )
                         .with_for_update(skip_locked=True)
                     )
                 )
@@ -616,8 +616,8 @@ class PortableDriver:
         t = self.table
         cond = t.c.status.in_([s.value for s in statuses])
         n = 0
-        for i in range(0, len(pairs), CHUNK):
-            chunk = pairs[i : i + CHUNK]
+        for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+            chunk = pairs[i : i + ROWS_PER_STATEMENT]
             n += int(
                 conn.execute(
                     self.update_by_primary_key(
@@ -707,8 +707,8 @@ class PortableDriver:
         t = self.table
         out: dict[int, str] = {}
         with self.begin() as conn:
-            for i in range(0, len(ids), CHUNK):
-                chunk = list(ids[i : i + CHUNK])
+            for i in range(0, len(ids), ROWS_PER_STATEMENT):
+                chunk = list(ids[i : i + ROWS_PER_STATEMENT])
                 for r in conn.execute(select(t.c.id, t.c.priority).where(t.c.id.in_(chunk))):
                     out[int(r.id)] = str(r.priority)
         return out

@@ -30,8 +30,6 @@ from ..engine import translate_errors
 from .portable import PortableDriver
 from .raw import bind, driver_cursor, set_clause
 
-CHUNK = ROWS_PER_STATEMENT
-
 
 def _pair_params(pairs: Sequence[Pair]) -> dict[str, Any]:
     return {"ids": [p[0] for p in pairs], "keys": [f"{i}:{c}" for i, c in pairs]}
@@ -164,8 +162,8 @@ class PostgresDriver(PortableDriver):
             one = {k: rows[0][k] for k in ("payload", "run_at", "expires_at", "priority")}
             one.update(task_id=task_id, now=now)
             return [int(_run(conn, self.insert_one_sql, one)[0][0])]
-        for i in range(0, len(rows), CHUNK):
-            chunk = rows[i : i + CHUNK]
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[i : i + ROWS_PER_STATEMENT]
             params = {
                 "task_id": task_id,
                 "now": now,
@@ -179,7 +177,7 @@ class PostgresDriver(PortableDriver):
 
     def push(self, rows: list[dict[str, Any]]) -> list[int]:
         """One statement (up to a chunk of rows) in autocommit, else one transaction."""
-        with self.one_statement() if len(rows) <= CHUNK else self.begin() as conn:
+        with self.one_statement() if len(rows) <= ROWS_PER_STATEMENT else self.begin() as conn:
             return self.insert_rows(conn, rows)
 
     # -- consumer -----------------------------------------------------------------------
@@ -216,8 +214,8 @@ class PostgresDriver(PortableDriver):
         """``heartbeat_sql`` per chunk, in one transaction."""
         out = Renewal()
         with self.begin() as conn:
-            for i in range(0, len(pairs), CHUNK):
-                chunk = pairs[i : i + CHUNK]
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
                 params = _pair_params(chunk)
                 params.update(now=now, lease=lease)
                 renewed: set[Pair] = set()
@@ -232,9 +230,9 @@ class PostgresDriver(PortableDriver):
     def start(self, pairs: Sequence[Pair], *, now: datetime | None) -> int:
         """``start_sql`` per chunk; one chunk in autocommit."""
         marked = 0
-        with self.one_statement() if len(pairs) <= CHUNK else self.begin() as conn:
-            for i in range(0, len(pairs), CHUNK):
-                params = _pair_params(pairs[i : i + CHUNK])
+        with self.one_statement() if len(pairs) <= ROWS_PER_STATEMENT else self.begin() as conn:
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                params = _pair_params(pairs[i : i + ROWS_PER_STATEMENT])
                 params["now"] = now
                 marked += len(_run(conn, self.start_sql, params))
         return marked
@@ -243,9 +241,9 @@ class PostgresDriver(PortableDriver):
         """One ``UPDATE … RETURNING`` per group chunk (it names its winners); a single
         chunk in autocommit, several in one transaction."""
         chunks = [
-            (pairs[i : i + CHUNK], statuses, values)
+            (pairs[i : i + ROWS_PER_STATEMENT], statuses, values)
             for pairs, statuses, values in groups
-            for i in range(0, len(pairs), CHUNK)
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT)
         ]
         with self.one_statement() if len(chunks) == 1 else self.begin() as conn:
             return {w for p, s, v in chunks for w in self._cas_returning(conn, p, s, v)}
