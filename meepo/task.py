@@ -15,10 +15,10 @@ from typing import Any
 import redis as redis_lib
 from sqlalchemy import Connection, Engine, event
 
-from . import config
+from . import client, config
 from .batch import Batch
+from .client import Row, Stores
 from .config import mask_url
-from .connect import engine_for, redis_for, service_engine_for
 from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
@@ -31,7 +31,7 @@ from .errors import (
     StaleCommitError,
     UnavailableError,
 )
-from .ledger import Ledger, Outcome
+from .ledger import Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
@@ -41,7 +41,7 @@ from .options import JobFunc, TaskOptions
 from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
-from .transport import Transport, io_timeout
+from .transport import io_timeout
 
 log = logging.getLogger("meepo")
 
@@ -127,45 +127,40 @@ class Task:
         timeout = self.options.zombie_timeout
         prios = self.options.priorities
 
-        self.engine = engine_for(db)
-        self.redis = redis_for(redis, io_timeout(self.options.lease))
-        self.ledger = Ledger(self.engine, self.table_name)
+        # The stores: one table and its Redis keys, opened as Admin opens them.
+        self.stores = Stores(
+            db,
+            redis,
+            table=self.table_name,
+            prefix=self.list_name_prefix,
+            redis_timeout=io_timeout(self.options.lease),
+            clock=clock,
+        )
+        self.engine = self.stores.engine
+        self.redis = self.stores.redis  # made now: a bad URL fails here, not at a push
+        self.ledger = self.stores.ledger
         # The database's clock, as this host estimates it (an injected clock, in tests,
         # replaces it everywhere).
-        self.clock = clock or self.ledger.clock.now
-        self.transport = Transport(
-            self.redis, self.task_id, self.list_name_prefix, prios, self.default_priority
-        )
-        self.dispatcher = Dispatcher(
-            self.ledger,
-            self.transport,
-            self.task_id,
-            self.clock,
-            timedelta(seconds=timeout),
-            injected_clock=self._clock_given,
-        )
+        self.clock = self.stores.clock
+        self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
+        lease_timeout = timedelta(seconds=timeout)
+        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
         # task.engine connections never starve them (DESIGN.md invariant 9).
         self.bounds = Bounds.from_lease(self.options.lease)
-        self.service_engine = service_engine_for(db, self.bounds)
+        service_ledger = self.stores.service_ledger(self.bounds)
+        self.service_engine = service_ledger.engine
         self.service_dispatcher = (
             self.dispatcher
-            if self.service_engine is self.engine
-            else Dispatcher(
-                Ledger(self.service_engine, self.table_name),
-                self.transport,
-                self.task_id,
-                self.clock,
-                timedelta(seconds=timeout),
-                injected_clock=self._clock_given,
-            )
+            if service_ledger is self.ledger
+            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
         )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
-        self.schedule_ledger = Schedules(self.engine, self.table_name)
+        self.schedule_ledger = self.stores.schedules
         self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
         # Set as soon as stop() begins: a delayed start (waiting for the database) must not
@@ -394,15 +389,19 @@ class Task:
     def repush(self, job_id: int) -> int:
         """Put a job of any status back on the queue as todo (failed_times reset to 0);
         returns its new commit_id. A running consumer's later commit is then stale."""
-        for _ in range(10):
-            rows = self.ledger.find(task_id=self.task_id, ids=[job_id])
-            if not rows:
-                raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
-            _, _, commit_id, _ = rows[0]
-            sent = self.dispatcher.repush([(job_id, commit_id)])
-            if sent:
-                return sent[0].commit_id
-        raise StaleCommitError(job_id, commit_id, f"job {job_id} kept changing; try again")
+
+        def read(ids: list[int]) -> list[Row]:
+            return self.ledger.find(task_id=self.task_id, ids=ids)
+
+        rows = read([job_id])
+        if not rows:
+            raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+        done, skipped = client.repush(rows, lambda _: self.dispatcher, read)
+        if done:
+            return done[0][1].commit_id
+        if not skipped:  # deleted meanwhile
+            raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+        raise StaleCommitError(job_id, rows[0][2], f"job {job_id} kept changing; try again")
 
     # -- reading ----------------------------------------------------------------------
 
