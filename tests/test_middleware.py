@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -383,3 +385,49 @@ def test_task_takes_exactly_the_options_it_validates() -> None:
         n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     assert task_defaults == parameters()
+
+
+# -- the documented example ------------------------------------------------------------
+
+
+def _documented_example() -> dict[str, Any]:
+    text = (Path(__file__).parent.parent / "docs" / "middleware.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class Counter" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "docs/middleware.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_documented_counter_and_timing_log_work(
+    make_task: TaskFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.timing")
+    example = _documented_example()
+    counter = example["Counter"]()
+
+    def handler(job: Job) -> None:
+        if job.payload == b"bad":
+            raise ValueError("nope")
+
+    task = make_task(
+        job_func=handler,
+        middleware=[counter, example["TimingLog"](slow=60)],
+        max_failed_times=1,
+    )
+    ok, bad = task.push(b"ok"), task.push(b"bad")
+    task.start()
+    wait_status(task, ok, Status.DONE)
+    wait_status(task, bad, Status.FAILED)
+    wait_for(
+        lambda: counter.counts["failed"] == counter.counts["done"] == 1,
+        message="both commits counted",
+    )
+    assert {k: counter.counts[k] for k in ("pushed", "ran", "raised", "done", "failed")} == {
+        "pushed": 2,
+        "ran": 1,
+        "raised": 1,
+        "done": 1,
+        "failed": 1,
+    }
+    assert f"job {ok} ran" in caplog.text
+    assert f"job {bad} ran" in caplog.text and "ValueError: nope" in caplog.text
