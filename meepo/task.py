@@ -54,7 +54,7 @@ class Task:
 
     A Task without ``job_func`` is a producer: it pushes, commits, repushes and reads,
     and never starts consumers. Any number of processes may build a Task for the same
-    task id at once. See the README for every option.
+    task id at once. Every option: docs/operations.md, "Configuration reference".
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class Task:
         self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
-        # task.engine connections never starve them (DESIGN.md invariant 9).
+        # task.engine connections never starve them (docs/design.md invariant 9).
         self.bounds = Bounds.from_lease(self.options.lease)
         service_ledger = self.stores.service_ledger(self.bounds)
         self.service_engine = service_ledger.engine
