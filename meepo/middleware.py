@@ -177,7 +177,9 @@ class Hooks:
         for m, hook in self._by_hook[name]:
             try:
                 hook(self.task, *args)
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # a SystemExit too: it must not end meepo's thread
                 log.exception(
                     "task %s: middleware %s.%s raised; ignored (the job's outcome stands)",
                     getattr(self.task, "task_id", "?"),
@@ -190,7 +192,9 @@ class Hooks:
         for m, hook in self._by_hook[name]:
             try:
                 hook(self.task, *args)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 text = str(exc).strip().splitlines()
                 detail = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
                 raise MiddlewareError(

@@ -258,6 +258,20 @@ def test_a_raising_after_hook_is_logged_and_the_job_still_commits(
         assert f"middleware Broken.{hook} raised" in caplog.text
 
 
+class Exits(Middleware):
+    def after_run(self, task: Any, job: Job, run: RunInfo) -> None:
+        raise SystemExit(3)
+
+
+def test_a_hook_raising_system_exit_does_not_end_the_executor(make_task: TaskFactory) -> None:
+    task = make_task(job_func=lambda job: None, middleware=[Exits()], parallel_num=1)
+    first = task.push(b"1")
+    task.start()
+    wait_status(task, first, Status.DONE)
+    second = task.push(b"2")  # the one executor thread is still there to run it
+    wait_status(task, second, Status.DONE)
+
+
 class FirstRunRefused(Middleware):
     def __init__(self) -> None:
         self.calls = 0
