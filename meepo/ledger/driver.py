@@ -123,7 +123,8 @@ class Inserted:
 class Claimed(list[Job]):
     """The jobs a claim won (a list, by id), and beside them :attr:`early`: messages
     of current jobs the claim refused because their ``run_at`` is after the time it
-    judged by (:attr:`now`, the database's clock); they are to be delayed again."""
+    judged by (:attr:`now`, the database's clock; always set when ``early`` is not
+    empty); they are to be delayed again."""
 
     def __init__(
         self,
