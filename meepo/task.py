@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import FrameType, TracebackType
 from typing import Any
@@ -34,9 +34,11 @@ from .ledger import Ledger, Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
+from .ledger.retention import Retention
 from .ledger.schedules import Schedules, next_fires
 from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
+from .runtime.cleaner import Cleaner, check_retention
 from .schedule import Spec, check_name
 from .transport import Transport, io_timeout
 
@@ -88,6 +90,7 @@ class Task:
         retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
         promote_interval: float | timedelta = 0.05,
         job_timeout: float | timedelta | None = None,
+        retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.task_id = config.check_task_id(task_id)
@@ -109,6 +112,7 @@ class Task:
         except ValueError as exc:
             raise ConfigError(f"default_priority: {exc}") from None
         self.retry_backoff = config.retry_policy(retry_backoff)
+        self.retention = check_retention(retention)
         self.options = Options(
             parallel_num=parallel,
             max_failed_times=config.positive_int(max_failed_times, "max_failed_times"),
@@ -176,6 +180,9 @@ class Task:
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
+        self.cleaner = Cleaner(
+            Retention(self.service_engine, self.table_name), task_id, self.retention
+        )
         self.schedule_ledger = Schedules(self.engine, self.table_name)
         self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
@@ -587,6 +594,7 @@ class Task:
         self.reaper.start()
         self.promoter.start()
         self.scheduler.start()
+        self.cleaner.start()
         log.info(
             "task %s: %d consumer(s) started on %s and %s",
             self.task_id,
@@ -619,6 +627,7 @@ class Task:
             self._promoter.stop()
         if self._scheduler is not None:
             self._scheduler.stop()
+        self.cleaner.stop()
         self._stopped.set()
         return clean
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import click
 
 from .. import __version__
+from ..cli_jobs import register as _register_jobs
 from ..errors import ConfigError, MeepoError
 from .commands import COMMANDS
 from .common import (
@@ -68,6 +69,7 @@ def cli(ctx: click.Context) -> None:
 cli.add_command(worker)
 for _command in COMMANDS:
     cli.add_command(_command)
+_register_jobs(cli)  # jobs list/delete, push, purge (meepo/cli_jobs.py)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,8 @@ from .types import JobId, Payload, UTCDateTime
 VERSION_TABLE_SUFFIX = "_version"
 UNIQUE_SUFFIX = "_unique"
 SCHEDULES_SUFFIX = "_schedules"
+RETENTION_SUFFIX = "_retention"
+ARCHIVE_SUFFIX = "_archive"
 
 
 def version_table_name(table_name: str) -> str:
@@ -43,9 +45,12 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
     Indexes, and the statement each one serves:
 
     * primary key ``id`` - claim, commit, heartbeat, repush: single-row or ``id IN (…)``.
-    * ``(task_id, status, expires_at)`` - the reaper and dispatch sweep
+    * ``(task_id, status, expires_at, updated_at)`` - the reaper and dispatch sweep
       (``status IN ('todo','doing') AND expires_at <= now``), recovery of due ``todo``
-      rows, and ``stats`` counts: a range scan that never touches finished rows.
+      rows, and ``stats`` counts: a range scan that never touches finished rows; and the
+      cleaner's ``status = 'done' AND expires_at IS NULL AND updated_at < cutoff``
+      (finished rows have no ``expires_at``). ``updated_at`` rides in the index every
+      transition already rewrites, so retention costs the hot path no extra index.
     """
     md = metadata if metadata is not None else MetaData()
     return Table(
@@ -77,7 +82,41 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # Claims of this job whose lease expired before its handler started (requeued
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
-        Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+        Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at", "updated_at"),
+    )
+
+
+def archive_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_archive``: rows ``meepo purge --archive`` moved out of the jobs table,
+    with the jobs table's columns (ids kept, not generated) and ``archived_at``."""
+    md = metadata if metadata is not None else MetaData()
+    jobs = jobs_table(name)
+    cols = [
+        Column(c.name, c.type, nullable=c.nullable, server_default=c.server_default)
+        for c in jobs.columns
+        if c.name != "id"
+    ]
+    return Table(
+        f"{name}{ARCHIVE_SUFFIX}",
+        md,
+        Column("id", JobId, primary_key=True, autoincrement=False),
+        *cols,
+        Column("archived_at", UTCDateTime, nullable=False),
+    )
+
+
+def retention_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_retention``: how long each task keeps its finished jobs, one row per
+    ``(task_id, status)`` (``retention=`` of ``Task``), read by every cleaner and the CLI."""
+    md = metadata if metadata is not None else MetaData()
+    return Table(
+        f"{name}{RETENTION_SUFFIX}",
+        md,
+        Column("task_id", String(64), nullable=False),
+        Column("status", String(8), nullable=False),
+        Column("keep_ms", BigInteger, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        PrimaryKeyConstraint("task_id", "status", name=f"pk_{name}{RETENTION_SUFFIX}"),
     )
 
 
@@ -136,9 +175,11 @@ def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
 
 
 def ledger_metadata(name: str) -> MetaData:
-    """All three tables of the ledger called ``name``."""
+    """All the tables of the ledger called ``name``."""
     md = MetaData()
     jobs_table(name, md)
     unique_table(name, md)
     schedules_table(name, md)
+    retention_table(name, md)
+    archive_table(name, md)
     return md

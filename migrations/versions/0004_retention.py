@@ -1,0 +1,78 @@
+"""Retention: ``<table>_retention``, ``<table>_archive`` and ``updated_at`` in the task index.
+
+* ``<table>_retention``: how long each task keeps its finished jobs, per status
+  (``Task(retention=...)``), so every worker's cleaner and the CLI read one policy;
+* ``<table>_archive``: where ``meepo purge --archive`` moves rows (the jobs table's
+  columns, ids kept, and ``archived_at``);
+* the task index gains ``updated_at`` as its last column, so the cleaner finds the
+  finished rows past their retention (``status = ? AND expires_at IS NULL AND
+  updated_at < ?``) by a range scan instead of reading every finished row. Every
+  transition already rewrites that index entry (status or expires_at change), so
+  the hot path pays no extra index.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from meepo.ledger.migrate import table_name
+from meepo.ledger.types import JobId, Payload, UTCDateTime
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    name = table_name()
+    op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
+    op.create_index(
+        f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at", "updated_at"]
+    )
+    op.create_table(
+        f"{name}_retention",
+        sa.Column("task_id", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(8), nullable=False),
+        sa.Column("keep_ms", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("task_id", "status", name=f"pk_{name}_retention"),
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+    op.create_table(
+        f"{name}_archive",
+        sa.Column("id", JobId, primary_key=True, autoincrement=False),
+        sa.Column("task_id", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(8), nullable=False),
+        sa.Column("payload", Payload, nullable=False),
+        sa.Column("failed_times", sa.Integer, nullable=False),
+        sa.Column("commit_id", sa.BigInteger, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("run_at", UTCDateTime, nullable=False),
+        sa.Column("expires_at", UTCDateTime, nullable=True),
+        sa.Column("worker", sa.String(128), nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.Column("priority", sa.String(32), nullable=False, server_default="default"),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("orphaned_claims", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("archived_at", UTCDateTime, nullable=False),
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+
+
+def downgrade() -> None:
+    name = table_name()
+    op.drop_table(f"{name}_archive")
+    op.drop_table(f"{name}_retention")
+    op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
+    op.create_index(f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at"])
