@@ -462,3 +462,24 @@ def test_the_head_revision_is_read_once_when_threads_ask_together(
         t.join(30)
     assert heads == [HEAD] * 4
     assert len(set(reads)) == 1  # one thread read the files
+
+
+def test_0004_keeps_rows_and_sqlite_never_reuses_a_deleted_id(engine: Engine, table: str) -> None:
+    """0004 rebuilds an SQLite jobs table with AUTOINCREMENT (rows kept): once the
+    newest job is purged, the next one must not get its id."""
+    migrate.upgrade(engine, table, "0003")
+    t = jobs_table(table)
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    row = {
+        "task_id": "t", "status": "done", "payload": b"x", "failed_times": 0,
+        "commit_id": 1, "created_at": when, "updated_at": when, "run_at": when,
+    }  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [row, row])
+    migrate.upgrade(engine, table)
+    with engine.begin() as conn:
+        ids = list(conn.execute(select(t.c.id).order_by(t.c.id)).scalars())
+        assert len(ids) == 2
+        conn.execute(t.delete().where(t.c.id == ids[-1]))
+        new = conn.execute(t.insert().values(**row)).inserted_primary_key[0]
+    assert new > ids[-1]

@@ -83,6 +83,8 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at", "updated_at"),
+        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
+        sqlite_autoincrement=True,
     )
 
 

@@ -8,7 +8,11 @@
   finished rows past their retention (``status = ? AND expires_at IS NULL AND
   updated_at < ?``) by a range scan instead of reading every finished row. Every
   transition already rewrites that index entry (status or expires_at change), so
-  the hot path pays no extra index.
+  the hot path pays no extra index;
+* on SQLite the jobs table is rebuilt with ``AUTOINCREMENT``: without it SQLite hands
+  out the id of a deleted row again once the highest row is gone, and a purge or
+  ``meepo jobs delete`` would let a new job take a purged job's id (its archived copy,
+  its stale messages). The downgrade leaves it (harmless to older revisions).
 
 Revision ID: 0004
 Revises: 0003
@@ -33,6 +37,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     name = table_name()
+    if op.get_bind().dialect.name == "sqlite":
+        with op.batch_alter_table(
+            name, recreate="always", table_kwargs={"sqlite_autoincrement": True}
+        ):
+            pass
     op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
     op.create_index(
         f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at", "updated_at"]
