@@ -536,7 +536,7 @@ def _purge(
 
 
 def _age(secs: float) -> str:
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= size and secs % size == 0:
             return f"{int(secs // size)}{unit}"
     return f"{secs:g}s"

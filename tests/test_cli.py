@@ -76,7 +76,7 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["repush", "--status", "failed", "--limit", "-3"], "--limit"),
         (["repush", "--status", "failed", "--since", "1h", "--until", "2h"], "before --until"),
         (["jobs", "show", "abc"], "invalid job id 'abc'"),
-        (["jobs"], "missing command: one of show"),
+        (["jobs"], "missing command: one of delete, list, show"),
         (["db", "sideways"], "No such command 'sideways'"),
         (["stats", "--table", "bad-name;drop"], "invalid table name"),
         (["stats", "--prefix", "{x}"], "invalid list name prefix"),

@@ -82,7 +82,7 @@ def purge_all(
 @pytest.mark.parametrize(
     "value, seconds",
     [(90, 90.0), (1.5, 1.5), (timedelta(hours=2), 7200.0), ("30m", 1800.0), ("12h", 43200.0),
-     ("7d", 604800.0), ("2w", 1209600.0), (" 45s ", 45.0), ("1.5h", 5400.0)],
+     ("7d", 604800.0), ("2w", 1209600.0), (" 45s ", 45.0), ("1.5h", 5400.0), ("3600", 3600.0)],
 )  # fmt: skip
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value, "x") == seconds
@@ -92,6 +92,7 @@ def test_durations(value: object, seconds: float) -> None:
     "value, message",
     [
         ({"done": "7 days"}, "retention['done']: invalid duration '7 days'"),
+        ({"done": "0"}, "the duration must be positive, not '0'"),
         ({"done": "7y"}, "invalid duration '7y'"),
         ({"done": 0}, "retention['done']: the duration must be positive, not 0"),
         ({"failed": -5}, "the duration must be positive, not -5"),

@@ -38,12 +38,12 @@ CLEAN_INTERVAL = 60.0
 #: Chunks a pass removes at most (each at most CHUNK rows); the rest waits a tick.
 PASS_CHUNKS = 50
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(value: Any, name: str) -> float:
-    """Seconds from a number, a timedelta, or ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``,
+    """Seconds from a number, a timedelta, ``"3600"``, or ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``,
     ``"2w"``; anything else (zero, negative, an unknown unit) is a ConfigError (a
     ValueError) naming ``name`` and the value."""
     if isinstance(value, timedelta):
