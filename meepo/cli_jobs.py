@@ -8,6 +8,7 @@
     meepo push TASK --payload TEXT | --payload-file F | --json VALUE
                [--delay S] [--priority P] [--key K] [--unique-for S]
     meepo purge --task T [--status done|failed] [--older-than 7d] [--dry-run] [--archive]
+    meepo stats [--task T] [--json] [--watch [--interval S]]
 
 FILTERS: ``--task``, ``--status`` (repeatable), ``--priority``, ``--key``,
 ``--since``/``--until`` (the job's last change), ``--error-contains TEXT``.
@@ -23,13 +24,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime, timedelta
+import threading
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import click
 
-from .admin import record_dict
-from .cli.commands import job_ids, json_option, table_option
+from .admin import Admin, TaskSummary, record_dict
+from .cli.commands import admin_for, job_ids, json_option, prefix_option, table_option
 from .cli.commands import jobs as jobs_group
 from .cli.common import (
     JOB_ID,
@@ -42,10 +44,10 @@ from .cli.common import (
     connections,
     stderr,
 )
-from .cli.output import ProgressBar, when
+from .cli.output import ProgressBar, age, when
 from .cli.output import table as format_table
 from .config import DEFAULT_TABLE, check_table_name, check_task_id, default_db_url
-from .errors import JobNotFoundError, MeepoError
+from .errors import JobNotFoundError, MeepoError, TaskNotFoundError
 from .ledger.retention import CHUNK, Found, JobFilter, Retention
 from .records import Status
 from .runtime.cleaner import parse_duration
@@ -542,8 +544,126 @@ def _age(secs: float) -> str:
     return f"{secs:g}s"
 
 
+# -- stats ------------------------------------------------------------------------------
+
+#: What the queue columns say when Redis cannot be asked.
+UNAVAILABLE = "unavailable"
+
+
+@click.command(
+    "stats",
+    short_help="Counts by status, oldest todo age and queue depths.",
+    help="Counts by status and the oldest todo job's age of every task (from the ledger), "
+    "and the depth of its Redis queues. With Redis unreachable the ledger's counts are "
+    f"still shown and the queue columns say {UNAVAILABLE!r}. --watch redraws every "
+    "--interval seconds until Ctrl-C.",
+)
+@click.option("--task", metavar="TASK", help="Only this task.")
+@json_option
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
+@click.option(
+    "--interval", type=SECONDS, default=2.0, metavar="S", help="--watch period (default 2)."
+)
+@table_option
+@prefix_option
+@common_options
+@click.pass_context
+def stats(
+    ctx: click.Context,
+    task: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    table: str | None,
+    prefix: str | None,
+) -> int:
+    admin = admin_for(ctx, table, prefix)
+    if not watch:
+        return _stats_once(admin, task, as_json)
+    clear = sys.stdout.isatty() and not as_json
+    stop = threading.Event()
+    try:
+        while True:
+            if clear:
+                click.echo("\x1b[H\x1b[2J", nl=False)
+            click.echo(f"every {interval:g}s, {when(datetime.now(timezone.utc))} (Ctrl-C ends)")
+            _stats_once(admin, task, as_json)
+            sys.stdout.flush()
+            stop.wait(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _stats_once(admin: Admin, task: str | None, as_json: bool) -> int:
+    from redis import RedisError
+
+    from .errors import TransportUnavailableError
+
+    redis_error: str | None = None
+    try:
+        found = admin.stats(task)
+    except (TransportUnavailableError, RedisError) as exc:
+        redis_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = _ledger_stats(admin, task)
+    if as_json:
+        data: dict[str, Any] = {"table": admin.table, "tasks": [s.to_dict() for s in found]}
+        data["redis"] = "ok" if redis_error is None else f"{UNAVAILABLE}: {redis_error}"
+        click.echo(json.dumps(data, indent=2))
+    elif not found:
+        click.echo(f"no jobs in table {admin.table}")
+    else:
+        headers = [
+            "TASK", *(s.value.upper() for s in Status), "OLDEST TODO", "QUEUE", "DELAYED",
+            "QUEUES",
+        ]  # fmt: skip
+
+        def depth(n: int | None) -> str:
+            return UNAVAILABLE if redis_error is not None else "-" if n is None else str(n)
+
+        rows = [
+            [
+                s.task_id,
+                *(str(s.counts.get(st, 0)) for st in Status),
+                age(s.oldest_todo_age),
+                depth(s.queue_depth),
+                depth(s.delayed),
+                UNAVAILABLE
+                if redis_error is not None
+                else " ".join(f"{p}={n}" for p, n in s.queues.items()) or "-",
+            ]
+            for s in found
+        ]
+        for line in format_table(headers, rows):
+            click.echo(line)
+    if redis_error is not None:
+        stderr(f"warning: queue depths {UNAVAILABLE}: {redis_error}")
+    return 0
+
+
+def _ledger_stats(admin: Admin, task: str | None) -> list[TaskSummary]:
+    """``admin.stats`` without Redis: the ledger's counts, no queue depths."""
+    found = admin.ledger.stats(task)
+    if task is not None and not found:
+        raise TaskNotFoundError(f"no task {task!r} in table {admin.table!r}")
+    now = admin.clock()
+    return [
+        TaskSummary(
+            task_id=s.task_id,
+            counts={st: s.counts.get(st, 0) for st in Status},
+            oldest_todo=s.oldest_todo,
+            oldest_todo_age=(
+                None if s.oldest_todo is None else max(0.0, (now - s.oldest_todo).total_seconds())
+            ),
+            queue_depth=None,
+        )
+        for s in found
+    ]
+
+
 def register(group: click.Group) -> None:
-    """Add ``push`` and ``purge`` to the ``meepo`` group (``jobs list`` and ``jobs
-    delete`` joined the ``jobs`` group on import)."""
+    """Add ``push`` and ``purge`` to the ``meepo`` group, and ``stats`` in place of the
+    one without ``--watch`` (``jobs list`` and ``jobs delete`` joined the ``jobs`` group
+    on import)."""
     group.add_command(push)
     group.add_command(purge)
+    group.add_command(stats)

@@ -288,3 +288,64 @@ def test_purge_dry_run_then_archive(tmp_path: Path, make_task: TaskFactory, db_u
     with store.engine.begin() as conn:
         left = conn.execute(select(func.count()).where(t.c.task_id == task.task_id)).scalar()
     assert left == 2
+
+
+# -- stats --------------------------------------------------------------------------------
+
+
+def test_stats_without_redis_shows_the_ledger_counts(
+    tmp_path: Path, make_task: TaskFactory, db_url: str
+) -> None:
+    from helpers import free_port
+
+    task = make_task()
+    ids = [task.push(b"x") for _ in range(3)]
+    finish(task, ids[:1], Status.DONE, timedelta(minutes=1))
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    code, out, err = meepo("stats", "--task", task.task_id, cwd=tmp_path, db=db_url, redis=down)
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split()[:5] == ["TASK", "TODO", "DOING", "DONE", "FAILED"]
+    assert row.split() == [task.task_id, "2", "0", "1", "0", row.split()[5], *["unavailable"] * 3]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meepo: warning: queue depths unavailable: ")
+    code, out, err = meepo("stats", "--task", task.task_id, "--json", cwd=tmp_path, db=db_url,
+                           redis=down)  # fmt: skip
+    data = json.loads(out)
+    assert data["redis"].startswith("unavailable: ")
+    [summary] = data["tasks"]
+    assert summary["counts"] == {"todo": 2, "doing": 0, "done": 1, "failed": 0}
+    assert summary["queue_depth"] is None
+
+
+def test_stats_watch_redraws_until_ctrl_c(
+    tmp_path: Path, make_task: TaskFactory, db_url: str, redis_url: str
+) -> None:
+    import signal
+    import time
+
+    task = make_task()
+    task.push(b"x")
+    env = child_env(MEEPO_DB_URL=db_url, MEEPO_REDIS_URL=redis_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meepo", "stats", "--task", task.task_id, "--watch",
+         "--interval", "0.2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        frames = 0
+        deadline = time.monotonic() + 60
+        while frames < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "stats --watch ended early"
+            frames += line.startswith("every 0.2s, ")
+        assert frames == 2
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and err == ""
