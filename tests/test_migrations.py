@@ -384,6 +384,8 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert indexes == {
         f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at", "updated_at"]
     }
+    indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_unique")}
+    assert indexes == {f"ix_{name}_unique_job": ["job_id"]}
     pk = insp.get_pk_constraint(f"{name}_retention")["constrained_columns"]
     assert pk == ["task_id", "status"]
     assert insp.get_pk_constraint(f"{name}_archive")["constrained_columns"] == ["id"]

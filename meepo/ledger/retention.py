@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..errors import LedgerUnavailableError
 from ..records import JobRecord, Status
 from .clock import read_db_now
 from .engine import translate_errors
@@ -57,6 +58,8 @@ from .schema import archive_table, jobs_table, retention_table, unique_table
 
 #: A row of :meth:`Retention.matching`: ``(id, task_id, commit_id, status)``.
 Found = tuple[int, str, int, Status]
+#: How many times a policy write that lost a deadlock to another writer is tried.
+DEADLOCK_RETRIES = 5
 #: Where a purge pass has got to: the ``(updated_at, id)`` of the last row it read.
 Cursor = tuple[datetime, int]
 
@@ -221,9 +224,19 @@ class Retention:
     def save_policy(self, task_id: str, policy: Mapping[Status, float]) -> None:
         """Make ``policy`` (seconds to keep, per finished status) the task's; statuses
         not in it lose their retention (kept for ever). Safe to race: the last writer's
-        policy is the one every cleaner reads."""
+        policy is the one every cleaner reads (a deadlock between two writers is
+        retried)."""
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                self._save_policy(task_id, policy)
+                return
+            except LedgerUnavailableError as exc:
+                if "deadlock" not in str(exc).lower() or attempt == DEADLOCK_RETRIES - 1:
+                    raise
+
+    def _save_policy(self, task_id: str, policy: Mapping[Status, float]) -> None:
         r = self.retention
-        with self.begin() as conn:
+        with self.begin(read_committed=True) as conn:
             now = read_db_now(conn)
             conn.execute(
                 delete(r).where(

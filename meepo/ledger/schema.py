@@ -141,6 +141,8 @@ def unique_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("created_at", UTCDateTime, nullable=False),
         Column("updated_at", UTCDateTime, nullable=False),
         PrimaryKeyConstraint("task_id", "key", name=f"pk_{name}{UNIQUE_SUFFIX}"),
+        # The cleaner's "which of these finished jobs still hold a key" (by job id).
+        Index(f"ix_{name}{UNIQUE_SUFFIX}_job", "job_id"),
     )
 
 

@@ -14,7 +14,7 @@ different rows and neither waits on the other; on SQLite the writer lock seriali
 them, and a row already deleted is simply not found. A job still holding a unique key
 (``unique_for``) is kept until its hold is over. Times are the database's (docs/design.md
 invariant 8). A pass stops after :data:`PASS_CHUNKS` chunks and the rest waits for the
-next tick, so one cleaner never keeps the database busy for long.
+next pass, :data:`PAUSE` later, so one cleaner never keeps the database busy for long.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ log = logging.getLogger("meepo.cleaner")
 CLEAN_INTERVAL = 60.0
 #: Chunks a pass removes at most (each at most CHUNK rows); the rest waits a tick.
 PASS_CHUNKS = 50
+#: Seconds between two passes while a backlog is left (the database breathes).
+PAUSE = 0.5
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -168,7 +170,7 @@ class Cleaner(Service):
 
     def tick(self) -> float:
         report = self.run_once()
-        return 0.0 if report.more else self.interval
+        return min(self.interval, PAUSE) if report.more else self.interval
 
 
 __all__ = ["CHUNK", "CleanReport", "Cleaner", "check_retention", "parse_duration"]

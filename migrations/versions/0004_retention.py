@@ -9,6 +9,8 @@
   updated_at < ?``) by a range scan instead of reading every finished row. Every
   transition already rewrites that index entry (status or expires_at change), so
   the hot path pays no extra index;
+* ``<table>_unique`` gains an index on ``job_id``: the cleaner asks which of a chunk's
+  jobs still hold a key, and removes the keys of the jobs it deleted, by job id;
 * on SQLite the jobs table is rebuilt with ``AUTOINCREMENT``: without it SQLite hands
   out the id of a deleted row again once the highest row is gone, and a purge or
   ``meepo jobs delete`` would let a new job take a purged job's id (its archived copy,
@@ -37,15 +39,20 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     name = table_name()
-    if op.get_bind().dialect.name == "sqlite":
+    if op.get_context().dialect.name == "sqlite":
+        # The table as 0003 left it (no reflection: ``--sql`` works offline too).
         with op.batch_alter_table(
-            name, recreate="always", table_kwargs={"sqlite_autoincrement": True}
+            name,
+            recreate="always",
+            copy_from=_jobs_0003(name),
+            table_kwargs={"sqlite_autoincrement": True},
         ):
             pass
     op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
     op.create_index(
         f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at", "updated_at"]
     )
+    op.create_index(f"ix_{name}_unique_job", f"{name}_unique", ["job_id"])
     op.create_table(
         f"{name}_retention",
         sa.Column("task_id", sa.String(64), nullable=False),
@@ -79,9 +86,33 @@ def upgrade() -> None:
     )
 
 
+def _jobs_0003(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", JobId, primary_key=True, autoincrement=True),
+        sa.Column("task_id", sa.String(64), nullable=False),
+        sa.Column("status", sa.String(8), nullable=False),
+        sa.Column("payload", Payload, nullable=False),
+        sa.Column("failed_times", sa.Integer, nullable=False),
+        sa.Column("commit_id", sa.BigInteger, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("run_at", UTCDateTime, nullable=False),
+        sa.Column("expires_at", UTCDateTime, nullable=True),
+        sa.Column("worker", sa.String(128), nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.Column("priority", sa.String(32), nullable=False, server_default="default"),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("orphaned_claims", sa.Integer, nullable=False, server_default="0"),
+        sa.Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+    )
+
+
 def downgrade() -> None:
     name = table_name()
     op.drop_table(f"{name}_archive")
     op.drop_table(f"{name}_retention")
+    op.drop_index(f"ix_{name}_unique_job", table_name=f"{name}_unique")
     op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
     op.create_index(f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at"])
