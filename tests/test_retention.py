@@ -406,3 +406,33 @@ def test_deleting_a_running_job_fences_its_consumer(make_task: TaskFactory) -> N
             redispatch_timeout=timedelta(seconds=20),
         )
     assert task.get(job_id) is None
+
+
+def test_a_consumer_whose_running_job_is_deleted_goes_on(make_task: TaskFactory) -> None:
+    """``jobs delete --force`` on a running job: its handler finishes, its commit changes
+    nothing (the row stays gone), and the consumer runs the next job."""
+    from helpers import wait_for
+
+    started, release = threading.Event(), threading.Event()
+    ran: list[bytes] = []
+
+    def handler(job: object) -> None:
+        payload = job.payload  # type: ignore[attr-defined]
+        if payload == b"block":
+            started.set()
+            release.wait(30)
+        ran.append(payload)
+
+    task = make_task(job_func=handler, parallel_num=1)
+    job_id = task.push(b"block")
+    task.start()
+    assert started.wait(30)
+    store = Retention(task.engine, task.table_name)
+    rows = store.matching(JobFilter(ids=(job_id,)))
+    assert rows[0][3] is Status.DOING
+    assert store.delete(rows) == [job_id]
+    release.set()
+    nxt = task.push(b"next")
+    wait_for(lambda: (r := task.get(nxt)) is not None and r.status is Status.DONE, timeout=30)
+    assert task.get(job_id) is None
+    assert ran == [b"block", b"next"]
