@@ -379,13 +379,11 @@ def max_packet(conn: Connection) -> int:
     info = conn.connection.info
     got = info.get("meepo_max_packet")
     if got is None:
-        raw: Any = conn.connection.dbapi_connection
-        cur = raw.cursor()
-        try:
-            cur.execute("SELECT @@max_allowed_packet")
+        query = "SELECT @@max_allowed_packet"
+        with driver_cursor(conn, [(query, None)]) as cur:  # a broken connection: DBAPIError
+            cur.execute(query)
             server = int(cur.fetchone()[0])
-        finally:
-            cur.close()
+        raw: Any = conn.connection.dbapi_connection
         client = int(getattr(raw, "max_allowed_packet", server))
         got = info["meepo_max_packet"] = min(server, client)
     return int(got)
