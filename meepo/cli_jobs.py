@@ -15,8 +15,8 @@ FILTERS: ``--task``, ``--status`` (repeatable), ``--priority``, ``--key``,
 
 Thin: the statements are in :mod:`meepo.ledger.retention`. ``jobs list`` and the dry
 runs only read, and none of them needs Redis; ``push`` is the only one that does. A
-read-only command on an embedded SQLite ledger that does not exist says so and creates
-nothing.
+command on an SQLite ledger that does not exist says so and creates nothing (push
+excepted: it creates the embedded ledger, as a Task does).
 """
 
 from __future__ import annotations
@@ -140,15 +140,15 @@ def make_filter(
     )
 
 
-def store(ctx: click.Context, table: str | None, *, read_only: bool) -> Retention:
-    """The retention statements on the command's ledger table. Read-only commands on
-    an embedded SQLite ledger that does not exist stop here, having created nothing."""
+def store(ctx: click.Context, table: str | None) -> Retention:
+    """The retention statements on the command's ledger table. On an SQLite ledger
+    that does not exist (nothing to list, delete or purge) they stop here, having
+    created nothing."""
     from .connect import engine_for
 
     db, _ = connections(ctx)
     url = db or default_db_url()
-    if read_only:
-        _require_sqlite_file(url)
+    _require_sqlite_file(url)
     return Retention(engine_for(url), check_table_name(table or DEFAULT_TABLE))
 
 
@@ -202,7 +202,7 @@ def jobs_list(
     as_json: bool,
 ) -> int:
     flt = make_filter(task, statuses, priority, key, since, until, error_contains)
-    found = store(ctx, table, read_only=True).list_jobs(flt, limit=limit, after_id=after_id)
+    found = store(ctx, table).list_jobs(flt, limit=limit, after_id=after_id)
     next_id = found[-1].id if len(found) == limit else None
     if as_json:
         data = {
@@ -284,7 +284,7 @@ def jobs_delete(
     flt = make_filter(task, statuses, priority, key, since, until, error_contains, ids)
     if ids is None and flt.empty:
         raise UsageError("give --id or at least one filter (--task, --status, ...)")
-    st = store(ctx, table, read_only=dry_run)
+    st = store(ctx, table)
     rows = _matching(st, flt)
     if ids is not None:
         missing = sorted(set(ids) - {r[0] for r in rows})
@@ -482,7 +482,7 @@ def purge(
     table: str | None,
 ) -> int:
     check_task_id(task)
-    st = store(ctx, table, read_only=dry_run)
+    st = store(ctx, table)
     if older_than is not None:
         keep = {s: older_than for s in (statuses or (Status.DONE, Status.FAILED))}
     else:
@@ -577,6 +577,7 @@ def stats(
     table: str | None,
     prefix: str | None,
 ) -> int:
+    _require_sqlite_file(connections(ctx)[0] or default_db_url())  # read-only: create nothing
     admin = admin_for(ctx, table, prefix)
     if not watch:
         return _stats_once(admin, task, as_json)

@@ -109,7 +109,9 @@ def test_bad_input(tmp_path: Path, argv: list[str], message: str | None) -> None
 
 def test_read_only_commands_create_nothing(tmp_path: Path) -> None:
     for argv in (["jobs", "list"], ["jobs", "delete", "--task", "t", "--dry-run"],
-                 ["purge", "--task", "t", "--older-than", "1d", "--dry-run"]):  # fmt: skip
+                 ["purge", "--task", "t", "--older-than", "1d", "--dry-run"],
+                 ["jobs", "delete", "--id", "1", "--yes"], ["stats"],
+                 ["stats", "--watch"]):  # fmt: skip
         code, out, err = meepo(*argv, cwd=tmp_path)
         assert (code, out) == (1, ""), err
         path = tmp_path / "home" / "meepo.sqlite3"
