@@ -41,7 +41,7 @@ from .middleware import Hooks, Middleware
 from .options import JobFunc, TaskOptions
 from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
-from .runtime.cleaner import Cleaner, check_retention
+from .runtime.cleaner import Cleaner
 from .schedule import Spec, check_name
 from .transport import io_timeout
 
@@ -114,10 +114,11 @@ class Task:
             retry_backoff=retry_backoff,
             promote_interval=promote_interval,
             job_timeout=job_timeout,
+            retention=retention,
             clock=clock,
             middleware=middleware,
         )
-        self.retention = check_retention(retention)  # meepo.runtime.cleaner
+        self.retention = opts.retention
         self.task_id = opts.task_id
         self.options = opts.runtime
         self.default_priority = opts.default_priority
