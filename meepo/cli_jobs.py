@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from .admin import Admin, TaskSummary, record_dict
-from .cli.commands import admin_for, job_ids, json_option, prefix_option, table_option
+from .cli.commands import job_ids, json_option, prefix_option, table_option
 from .cli.commands import jobs as jobs_group
 from .cli.common import (
     JOB_ID,
@@ -46,7 +46,7 @@ from .cli.common import (
 )
 from .cli.output import ProgressBar, age, when
 from .cli.output import table as format_table
-from .config import DEFAULT_TABLE, check_table_name, check_task_id, default_db_url
+from .config import DEFAULT_TABLE, check_prefix, check_table_name, check_task_id, default_db_url
 from .errors import JobNotFoundError, MeepoError, TaskNotFoundError
 from .ledger.retention import CHUNK, Found, JobFilter, Retention
 from .records import Status
@@ -577,8 +577,12 @@ def stats(
     table: str | None,
     prefix: str | None,
 ) -> int:
-    _require_sqlite_file(connections(ctx)[0] or default_db_url())  # read-only: create nothing
-    admin = admin_for(ctx, table, prefix)
+    db, redis = connections(ctx)
+    check_table_name(table or DEFAULT_TABLE)
+    if prefix is not None:
+        check_prefix(prefix)
+    _require_sqlite_file(db or default_db_url())  # read-only: create nothing
+    admin = Admin(db, redis, table=table, prefix=prefix)
     if not watch:
         return _stats_once(admin, task, as_json)
     clear = sys.stdout.isatty() and not as_json

@@ -382,7 +382,8 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}
     assert indexes == {
-        f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at", "updated_at"]
+        f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at"],
+        f"ix_{name}_finished": ["task_id", "status", "updated_at"],
     }
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_unique")}
     assert indexes == {f"ix_{name}_unique_job": ["job_id"]}

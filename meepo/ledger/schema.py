@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from ..records import DEFAULT_PRIORITY
@@ -45,12 +46,14 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
     Indexes, and the statement each one serves:
 
     * primary key ``id`` - claim, commit, heartbeat, repush: single-row or ``id IN (…)``.
-    * ``(task_id, status, expires_at, updated_at)`` - the reaper and dispatch sweep
+    * ``(task_id, status, expires_at)`` - the reaper and dispatch sweep
       (``status IN ('todo','doing') AND expires_at <= now``), recovery of due ``todo``
-      rows, and ``stats`` counts: a range scan that never touches finished rows; and the
-      cleaner's ``status = 'done' AND expires_at IS NULL AND updated_at < cutoff``
-      (finished rows have no ``expires_at``). ``updated_at`` rides in the index every
-      transition already rewrites, so retention costs the hot path no extra index.
+      rows, and ``stats`` counts: a range scan that never touches finished rows.
+    * ``(task_id, status, updated_at)`` over finished rows only (``expires_at IS
+      NULL``; a partial index on PostgreSQL and SQLite, a full one on MariaDB/MySQL,
+      which has no partial indexes) - the cleaner's ``status = 'done' AND expires_at IS
+      NULL AND updated_at < cutoff``. Partial, it costs a transition nothing until the
+      job finishes.
     """
     md = metadata if metadata is not None else MetaData()
     return Table(
@@ -82,7 +85,15 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # Claims of this job whose lease expired before its handler started (requeued
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
-        Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at", "updated_at"),
+        Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+        Index(
+            f"ix_{name}_finished",
+            "task_id",
+            "status",
+            "updated_at",
+            postgresql_where=text("expires_at IS NULL"),
+            sqlite_where=text("expires_at IS NULL"),
+        ),
         # SQLite: never hand out a deleted row's id again (purges delete the newest too).
         sqlite_autoincrement=True,
     )

@@ -4,11 +4,12 @@
   (``Task(retention=...)``), so every worker's cleaner and the CLI read one policy;
 * ``<table>_archive``: where ``meepo purge --archive`` moves rows (the jobs table's
   columns, ids kept, and ``archived_at``);
-* the task index gains ``updated_at`` as its last column, so the cleaner finds the
-  finished rows past their retention (``status = ? AND expires_at IS NULL AND
-  updated_at < ?``) by a range scan instead of reading every finished row. Every
-  transition already rewrites that index entry (status or expires_at change), so
-  the hot path pays no extra index;
+* ``ix_<table>_finished`` on ``(task_id, status, updated_at)`` of the finished rows
+  (``expires_at IS NULL``), so the cleaner finds the rows past their retention by a
+  range scan instead of reading every finished row: a partial index on PostgreSQL and
+  SQLite (a job enters it once, when it finishes), a full one on MariaDB/MySQL. (Adding
+  ``updated_at`` to the task index instead led PostgreSQL to lock the reaper's rows
+  through that index, scanning it whole, rather than by primary key.)
 * ``<table>_unique`` gains an index on ``job_id``: the cleaner asks which of a chunk's
   jobs still hold a key, and removes the keys of the jobs it deleted, by job id;
 * on SQLite the jobs table is rebuilt with ``AUTOINCREMENT``: without it SQLite hands
@@ -48,9 +49,12 @@ def upgrade() -> None:
             table_kwargs={"sqlite_autoincrement": True},
         ):
             pass
-    op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
     op.create_index(
-        f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at", "updated_at"]
+        f"ix_{name}_finished",
+        name,
+        ["task_id", "status", "updated_at"],
+        postgresql_where=sa.text("expires_at IS NULL"),
+        sqlite_where=sa.text("expires_at IS NULL"),
     )
     op.create_index(f"ix_{name}_unique_job", f"{name}_unique", ["job_id"])
     op.create_table(
@@ -114,5 +118,4 @@ def downgrade() -> None:
     op.drop_table(f"{name}_archive")
     op.drop_table(f"{name}_retention")
     op.drop_index(f"ix_{name}_unique_job", table_name=f"{name}_unique")
-    op.drop_index(f"ix_{name}_task_status_expires", table_name=name)
-    op.create_index(f"ix_{name}_task_status_expires", name, ["task_id", "status", "expires_at"])
+    op.drop_index(f"ix_{name}_finished", table_name=name)
