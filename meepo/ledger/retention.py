@@ -52,10 +52,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..errors import LedgerUnavailableError
 from ..records import JobRecord, Status
 from .clock import read_db_now
+from .driver import ROWS_PER_STATEMENT
 from .engine import translate_errors
-from .fastpath import CHUNK
 from .schema import archive_table, jobs_table, retention_table, unique_table
 
+#: Rows a purge chunk (one short transaction) and a delete statement handle at most.
+CHUNK = min(1000, ROWS_PER_STATEMENT)
 #: A row of :meth:`Retention.matching`: ``(id, task_id, commit_id, status)``.
 Found = tuple[int, str, int, Status]
 #: How many times a policy write that lost a deadlock to another writer is tried.
