@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import FrameType, TracebackType
 from typing import Any
@@ -35,11 +35,13 @@ from .ledger import Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
+from .ledger.retention import Retention
 from .ledger.schedules import Schedules, next_fires
 from .middleware import Hooks, Middleware
 from .options import JobFunc, TaskOptions
 from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
+from .runtime.cleaner import Cleaner
 from .schedule import Spec, check_name
 from .transport import io_timeout
 
@@ -84,6 +86,7 @@ class Task:
         retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
         promote_interval: float | timedelta = 0.05,
         job_timeout: float | timedelta | None = None,
+        retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
     ) -> None:
@@ -111,9 +114,11 @@ class Task:
             retry_backoff=retry_backoff,
             promote_interval=promote_interval,
             job_timeout=job_timeout,
+            retention=retention,
             clock=clock,
             middleware=middleware,
         )
+        self.retention = opts.retention
         self.task_id = opts.task_id
         self.options = opts.runtime
         self.default_priority = opts.default_priority
@@ -160,6 +165,9 @@ class Task:
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
+        self.cleaner = Cleaner(
+            Retention(self.service_engine, self.table_name), self.task_id, self.retention
+        )
         self.schedule_ledger = self.stores.schedules
         self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
@@ -597,6 +605,7 @@ class Task:
         self.reaper.start()
         self.promoter.start()
         self.scheduler.start()
+        self.cleaner.start()
         log.info(
             "task %s: %d consumer(s) started on %s and %s",
             self.task_id,
@@ -629,6 +638,7 @@ class Task:
             self._promoter.stop()
         if self._scheduler is not None:
             self._scheduler.stop()
+        self.cleaner.stop()
         if self.hooks is not None and self._hooks_started:
             self._hooks_started = False
             self.hooks.on_stop()

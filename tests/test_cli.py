@@ -65,8 +65,7 @@ def record(task: Task, job_id: int) -> JobRecord:
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        ([], "required: COMMAND"),
-        (["repush"], "one of the arguments --id --status is required"),
+        (["repush"], "one of --id or --status is required"),
         (["repush", "--status", "bogus"], "unknown status 'bogus'"),
         (["repush", "--status", "done"], "unknown status 'done'"),
         (["repush", "--id", "1", "x"], "invalid job id 'x'"),
@@ -77,8 +76,8 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["repush", "--status", "failed", "--limit", "-3"], "--limit"),
         (["repush", "--status", "failed", "--since", "1h", "--until", "2h"], "before --until"),
         (["jobs", "show", "abc"], "invalid job id 'abc'"),
-        (["jobs"], "required: COMMAND"),
-        (["db", "sideways"], "invalid choice: 'sideways'"),
+        (["jobs"], "missing command: one of delete, list, show"),
+        (["db", "sideways"], "No such command 'sideways'"),
         (["stats", "--table", "bad-name;drop"], "invalid table name"),
         (["stats", "--prefix", "{x}"], "invalid list name prefix"),
         (["worker"], "MODULE:ATTR"),
@@ -89,10 +88,10 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["worker", "app:task", "--job-timeout", "0"], "positive number of seconds"),
         (["worker", "app:task", "--max-jobs", "0"], "--max-jobs"),
         (["worker", "app:task", "--max-memory", "lots"], "--max-memory"),
-        (["stats", "--nope"], "unrecognized arguments: --nope"),
-        (["schedules"], "required: COMMAND"),
-        (["schedules", "next", "x"], "required: --task"),
-        (["schedules", "remove", "x"], "required: --task"),
+        (["stats", "--nope"], "No such option '--nope'"),
+        (["schedules"], "missing command: one of"),
+        (["schedules", "next", "x"], "Missing option '--task'"),
+        (["schedules", "remove", "x"], "Missing option '--task'"),
         (["schedules", "remove", "bad name", "--task", "t"], "invalid schedule name 'bad name'"),
         (["schedules", "next", "x", "--task", "t", "-n", "0"], "-n"),
         (["schedules", "next", "x", "--task", "bad task!"], "invalid task id"),
@@ -156,10 +155,14 @@ def test_runtime_errors_are_one_line_exit_1(
     # a bad task id is a usage error
     code, _, err = run(capsys, "stats", "--task", "bad task!", *conn)
     assert code == 2 and "invalid task id" in assert_one_error_line(err)
-    # Redis: unreachable (password masked), or a URL that is not one
-    code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "redis://:s3cret@127.0.0.1:1/0")
-    assert code == 1
-    line = assert_one_error_line(after_argv_warning(err, "--redis"))
+    # Redis: unreachable (the ledger's counts still shown, a warning, password masked),
+    # or a URL that is not one
+    code, out, err = run(
+        capsys, "stats", "--db", db_url, "--redis", "redis://:s3cret@127.0.0.1:1/0"
+    )
+    assert code == 0 and "unavailable" in out
+    line = after_argv_warning(err, "--redis").strip()
+    assert line.startswith("meepo: warning: queue depths unavailable: ")
     assert "127.0.0.1:1" in line and "s3cret" not in err
     code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "nonsense://u:s3cret@h/0")
     assert code == 2
@@ -539,5 +542,38 @@ def test_python_dash_m_meepo(tmp_path: Path) -> None:
         timeout=60,
     )
     assert got.returncode == 2 and got.stdout == ""
-    assert got.stderr.startswith("meepo: error: argument --status: unknown status 'bogus'")
+    assert got.stderr.startswith(
+        "meepo: error: Invalid value for '--status': unknown status 'bogus'"
+    )
     assert len(got.stderr.splitlines()) == 1
+
+
+def test_meepo_alone_prints_help_and_exits_0(tmp_path: Path) -> None:
+    got = subprocess.run(
+        [sys.executable, "-m", "meepo"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0 and got.stderr == ""
+    assert got.stdout.startswith("Usage: meepo [OPTIONS] [COMMAND]")
+    for command in ("worker", "repush", "stats", "jobs", "schedules", "db"):
+        assert f"  {command} " in got.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion(tmp_path: Path, shell: str) -> None:
+    """click's completion: ``_MEEPO_COMPLETE={shell}_source`` prints the script, and a
+    completion request lists the commands."""
+    got = subprocess.run(
+        [sys.executable, "-m", "meepo"],
+        cwd=tmp_path, env=child_env(_MEEPO_COMPLETE=f"{shell}_source"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0 and "_MEEPO_COMPLETE" in got.stdout
+    if shell == "bash":
+        got = subprocess.run(
+            [sys.executable, "-m", "meepo"],
+            cwd=tmp_path,
+            env=child_env(_MEEPO_COMPLETE="bash_complete", COMP_WORDS="meepo sch", COMP_CWORD="1"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert got.returncode == 0 and "plain,schedules" in got.stdout
