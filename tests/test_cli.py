@@ -80,8 +80,8 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["db", "sideways"], "No such command 'sideways'"),
         (["stats", "--table", "bad-name;drop"], "invalid table name"),
         (["stats", "--prefix", "{x}"], "invalid list name prefix"),
-        (["worker"], "MODULE:ATTR"),
-        (["worker", "nocolon"], "expected MODULE:ATTR"),
+        (["worker"], "Missing argument 'MODULE[:ATTR]...'"),
+        (["worker", "nocolon_zq81"], "no module named 'nocolon_zq81'"),
         (["worker", "nosuch_mod_zq81:task"], "no module named 'nosuch_mod_zq81'"),
         (["worker", "app:task", "--parallel", "0"], "--parallel"),
         (["worker", "app:task", "--job-timeout", "soon"], "--job-timeout"),
@@ -220,13 +220,24 @@ def test_worker_bad_targets(
         (f"{name}:missing", 2, "has no attribute 'missing'"),
         (f"{name}:number", 2, "is a int, not a meepo Task"),
         (f"{name}:producer", 2, "Task without job_func"),
-        (f"{name}_broken:task", 1, "RuntimeError: broken at import"),
         (f"{name}.sub:task", 2, "no module named"),
     ]:
         got, out, err = run(capsys, "worker", target)
         assert got == code, (target, err)
         assert out == ""
         assert needle in assert_one_error_line(err), target
+    # The user's module raised at import: its traceback (the user's code, without
+    # importlib's or meepo's frames), then meepo's one line.
+    got, out, err = run(capsys, "worker", f"{name}_broken:task")
+    assert (got, out) == (1, "")
+    head, _, last = err.rstrip("\n").rpartition("\n")
+    assert last == (
+        f"meepo: error: importing '{name}_broken' failed: RuntimeError: broken at import"
+    )
+    assert head.startswith("Traceback (most recent call last):\n"), err
+    assert f'{name}_broken.py", line 1, in <module>' in head
+    assert head.endswith("RuntimeError: broken at import")
+    assert "importlib" not in head and "meepo" not in head.replace(name, "")
 
 
 WORKER_APP = """
