@@ -91,8 +91,10 @@ def test_one_worker_serves_several_tasks_and_talks_at_the_default_level(
     wait_for(
         lambda: (
             proc.poll() is not None
-            or (all(record(m, i).status is Status.DONE for i in ids_m)
-            and all(record(r, i).status is Status.DONE for i in ids_r))
+            or (
+                all(record(m, i).status is Status.DONE for i in ids_m)
+                and all(record(r, i).status is Status.DONE for i in ids_r)
+            )
         ),
         timeout=60,
         message="both tasks' jobs done",
