@@ -529,7 +529,15 @@ def test_db_commands_on_a_custom_table(
         assert code == 0
         assert [t["task_id"] for t in json.loads(out)["tasks"]] == [task.task_id]
 
-        code, out, _ = run(capsys, "db", "downgrade", "--table", table, "--revision", "base", *conn)
+        code, out, err = run(capsys, "db", "downgrade", "--table", table, "--revision", "base",
+                             *conn)  # fmt: skip
+        assert (code, out) == (2, "")  # no terminal to ask on: refused
+        assert assert_one_error_line(err) == (
+            f"meepo: error: db downgrade to base drops table {table} and every job in it: "
+            "add --yes to confirm (no terminal to ask on)"
+        )
+        code, out, _ = run(capsys, "db", "downgrade", "--table", table, "--revision", "base",
+                           "--yes", *conn)  # fmt: skip
         assert (code, out) == (0, f"table {table}: downgraded from {head} to none\n")
         code, out, _ = run(capsys, "db", "current", "--table", table, *conn)
         assert out == f"table {table}: none (not migrated) (head is {head})\n"
