@@ -31,7 +31,7 @@ ledger, so dead workers' jobs are reaped whatever state Redis is in.
    most ``zombie_limit`` rows are read per step.
 
 A todo job is never closed by the policy: it has not run, and losing a message must
-cost time, never the job (DESIGN.md invariant 6).
+cost time, never the job (docs/design.md invariant 6).
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class Reaper(Service):
 
         Requeued counts the unstarted claims too (requeued uncharged); how many of them
         there were is logged and kept in :attr:`unstarted` (a running total)."""
-        now = self.d.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
+        now = self.d.ledger_now()  # None: the database's clock (docs/design.md, invariant 8)
         zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
         if not zombies:
             return 0, 0
