@@ -14,8 +14,8 @@ import re
 from .config import mask_url
 from .errors import ConfigError
 
-#: The distribution to install extras of (``pip install 'meepo[postgres]'``).
-DIST = "meepo"
+#: The distribution to install extras of (``pip install 'meepo-queue[postgres]'``).
+DIST = "meepo-queue"
 
 DB_SCHEMES = ("postgresql+psycopg://", "mysql+pymysql:// (MariaDB, MySQL)", "sqlite:///PATH")
 _DB_BACKENDS = ("postgresql", "mysql", "mariadb", "sqlite")

@@ -592,3 +592,26 @@ def test_shell_completion(tmp_path: Path, shell: str) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert got.returncode == 0 and "plain,schedules" in got.stdout
+
+
+def test_docs_cli_md_names_every_command_and_option() -> None:
+    """docs/cli.md is the reference: every command, subcommand and option is in it."""
+    import click
+
+    from meepo.cli import cli
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    missing: list[str] = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if f"meepo {path}".strip() not in text and path:
+            missing.append(path)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                missing.extend(f"{path}: {o}" for o in param.opts if f"`{o}" not in text)
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, f"{path} {name}".strip())
+
+    walk(cli, "")
+    assert not missing, missing

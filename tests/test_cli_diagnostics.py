@@ -65,7 +65,7 @@ MEMORY = (
          "(PyMySQL comes with meepo)"),
         ("--db", "postgresql+asyncpg://u@h/x",
          "meepo: error: the driver of postgresql+asyncpg:// is not installed: meepo uses "
-         "psycopg 3: write postgresql+psycopg:// and pip install 'meepo[postgres]'"),
+         "psycopg 3: write postgresql+psycopg:// and pip install 'meepo-queue[postgres]'"),
         ("--db", "postgresql+psycopg://u@h:5x32/x",
          "meepo: error: the port of host 'h' in the database URL is not a number: write "
          "HOST:PORT with digits (or leave the port out for the default)"),

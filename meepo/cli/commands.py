@@ -101,7 +101,12 @@ def _no_ledger(path: str) -> str:
 )
 @click.option("--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5.")
 @click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]...")
-@click.option("--status", type=REPUSH_STATUS, metavar="{failed,todo,doing}")
+@click.option(
+    "--status",
+    type=REPUSH_STATUS,
+    metavar="{failed,todo,doing}",
+    help="Jobs in this status (with --since, --until, --limit).",
+)
 @click.option("--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h).")
 @click.option("--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h).")
 @click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs.")
