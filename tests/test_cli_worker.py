@@ -6,6 +6,7 @@ MariaDB and PostgreSQL (``db_url``)."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,3 +164,59 @@ def test_an_import_error_in_the_users_module_shows_its_traceback(tmp_path: Path)
     assert lines[-2] == "ZeroDivisionError: division by zero"
     files = [ln.split('"')[1] for ln in lines if ln.startswith('  File "')]
     assert [Path(f).name for f in files] == ["user_app.py", "helper_zq.py", "helper_zq.py"]
+
+
+HANG_APP = """
+import threading
+from meepo import Task
+
+def handle(job):
+    threading.Event().wait(120)  # outlasts the grace period
+
+task = Task("hang_embedded", job_func=handle, parallel_num=1, init_db=True)
+"""
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server to embed")
+def test_second_signal_on_the_embedded_default_stops_its_redis_server(tmp_path: Path) -> None:
+    """A worker on the embedded default exits at once on a second SIGTERM (os._exit: no
+    atexit hook runs) and its redis-server stops all the same."""
+    (tmp_path / "hang_app.py").write_text(HANG_APP)
+    env = child_env(MEEPO_HOME=str(tmp_path / ".meepo"))
+    for name in ("MEEPO_DB_URL", "MEEPO_REDIS_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meepo", "worker", "hang_app:task", "-v"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        producer_env_home = tmp_path / ".meepo"
+        pid_file = producer_env_home / "redis" / "redis.pid"
+        wait_for(lambda: pid_file.exists() or proc.poll() is not None, timeout=60,
+                 message="the embedded redis-server to start")  # fmt: skip
+        assert proc.poll() is None
+        server = int(wait_for(lambda: pid_file.read_text().strip(), message="its pid"))
+        push = subprocess.run(
+            [sys.executable, "-c", "from meepo import Task; Task('hang_embedded').push(b'x')"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert push.returncode == 0, push.stderr
+        assert proc.stderr is not None
+        seen = ""
+        for line in proc.stderr:  # bounded by the test's timeout
+            seen += line
+            if " claimed" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        for line in proc.stderr:
+            seen += line
+            if "SIGTERM received" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: not Path(f"/proc/{server}").exists(), timeout=30,
+             message=f"redis-server {server} to stop")  # fmt: skip
