@@ -389,7 +389,9 @@ def test_progress_bar_only_on_a_terminal_and_large_sets() -> None:
     bar(1000, 3000)
     bar(3000, 3000)
     bar.close()
-    assert tty.getvalue().splitlines()[-1].endswith("3000/3000 [" + "#" * 30 + "] 100%")
+    drawn = tty.getvalue()  # click's bar, redrawn on one line
+    assert drawn.rstrip().endswith("[" + "#" * 36 + "]  3000/3000\x1b[?25h")
+    assert "1000/3000" in drawn and drawn.lstrip("\r").startswith("\x1b[?25lrepushing")
     plain = io.StringIO()
     bar = ProgressBar(plain, "repushing", threshold=10)
     bar(1000, None)
