@@ -42,6 +42,7 @@ from ..errors import (
     UnavailableError,
 )
 from ..ledger import CHUNK, Outcome, Pair
+from ..middleware import Hooks
 from ..records import Job, Message, Status
 from ..transport import decode
 
@@ -149,6 +150,10 @@ class _Slot:
 
 class Consumer:
     """Runs ``handler`` for one task in ``options.parallel_num`` threads."""
+
+    #: middleware: the task's hooks (set by Task before start); None: none installed,
+    #: every hook call site below is skipped by one test.
+    hooks: Hooks | None = None
 
     def __init__(
         self,
@@ -453,6 +458,8 @@ class Consumer:
         if not jobs:
             return
         self.counters.claimed += len(jobs)
+        if self.hooks is not None:  # middleware: after_claim
+            self.hooks.after_claim(jobs)
         with self._lock:
             self._busy += len(jobs)
             for j in jobs:
@@ -632,9 +639,13 @@ class Consumer:
         """Run one job; False if it outlived job_timeout (this thread is then retired)."""
         self._local.job = job
         error: str | None = None
+        failure: BaseException | None = None
+        hooks = self.hooks
         began = time.perf_counter()
         try:
             try:
+                if hooks is not None:  # middleware: before_run (raising fails the attempt)
+                    hooks.before_run(job)
                 result = self.handler(job)
             except BaseException as exc:
                 self._exit_if_forked(exc)
@@ -645,10 +656,13 @@ class Consumer:
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
             error = error_summary(exc)
+            failure = exc
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
         took = time.perf_counter() - began
+        if hooks is not None:  # middleware: after_run
+            hooks.after_run(job, took, error, failure)
         pair = (job.id, job.commit_id)
         avg = self._run_time
         self._run_time = took if avg is None else avg + 0.05 * (took - avg)
@@ -848,6 +862,8 @@ class Consumer:
                 # The committer has finished (a stop is ending): nobody will take this
                 # commit from the queue, so it goes to the ledger directly.
                 self.d.commit_one(outcome)
+                if self.hooks is not None:  # middleware: after_commit
+                    self.hooks.after_commit(outcome, True)
                 return
         if not accepted:
             raise StaleCommitError(outcome.job_id, outcome.commit_id)
@@ -932,6 +948,8 @@ class Consumer:
                         o.status.value,
                         o.commit_id,
                     )
+            if self.hooks is not None:  # middleware: after_commit, after_retry
+                self.hooks.after_commit(o, ok)
             if c.future is not None:
                 c.future.set_result(ok)
 
