@@ -10,13 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import TaskFactory, unique_task_id
 from helpers import child_env, record, wait_for
 
-from meepo import Status
+from meepo import Job, Status
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -220,3 +221,31 @@ def test_second_signal_on_the_embedded_default_stops_its_redis_server(tmp_path: 
             proc.wait()
     wait_for(lambda: not Path(f"/proc/{server}").exists(), timeout=30,
              message=f"redis-server {server} to stop")  # fmt: skip
+
+
+def test_runner_recycles_after_max_jobs_without_touching_the_handler(
+    make_task: TaskFactory,
+) -> None:
+    """The Runner counts handler runs through a middleware it adds for the run (the
+    task's own hooks come back after it) and returns "recycle" after max_jobs; the
+    handler is never wrapped."""
+    from meepo.runtime.runner import Runner
+
+    ran: list[int] = []
+
+    def handle(job: Job) -> None:
+        ran.append(job.id)
+
+    task = make_task(job_func=handle, parallel_num=1, prefetch=0)
+    hooks_before = task.hooks
+    ids = task.push_many([b"a", b"b", b"c", b"d"])
+    runner = Runner([task], max_jobs=2)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run()))
+    thread.start()  # not the main thread: no signal handlers
+    thread.join(60)
+    assert outcome == ["recycle"]
+    assert runner.reason == "2 jobs (--max-jobs 2)"
+    assert task.job_func is handle and task.hooks is hooks_before
+    assert len(ran) == 2 and set(ran) <= set(ids)
+    assert sorted(record(task, i).status.value for i in ids) == ["done", "done", "todo", "todo"]

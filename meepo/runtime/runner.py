@@ -8,7 +8,8 @@ a foreground worker needs around that:
   gracefully (no new pops, claimed-but-unstarted jobs go back to the queue, running
   jobs get ``shutdown_grace`` to finish and be committed); a second one exits the
   process at once (the reaper recovers what was running).
-* **Recycling** (``max_jobs`` / ``max_memory_mb``): a leak in user code (a cache that
+* **Recycling** (``max_jobs`` / ``max_memory_mb``, counted by a middleware the Runner
+  adds for the run; the handler is never wrapped): a leak in user code (a cache that
   only grows, a C extension that never frees) should not grow a worker forever. After
   ``max_jobs`` handler runs in the process, or once its resident memory exceeds
   ``max_memory_mb`` after a job, the Runner stops the Tasks gracefully and
@@ -31,20 +32,19 @@ runtime never imports the facade.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, Protocol
 
 from ..config import Options, mask_url
 from ..errors import MeepoError
+from ..middleware import Hooks, Middleware, RunInfo
 from ..records import Job
 from .consumer import Consumer
 
@@ -75,7 +75,7 @@ class _Transport(Protocol):
 class Runnable(Protocol):
     """What the Runner needs of a Task."""
 
-    job_func: Callable[[Job], Any] | None
+    hooks: Hooks | None
 
     @property
     def task_id(self) -> str: ...
@@ -213,8 +213,8 @@ class Runner:
                 raise
             error = self._wait()
         finally:
-            for task, handler in originals.items():
-                task.job_func = handler
+            for task, hooks in originals.items():
+                task.hooks = hooks
             for sig, old in restore.items():
                 signal.signal(sig, old)
         self._announce_stop()
@@ -310,37 +310,31 @@ class Runner:
 
     # -- recycling --------------------------------------------------------------------
 
-    def _count_jobs(self) -> dict[Runnable, Callable[[Job], Any]]:
-        """Wrap each Task's handler for the run (restored after it) to count handler
-        runs as they end and to act at once, so the stop follows the ``max_jobs``-th
-        job closely: only the jobs running then finish, those claimed ahead go back to
-        the queue. Handlers abandoned by job_timeout count as ended."""
-        originals: dict[Runnable, Callable[[Job], Any]] = {}
+    def _count_jobs(self) -> dict[Runnable, Hooks | None]:
+        """Add a middleware to each Task for the run (its hooks are restored after it)
+        that counts handler runs as they end and acts at once, in the handler's thread:
+        the stop follows the ``max_jobs``-th job closely (only the jobs running then
+        finish, those claimed ahead go back to the queue). Handlers abandoned by
+        job_timeout count as ended."""
+        originals: dict[Runnable, Hooks | None] = {}
+        counter = _RunCounter(self)
         for task in self.tasks:
-            handler = task.job_func
-            if handler is not None and not inspect.iscoroutinefunction(handler):
-                originals[task] = handler
-                task.job_func = self._counting(handler)
+            originals[task] = task.hooks
+            installed = task.hooks.middleware if task.hooks is not None else ()
+            task.hooks = Hooks(task, [*installed, counter])
         return originals
 
-    def _counting(self, handler: Callable[[Job], Any]) -> Callable[[Job], Any]:
-        @functools.wraps(handler)
-        def counted(job: Job) -> Any:
-            try:
-                return handler(job)
-            finally:
-                with self._lock:
-                    self.ended += 1
-                if self.limit_reached() is not None:
-                    # In the handler's own thread, before its executor takes the next
-                    # job: the generation ends here, not a few jobs later.
-                    for task in self.tasks:
-                        consumer = task.consumer
-                        if consumer is not None:
-                            consumer.close_intake()
-                self._wake.set()
-
-        return counted
+    def _ended(self) -> None:
+        with self._lock:
+            self.ended += 1
+        if self.limit_reached() is not None:
+            # Before the executor takes the next job: the generation ends here, not a
+            # few jobs later.
+            for task in self.tasks:
+                consumer = task.consumer
+                if consumer is not None:
+                    consumer.close_intake()
+        self._wake.set()
 
     def jobs(self) -> int:
         timed_out = sum(
@@ -429,6 +423,16 @@ class Runner:
             tally.retried,
             back,
         )
+
+
+class _RunCounter(Middleware):
+    """The Runner's count of handler runs (recycling)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def after_run(self, task: Any, job: Job, run: RunInfo) -> None:
+        self.runner._ended()
 
 
 # -- re-running the process -------------------------------------------------------------
