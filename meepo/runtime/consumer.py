@@ -41,10 +41,10 @@ from ..errors import (
     StaleCommitError,
     UnavailableError,
 )
-from ..ledger import CHUNK, Outcome, Pair
+from ..ledger import ROWS_PER_STATEMENT, Outcome, Pair
 from ..middleware import Hooks
 from ..records import Job, Message, Status
-from ..transport import decode
+from ..transport import MESSAGES_PER_CALL, decode
 
 log = logging.getLogger("meepo.consumer")
 
@@ -413,7 +413,7 @@ class Consumer:
                     self._slot.wait(0.5)
                     continue
             try:
-                priority, messages = self.d.transport.pop(min(free, CHUNK), timeout=1.0)
+                priority, messages = self.d.transport.pop(min(free, MESSAGES_PER_CALL), timeout=1.0)
             except UnavailableError as exc:
                 log.warning("task %s: cannot pop: %s (retrying)", self.task_id, exc)
                 backoff.wait(self._stop_fetch)
@@ -877,7 +877,7 @@ class Consumer:
             last = first is None
             if first is not None:
                 batch.append(first)
-            while not last and len(batch) < CHUNK:
+            while not last and len(batch) < ROWS_PER_STATEMENT:
                 try:
                     item = self._commits.get_nowait()
                 except queue.Empty:

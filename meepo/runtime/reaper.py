@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError
-from ..ledger import CHUNK, NEVER_DISPATCHED
+from ..ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT
 from ..middleware import Hooks
 from ..transport.transport import RECOVERY_LOCK_TTL
 from .redis_check import check_redis_config
@@ -192,7 +192,7 @@ class Reaper(Service):
         try:
             after: tuple[datetime, int] | None = None
             while True:
-                rows = self.d.ledger.todo_page(self.task_id, after=after, limit=CHUNK)
+                rows = self.d.ledger.todo_page(self.task_id, after=after, limit=ROWS_PER_STATEMENT)
                 if not rows:
                     break
                 self.d.transport.send([m for m, _ in rows], self.clock())
