@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import redis as redis_lib
@@ -657,38 +655,22 @@ class Task:
 
         The first signal stops popping and lets running jobs finish (``shutdown_grace``);
         a second one exits the process at once (the reaper recovers what was running).
+        The run loop and the signals are :class:`meepo.runtime.runner.Runner`'s, which
+        ``meepo worker`` uses too.
         """
-        restore = self._install_signals()  # before start: a signal is never missed
-        try:
-            self.start()
-            self._stopped.wait()
-        finally:
-            for sig, old in restore.items():
-                signal.signal(sig, old)
-        if self._start_error is not None:  # e.g. SchemaError once the database answered
-            raise self._start_error
+        from .runtime.runner import Runner
 
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        hits = {"n": 0}
+        Runner([self]).run()
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            hits["n"] += 1
-            if hits["n"] > 1:
-                log.warning("task %s: second signal, exiting now", self.task_id)
-                os._exit(1)
-            log.info(
-                "task %s: %s received, finishing running jobs (a second signal exits now)",
-                self.task_id,
-                signal.Signals(signum).name,
-            )
-            threading.Thread(target=self.stop, name="meepo-shutdown", daemon=True).start()
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until a ``stop()`` has finished (or a delayed start failed); whether it
+        has."""
+        return self._stopped.wait(timeout)
 
-        old: dict[int, Any] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, on_signal)
-        return old
+    @property
+    def start_error(self) -> MeepoError | None:
+        """Why a delayed start (waiting for the database) gave up, e.g. a SchemaError."""
+        return self._start_error
 
     def __enter__(self) -> Task:
         return self

@@ -47,7 +47,7 @@ from .common import (
     silence_stdout,
 )
 from .output import ProgressBar
-from .worker import load_task, worker
+from .worker import UserCodeError, load_task, worker
 
 __all__ = ["ProgressBar", "UsageError", "cli", "load_task", "main", "parse_time"]
 
@@ -91,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail("interrupted", 130)
     except UsageError as exc:
         return fail(f"{exc}", 2)
+    except UserCodeError as exc:  # the user's code: its traceback, then one line
+        sys.stderr.write(exc.traceback_text)
+        return fail(str(exc), 1)
     except ConfigError as exc:
         return fail(str(exc), 2)
     except MeepoError as exc:

@@ -5,6 +5,7 @@ Thin: each reads its options, calls :mod:`meepo.admin` and prints."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import click
 
 from ..admin import Admin, DbState, RepushResult, TaskSummary, record_dict, schedule_dict
+from ..config import DEFAULT_TABLE, check_prefix, check_table_name, check_task_id
+from ..errors import JobNotFoundError, TaskNotFoundError
 from ..records import Status
 from .common import (
     JOB_ID,
@@ -57,6 +60,35 @@ def admin_for(ctx: click.Context, table: str | None, prefix: str | None = None) 
     return Admin(db, redis, table=table, prefix=prefix)
 
 
+def missing_ledger(ctx: click.Context) -> str | None:
+    """For a read-only command, which creates no file: the path of a SQLite ledger
+    that does not exist yet (opening it would create it and its directory), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from ..config import default_db_url
+    from ..urls import check_db_url, check_redis_url
+
+    db, redis = connections(ctx)
+    if redis is not None:
+        check_redis_url(redis)  # bad input is named even with nothing to read
+    url = db or default_db_url()
+    if not url.lower().startswith("sqlite"):
+        return None
+    check_db_url(url)
+    try:
+        path = make_url(url).database
+    except ArgumentError:
+        return None
+    if not path or path.startswith("file:") or os.path.exists(path):
+        return None
+    return os.path.abspath(path)
+
+
+def _no_ledger(path: str) -> str:
+    return f"no ledger database at {path} yet (`meepo db upgrade` or a first push creates it)"
+
+
 # -- repush -----------------------------------------------------------------------------
 
 
@@ -69,7 +101,12 @@ def admin_for(ctx: click.Context, table: str | None, prefix: str | None = None) 
 )
 @click.option("--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5.")
 @click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]...")
-@click.option("--status", type=REPUSH_STATUS, metavar="{failed,todo,doing}")
+@click.option(
+    "--status",
+    type=REPUSH_STATUS,
+    metavar="{failed,todo,doing}",
+    help="Jobs in this status (with --since, --until, --limit).",
+)
 @click.option("--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h).")
 @click.option("--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h).")
 @click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs.")
@@ -164,6 +201,19 @@ def stats(
     ctx: click.Context, task: str | None, as_json: bool, table: str | None, prefix: str | None
 ) -> int:
     """Counts by status, oldest todo age and queue depth of every task."""
+    path = missing_ledger(ctx)
+    if path is not None:
+        table = check_table_name(table or DEFAULT_TABLE)
+        if prefix is not None:
+            check_prefix(prefix)
+        if task is not None:
+            check_task_id(task)
+            raise TaskNotFoundError(f"no task {task!r}: {_no_ledger(path)}")
+        if as_json:
+            click.echo(json.dumps({"table": table or DEFAULT_TABLE, "tasks": []}, indent=2))
+        else:
+            click.echo(f"no jobs in table {table or DEFAULT_TABLE}: {_no_ledger(path)}")
+        return 0
     admin = admin_for(ctx, table, prefix)
     found: list[TaskSummary] = admin.stats(task)
     if as_json:
@@ -223,6 +273,10 @@ def jobs_show(
     ctx: click.Context, job_id: int, task: str | None, as_json: bool, table: str | None
 ) -> int:
     """A job's ledger row."""
+    path = missing_ledger(ctx)
+    if path is not None:
+        check_table_name(table or DEFAULT_TABLE)
+        raise JobNotFoundError(f"no job {job_id}: {_no_ledger(path)}")
     rec = admin_for(ctx, table).job(job_id, task)
     data = record_dict(rec)
     if as_json:
@@ -259,6 +313,16 @@ def schedules(ctx: click.Context) -> None:
 @click.pass_context
 def schedules_list(ctx: click.Context, task: str | None, as_json: bool, table: str | None) -> int:
     """Every schedule and its next fire."""
+    path = missing_ledger(ctx)
+    if path is not None:
+        table = check_table_name(table or DEFAULT_TABLE)
+        if task is not None:
+            check_task_id(task)
+        if as_json:
+            click.echo(json.dumps({"table": table or DEFAULT_TABLE, "schedules": []}, indent=2))
+        else:
+            click.echo(f"no schedules in table {table or DEFAULT_TABLE}: {_no_ledger(path)}")
+        return 0
     admin = admin_for(ctx, table)
     found = admin.schedules(task)
     if as_json:
@@ -371,6 +435,13 @@ def _db_line(state: DbState) -> str:
 @click.pass_context
 def db_current(ctx: click.Context, table: str | None) -> int:
     """Show the table's revision and the head revision."""
+    path = missing_ledger(ctx)
+    if path is not None:
+        from ..ledger.migrate import head
+
+        name = check_table_name(table or DEFAULT_TABLE)
+        click.echo(f"table {name}: none (not migrated: {_no_ledger(path)}) (head is {head()})")
+        return 0
     click.echo(_db_line(admin_for(ctx, table).db_current()))
     return 0
 
@@ -391,16 +462,48 @@ def db_upgrade(ctx: click.Context, revision: str | None, table: str | None) -> i
 
 @db.command("downgrade", short_help="Migrate the table down (base drops it).")
 @click.option("--revision", metavar="R", help="Target revision (default: -1, one step down).")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping the tables (to base).")
 @table_option
 @common_options
 @click.pass_context
-def db_downgrade(ctx: click.Context, revision: str | None, table: str | None) -> int:
-    """Migrate the table down to --revision (default: -1; base drops the tables)."""
+def db_downgrade(ctx: click.Context, revision: str | None, yes: bool, table: str | None) -> int:
+    """Migrate the table down to --revision (default: -1). Down to base drops the table
+    and every job in it: that asks for confirmation on a terminal, and needs --yes
+    without one."""
     admin = admin_for(ctx, table)
     before = admin.db_current().current
-    after = admin.db_downgrade(revision or "-1")
+    target = revision or "-1"
+    if before is not None and not yes and _drops_table(before, target):
+        what = f"db downgrade to base drops table {admin.table} and every job in it"
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UsageError(f"{what}: add --yes to confirm (no terminal to ask on)")
+        if not click.confirm(f"{what}. Go on?", default=False, err=True):
+            click.echo(f"table {admin.table}: left as it is", err=True)
+            return 1
+    after = admin.db_downgrade(target)
     _print_migration(before, after, "downgraded")
     return 0
+
+
+def _drops_table(current: str, target: str) -> bool:
+    """Whether downgrading from ``current`` to ``target`` reaches base (drops the table)."""
+    if target == "base":
+        return True
+    steps = target[1:] if target.startswith("-") else ""
+    if not steps.isdigit():
+        return False  # a revision id: never base (Alembic rejects unknown ones)
+    from alembic.script import ScriptDirectory
+
+    from ..ledger.migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    depth = 0
+    rev: Any = script.get_revision(current)
+    while rev is not None:
+        depth += 1
+        down = rev.down_revision
+        rev = script.get_revision(down) if isinstance(down, str) else None
+    return int(steps) >= depth
 
 
 def _print_migration(before: str | None, after: DbState, verb: str) -> None:

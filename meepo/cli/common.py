@@ -215,7 +215,10 @@ def connections(ctx: click.Context) -> tuple[str | None, str | None]:
     """The database and Redis URLs from the options, their files and the environment
     (None: the embedded default)."""
     opts = given(ctx)
-    return _connection(opts, "db", DB_ENV), _connection(opts, "redis", REDIS_ENV)
+    if "_urls" not in opts:  # once: a password on argv is warned about once
+        opts["_urls"] = (_connection(opts, "db", DB_ENV), _connection(opts, "redis", REDIS_ENV))
+    urls: tuple[str | None, str | None] = opts["_urls"]
+    return urls
 
 
 def _connection(opts: dict[str, Any], name: str, env: str) -> str | None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 #: Repushes larger than this draw a progress bar (when stderr is a terminal).
 PROGRESS_THRESHOLD = 1000
 
 
 class ProgressBar:
-    """``repushing 3000/10000 [#####.....] 30%`` redrawn on one terminal line.
+    """A ``progress(done, total)`` callback drawing click's progress bar on a terminal.
 
     Drawn only when the stream is a terminal and the set is larger than ``threshold``,
     so piped and captured output stays plain."""
@@ -22,25 +22,27 @@ class ProgressBar:
         self.threshold = threshold
         self.enabled = stream.isatty()
         self.shown = False
+        self._bar: Any = None
+        self._done = 0
 
     def __call__(self, done: int, total: int | None) -> None:
         if not self.enabled or max(done, total or 0) <= self.threshold:
             return
-        if total:
-            width = 30
-            filled = min(width, width * done // total)
-            bar = "#" * filled + "." * (width - filled)
-            line = f"{self.label} {done}/{total} [{bar}] {100 * done // total}%"
-        else:
-            line = f"{self.label} {done} job(s)"
-        self.stream.write("\r" + line)
-        self.stream.flush()
-        self.shown = True
+        if self._bar is None:
+            import click
+
+            self._bar = click.progressbar(
+                length=total, label=self.label, file=self.stream, show_pos=True
+            )
+            self._bar.__enter__()
+            self.shown = True
+        self._bar.update(done - self._done)
+        self._done = done
 
     def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
 
 
 def age(seconds: float | None) -> str:

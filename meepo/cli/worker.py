@@ -1,24 +1,82 @@
-"""``meepo worker MODULE:ATTR``: import the user's module and run its Task."""
+"""``meepo worker TARGET...``: import the user's modules and run their Tasks.
+
+A TARGET is ``MODULE:ATTR`` (a Task, or a zero-argument callable returning one; ATTR
+may be dotted) or ``MODULE`` alone (every Task with a job_func among the module's
+attributes). Several Tasks run in one process, each with its own consumers, reaper,
+promoter and scheduler; :class:`meepo.runtime.runner.Runner` owns the run loop, the
+signals and recycling."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
+import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+import traceback
+from types import ModuleType
 from typing import Any
 
 import click
 
+from .. import __version__
 from ..config import DB_ENV, PREFETCH_PER_THREAD, REDIS_ENV
 from ..errors import MeepoError
-from ..runtime.recycle import Recycler, exec_again
+from ..runtime.runner import Runner, exec_again, worker_log
 from ..task import Task
-from .common import POSITIVE, SECONDS, UsageError, common_options, connections, given, worker_format
+from .common import (
+    POSITIVE,
+    SECONDS,
+    UsageError,
+    common_options,
+    connections,
+    given,
+    log_level,
+    worker_format,
+)
+
+_CLI_DIR = os.path.dirname(os.path.abspath(__file__))
+_IMPORTLIB_DIR = os.path.dirname(os.path.abspath(importlib.__file__))
+
+
+class UserCodeError(RuntimeError):
+    """The user's module (or Task factory) raised: its traceback is shown, then this
+    one-line summary. ``traceback_text`` leaves out importlib's and the CLI's frames."""
+
+    def __init__(self, message: str, exc: BaseException) -> None:
+        super().__init__(message)
+        te = traceback.TracebackException.from_exception(exc)
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if not _internal(f.filename)]
+        )
+        self.traceback_text = "".join(te.format())
+
+
+def _internal(filename: str) -> bool:
+    if filename.startswith("<frozen importlib"):
+        return True
+    return os.path.dirname(os.path.abspath(filename)) in (_CLI_DIR, _IMPORTLIB_DIR)
+
+
+def _import(module_name: str) -> ModuleType:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise UsageError(
+                f"cannot import {module_name!r}: no module named {exc.name!r} in the current "
+                "directory or on PYTHONPATH"
+            ) from None
+        raise UserCodeError(f"importing {module_name!r} failed: {exc}", exc) from exc
+    except MeepoError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}", exc
+        ) from exc
 
 
 def load_task(spec: str) -> Task:
@@ -27,31 +85,19 @@ def load_task(spec: str) -> Task:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
         raise UsageError(f"expected MODULE:ATTR (such as myapp.tasks:task), not {spec!r}")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise UsageError(
-                f"cannot import {module_name!r}: no module named {exc.name!r} in the current "
-                "directory or on PYTHONPATH"
-            ) from None
-        raise RuntimeError(f"importing {module_name!r} failed: {exc}") from exc
-    except MeepoError:
-        raise
-    except Exception as exc:
-        raise RuntimeError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+    obj: Any = _import(module_name)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(obj, Task) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except MeepoError:
+            raise
+        except Exception as exc:
+            raise UserCodeError(f"{spec}() failed: {type(exc).__name__}: {exc}", exc) from exc
     if not isinstance(obj, Task):
         raise UsageError(f"{spec} is a {type(obj).__name__}, not a meepo Task")
     if obj.job_func is None:
@@ -62,14 +108,50 @@ def load_task(spec: str) -> Task:
     return obj
 
 
+def load_module_tasks(module_name: str) -> list[Task]:
+    """Every Task with a job_func among the attributes of MODULE, in definition order."""
+    if not module_name.strip() or ":" in module_name:
+        raise UsageError(f"expected MODULE or MODULE:ATTR, not {module_name!r}")
+    module = _import(module_name)
+    found: list[Task] = []
+    producers = 0
+    for value in list(vars(module).values()):
+        if isinstance(value, Task) and not any(value is t for t in found):
+            if value.job_func is None:
+                producers += 1
+            else:
+                found.append(value)
+    if not found:
+        more = f" ({producers} without job_func, which can push but not consume)"
+        raise UsageError(
+            f"module {module_name!r} has no Task with a job_func"
+            + (more if producers else "")
+            + ": name one as MODULE:ATTR"
+        )
+    return found
+
+
+def load_tasks(targets: tuple[str, ...]) -> list[Task]:
+    """The Tasks of every TARGET, each once."""
+    tasks: list[Task] = []
+    for spec in targets:
+        found = [load_task(spec)] if ":" in spec else load_module_tasks(spec)
+        for task in found:
+            if not any(task is t for t in tasks):
+                tasks.append(task)
+    return tasks
+
+
 @click.command(
     "worker",
-    short_help="Run the consumers and reaper of a Task.",
+    short_help="Run the consumers and reaper of one or more Tasks.",
     help="Import MODULE (from the current directory or PYTHONPATH) and run the Task named "
-    "ATTR (or returned by ATTR(), a zero-argument callable) until SIGINT or SIGTERM. "
-    "--db/--redis set MEEPO_DB_URL/MEEPO_REDIS_URL for Tasks built without db=/redis=.",
+    "ATTR (or returned by ATTR(), a zero-argument callable), or with MODULE alone every "
+    "Task of the module that has a job_func, until SIGINT or SIGTERM (a second one exits "
+    "at once). Several targets run in one process. --db/--redis set "
+    "MEEPO_DB_URL/MEEPO_REDIS_URL for Tasks built without db=/redis=.",
 )
-@click.argument("target", metavar="MODULE:ATTR")
+@click.argument("targets", nargs=-1, required=True, metavar="MODULE[:ATTR]...")
 @click.option("--parallel", type=POSITIVE, metavar="N", help="Override parallel_num.")
 @click.option(
     "--job-timeout",
@@ -93,20 +175,39 @@ def load_task(spec: str) -> Task:
 @click.pass_context
 def worker(
     ctx: click.Context,
-    target: str,
+    targets: tuple[str, ...],
     parallel: int | None,
     job_timeout: float | None,
     max_jobs: int | None,
     max_memory: int | None,
 ) -> int:
     worker_format()
-    db, redis = connections(ctx)
-    # Tasks built without db=/redis= read these when the module is imported.
-    if db:
-        os.environ[DB_ENV] = db
-    if redis:
-        os.environ[REDIS_ENV] = redis
-    task = load_task(target)
+    opts = given(ctx)
+    # The start and shutdown lines show unless --log-level error asked for quiet.
+    level = log_level(opts)
+    old_level = worker_log.level
+    worker_log.setLevel(logging.INFO if level <= logging.WARNING else level)
+    try:
+        db, redis = connections(ctx)
+        # Tasks built without db=/redis= read these when the module is imported.
+        if db:
+            os.environ[DB_ENV] = db
+        if redis:
+            os.environ[REDIS_ENV] = redis
+        tasks = load_tasks(targets)
+        for task in tasks:
+            override(task, parallel, job_timeout)
+        runner = Runner(tasks, max_jobs=max_jobs, max_memory_mb=max_memory, version=__version__)
+        outcome = runner.run()
+    finally:
+        worker_log.setLevel(old_level)
+    if outcome == "recycle":
+        exec_again(opts.get("argv"))
+    return 0
+
+
+def override(task: Task, parallel: int | None, job_timeout: float | None) -> None:
+    """Apply ``--parallel`` and ``--job-timeout`` to a Task."""
     if parallel is not None:
         opts = task.options
         # prefetch follows parallel_num unless the Task set it apart.
@@ -114,47 +215,3 @@ def worker(
         task.options = dataclasses.replace(opts, parallel_num=parallel, prefetch=prefetch)
     if job_timeout is not None:
         task.options = dataclasses.replace(task.options, job_timeout=job_timeout)
-    if max_jobs is None and max_memory is None:
-        task.run()
-        return 0
-    recycler = Recycler(task, max_jobs, max_memory)
-    with _signals_seen() as seen:
-        try:
-            recycler.start()
-            task.run()
-        finally:
-            recycler.close()
-    if recycler.reason is None or seen():
-        return 0  # stopped by a signal (even one during the recycle): exit
-    exec_again(given(ctx).get("argv"))
-    return 0  # not reached
-
-
-@contextlib.contextmanager
-def _signals_seen() -> Iterator[Callable[[], bool]]:
-    """Whether SIGINT or SIGTERM arrived meanwhile, whoever handled it: Python writes
-    the number of every signal it handles to the wakeup fd."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    old = signal.set_wakeup_fd(write_fd)
-    got = bytearray()
-    is_open = [True]
-
-    def seen() -> bool:
-        if is_open[0]:
-            with contextlib.suppress(BlockingIOError):
-                got.extend(os.read(read_fd, 256))
-        return signal.SIGINT in got or signal.SIGTERM in got
-
-    try:
-        yield seen
-    finally:
-        seen()
-        is_open[0] = False
-        signal.set_wakeup_fd(old)
-        os.close(read_fd)
-        os.close(write_fd)
