@@ -356,7 +356,7 @@ class Admin:
                 before = {i: s for i, _, _, s in group}
                 # The ledger's compare-and-set first, then one pipelined RPUSH. If Redis
                 # is down the rows stay todo and the dispatch sweep sends them later.
-                sent = self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group])
+                sent = self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group]).sent
                 new = {m.job_id: m.commit_id for m in sent}
                 for i, _, _, _ in group:
                     if i in new:

@@ -393,7 +393,7 @@ class Task:
             if not rows:
                 raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
             _, _, commit_id, _ = rows[0]
-            sent = self.dispatcher.repush([(job_id, commit_id)])
+            sent = self.dispatcher.repush([(job_id, commit_id)]).sent
             if sent:
                 return sent[0].commit_id
         raise StaleCommitError(job_id, commit_id, f"job {job_id} kept changing; try again")
@@ -513,7 +513,9 @@ class Task:
     def promoter(self) -> Promoter:
         """This task's promoter of delayed jobs (``task.promoter.run_once()``)."""
         if self._promoter is None:
-            self._promoter = Promoter(self.transport, self.clock, self.options.promote_interval)
+            self._promoter = Promoter(
+                self.service_dispatcher, self.clock, self.options.promote_interval
+            )
         return self._promoter
 
     @property

@@ -338,7 +338,7 @@ class LedgerMachine(RuleBasedStateMachine):
             for o in outcomes
             if self._current((o.job_id, o.commit_id), Status.DOING)
         }
-        won = self.t.dispatcher.finish(outcomes)
+        won = self.t.dispatcher.finish(outcomes).won
         assert won == expect
         for o in outcomes:
             if (o.job_id, o.commit_id) in won:

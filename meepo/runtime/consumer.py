@@ -895,7 +895,7 @@ class Consumer:
         won: set[Pair] | None = None
         while won is None:
             try:
-                won = self.d.finish(outcomes)
+                won = self.d.finish(outcomes).won
             except (LedgerUnavailableError, MeepoError) as exc:
                 if self._abandon.is_set():
                     log.error(

@@ -45,9 +45,7 @@ from datetime import datetime, timedelta
 from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError
-from ..ledger import CHUNK, NEVER_DISPATCHED
-from ..transport.transport import RECOVERY_LOCK_TTL
-from .redis_check import check_redis_config
+from ..ledger import CHUNK
 from .service import Service
 
 log = logging.getLogger("meepo.reaper")
@@ -130,11 +128,11 @@ class Reaper(Service):
         """Detect that Redis lost its data (or went back in time); returns the number of
         jobs re-dispatched. A recovery owed and not finished (it failed, another process
         holds its lock, or the storm window is not over) is tried again next time."""
-        epoch, created, counter = self.d.transport.ensure_epoch()
+        epoch, created, counter = self.d.ensure_epoch()
         last, self._counter = self._counter, counter
         if last is not None and counter <= last and self.known_epoch == epoch:
             # Same token, older counter: a restore or a lagging replica.
-            epoch = self.d.transport.rotate_epoch(epoch)
+            epoch = self.d.rotate_epoch(epoch)
             log.warning(
                 "task %s: Redis went back in time (epoch counter %d after %d: restored "
                 "from a backup or failed over to a lagging replica); re-dispatching todo "
@@ -179,42 +177,13 @@ class Reaper(Service):
         new Redis, or one emptied before any consumer saw it). Raises on a failure,
         having released the recovery lock if Redis lets it; the recovery then stays
         owed (see :meth:`check_epoch`)."""
-        state, token = self.d.transport.take_recovery(epoch)
+        state, token = self.d.take_recovery(epoch)
         if state == "done":  # another process finished it
             self._owed = None
             return 0
         if token is None:  # another process is running it: still owed
             return 0
-        sent = 0
-        try:
-            after: tuple[datetime, int] | None = None
-            while True:
-                rows = self.d.ledger.todo_page(self.task_id, after=after, limit=CHUNK)
-                if not rows:
-                    break
-                self.d.transport.send([m for m, _ in rows], self.clock())
-                sent += len(rows)
-                last, expires = rows[-1]
-                after = (expires, last.job_id)
-                self.d.transport.hold_recovery(epoch, token)
-            self.d.transport.finish_recovery(epoch, token)
-        except BaseException:
-            try:
-                self.d.transport.release_recovery(epoch, token)
-            except MeepoError as exc:
-                log.warning(
-                    "task %s: could not release the recovery lock (%s); it expires in %ds",
-                    self.task_id,
-                    exc,
-                    RECOVERY_LOCK_TTL,
-                )
-            if sent:
-                log.warning(
-                    "task %s: re-dispatch failed after %d job(s); retried next tick",
-                    self.task_id,
-                    sent,
-                )
-            raise
+        sent = len(self.d.recover(epoch, token, page=CHUNK).sent)
         if self._owed is not None and self._owed[0] == epoch:
             self._owed = None
         if sent and lost:  # the storm window: counted from a real loss's re-send
@@ -227,71 +196,35 @@ class Reaper(Service):
 
     def sweep(self) -> int:
         """Re-dispatch todo rows whose message is gone; returns how many."""
-        heads = self.d.transport.heads()
-        now = self.clock()
-        deadlines = self.d.ledger.dispatch_deadlines([h for _, h in heads.values() if h])
-        cutoffs: dict[str, datetime] = {}
-        for prio, (length, head) in heads.items():
-            if length == 0:
-                cutoffs[prio] = now
-                continue
-            # Rows dispatched before the head message were popped already: if still todo
-            # past their deadline, their consumer died between pop and claim. A stale
-            # head says nothing; then only never-dispatched rows are swept.
-            deadline = None if head is None else deadlines.get(head)
-            if deadline is not None:
-                cutoffs[prio] = min(now, deadline)
-            else:
-                cutoffs[prio] = NEVER_DISPATCHED + timedelta(microseconds=1)
-        messages = self.d.ledger.sweep(
-            self.task_id,
-            now=now,
-            cutoffs=cutoffs,
-            default_priority=self.d.transport.default_priority,
-            limit=self.opts.zombie_limit,
-            redispatch_timeout=self._timeout,
-        )
-        if messages:
-            log.info(
-                "task %s: dispatching %d todo job(s) from the ledger",
-                self.task_id,
-                len(messages),
-            )
-            self.d.send(messages)
-        return len(messages)
+        return len(self.d.sweep(limit=self.opts.zombie_limit).sent)
 
     def reap(self) -> tuple[int, int]:
         """Apply the zombie policy to expired leases; returns (requeued, closed).
 
         Requeued counts the unstarted claims too (requeued uncharged); how many of them
         there were is logged and kept in :attr:`unstarted` (a running total)."""
-        now = self.d.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
-        zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
-        if not zombies:
-            return 0, 0
-        reaped = self.d.ledger.reap(
-            zombies,
+        reaped = self.d.reap(
             dst=self.opts.zombie_dst_status,
             max_failed_times=self.opts.max_failed_times,
-            now=now,
-            redispatch_timeout=self._timeout,
+            limit=self.opts.zombie_limit,
         )
-        self.d.send(reaped.requeued)
+        if not reaped.sent and not reaped.closed:
+            return 0, 0
         self.unstarted += reaped.unstarted
         log.warning(
             "task %s: reaped %d job(s) with expired leases: %d re-queued (%d of them never "
             "started: not charged), %d closed",
             self.task_id,
-            len(reaped.requeued) + reaped.closed,
-            len(reaped.requeued),
+            len(reaped.sent) + reaped.closed,
+            len(reaped.sent),
             reaped.unstarted,
             reaped.closed,
         )
-        return len(reaped.requeued), reaped.closed
+        return len(reaped.sent), reaped.closed
 
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
-            self._redis_checked = check_redis_config(self.d.transport, self.opts.zombie_timeout)
+            self._redis_checked = self.d.check_transport(self.opts.zombie_timeout)
         report = self.run_once()
         if not report.errors:
             self._failing = 0
