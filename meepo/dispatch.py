@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -72,6 +73,8 @@ class Popped:
 
     jobs: Claimed
     priority: str = ""
+    #: When the claim was sent (the caller's monotonic clock): the leases run from then.
+    claimed_at: float = 0.0
     popped: int = 0
     malformed: list[bytes] = field(default_factory=list)
     stale: int = 0
@@ -184,7 +187,15 @@ class Dispatcher:
         """Measure this host's clock against the database's now; returns the offset."""
         return self.ledger.clock.measure()
 
-    def pop_and_claim(self, count: int, *, timeout: float, lease: timedelta, worker: str) -> Popped:
+    def pop_and_claim(
+        self,
+        count: int,
+        *,
+        timeout: float,
+        lease: timedelta,
+        worker: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> Popped:
         """Pop up to ``count`` messages (waiting up to ``timeout`` seconds while every
         queue is empty) and claim their jobs in one compare-and-set.
 
@@ -205,7 +216,8 @@ class Dispatcher:
             else:
                 pairs.append(pair)
         if not pairs:
-            return Popped(_NOTHING, priority, len(raw), malformed)
+            return Popped(_NOTHING, priority, 0.0, len(raw), malformed)
+        began = monotonic()
         try:
             jobs = self.ledger.claim(
                 self.task_id, pairs, now=self.ledger_now(), lease=lease, worker=worker
@@ -217,7 +229,7 @@ class Dispatcher:
         if jobs.early:
             self._delay_early(jobs.early)
         stale = len(set(pairs)) - len(jobs) - len(jobs.early)
-        return Popped(jobs, priority, len(raw), malformed, stale, len(jobs.early))
+        return Popped(jobs, priority, began, len(raw), malformed, stale, len(jobs.early))
 
     def _delay_early(self, early: list[Message]) -> None:
         """Messages of jobs the claim refused as not due yet by the database's clock
