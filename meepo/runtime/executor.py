@@ -270,7 +270,7 @@ class ThreadExecutor(Executor):
         self._local = threading.local()
         self._seq = itertools.count()
         # The process that runs the handlers: a handler that forks returns in a child
-        # too, which must exit instead of running this consumer's loops (see _run).
+        # too, which must exit instead of running this consumer's loops (see run).
         self._pid = os.getpid()
 
     def start(self) -> None:
@@ -346,11 +346,12 @@ class ThreadExecutor(Executor):
                 return
             if not self.admit(slot, job):
                 continue
-            if not self._run(slot, job):
+            if not self.run(slot, job):
                 return  # timed out: a fresh executor has taken this one's place
 
-    def _run(self, slot: Slot, job: Job) -> bool:
-        """Run one job; False if it outlived job_timeout (this thread is then retired)."""
+    def run(self, slot: Slot, job: Job) -> bool:
+        """Run one admitted job in the calling thread; False if it outlived job_timeout
+        (this thread is then retired)."""
         self._local.job = job
         error: str | None = None
         began = time.perf_counter()
