@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(summaries: dict[str, dict[str, Any]]) -> str:
-    """The per-fault-kind table of README's reliability section, one column per
+    """The per-fault-kind table of docs/reliability.md's chaos report, one column per
     backend: injected / survived / lost / duplicates / worst recovery."""
     names = {"mariadb": "MariaDB", "postgres": "PostgreSQL"}
     backends = list(summaries)

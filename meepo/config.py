@@ -325,7 +325,7 @@ def default_redis_url() -> str | None:
 
 #: The default ``prefetch`` is this many claims per executor thread: claims are made in
 #: batches of up to ``parallel_num + prefetch``, and short jobs drain 1.5-2x faster with
-#: 4 than with 1 (benchmarks/, README "Performance"). Long jobs want ``prefetch=0``.
+#: 4 than with 1 (benchmarks/, docs/performance.md). Long jobs want ``prefetch=0``.
 PREFETCH_PER_THREAD = 4
 #: With the default (automatic) prefetch, a consumer whose handlers are short claims
 #: further ahead: up to about this many seconds of work per executor thread, measured

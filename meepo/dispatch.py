@@ -308,7 +308,7 @@ class Dispatcher:
     def reap(self, *, dst: Status, max_failed_times: int, limit: int) -> Moved:
         """Apply the zombie policy to (at most ``limit``) doing rows whose lease expired
         by the database's clock, and send the requeued ones."""
-        now = self.ledger_now()  # None: the database's clock (DESIGN.md, invariant 8)
+        now = self.ledger_now()  # None: the database's clock (docs/design.md, invariant 8)
         zombies = self.ledger.expired_leases(self.task_id, now=now, limit=limit)
         if not zombies:
             return Moved()

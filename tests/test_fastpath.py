@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from conftest import backend_url, unique_task_id
 from helpers import record, wait_for
-from sqlalchemy import create_engine, insert, select
+from sqlalchemy import create_engine, event, insert, select
 
 from meepo import Job, LedgerUnavailableError, Status, Task
 from meepo.ledger import Ledger, make_engine
@@ -276,4 +277,45 @@ def test_postgres_hot_statements_are_never_prepared(postgres_url: str) -> None:
             "SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%%ANY(%%'"
         ).all()
     assert prepared == []
+    engine.dispose()
+
+
+def test_postgres_claim_of_every_message_reads_each_row_once(postgres_url: str) -> None:
+    """The claim's second read (of the jobs not due yet) is skipped when its UPDATE took
+    every message: the claimed rows are scanned by primary key once, not twice."""
+    engine = make_engine(postgres_url)
+    ledger = Ledger(engine, "meepo_jobs")
+    task_id = unique_task_id("fp")
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def listener(_c: object, _cur: object, statement: str, params: object, *_a: object) -> None:
+        if isinstance(params, dict) and "step" in params:
+            seen.append((statement, dict(params)))
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        first = new_rows(ledger, task_id, b"a", b"b")
+        assert len(ledger.claim(task_id, [(i, 0) for i in first], lease=LEASE, worker="w")) == 2
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    (statement, params), *_ = seen
+    fresh = new_rows(ledger, task_id, b"c", b"d", b"e")
+    params.update(ids=fresh, keys=[f"{i}:0" for i in fresh])
+    with engine.connect() as conn:
+        (plan,) = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params
+        ).scalar_one()
+        conn.rollback()
+    scans: list[int] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if node.get("Relation Name") == "meepo_jobs" and "Scan" in node["Node Type"]:
+            scans.append(int(node.get("Actual Loops", 0)))
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    assert len(scans) == 2  # the UPDATE's read and the second read, in the plan
+    assert sorted(scans) == [0, 1], scans  # only the first one ran
+    assert {r.status for r in map(ledger.get, fresh) if r is not None} == {Status.TODO}
     engine.dispose()

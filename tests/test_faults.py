@@ -504,7 +504,7 @@ def test_duplicate_messages_run_the_job_once(
         assert (rec.status, rec.commit_id) == (Status.DONE, claims[i] + 1)  # a claim, a commit
 
 
-# -- 7. clock skew (DESIGN.md invariant 8: the database's clock is the one clock) -------
+# -- 7. clock skew (docs/design.md invariant 8: the database's clock is the one clock) -------
 
 
 def one_host_on_sqlite(db_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Leases at the ledger level: the database's clock (DESIGN.md invariant 8), the
+"""Leases at the ledger level: the database's clock (docs/design.md invariant 8), the
 reaper's locked step re-checking expiry, claim tokens that cannot repeat after a
 failover (invariant 10), and heartbeats that never wait on another job's row lock
 (invariant 9).

@@ -10,7 +10,7 @@ Nothing is mocked: a migrated database (SQLite, PostgreSQL, MariaDB), the shared
 (db 9; a lost Redis is simulated by deleting the task's keys), a fresh task id per
 example. The clock is the model's: nothing sleeps.
 
-What the model pins down (DESIGN.md invariants):
+What the model pins down (docs/design.md invariants):
 
 * fencing: a transition is accepted only from the right status with the current
   commit_id, and then adds exactly one to commit_id (a claim: a random step of 1 to

@@ -5,6 +5,7 @@ lose: these tests run on the servers only (``db_url`` over ``SERVERS``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from conftest import SERVERS, backend_url, unique_task_id
 from helpers import TcpProxy, record, wait_for
 from sqlalchemy.engine import make_url
 
-from meepo import Job, SchemaError, Status, Task
+from meepo import Job, LedgerUnavailableError, SchemaError, Status, Task
 from meepo.connect import engine_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -147,3 +148,32 @@ def test_database_lost_mid_run_no_job_half_committed(
         rec = record(producer, i)
         assert rec.expires_at is None  # a whole done commit, not part of one
         assert (i, rec.commit_id - 1) in claims  # committed by a run that completed
+
+
+def test_pushes_after_the_database_returned_never_raise_a_driver_error(
+    make_task: TaskFactory, db_url: str, proxy: TcpProxy
+) -> None:
+    """Every pooled connection was cut (a database restart): each push after the server
+    is back either succeeds or raises LedgerUnavailableError, never the driver's own
+    error, single or batched; and pushes succeed again right away."""
+    proxy.open()
+    producer = make_task(db=proxy.url(db_url))
+    ids = [producer.push(b"warm-%d" % i) for i in range(3)]
+    ids += producer.push_many([b"warm-many-%d" % i for i in range(3)])
+    with contextlib.ExitStack() as stack:  # several pooled connections, all checked in
+        conns = [stack.enter_context(producer.engine.connect()) for _ in range(3)]
+        assert len(conns) == 3
+    proxy.close()  # every open connection reset
+    proxy.open()
+    outcomes: list[str] = []
+    for i in range(8):
+        try:
+            if i % 2:
+                ids += producer.push_many([b"after-%d" % i])
+            else:
+                ids.append(producer.push(b"after-%d" % i))
+            outcomes.append("ok")
+        except LedgerUnavailableError:
+            outcomes.append("unavailable")
+    assert outcomes[-3:] == ["ok"] * 3, outcomes
+    assert all(record(producer, i).status is Status.TODO for i in ids)

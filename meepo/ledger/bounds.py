@@ -1,4 +1,4 @@
-"""Bounded waits for meepo's own database sessions (DESIGN.md invariant 9).
+"""Bounded waits for meepo's own database sessions (docs/design.md invariant 9).
 
 The service engine (heartbeat, claim, committer, reaper, scheduler: see
 ``meepo.connect.service_engine_for``) never waits without a bound, on a row lock, a slow
@@ -157,9 +157,10 @@ class Deadlines:
     its deadline: the blocked driver call then fails at once (the connection reads as
     closed by the server) and SQLAlchemy invalidates it.
 
-    A checkout costs a dict entry under a lock; the thread sleeps while nothing is
-    checked out and looks every ``TICK`` seconds otherwise (a deadline is met within
-    that much), so the hot path never wakes it."""
+    A checkout costs a dict entry under a lock. The thread looks every ``TICK`` seconds
+    while connections are checked out (a deadline is met within that much) and sleeps
+    once a look finds none; a checkout wakes it only from that sleep, so a pool checked
+    out and in many times a second wakes it about once a tick, not once a checkout."""
 
     TICK = 0.25
 
@@ -167,6 +168,7 @@ class Deadlines:
         self._lock = threading.Condition()
         self._armed: dict[int, tuple[float, socket.socket]] = {}
         self._thread: threading.Thread | None = None
+        self._idle = False  # the thread sleeps until a checkout wakes it
         #: Connections cut by a deadline (tests and logs read it).
         self.fired = 0
 
@@ -178,7 +180,8 @@ class Deadlines:
                     target=self._run, name="meepo-db-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif len(self._armed) == 1:
+            elif self._idle:
+                self._idle = False
                 self._lock.notify()
 
     def disarm(self, key: int) -> None:
@@ -188,7 +191,11 @@ class Deadlines:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait(self.TICK if self._armed else None)
+                if not self._armed:
+                    self._idle = True
+                    while self._idle:
+                        self._lock.wait()
+                self._lock.wait(self.TICK)  # nothing notifies it here
                 now = time.monotonic()
                 late = [k for k, (deadline, _) in self._armed.items() if deadline <= now]
                 for key in late:
@@ -208,6 +215,7 @@ class Deadlines:
         self._lock = threading.Condition()
         self._armed.clear()
         self._thread = None
+        self._idle = False
 
 
 DEADLINES = Deadlines()

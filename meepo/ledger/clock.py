@@ -1,4 +1,4 @@
-"""The one clock: the database's (DESIGN.md, invariant 8).
+"""The one clock: the database's (docs/design.md, invariant 8).
 
 Every comparison of time inside a transition (a lease's end, reaping, ``run_at`` at
 claim) is made in SQL by the database's own clock, which every host shares: a worker's

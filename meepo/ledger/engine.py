@@ -84,7 +84,7 @@ def make_engine(url: str, bounds: Bounds | None = None, **kwargs: Any) -> Engine
     except ImportError as exc:
         raise ConfigError(
             f"the driver for {parsed.drivername!r} is not installed ({exc}); "
-            "for PostgreSQL: pip install 'meepo[postgres]'"
+            "for PostgreSQL: pip install 'meepo-queue[postgres]'"
         ) from None
     if backend == "sqlite":
         _tune_sqlite(engine)

@@ -201,7 +201,9 @@ class PgForms:
         # after it) is not claimed but returned as early (its run_at, the judged time;
         # a NULL payload marks it), for the consumer to delay again. The fencing token
         # grows by a random step (``step``), so that it cannot repeat after a failover
-        # lost the claim's commit.
+        # lost the claim's commit. The second read (for early jobs) runs only when the
+        # UPDATE did not claim every message: a one-time filter, checked before it
+        # reads a row, so that the usual claim reads its rows once.
         todo = (
             f"coalesce(status, '') = '{Status.TODO.value}' AND coalesce(task_id, '') = %(task_id)s"
         )
@@ -217,7 +219,8 @@ class PgForms:
             "NULL::timestamptz, orphaned_claims FROM u UNION ALL "
             "SELECT id, commit_id, failed_times, NULL::bytea, priority, run_at, c.db_now, "
             f"orphaned_claims FROM {name}, c WHERE {self.by_pair} AND {todo} "
-            "AND run_at > c.db_now"
+            "AND run_at > c.db_now "
+            "AND (SELECT count(*) FROM u) < cardinality(%(ids)s::bigint[])"
         )
         # Renewal never waits on another job's row lock: the rows it can lock now are
         # renewed (SKIP LOCKED), and a plain read of the same statement's snapshot tells
@@ -376,13 +379,11 @@ def max_packet(conn: Connection) -> int:
     info = conn.connection.info
     got = info.get("meepo_max_packet")
     if got is None:
-        raw: Any = conn.connection.dbapi_connection
-        cur = raw.cursor()
-        try:
-            cur.execute("SELECT @@max_allowed_packet")
+        query = "SELECT @@max_allowed_packet"
+        with driver_cursor(conn, [(query, None)]) as cur:  # a broken connection: DBAPIError
+            cur.execute(query)
             server = int(cur.fetchone()[0])
-        finally:
-            cur.close()
+        raw: Any = conn.connection.dbapi_connection
         client = int(getattr(raw, "max_allowed_packet", server))
         got = info["meepo_max_packet"] = min(server, client)
     return int(got)

