@@ -24,6 +24,7 @@ lint: venv
 	$(VENV)/bin/ruff check meepo tests examples benchmarks migrations chaos
 	$(VENV)/bin/ruff format --check meepo tests examples benchmarks migrations chaos
 	$(VENV)/bin/mypy --strict meepo
+	$(VENV)/bin/lint-imports
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of
 # their own, as arq pins redis-py below 6 (meepo's tests and type checks use the latest).

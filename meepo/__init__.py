@@ -16,6 +16,7 @@ from .errors import (
     UnavailableError,
     UnsupportedServerError,
 )
+from .middleware import Middleware, MiddlewareError, RunInfo
 from .records import Job, JobRecord, ScheduleRecord, Status
 from .task import Task
 
@@ -29,8 +30,11 @@ __all__ = [
     "JobRecord",
     "LedgerUnavailableError",
     "MeepoError",
+    "Middleware",
+    "MiddlewareError",
     "NotRunningHereError",
     "PayloadError",
+    "RunInfo",
     "ScheduleNotFoundError",
     "ScheduleRecord",
     "SchemaError",

@@ -1,9 +1,10 @@
 """Operations on a ledger table as a whole: what the CLI (and a web dashboard) call.
 
-A thin layer over the ledger, the transport and the dispatcher: no SQL and no Redis
-commands of its own. Repush goes through :class:`~meepo.dispatch.Dispatcher`, so the
-ledger row moves (a compare-and-set) before its message is sent, to the queue of the
-job's own task:
+A thin layer over the stores :class:`~meepo.client.Stores` opens (as for a ``Task``):
+no SQL and no Redis commands of its own. Repush is :func:`meepo.client.repush`, the
+code ``Task.repush`` runs: through each task's :class:`~meepo.dispatch.Dispatcher`, so
+the ledger row moves (a compare-and-set) before its message is sent, to the queue of
+the job's own task:
 
 * the default table ``meepo_jobs``: keys prefixed ``meepo:``;
 * a table of its own: ``meepo:<table>:`` (the same rule as ``Task``);
@@ -16,14 +17,16 @@ Redis is only contacted by the operations that need it (repush, stats), so
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import Engine
 
+from . import client
+from .client import Row, Stores
 from .config import (
     DEFAULT_TABLE,
     check_prefix,
@@ -32,26 +35,17 @@ from .config import (
     default_prefix,
     positive_int,
 )
-from .connect import engine_for, redis_for
 from .dispatch import Dispatcher
 from .errors import ConfigError, JobNotFoundError, ScheduleNotFoundError, TaskNotFoundError
-from .ledger import CHUNK, Ledger
+from .ledger import CHUNK
 from .ledger import migrate as migrations
-from .ledger.schedules import Schedules, next_fires
+from .ledger.schedules import next_fires
 from .records import JobRecord, ScheduleRecord, Status
 from .schedule import check_name
 from .transport import Transport
 
 #: ``progress(done, total)`` after each chunk; ``total`` is None when not known ahead.
 Progress = Callable[[int, int | None], None]
-
-#: How many times a job that moved between the read and the compare-and-set is re-read
-#: and tried again before it is reported as skipped.
-RETRIES = 5
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -193,13 +187,13 @@ class Admin:
         self.table = check_table_name(table or DEFAULT_TABLE)
         self.prefix = check_prefix(default_prefix(self.table) if prefix is None else prefix)
         self.redispatch_timeout = timedelta(seconds=redispatch_timeout)
-        self.engine = engine_for(db)
-        self.ledger = Ledger(self.engine, self.table)
+        # Redis is contacted on first use only (ledger-only commands never need it).
+        self.stores = Stores(db, redis, table=self.table, prefix=self.prefix, clock=clock)
+        self.engine = self.stores.engine
+        self.ledger = self.stores.ledger
         # the database's clock as this host estimates it (see meepo.ledger.clock)
-        self.clock = clock or self.ledger.clock.now
-        self.schedule_ledger = Schedules(self.engine, self.table)
-        self._redis_arg = redis
-        self._redis: redis_lib.Redis | None = None
+        self.clock = self.stores.clock
+        self.schedule_ledger = self.stores.schedules
         self._dispatchers: dict[str, Dispatcher] = {}
 
     # -- plumbing ---------------------------------------------------------------------
@@ -207,18 +201,16 @@ class Admin:
     @property
     def redis(self) -> redis_lib.Redis:
         """The Redis client, made on first use (so ledger-only commands never need it)."""
-        if self._redis is None:
-            self._redis = redis_for(self._redis_arg)
-        return self._redis
+        return self.stores.redis
 
     def transport(self, task_id: str) -> Transport:
-        return Transport(self.redis, task_id, self.prefix, route_any=True)
+        return self.stores.transport(task_id)
 
     def dispatcher(self, task_id: str) -> Dispatcher:
         d = self._dispatchers.get(task_id)
         if d is None:
-            d = self._dispatchers[task_id] = Dispatcher(
-                self.ledger, self.transport(task_id), task_id, self.clock, self.redispatch_timeout
+            d = self._dispatchers[task_id] = self.stores.dispatcher(
+                self.transport(task_id), self.redispatch_timeout
             )
         return d
 
@@ -286,7 +278,7 @@ class Admin:
         result: RepushResult,
         progress: Progress | None,
     ) -> None:
-        rows: list[tuple[int, str, int, Status]] = []
+        rows: list[Row] = []
         for i in range(0, len(ids), CHUNK):
             rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + CHUNK]))
         missing = sorted(set(ids) - {r[0] for r in rows})
@@ -318,7 +310,7 @@ class Admin:
         result: RepushResult,
         progress: Progress | None,
     ) -> None:
-        def find(**kwargs: Any) -> list[tuple[int, str, int, Status]]:
+        def find(**kwargs: Any) -> list[Row]:
             return self.ledger.find(
                 task_id=task_id, status=status, since=since, until=until, **kwargs
             )
@@ -340,35 +332,18 @@ class Admin:
 
     def _apply(
         self,
-        rows: Sequence[tuple[int, str, int, Status]],
+        rows: Sequence[Row],
         result: RepushResult,
-        reread: Callable[[list[int]], list[tuple[int, str, int, Status]]],
+        reread: Callable[[list[int]], list[Row]],
     ) -> None:
         """Repush ``rows`` task by task; a job that moved meanwhile is re-read (it must
-        still match) and tried again, up to RETRIES times."""
+        still match) and tried again (:func:`meepo.client.repush`)."""
         if result.dry_run:
             result.jobs.extend(RepushedJob(i, t, s, c) for i, t, c, s in rows)
             return
-        pending = list(rows)
-        for _ in range(RETRIES):
-            lost: list[int] = []
-            for task_id, group in _by_task(pending).items():
-                before = {i: s for i, _, _, s in group}
-                # The ledger's compare-and-set first, then one pipelined RPUSH. If Redis
-                # is down the rows stay todo and the dispatch sweep sends them later.
-                sent = self.dispatcher(task_id).repush([(i, c) for i, _, c, _ in group]).sent
-                new = {m.job_id: m.commit_id for m in sent}
-                for i, _, _, _ in group:
-                    if i in new:
-                        result.jobs.append(RepushedJob(i, task_id, before[i], new[i]))
-                    else:
-                        lost.append(i)
-            if not lost:
-                return
-            pending = reread(sorted(lost))
-            if not pending:
-                return  # they no longer match the filter: not ours to repush
-        result.skipped.extend(sorted(i for i, _, _, _ in pending))
+        done, skipped = client.repush(rows, self.dispatcher, reread)
+        result.jobs.extend(RepushedJob(r[0], r[1], r[3], m.commit_id) for r, m in done)
+        result.skipped.extend(skipped)
 
     # -- stats ------------------------------------------------------------------------
 
@@ -446,15 +421,6 @@ class Admin:
         with _alembic_errors(revision):
             migrations.downgrade(self.engine, self.table, revision)
         return self.db_current()
-
-
-def _by_task(
-    rows: Iterable[tuple[int, str, int, Status]],
-) -> dict[str, list[tuple[int, str, int, Status]]]:
-    out: dict[str, list[tuple[int, str, int, Status]]] = {}
-    for r in rows:
-        out.setdefault(r[1], []).append(r)
-    return out
 
 
 @contextlib.contextmanager

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .records import NewJob
 
-if TYPE_CHECKING:
-    from .task import Task
+
+class Producer(Protocol):
+    """What a batch needs from whoever pushes: validate one job, write many.
+    :class:`meepo.Task` is one."""
+
+    def new_job(
+        self,
+        payload: bytes,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> NewJob:
+        """One job, validated, nothing written (raises on a bad option)."""
+        ...
+
+    def push_jobs(self, jobs: list[NewJob], connection: Any = None) -> list[int]:
+        """Write the jobs (in the caller's transaction with ``connection``) and
+        dispatch them; their ids, in order."""
+        ...
 
 
 class Batch:
@@ -24,8 +44,8 @@ class Batch:
     ``push(connection=…)`` does).
     """
 
-    def __init__(self, task: Task, connection: Any = None) -> None:
-        self.task = task
+    def __init__(self, producer: Producer, connection: Any = None) -> None:
+        self.producer = producer
         self.connection = connection
         self.jobs: list[NewJob] = []
         #: The ids of the pushed jobs, in push order, once the block is over.
@@ -45,7 +65,7 @@ class Batch:
         """Add one job (the options of ``Task.push``)."""
         self._check_open()
         self.jobs.append(
-            self.task._new_job(
+            self.producer.new_job(
                 payload,
                 delay=delay,
                 run_at=run_at,
@@ -86,4 +106,4 @@ class Batch:
         if exc_type is not None or not self.jobs:
             self.jobs = []
             return
-        self.ids = self.task._push_jobs(self.jobs, self.connection)
+        self.ids = self.producer.push_jobs(self.jobs, self.connection)

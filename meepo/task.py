@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import FrameType, TracebackType
 from typing import Any
 
 import redis as redis_lib
 from sqlalchemy import Connection, Engine, event
 
-from . import config
+from . import client, config
 from .batch import Batch
-from .config import DEFAULT_TABLE, Options, mask_url
-from .connect import engine_for, redis_for, service_engine_for
+from .client import Row, Stores
+from .config import mask_url
 from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
@@ -30,24 +31,19 @@ from .errors import (
     StaleCommitError,
     UnavailableError,
 )
-from .ledger import Ledger, Outcome
+from .ledger import Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
 from .ledger.schedules import Schedules, next_fires
-from .records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, ScheduleRecord, Status
+from .middleware import Hooks, Middleware
+from .options import JobFunc, TaskOptions
+from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .schedule import Spec, check_name
-from .transport import Transport, io_timeout
+from .transport import io_timeout
 
 log = logging.getLogger("meepo")
-
-JobFunc = Callable[[Job], Any]
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
 
 _migrated: set[tuple[str, str]] = set()
 _migrate_lock = threading.Lock()
@@ -89,94 +85,82 @@ class Task:
         promote_interval: float | timedelta = 0.05,
         job_timeout: float | timedelta | None = None,
         clock: Callable[[], datetime] | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
-        self.task_id = config.check_task_id(task_id)
-        if job_func is not None and not callable(job_func):
-            raise ConfigError(f"job_func must be callable, not {type(job_func).__name__}")
-        try:
-            dst = Status.parse(zombie_dst_status)
-        except ValueError as exc:
-            raise ConfigError(f"zombie_dst_status: {exc}") from None
-        if dst is Status.DOING:
-            raise ConfigError("zombie_dst_status must be todo, done or failed, not doing")
-        parallel = config.positive_int(parallel_num, "parallel_num")
-        timeout = config.seconds(zombie_timeout, "zombie_timeout")
-        prios = config.check_priorities(priorities)
-        if default_priority is None:
-            default_priority = DEFAULT_PRIORITY if DEFAULT_PRIORITY in prios else prios[0]
-        try:
-            self.default_priority = config.check_priority(default_priority, prios)
-        except ValueError as exc:
-            raise ConfigError(f"default_priority: {exc}") from None
-        self.retry_backoff = config.retry_policy(retry_backoff)
-        self.options = Options(
-            parallel_num=parallel,
-            max_failed_times=config.positive_int(max_failed_times, "max_failed_times"),
-            auto_commit=bool(auto_commit),
-            zombie_dst_status=dst,
-            zombie_period=config.seconds(zombie_period, "zombie_period"),
-            zombie_timeout=timeout,
-            zombie_limit=config.positive_int(zombie_limit, "zombie_limit"),
-            lease=timeout if lease is None else config.seconds(lease, "lease"),
-            prefetch=(
-                config.PREFETCH_PER_THREAD * parallel
-                if prefetch is None
-                else _non_negative(prefetch, "prefetch")
-            ),
-            prefetch_auto=prefetch is None,
-            shutdown_grace=config.seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
-            poll_interval=config.seconds(poll_interval, "poll_interval"),
-            max_payload_bytes=config.positive_int(max_payload_bytes, "max_payload_bytes"),
-            priorities=prios,
-            promote_interval=config.seconds(promote_interval, "promote_interval"),
-            job_timeout=None if job_timeout is None else config.seconds(job_timeout, "job_timeout"),
+        # Every parameter is checked first (meepo.options), before any connection.
+        opts = TaskOptions.from_kwargs(
+            task_id,
+            job_func,
+            parallel_num=parallel_num,
+            max_failed_times=max_failed_times,
+            auto_commit=auto_commit,
+            zombie_dst_status=zombie_dst_status,
+            zombie_period=zombie_period,
+            zombie_timeout=zombie_timeout,
+            zombie_limit=zombie_limit,
+            table_name=table_name,
+            list_name_prefix=list_name_prefix,
+            init_db=init_db,
+            lease=lease,
+            prefetch=prefetch,
+            shutdown_grace=shutdown_grace,
+            poll_interval=poll_interval,
+            max_payload_bytes=max_payload_bytes,
+            priorities=priorities,
+            default_priority=default_priority,
+            retry_backoff=retry_backoff,
+            promote_interval=promote_interval,
+            job_timeout=job_timeout,
+            clock=clock,
+            middleware=middleware,
         )
-        self.table_name = config.check_table_name(table_name or DEFAULT_TABLE)
-        if list_name_prefix is None:
-            list_name_prefix = config.default_prefix(self.table_name)
-        self.list_name_prefix = config.check_prefix(list_name_prefix)
-        self.job_func = job_func
+        self.task_id = opts.task_id
+        self.options = opts.runtime
+        self.default_priority = opts.default_priority
+        self.retry_backoff = opts.retry_backoff
+        self.table_name = opts.table_name
+        self.list_name_prefix = opts.list_name_prefix
+        self.job_func = opts.job_func
+        #: The installed middleware (None without any: the runtime then skips every hook).
+        self.hooks = Hooks.build(self, opts.middleware)
         self._clock_given = clock is not None
+        timeout = self.options.zombie_timeout
+        prios = self.options.priorities
 
-        self.engine = engine_for(db)
-        self.redis = redis_for(redis, io_timeout(self.options.lease))
-        self.ledger = Ledger(self.engine, self.table_name)
+        # The stores: one table and its Redis keys, opened as Admin opens them.
+        self.stores = Stores(
+            db,
+            redis,
+            table=self.table_name,
+            prefix=self.list_name_prefix,
+            redis_timeout=io_timeout(self.options.lease),
+            clock=clock,
+        )
+        self.engine = self.stores.engine
+        self.redis = self.stores.redis  # made now: a bad URL fails here, not at a push
+        self.ledger = self.stores.ledger
         # The database's clock, as this host estimates it (an injected clock, in tests,
         # replaces it everywhere).
-        self.clock = clock or self.ledger.clock.now
-        self.transport = Transport(
-            self.redis, self.task_id, self.list_name_prefix, prios, self.default_priority
-        )
-        self.dispatcher = Dispatcher(
-            self.ledger,
-            self.transport,
-            self.task_id,
-            self.clock,
-            timedelta(seconds=timeout),
-            injected_clock=self._clock_given,
-        )
+        self.clock = self.stores.clock
+        self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
+        lease_timeout = timedelta(seconds=timeout)
+        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
         # task.engine connections never starve them (docs/design.md invariant 9).
         self.bounds = Bounds.from_lease(self.options.lease)
-        self.service_engine = service_engine_for(db, self.bounds)
+        service_ledger = self.stores.service_ledger(self.bounds)
+        self.service_engine = service_ledger.engine
         self.service_dispatcher = (
             self.dispatcher
-            if self.service_engine is self.engine
-            else Dispatcher(
-                Ledger(self.service_engine, self.table_name),
-                self.transport,
-                self.task_id,
-                self.clock,
-                timedelta(seconds=timeout),
-                injected_clock=self._clock_given,
-            )
+            if service_ledger is self.ledger
+            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
         )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
-        self.schedule_ledger = Schedules(self.engine, self.table_name)
+        self.schedule_ledger = self.stores.schedules
         self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
         # Set as soon as stop() begins: a delayed start (waiting for the database) must not
@@ -186,7 +170,8 @@ class Task:
         self._starter: threading.Thread | None = None  # start() waiting for the database
         self._start_error: MeepoError | None = None
         self._migrate_at_start = False
-        if init_db:
+        self._hooks_started = False  # on_start ran, on_stop is owed
+        if opts.init_db:
             try:
                 self.migrate()
             except UnavailableError as exc:
@@ -231,7 +216,7 @@ class Task:
             out.append(b)
         return out
 
-    def _new_job(
+    def new_job(
         self,
         payload: bytes,
         *,
@@ -241,7 +226,8 @@ class Task:
         key: str | None = None,
         unique_for: float | timedelta | None = None,
     ) -> NewJob:
-        """Validate one job's options (nothing is written on a bad one)."""
+        """One job, validated (nothing is written): what :meth:`push` would write. Part
+        of the producer interface :class:`~meepo.batch.Batch` builds on."""
         checked = self._check_payloads([payload])[0]
         prio = (
             self.default_priority
@@ -274,7 +260,7 @@ class Task:
         With ``connection`` (a SQLAlchemy Connection or ORM Session) the row joins the
         caller's transaction and is dispatched only after that transaction commits.
         """
-        job = self._new_job(
+        job = self.new_job(
             payload,
             delay=delay,
             run_at=run_at,
@@ -282,7 +268,7 @@ class Task:
             key=key,
             unique_for=unique_for,
         )
-        return self._push_jobs([job], connection)[0]
+        return self.push_jobs([job], connection)[0]
 
     def push_many(
         self,
@@ -300,9 +286,9 @@ class Task:
         checked = self._check_payloads(list(payloads))
         if not checked:
             return []
-        first = self._new_job(checked[0], delay=delay, run_at=run_at, priority=priority)
+        first = self.new_job(checked[0], delay=delay, run_at=run_at, priority=priority)
         jobs = [NewJob(p, first.run_at, first.priority) for p in checked]
-        return self._push_jobs(jobs, connection)
+        return self.push_jobs(jobs, connection)
 
     def batch(self, connection: Any = None) -> Batch:
         """``with task.batch() as b: b.push(...)``: every job pushed in the block is
@@ -314,10 +300,19 @@ class Task:
             _check_connection(connection)
         return Batch(self, connection)
 
-    def _push_jobs(self, jobs: list[NewJob], connection: Any) -> list[int]:
+    def push_jobs(self, jobs: list[NewJob], connection: Any = None) -> list[int]:
+        """Write validated jobs (from :meth:`new_job`) and dispatch them; with
+        ``connection``, inside the caller's transaction. Every push ends here."""
+        hooks = self.hooks
+        if hooks is not None:  # refusing raises MiddlewareError: nothing is written
+            hooks.before_push(jobs)
         if connection is None:
-            return self.dispatcher.push(jobs)
-        return self._push_in_transaction(jobs, connection)
+            ids = self.dispatcher.push(jobs)
+        else:
+            ids = self._push_in_transaction(jobs, connection)
+        if hooks is not None:
+            hooks.after_push(jobs, ids)
+        return ids
 
     def _push_in_transaction(self, jobs: list[NewJob], connection: Any) -> list[int]:
         _check_connection(connection)
@@ -380,23 +375,33 @@ class Task:
             run_at = self.clock() + timedelta(
                 seconds=config.seconds(delay, "delay", allow_zero=True)
             )
-        if consumer is not None and consumer.running and held and held[0] == commit_id:
-            consumer.commit(Outcome(job_id, commit_id, st, error, run_at, held[1]))
-        else:  # the ledger knows the job's priority
-            self.dispatcher.commit_one(Outcome(job_id, commit_id, st, error, run_at))
+        if consumer is not None and held is not None and held[0] == commit_id:
+            # This process's claim: through the consumer's committer (its round trips
+            # are shared), unless the consumer has stopped meanwhile.
+            with contextlib.suppress(NotRunningHereError):
+                consumer.commit(Outcome(job_id, commit_id, st, error, run_at, held[1]))
+                return
+        outcome = Outcome(job_id, commit_id, st, error, run_at)  # the ledger knows its priority
+        self.dispatcher.commit_one(outcome)
+        if self.hooks is not None:
+            self.hooks.after_commit(outcome, True)
 
     def repush(self, job_id: int) -> int:
         """Put a job of any status back on the queue as todo (failed_times reset to 0);
         returns its new commit_id. A running consumer's later commit is then stale."""
-        for _ in range(10):
-            rows = self.ledger.find(task_id=self.task_id, ids=[job_id])
-            if not rows:
-                raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
-            _, _, commit_id, _ = rows[0]
-            sent = self.dispatcher.repush([(job_id, commit_id)]).sent
-            if sent:
-                return sent[0].commit_id
-        raise StaleCommitError(job_id, commit_id, f"job {job_id} kept changing; try again")
+
+        def read(ids: list[int]) -> list[Row]:
+            return self.ledger.find(task_id=self.task_id, ids=ids)
+
+        rows = read([job_id])
+        if not rows:
+            raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+        done, skipped = client.repush(rows, lambda _: self.dispatcher, read)
+        if done:
+            return done[0][1].commit_id
+        if not skipped:  # deleted meanwhile
+            raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+        raise StaleCommitError(job_id, rows[0][2], f"job {job_id} kept changing; try again")
 
     # -- reading ----------------------------------------------------------------------
 
@@ -507,6 +512,7 @@ class Task:
         """This task's reaper (usable on its own, e.g. ``task.reaper.run_once()``)."""
         if self._reaper is None:
             self._reaper = Reaper(self.service_dispatcher, self.options, self.clock)
+            self._reaper.hooks = self.hooks
         return self._reaper
 
     @property
@@ -585,6 +591,10 @@ class Task:
         self._consumer = Consumer(
             self.service_dispatcher, self.options, self.job_func, self.clock, self.retry_backoff
         )
+        self._consumer.hooks = self.hooks
+        if self.hooks is not None and not self._hooks_started:
+            self._hooks_started = True
+            self.hooks.on_start()
         self._consumer.start()
         self.reaper.start()
         self.promoter.start()
@@ -621,6 +631,9 @@ class Task:
             self._promoter.stop()
         if self._scheduler is not None:
             self._scheduler.stop()
+        if self.hooks is not None and self._hooks_started:
+            self._hooks_started = False
+            self.hooks.on_stop()
         self._stopped.set()
         return clean
 
@@ -679,12 +692,6 @@ class Task:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _non_negative(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative integer, not {value!r}")
-    return value
 
 
 def _check_connection(connection: Any) -> None:

@@ -25,6 +25,7 @@ from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError, StaleCommitError
 from ..ledger import CHUNK, Outcome, Pair
+from ..middleware import Hooks
 from ..records import Job, Status
 from .claims import Claims
 from .service import Backoff, Service
@@ -45,6 +46,9 @@ class Commit:
 
 class Committer(Service):
     kind = "committer"
+    #: middleware (set through Consumer.hooks): after_commit (and after_retry) for each
+    #: outcome written or rejected; None: none installed.
+    hooks: Hooks | None = None
 
     def __init__(
         self,
@@ -162,6 +166,8 @@ class Committer(Service):
                         o.status.value,
                         o.commit_id,
                     )
+            if self.hooks is not None:  # middleware: after_commit, after_retry
+                self.hooks.after_commit(o, ok)
             if c.future is not None:
                 c.future.set_result(ok)
 
@@ -221,6 +227,8 @@ class Committer(Service):
                 # The committer has finished (a stop is ending): nobody will take this
                 # commit from the queue, so it goes to the ledger directly.
                 self.d.commit_one(outcome)
+                if self.hooks is not None:  # middleware: after_commit
+                    self.hooks.after_commit(outcome, True)
                 return
         if not accepted:
             raise StaleCommitError(outcome.job_id, outcome.commit_id)

@@ -35,6 +35,7 @@ from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import NotRunningHereError
 from ..ledger import Outcome, Pair
+from ..middleware import Hooks
 from ..records import Job
 from .claims import Claims, Counters
 from .committer import COMMIT_WAIT_CHECK, Committer
@@ -175,6 +176,17 @@ class Consumer:
         self.fetcher.request_stop()
 
     # -- what the facade and the tools read -------------------------------------------
+
+    @property
+    def hooks(self) -> Hooks | None:
+        """The task's middleware (set by Task before start): the fetcher calls
+        after_claim, the executor before_run and after_run, the committer after_commit;
+        None: none installed (each call site is skipped by one test)."""
+        return self.committer.hooks
+
+    @hooks.setter
+    def hooks(self, hooks: Hooks | None) -> None:
+        self.fetcher.hooks = self.executor.hooks = self.committer.hooks = hooks
 
     def current_capacity(self) -> int:
         """How many claims the fetcher may hold unstarted or running now."""

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..config import Options
 from ..errors import MeepoError
+from ..middleware import Hooks
 from ..records import Job
 from .claims import Claims
 from .committer import Commit, Committer
@@ -81,6 +82,9 @@ class Executor(abc.ABC):
     #: Hand over one claimed job (None: one slot ends). A queue's own ``put`` in the
     #: thread executor, so the fetcher pays no call per job beyond it.
     submit: Callable[[Job | None], None]
+    #: middleware (set through Consumer.hooks): before_run and after_run around each
+    #: handler call; None: none installed.
+    hooks: Hooks | None = None
 
     def __init__(
         self,
@@ -354,9 +358,13 @@ class ThreadExecutor(Executor):
         (this thread is then retired)."""
         self._local.job = job
         error: str | None = None
+        failure: BaseException | None = None
+        hooks = self.hooks
         began = time.perf_counter()
         try:
             try:
+                if hooks is not None:  # middleware: before_run (raising fails the attempt)
+                    hooks.before_run(job)
                 result = self.handler(job)
             except BaseException as exc:
                 self._exit_if_forked(exc)
@@ -367,10 +375,14 @@ class ThreadExecutor(Executor):
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
             error = error_summary(exc)
+            failure = exc
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
-        return self.ended(slot, job, error, time.perf_counter() - began)
+        took = time.perf_counter() - began
+        if hooks is not None:  # middleware: after_run
+            hooks.after_run(job, took, error, failure)
+        return self.ended(slot, job, error, took)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must

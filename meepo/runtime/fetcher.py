@@ -19,6 +19,7 @@ from ..config import Options
 from ..dispatch import Dispatcher, Popped
 from ..errors import MeepoError, TransportUnavailableError
 from ..ledger import CHUNK
+from ..middleware import Hooks
 from ..records import Job
 from .claims import Claim, Claims
 from .service import Service
@@ -32,6 +33,8 @@ POP_TIMEOUT, FULL_WAIT = 1.0, 0.5
 
 class Fetcher(Service):
     kind = "fetch"
+    #: middleware (set through Consumer.hooks); None: none installed.
+    hooks: Hooks | None = None
 
     def __init__(
         self,
@@ -97,6 +100,8 @@ class Fetcher(Service):
         if not jobs:
             return popped
         counters.claimed += len(jobs)
+        if self.hooks is not None:  # middleware: after_claim
+            self.hooks.after_claim(jobs)
         lease_end = popped.claimed_at + self.opts.lease
         with claims.lock:
             claims.busy += len(jobs)

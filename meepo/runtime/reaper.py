@@ -46,6 +46,7 @@ from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError
 from ..ledger import CHUNK
+from ..middleware import Hooks
 from .service import Service
 
 log = logging.getLogger("meepo.reaper")
@@ -68,6 +69,8 @@ class ReapReport:
 
 class Reaper(Service):
     kind = "reaper"
+    #: middleware: the task's hooks (set by Task); None: none installed.
+    hooks: Hooks | None = None
 
     def __init__(
         self, dispatcher: Dispatcher, options: Options, clock: Callable[[], datetime]
@@ -189,6 +192,8 @@ class Reaper(Service):
         if sent and lost:  # the storm window: counted from a real loss's re-send
             self._last_recovery = self.clock()
             self._deferred = False
+        if sent and self.hooks is not None:  # middleware: after_recovery
+            self.hooks.after_recovery(sent, lost)
         if sent:
             why = "after Redis lost its data" if lost else "found in the ledger at start"
             log.warning("task %s: re-dispatched %d job(s) %s", self.task_id, sent, why)
@@ -211,6 +216,8 @@ class Reaper(Service):
         if not reaped.sent and not reaped.closed:
             return 0, 0
         self.unstarted += reaped.unstarted
+        if self.hooks is not None:  # middleware: after_reap
+            self.hooks.after_reap([m.job_id for m in reaped.sent], reaped.closed)
         log.warning(
             "task %s: reaped %d job(s) with expired leases: %d re-queued (%d of them never "
             "started: not charged), %d closed",
