@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from datetime import datetime
 from functools import partial
@@ -63,6 +67,8 @@ class Meepo(System):
             out.append((drain_metric(procs), partial(self.drain, n=s.jobs, procs=procs)))
         if self.pushes and s.latency and ctx.backend.name in LATENCY_BACKENDS:
             out.append(("latency", partial(self.latency, n=s.latency)))
+        if self.pushes and ctx.backend.name in LATENCY_BACKENDS:
+            out.append(("startup", self.startup))
         return out
 
     def table(self, ctx: Context) -> str:
@@ -145,6 +151,50 @@ class Meepo(System):
         finally:
             child.close()
             probe.close()
+
+    def startup(self, ctx: Context) -> Measure:
+        """A worker's start-up: ``meepo worker app:task`` (the CLI, as a deployment runs
+        it) started on an already-migrated ledger with one job waiting, timed from the
+        process's spawn to that job leaving ``todo`` (its claim), polled every 2 ms."""
+        task = self.task(ctx)
+        app = ctx.workdir / "startup_app.py"
+        app.write_text(
+            "import os\n"
+            "from meepo import Task\n"
+            "task = Task(os.environ['BENCH_TASK'], job_func=lambda job: None,\n"
+            "            table_name=os.environ['BENCH_TABLE'])\n"
+        )
+        (job_id,) = task.push_many([b""])
+        t = task.ledger.table
+        status_q = select(t.c.status).where(t.c.id == job_id)
+        env = {**os.environ, "BENCH_TASK": task.task_id, "BENCH_TABLE": task.table_name}
+        argv = [sys.executable, "-m", "meepo", "worker", "startup_app:task"]
+        argv += ["--db", ctx.backend.url, "--redis", ctx.redis_url]
+        log = (ctx.workdir / f"{task.task_id}-startup.log").open("wb")
+        with task.engine.connect() as conn:  # the poll's own connection, opened first
+            conn.execute(status_q).scalar_one()
+            conn.commit()
+            began = time.perf_counter()
+            proc = subprocess.Popen(argv, cwd=ctx.workdir, env=env, stdout=log, stderr=log)
+            try:
+                deadline = began + 60.0
+                while conn.execute(status_q).scalar_one() == Status.TODO.value:
+                    conn.commit()
+                    if proc.poll() is not None:
+                        raise BenchError(f"startup: the worker exited {proc.returncode}")
+                    if time.perf_counter() > deadline:
+                        raise BenchError("startup: the job was not claimed within 60 s")
+                    time.sleep(0.002)
+                seconds = time.perf_counter() - began
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        return Measure(1, seconds, {"startup_ms": seconds * 1000})
 
     def drain(self, ctx: Context, n: int, procs: int, task: Task | None = None) -> Measure:
         """Enqueue ``n`` no-op jobs, start ``procs`` worker processes together, and time

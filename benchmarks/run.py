@@ -9,6 +9,8 @@ is unreachable is skipped with a note) and each system:
   together; from the start signal to the last job ``done`` in the ledger
 * ``latency``    (MariaDB, PostgreSQL) one idle worker, ``--latency``
   jobs pushed at ~100/s: push -> handler start, p50/p99
+* ``startup``    (MariaDB, PostgreSQL) ``meepo worker`` spawned on a migrated ledger
+  with one job waiting: spawn -> the job claimed, in ms (target: under 300)
 * growth         ``drain_2`` beside ``--growth`` finished rows vs on an empty table
 
 The floor (``floor.py``) does meepo's work directly with SQLAlchemy Core + redis-py,
@@ -229,7 +231,9 @@ def measure_one(system: System, ctx: Context, metric: str, fn: Any, record: dict
             traceback.print_exc(limit=4)
         record.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
         return
-    if "p50_ms" in m.extra:
+    if "startup_ms" in m.extra:
+        print(f" {m.extra['startup_ms']:7.0f} ms  (load {os.getloadavg()[0]:.2f})")
+    elif "p50_ms" in m.extra:
         print(
             f" {m.n:>7,} jobs at {m.extra['rate']:.0f}/s: p50 {m.extra['p50_ms']:.2f} ms, "
             f"p99 {m.extra['p99_ms']:.2f} ms  (load {os.getloadavg()[0]:.2f})"
@@ -283,7 +287,7 @@ def run_backend(
             rss = [r["worker_rss_kb"] for r in record.get("runs", []) if "worker_rss_kb" in r]
             if rss:
                 record["worker_rss_kb"] = max(rss)
-            for key in ("p50_ms", "p99_ms"):
+            for key in ("p50_ms", "p99_ms", "startup_ms"):
                 values = [r[key] for r in record.get("runs", []) if key in r]
                 if values:
                     record[key] = median(values)
@@ -381,6 +385,10 @@ def target_checks(
         checks.append(
             ("latency p50 < 3 ms, p99 < 10 ms", f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f}", ok)
         )
+    start = results.get("meepo", {}).get("startup", {})
+    if "startup_ms" in start:
+        ms = start["startup_ms"]
+        checks.append(("worker start-up < 300 ms", f"{ms:.0f} ms", ms < 300))
     rss = [
         r["worker_rss_kb"]
         for name, by_metric in results.items()
@@ -427,7 +435,7 @@ def print_table(
 ) -> None:
     metrics = ["push", "push_many", *[drain_metric(p) for p in settings.procs]]
     heads = ["push", "push_many", *[f"drain x{p}" for p in settings.procs]]
-    heads += ["p50/p99 ms", "worker RSS"]
+    heads += ["p50/p99 ms", "start ms", "worker RSS"]
     first = f"jobs/s, median of {runs}"
     labels = [f"{n} / floor unbatched" for n in results if n.startswith("meepo")]
     w0 = max([24, len(first) + 2, *(len(x) + 2 for x in labels)])
@@ -443,6 +451,8 @@ def print_table(
             fmt_rate(by_metric.get(m, {}).get("rate")) if m in by_metric else "" for m in metrics
         ]
         cells.append(fmt_latency(by_metric.get("latency")))
+        start = by_metric.get("startup", {}).get("startup_ms")
+        cells.append(f"{start:.0f}" if start is not None else "")
         rss = [
             r["worker_rss_kb"]
             for k, r in by_metric.items()
