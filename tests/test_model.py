@@ -60,7 +60,7 @@ from meepo import JobNotFoundError, StaleCommitError, Status, Task, TransportUna
 from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
 from meepo.ledger import migrate as migrations
-from meepo.runtime import reaper as reaper_module
+from meepo.runtime import recovery as recovery_module
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
 
@@ -821,8 +821,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
             real_send(messages, now)
 
-        chunk = reaper_module.CHUNK
-        reaper_module.CHUNK = 2
+        chunk = recovery_module.CHUNK
+        recovery_module.CHUNK = 2
         self.t.transport.send = send  # type: ignore[method-assign]
         try:
             if fail is None:
@@ -833,7 +833,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.t.reaper.check_epoch()
                 self._model_epoch_check(fail_page=fail)
         finally:
-            reaper_module.CHUNK = chunk
+            recovery_module.CHUNK = chunk
             del self.t.transport.send
 
     @precondition(lambda self: self.delayed)

@@ -313,3 +313,21 @@ def test_the_threads_run_the_same_services(rig: Rig) -> None:
     finally:
         assert rig.consumer.stop(grace=10)
     assert record(rig.task, job_id).status is Status.DONE
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+
+def test_recovery_redispatches_every_todo_job_once_redis_lost_its_data(rig: Rig) -> None:
+    """The reaper's recovery step: the first round only learns the epoch; once Redis
+    lost the task's keys (epoch included), one round sends every todo job again, and the
+    next one has nothing owed."""
+    rig.task.push_many([b"1", b"2"])
+    recovery = rig.task.reaper.recovery
+    assert recovery.run_once() == 0
+    t = rig.task.transport
+    rig.task.redis.delete(t.epoch_key, t.delayed_key, *t.queue_keys.values())
+    assert rig.task.depth() == 0
+    assert recovery.run_once() == 2
+    assert rig.task.depth() == 2
+    assert recovery.run_once() == 0
