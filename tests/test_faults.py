@@ -442,6 +442,13 @@ def test_second_sigterm_exits_at_once_and_the_job_is_reaped(
     job_id = producer.push(b"hang:120")  # would outlast the grace period on its first run
     worker = spawn(producer, log, redis_url=redis_url, parallel=1, grace=60)
     first = until(lambda: log.starts(job_id), workers=[worker], message="the job to start")[0]
+    # its start is recorded soon after it began (a batch of the starter): a worker gone
+    # before that would have its job requeued uncharged, a case of its own (test_starts)
+    until(
+        lambda: record(producer, job_id).started_at is not None,
+        workers=[worker],
+        message="the job's start to be recorded",
+    )
 
     worker.signal(signal.SIGTERM)
     wait_for(
