@@ -37,7 +37,7 @@ from .config import (
 )
 from .dispatch import Dispatcher
 from .errors import ConfigError, JobNotFoundError, ScheduleNotFoundError, TaskNotFoundError
-from .ledger import CHUNK
+from .ledger import ROWS_PER_STATEMENT
 from .ledger import migrate as migrations
 from .ledger.schedules import next_fires
 from .records import JobRecord, ScheduleRecord, Status
@@ -251,7 +251,7 @@ class Admin:
         narrows; an id that does not exist is a JobNotFoundError and nothing changes),
         or a filter: ``status`` with optional ``since``/``until`` (bounds on
         ``updated_at``), ``limit`` and ``task_id`` (an unknown task is a
-        TaskNotFoundError). Jobs are handled ``CHUNK`` at a time, each chunk one
+        TaskNotFoundError). Jobs are handled ``ROWS_PER_STATEMENT`` at a time, each chunk one
         compare-and-set per task followed by one pipelined RPUSH; ``progress`` is called
         after each chunk. ``dry_run`` reads only and returns what would be repushed.
         """
@@ -279,8 +279,8 @@ class Admin:
         progress: Progress | None,
     ) -> None:
         rows: list[Row] = []
-        for i in range(0, len(ids), CHUNK):
-            rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + CHUNK]))
+        for i in range(0, len(ids), ROWS_PER_STATEMENT):
+            rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + ROWS_PER_STATEMENT]))
         missing = sorted(set(ids) - {r[0] for r in rows})
         if missing:
             shown = ", ".join(str(i) for i in missing[:10])
@@ -293,8 +293,8 @@ class Admin:
         order = {job_id: n for n, job_id in enumerate(ids)}
         rows.sort(key=lambda r: order[r[0]])
         done = 0
-        for i in range(0, len(rows), CHUNK):
-            chunk = rows[i : i + CHUNK]
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[i : i + ROWS_PER_STATEMENT]
             self._apply(chunk, result, lambda lost: self.ledger.find(task_id=task_id, ids=lost))
             done += len(chunk)
             if progress is not None:
@@ -318,7 +318,7 @@ class Admin:
         after: int | None = None
         done = 0
         while limit is None or done < limit:
-            want = CHUNK if limit is None else min(CHUNK, limit - done)
+            want = ROWS_PER_STATEMENT if limit is None else min(ROWS_PER_STATEMENT, limit - done)
             rows = find(limit=want, after_id=after)
             if not rows:
                 break

@@ -35,10 +35,19 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection
 
 from .errors import LedgerUnavailableError, MeepoError, TransportUnavailableError, UnavailableError
-from .ledger import NEVER_DISPATCHED, Claimed, Inserted, Ledger, Outcome, Pair, Renewal
+from .ledger import (
+    NEVER_DISPATCHED,
+    ROWS_PER_STATEMENT,
+    Claimed,
+    Inserted,
+    Ledger,
+    Outcome,
+    Pair,
+    Renewal,
+)
 from .ledger.schedules import Schedules
 from .records import Message, NewJob, ScheduleRecord, Status
-from .transport import CHUNK, Transport, decode
+from .transport import Transport, decode
 from .transport.settings import check_redis_config
 from .transport.transport import RECOVERY_LOCK_TTL
 
@@ -371,7 +380,7 @@ class Dispatcher:
         ``("taken", token)``, ``("running", None)`` or ``("done", None)``."""
         return self.transport.take_recovery(epoch)
 
-    def recover(self, epoch: bytes, token: bytes, *, page: int = CHUNK) -> Moved:
+    def recover(self, epoch: bytes, token: bytes, *, page: int = ROWS_PER_STATEMENT) -> Moved:
         """Re-dispatch every todo row of the task (due ones to their queues, later ones to
         the delayed set), ``page`` rows at a time, renewing the recovery lock after each
         page and marking the epoch's recovery done at the end. Not a transition: the

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 #: The priority of a job pushed without one; its queue is the task's classic queue key.
 DEFAULT_PRIORITY = "default"
+
+Pair = tuple[int, int]
+"""``(job id, commit_id)``: one claim of one job, the unit every transition checks (and
+what a message carries)."""
+
+
+def utcnow() -> datetime:
+    """The host's current time, timezone-aware in UTC."""
+    return datetime.now(timezone.utc)
 
 
 class Status(str, enum.Enum):

@@ -1,4 +1,4 @@
-"""The server-specific statement forms of the hot path (meepo/ledger/fastpath.py): the
+"""The server drivers' statement forms of the hot path (meepo/ledger/drivers/): the
 same results as the portable forms, errors that leave nothing half-done, and the
 fallback when a driver cannot run them.
 
@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, event, insert, select
 
 from meepo import Job, LedgerUnavailableError, Status, Task
 from meepo.ledger import Ledger, make_engine
+from meepo.ledger.drivers import MySQLDriver
 from meepo.ledger.ledger import Outcome
 from meepo.ledger.types import UTC
 from meepo.records import NewJob
@@ -84,44 +85,6 @@ def test_payloads_of_any_bytes_round_trip_through_every_insert_form(
         assert rec is not None and rec.payload == payload
 
 
-def test_claim_and_finish_report_exactly_the_winners(db_url: str) -> None:
-    """A batch mixing current, stale, duplicate and foreign claims: only the current ones
-    win, in one call, and a commit of a mix of current and stale claims likewise."""
-    engine = make_engine(db_url)
-    ledger = Ledger(engine, "meepo_jobs")
-    task_id, other = unique_task_id("fp"), unique_task_id("fp_other")
-    t0 = now()
-    a, b, c = new_rows(ledger, task_id, b"a", b"b", b"c")
-    (foreign,) = new_rows(ledger, other, b"x")
-    got = ledger.claim(
-        task_id,
-        [(a, 0), (b, 0), (b, 0), (c, 5), (foreign, 0)],
-        lease=LEASE,
-        worker="w",
-    )
-    assert [(j.id, j.payload) for j in got] == [(a, b"a"), (b, b"b")]
-    ca, cb = (j.commit_id for j in got)
-    assert ca > 0 and cb > 0  # a claim's random step (1 to 2**31)
-    again = ledger.claim(task_id, [(a, 0)], lease=LEASE, worker="w")
-    assert again == []  # the message is stale now
-    won = ledger.finish(
-        [
-            Outcome(a, ca, Status.DONE),
-            Outcome(b, 0, Status.DONE),  # stale: b is at commit_id cb
-            Outcome(c, 0, Status.FAILED, "boom"),  # not doing
-        ],
-        now=t0,
-        redispatch_timeout=LEASE,
-    )
-    assert won == {(a, ca)}
-    recs = {i: ledger.get(i) for i in (a, b, c)}
-    assert [(r.status, r.commit_id) for r in recs.values() if r] == [
-        (Status.DONE, ca + 1),
-        (Status.DOING, cb),
-        (Status.TODO, 0),
-    ]
-
-
 def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) -> None:
     """The claim's UPDATE fails after its SELECT … FOR UPDATE locked the rows (a worker
     name too long for its column): nothing changes, no lock stays behind, and the pooled
@@ -156,7 +119,7 @@ def test_mariadb_error_inside_a_script_rolls_all_of_it_back(mariadb_url: str) ->
 def test_mariadb_transition_script_error_changes_no_group(mariadb_url: str) -> None:
     engine = make_engine(mariadb_url)
     ledger = Ledger(engine, "meepo_jobs")
-    assert ledger._my is not None
+    assert isinstance(ledger.driver, MySQLDriver)
     task_id = unique_task_id("fp")
     t0 = now()
     ids = new_rows(ledger, task_id, b"a", b"b")
@@ -183,12 +146,13 @@ def test_mariadb_engine_without_multi_statements_uses_the_portable_forms(
     runs: list[Job] = []
     task = Task(unique_task_id("fp"), db=engine, redis=redis_url, job_func=runs.append)
     try:
-        assert task.ledger._my is not None
+        driver = task.ledger.driver
+        assert isinstance(driver, MySQLDriver)
         ids = task.push_many([b"%d" % i for i in range(50)])
         task.start()
         wait_for(lambda: all(record(task, i).status is Status.DONE for i in ids), timeout=30)
         assert sorted(j.id for j in runs) == ids
-        assert task.ledger._scripts is False
+        assert driver.scripts is False
     finally:
         task.stop(wait=True, grace=5)
         engine.dispose()

@@ -60,11 +60,10 @@ from meepo import JobNotFoundError, StaleCommitError, Status, Task, TransportUna
 from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
 from meepo.ledger import migrate as migrations
+from meepo.records import Pair
 from meepo.runtime import recovery as recovery_module
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
-
-Pair = tuple[int, int]
 
 EXAMPLES = int(os.environ.get("MEEPO_MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("MEEPO_MODEL_STEPS", "50"))
@@ -821,8 +820,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
             real_send(messages, now)
 
-        chunk = recovery_module.CHUNK
-        recovery_module.CHUNK = 2
+        chunk = recovery_module.ROWS_PER_STATEMENT
+        recovery_module.ROWS_PER_STATEMENT = 2
         self.t.transport.send = send  # type: ignore[method-assign]
         try:
             if fail is None:
@@ -833,7 +832,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.t.reaper.check_epoch()
                 self._model_epoch_check(fail_page=fail)
         finally:
-            recovery_module.CHUNK = chunk
+            recovery_module.ROWS_PER_STATEMENT = chunk
             del self.t.transport.send
 
     @precondition(lambda self: self.delayed)

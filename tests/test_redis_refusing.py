@@ -121,7 +121,7 @@ def test_recovery_that_fails_half_way_is_retried(
     client = admin(server)
     client.delete(a.transport.queue_key, a.transport.epoch_key)  # Redis lost its data
 
-    monkeypatch.setattr(recovery_module, "CHUNK", 2)  # pages of 2 rows
+    monkeypatch.setattr(recovery_module, "ROWS_PER_STATEMENT", 2)  # pages of 2 rows
     real_send = a.transport.send
     pages: list[int] = []
 

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import Connection, Engine, MetaData, Table, event, insert, pool, text
 from sqlalchemy.schema import DropTable
 
-from meepo.ledger import CHUNK, NEVER_DISPATCHED, Ledger, Outcome, migrate
+from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome, migrate
 from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, version_table_name
 from meepo.ledger.types import UTC
@@ -87,8 +87,8 @@ def fill(
             }
             for _ in range(n)
         )
-    for i in range(0, len(rows), CHUNK):
-        conn.execute(insert(table), rows[i : i + CHUNK])
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        conn.execute(insert(table), rows[i : i + ROWS_PER_STATEMENT])
 
 
 def analyze(conn: Connection, name: str) -> None:
@@ -137,6 +137,7 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
         mine = [(j.id, j.commit_id) for j in jobs]
         renewal = run("heartbeat", ledger.heartbeat, mine, now=NOW, lease=2 * LEASE)
         assert renewal.lost == set() and renewal.renewed == set(mine)
+        assert run("start", ledger.start, mine, now=NOW) == len(mine)
         outcomes = [Outcome(j.id, j.commit_id, Status.DONE) for j in jobs]
         won = run("finish", ledger.finish, outcomes, now=NOW, redispatch_timeout=REDISPATCH)
         assert won == set(mine)
@@ -310,6 +311,7 @@ def expected_index(table: str, label: str, sql: str) -> str:
 STATEMENTS = [
     "claim",
     "heartbeat",
+    "start",
     "finish",
     "expired_leases",
     "reap",

@@ -1,15 +1,15 @@
 """The ledger: all SQL. The source of truth for every job."""
 
+from ..records import Pair
 from .clock import ServerClock
+from .driver import ROWS_PER_STATEMENT, LedgerDriver
 from .engine import make_engine
-from .fastpath import CHUNK
 from .ledger import (
     NEVER_DISPATCHED,
     Claimed,
     Inserted,
     Ledger,
     Outcome,
-    Pair,
     Reaped,
     Renewal,
     TaskStats,
@@ -17,11 +17,12 @@ from .ledger import (
 )
 
 __all__ = [
-    "CHUNK",
     "NEVER_DISPATCHED",
+    "ROWS_PER_STATEMENT",
     "Claimed",
     "Inserted",
     "Ledger",
+    "LedgerDriver",
     "Outcome",
     "Pair",
     "Reaped",

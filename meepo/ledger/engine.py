@@ -24,7 +24,7 @@ def make_engine(url: str, bounds: Bounds | None = None, **kwargs: Any) -> Engine
     so that the consumer's threads queue for the write lock instead of failing with
     "database is locked" when a read transaction tries to upgrade. Servers: no reset
     (ROLLBACK) when a connection goes back to the pool. PyMySQL: multi-statements
-    allowed, so a transition travels as one script (``fastpath.MySQLScript``: values
+    allowed, so a transition travels as one script (``drivers.mysql.MySQLDriver``: values
     are bound or escaped by PyMySQL, ids written as integers).
 
     A password in the query string (``?password=``, which libpq and PyMySQL accept) is
@@ -57,7 +57,7 @@ def make_engine(url: str, bounds: Bounds | None = None, **kwargs: Any) -> Engine
     elif backend == "postgresql" and parsed.get_driver_name() == "psycopg":
         # No server-side prepared statements: every statement is planned with its
         # values (the hot path's own statements ask for that themselves, see
-        # fastpath.PgForms; this covers the reaper's and the admin's too).
+        # drivers.postgres; this covers the reaper's and the admin's too).
         options["connect_args"] = {"prepare_threshold": None}
     if bounds is not None and backend in ("mysql", "postgresql"):
         driver = parsed.get_driver_name()

@@ -1,18 +1,21 @@
-"""Every SQL statement meepo runs against the jobs table, one method per transition.
+"""The ledger's rules: every transition of the jobs table, one method each.
 
 Each transition is a compare-and-set on ``commit_id`` that increments it (docs/design.md,
 invariant 2): it names its precondition (``status`` and ``commit_id``) in the WHERE
 clause, and a row that does not match is left alone and reported back as lost.
 Batches share round trips but never the check: ``(id, commit_id) IN (…)`` keeps the
-per-job compare-and-set, ``id IN (…)`` in front of it keeps the primary key in use.
-On PostgreSQL and on MariaDB/MySQL through PyMySQL the hot statements take
-server-specific forms with the same checks and fewer round trips (``fastpath.py``);
-the forms here are the portable ones (SQLite, other drivers, a caller's transaction).
+per-job compare-and-set.
+
+This module decides *what* each transition checks and writes (the statuses it starts
+from, the values, the zombie policy, the claim's random step, the unique key's
+hand-over); the statements that do it are the driver's (:mod:`meepo.ledger.driver`,
+one implementation per server in :mod:`meepo.ledger.drivers`), chosen once, at
+construction. A driver only runs statements: it never decides who wins.
 
 Statements, by caller:
 
-* producer: :meth:`insert` (one row or a multi-row INSERT … RETURNING; a job with a
-  unique key also takes or hands over its key in ``<table>_unique``)
+* producer: :meth:`insert` (one row or a batch; a job with a unique key also takes or
+  hands over its key in ``<table>_unique``)
 * consumer: :meth:`claim` (todo → doing), :meth:`heartbeat` (lease renewal, no
   transition), :meth:`start` (start marks, no transition), :meth:`finish`
   (doing → done | failed | todo), :meth:`release`
@@ -27,126 +30,50 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    CursorResult,
-    Engine,
-    Row,
-    Table,
-    and_,
-    func,
-    insert,
-    literal_column,
-    or_,
-    select,
-    tuple_,
-    update,
-)
+from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
-from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, NewJob, Status
-from .clock import ServerClock, host_now, now_sql, read_db_now
-from .engine import translate_errors
-from .fastpath import (
-    CHUNK,
+from ..records import DEFAULT_PRIORITY, JobRecord, Message, NewJob, Pair, Status
+from .clock import ServerClock, host_now
+from .driver import (
     PLUS_ONE,
+    Claimed,
     Coalesce,
-    MySQLScript,
-    PgForms,
-    packet_budget,
-    sa_values,
+    Group,
+    Inserted,
+    LedgerDriver,
+    Outcome,
+    Reaped,
+    Renewal,
+    TaskStats,
+    Zombie,
 )
-from .schema import jobs_table, unique_table
+from .drivers import driver_for
+from .engine import translate_errors
 from .types import UTC
 
-Pair = tuple[int, int]
-"""``(job id, commit_id)``: one claim of one job, the unit every transition checks."""
-
-Group = tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]
+__all__ = [
+    "CLAIM_STEP",
+    "NEVER_DISPATCHED",
+    "Claimed",
+    "Inserted",
+    "Ledger",
+    "Outcome",
+    "Pair",
+    "Reaped",
+    "Renewal",
+    "TaskStats",
+    "Zombie",
+    "claim_step",
+]
 
 #: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
 NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
-#: A generous size of a row's SQL text besides its payload (MySQL/MariaDB packets).
-ROW_TEXT = 512
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A consumer's verdict on one claimed job, for :meth:`Ledger.finish`."""
-
-    job_id: int
-    commit_id: int
-    status: Status
-    error: str | None = None
-    run_at: datetime | None = None  # when a todo outcome is due again (backoff)
-    priority: str = DEFAULT_PRIORITY  # where a todo outcome is re-dispatched
-
-
-@dataclass(frozen=True)
-class Zombie:
-    """A doing row whose lease expired; ``started``: its handler's start was recorded
-    (``started_at`` set), so the lost claim was a run, a failed attempt."""
-
-    id: int
-    commit_id: int
-    failed_times: int
-    priority: str = DEFAULT_PRIORITY
-    started: bool = True
-
-
-class Reaped(NamedTuple):
-    """What :meth:`Ledger.reap` did: the messages of the jobs it put back in ``todo``
-    (to send; started ones charged a failed attempt, unstarted ones not), how many it
-    closed (done or failed by the zombie policy), and how many of the requeued ones had
-    never started (requeued uncharged, ``orphaned_claims`` + 1)."""
-
-    requeued: list[Message]
-    closed: int
-    unstarted: int
-
-
-@dataclass(frozen=True)
-class Inserted:
-    """One pushed job: its id, and whether this push created it (False: a unique key's
-    existing unfinished job, nothing written)."""
-
-    id: int
-    created: bool
-
-
-class Claimed(list[Job]):
-    """The jobs a claim won (a list, by id), and beside them :attr:`early`: messages
-    of current jobs the claim refused because their ``run_at`` is after the time it
-    judged by (:attr:`now`, the database's clock); they are to be delayed again."""
-
-    def __init__(
-        self,
-        jobs: Iterable[Job] = (),
-        early: Sequence[Message] = (),
-        now: datetime | None = None,
-    ) -> None:
-        super().__init__(jobs)
-        self.early: list[Message] = list(early)
-        self.now = now
-
-
-@dataclass
-class Renewal:
-    """What a heartbeat did: leases ``renewed``, leases ``skipped`` (the row was locked
-    by another transaction; not renewed this time, but still ours), leases ``lost``
-    (reaped, repushed or finished: no longer doing under that commit_id)."""
-
-    renewed: set[Pair] = field(default_factory=set)
-    skipped: set[Pair] = field(default_factory=set)
-    lost: set[Pair] = field(default_factory=set)
-
 
 #: A claim adds a random step of 1 to CLAIM_STEP to commit_id (other transitions add 1).
 CLAIM_STEP = 2**31
@@ -162,162 +89,46 @@ def claim_step() -> int:
     return random.randrange(CLAIM_STEP) + 1
 
 
-@dataclass
-class TaskStats:
-    task_id: str
-    counts: dict[Status, int] = field(default_factory=dict)
-    oldest_todo: datetime | None = None
-
-
-class _Mismatch(Exception):
-    """Internal: a batched compare-and-set hit fewer rows than it named."""
-
-
-def _inserted_id(result: CursorResult[Any]) -> int:
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
 def _error_text(error: str | None) -> str | None:
     if error is None:
         return None
     return error if len(error) <= 4000 else error[:3997] + "..."
 
 
-class Ledger:
-    """The jobs table of one ledger (shared by many tasks), behind named transitions."""
+def _normal(groups: Sequence[Group]) -> list[Group]:
+    """Groups with their pairs sorted and unique, empty ones dropped."""
+    return [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
 
-    def __init__(self, engine: Engine, table_name: str) -> None:
+
+class Ledger:
+    """The jobs table of one ledger (shared by many tasks), behind named transitions.
+
+    ``driver`` names the statements' driver (``portable``, ``postgres``, ``mysql``);
+    by default the one for the engine's server."""
+
+    def __init__(self, engine: Engine, table_name: str, *, driver: str | None = None) -> None:
         self.engine = engine
-        self.table: Table = jobs_table(table_name)
-        self.unique: Table = unique_table(table_name)
+        #: The statements (see meepo/ledger/drivers/), chosen once.
+        self.driver: LedgerDriver = driver_for(engine, table_name, driver)
+        self.table: Table = self.driver.table
+        self.unique: Table = self.driver.unique
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
         #: The database's time as this host estimates it (see clock.py).
         self.clock = ServerClock(engine)
-        # The hot statements' server-specific forms (see fastpath.py); SQLite and other
-        # drivers use the portable ones below.
-        dialect = engine.dialect.name
-        self._pg = PgForms(self.table, engine) if PgForms.usable(engine) else None
-        self._my = MySQLScript(self.table, engine) if dialect == "mysql" else None
-        self._scripts: bool | None = None  # does the engine's driver run scripts?
-        # PostgreSQL: a single-statement transition needs no BEGIN/COMMIT around it.
-        self._autocommit = (
-            engine.execution_options(isolation_level="AUTOCOMMIT") if self._pg else None
-        )
 
     # -- plumbing ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
+    def begin(self) -> contextlib.AbstractContextManager[Connection]:
         """A transaction on a pooled connection, errors translated to meepo's."""
-        with translate_errors(self.url, self.table_name), self.engine.begin() as conn:
-            yield conn
+        return self.driver.begin()
 
-    @contextlib.contextmanager
-    def _one_statement(self) -> Iterator[Connection]:
-        """A connection for exactly one statement, which is its own transaction:
-        autocommit on PostgreSQL (no BEGIN and COMMIT round trips), a transaction
-        elsewhere."""
-        if self._autocommit is None:
-            with self.begin() as conn:
-                yield conn
-            return
-        with translate_errors(self.url, self.table_name), self._autocommit.connect() as conn:
-            yield conn
-
-    @contextlib.contextmanager
-    def _script(self) -> Iterator[Connection | None]:
-        """A connection that runs one-packet scripts (MariaDB/MySQL through PyMySQL
-        with multi-statements), or None."""
-        if self._my is None or self._scripts is False:
-            yield None
-            return
-        with translate_errors(self.url, self.table_name), self.engine.connect() as conn:
-            if self._scripts is None:
-                self._scripts = MySQLScript.usable(conn)
-            yield conn if self._scripts else None
-
-    def _pairs_where(self, pairs: Sequence[Pair]) -> ColumnElement[bool]:
-        t = self.table
-        ids = [p[0] for p in pairs]
-        if len(pairs) == 1:
-            return and_(t.c.id == pairs[0][0], t.c.commit_id == pairs[0][1])
-        return and_(t.c.id.in_(ids), tuple_(t.c.id, t.c.commit_id).in_(list(pairs)))
-
-    def _cas(
-        self,
-        conn: Connection,
-        pairs: Sequence[Pair],
-        from_status: Iterable[Status],
-        values: dict[str, Any],
-    ) -> int:
-        t = self.table
-        statuses = [s.value for s in from_status]
-        cond = t.c.status == statuses[0] if len(statuses) == 1 else t.c.status.in_(statuses)
-        stmt = (
-            update(t)
-            .where(self._pairs_where(pairs), cond)
-            .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
-        )
-        return int(conn.execute(stmt).rowcount)
-
-    def _transition(
-        self,
-        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
-        conn: Connection | None = None,
-    ) -> set[Pair]:
-        """Apply compare-and-set groups; return the pairs that won.
-
-        PostgreSQL: one ``UPDATE … RETURNING`` per group, which names its winners.
-        MariaDB/MySQL: one script (see fastpath.py). Otherwise one UPDATE per group in
-        one transaction; when every row matched, all won, and if not (someone else
-        moved a job meanwhile) the transaction is rolled back and redone one row at a
-        time, so exactly the winners change.
-        """
-        groups = [(sorted(set(p)), list(s), v) for p, s, v in groups if p]
+    def _transition(self, groups: Sequence[Group]) -> set[Pair]:
+        """Apply compare-and-set groups; return the pairs that won (exactly)."""
+        groups = _normal(groups)
         if not groups:
             return set()
-        if conn is not None:
-            return self._transition_rows(conn, groups)
-        if self._pg is not None:
-            chunks = [
-                (pairs[i : i + CHUNK], statuses, values)
-                for pairs, statuses, values in groups
-                for i in range(0, len(pairs), CHUNK)
-            ]
-            # one statement needs no transaction around it; several share one
-            opener = self._one_statement if len(chunks) == 1 else self.begin
-            with opener() as c:
-                return {w for pairs, st, v in chunks for w in self._pg.transition(c, pairs, st, v)}
-        if sum(len(p) for p, _, _ in groups) <= CHUNK:
-            with self._script() as sc:
-                if sc is not None and self._my is not None:
-                    return self._my.transition(sc, groups)
-        try:
-            with self.begin() as c:
-                for pairs, statuses, values in groups:
-                    for i in range(0, len(pairs), CHUNK):
-                        chunk = pairs[i : i + CHUNK]
-                        if self._cas(c, chunk, statuses, values) != len(chunk):
-                            raise _Mismatch
-        except _Mismatch:
-            with self.begin() as c:
-                return self._transition_rows(c, groups)
-        return {p for pairs, _, _ in groups for p in pairs}
-
-    def _transition_rows(
-        self,
-        conn: Connection,
-        groups: Sequence[tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]],
-    ) -> set[Pair]:
-        won: set[Pair] = set()
-        for pairs, statuses, values in groups:
-            for pair in pairs:
-                if self._cas(conn, [pair], statuses, values) == 1:
-                    won.add(pair)
-        return won
+        return self.driver.transition(groups)
 
     # -- producer ---------------------------------------------------------------------
 
@@ -343,18 +154,12 @@ class Ledger:
         committed before this returns.
         """
         if conn is None:
-            plain = bool(jobs) and all(j.key is None for j in jobs)
-            if plain and self._my is not None:
-                with self._script() as sc:
-                    if sc is not None and sc.dialect.insert_returning:  # MariaDB 10.5+
-                        rows = [
-                            self._row(task_id, j, now, redispatch_timeout, never_dispatched)
-                            for j in jobs
-                        ]
-                        return [Inserted(i, True) for i in self._my.insert_many(sc, rows)]
-            # one statement (PostgreSQL: up to CHUNK rows) needs no transaction around it
-            one = len(jobs) <= (CHUNK if self._pg is not None else 1)
-            with self._one_statement() if plain and one else self.begin() as c:
+            if jobs and all(j.key is None for j in jobs):
+                rows = [
+                    self._row(task_id, j, now, redispatch_timeout, never_dispatched) for j in jobs
+                ]
+                return [Inserted(i, True) for i in self.driver.push(rows)]
+            with self.begin() as c:
                 return self._insert(c, task_id, jobs, now, redispatch_timeout, never_dispatched)
         with translate_errors(self.url, self.table_name):
             if not conn.in_transaction():
@@ -397,59 +202,14 @@ class Ledger:
         out: list[Inserted | None] = [None] * len(jobs)
         plain = [i for i, j in enumerate(jobs) if j.key is None]
         rows = [self._row(task_id, jobs[i], now, timeout, never_dispatched) for i in plain]
-        for i, job_id in zip(plain, self._insert_rows(conn, rows), strict=True):
+        ids = self.driver.insert_rows(conn, rows) if rows else []
+        for i, job_id in zip(plain, ids, strict=True):
             out[i] = Inserted(job_id, True)
         for i, job in enumerate(jobs):
             if job.key is not None:
                 row = self._row(task_id, job, now, timeout, never_dispatched)
                 out[i] = self._insert_keyed(conn, task_id, job, row, now)
         return [x for x in out if x is not None]
-
-    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-        t = self.table
-        if not rows:
-            return []
-        ids: list[int] = []
-        if self._pg is not None:
-            task_id, now = rows[0]["task_id"], rows[0]["created_at"]
-            for i in range(0, len(rows), CHUNK):
-                ids.extend(self._pg.insert(conn, task_id, now, rows[i : i + CHUNK]))
-            return ids
-        dialect = conn.dialect
-        if len(rows) == 1:
-            if dialect.insert_returning:
-                return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
-            return [_inserted_id(conn.execute(insert(t), rows[0]))]
-        if dialect.insert_executemany_returning_sort_by_parameter_order:
-            stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
-            for chunk in self._chunks(conn, rows):
-                ids.extend(int(x) for x in conn.execute(stmt, chunk).scalars())
-            return ids
-        for row in rows:  # MySQL (not MariaDB): no INSERT … RETURNING
-            ids.append(_inserted_id(conn.execute(insert(t), row)))
-        return ids
-
-    def _chunks(
-        self, conn: Connection, rows: list[dict[str, Any]]
-    ) -> Iterator[list[dict[str, Any]]]:
-        """``rows`` in slices of at most CHUNK rows; on MySQL/MariaDB also small enough
-        for one packet (SQLAlchemy sends each slice as one statement, payloads as hex)."""
-        if conn.dialect.name != "mysql":
-            for i in range(0, len(rows), CHUNK):
-                yield rows[i : i + CHUNK]
-            return
-        budget = packet_budget(conn)
-        chunk: list[dict[str, Any]] = []
-        size = 0
-        for row in rows:
-            one = 2 * len(row["payload"]) + ROW_TEXT
-            if chunk and (len(chunk) == CHUNK or size + one > budget):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(row)
-            size += one
-        if chunk:
-            yield chunk
 
     def _insert_keyed(
         self, conn: Connection, task_id: str, job: NewJob, row: dict[str, Any], now: datetime
@@ -462,100 +222,51 @@ class Ledger:
         job is finished and its hold has passed, handed over by a compare-and-set on
         ``job_id``.
         """
-        u = self.unique
-        t = self.table
-        assert job.key is not None
+        d = self.driver
+        key = job.key
+        assert key is not None
         hold_ms = round(job.unique_for * 1000)
         for _ in range(10):
             savepoint = conn.begin_nested()
             try:
-                job_id = self._insert_rows(conn, [row])[0]
-                conn.execute(
-                    insert(u).values(
-                        task_id=task_id,
-                        key=job.key,
-                        job_id=job_id,
-                        hold_ms=hold_ms,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+                job_id = d.insert_rows(conn, [row])[0]
+                d.insert_key(conn, task_id, key, job_id, hold_ms, now)
                 savepoint.commit()
                 return Inserted(job_id, True)
             except IntegrityError:
                 savepoint.rollback()
-            holder = conn.execute(
-                select(u.c.job_id, u.c.hold_ms)
-                .where(u.c.task_id == task_id, u.c.key == job.key)
-                .with_for_update()
-            ).first()
+            holder = d.lock_key(conn, task_id, key)
             if holder is None:
                 continue  # deleted meanwhile: try to insert again
-            # A locking read: the holder's latest committed state, not the caller's
-            # snapshot (MySQL's REPEATABLE READ would show a finished holder as running,
-            # or a repushed one as finished). KEY SHARE on PostgreSQL does not block the
-            # holder's own transitions.
-            held = conn.execute(
-                select(t.c.status, t.c.updated_at)
-                .where(t.c.id == holder.job_id)
-                .with_for_update(read=True, key_share=True)
-            ).first()
+            holder_id, holder_ms = holder
+            held = d.holder_state(conn, holder_id)
             if held is not None and (
-                not Status(held.status).terminal
-                or now < held.updated_at + timedelta(milliseconds=holder.hold_ms)
+                not Status(held[0]).terminal or now < held[1] + timedelta(milliseconds=holder_ms)
             ):
-                return Inserted(int(holder.job_id), False)
-            job_id = self._insert_rows(conn, [row])[0]
-            n = conn.execute(
-                update(u)
-                .where(u.c.task_id == task_id, u.c.key == job.key, u.c.job_id == holder.job_id)
-                .values(job_id=job_id, hold_ms=hold_ms, updated_at=now)
-            ).rowcount
-            if n == 1:
+                return Inserted(holder_id, False)
+            job_id = d.insert_rows(conn, [row])[0]
+            if d.hand_over_key(
+                conn, task_id, key, old_job=holder_id, new_job=job_id, hold_ms=hold_ms, now=now
+            ):
                 return Inserted(job_id, True)
             raise LedgerUnavailableError(  # the row is locked: cannot happen
-                f"unique key {job.key!r} of task {task_id!r} changed under a lock"
+                f"unique key {key!r} of task {task_id!r} changed under a lock"
             )
         raise LedgerUnavailableError(
-            f"unique key {job.key!r} of task {task_id!r} kept changing; try again"
+            f"unique key {key!r} of task {task_id!r} kept changing; try again"
         )
 
     def unique_holder(self, task_id: str, key: str) -> int | None:
         """The id of the job holding ``key`` (finished or not), if any."""
-        u = self.unique
-        with self.begin() as conn:
-            got = conn.execute(
-                select(u.c.job_id).where(u.c.task_id == task_id, u.c.key == key)
-            ).scalar()
-        return None if got is None else int(got)
+        return self.driver.key_holder(task_id, key)
 
     def mark_due(self, pairs: Sequence[Pair]) -> None:
         """Mark todo rows as never dispatched (their message was not sent), so the next
         dispatch sweep sends them."""
-        if not pairs:
-            return
-        t = self.table
-        with self.begin() as conn:
-            for i in range(0, len(pairs), CHUNK):
-                chunk = sorted(set(pairs[i : i + CHUNK]))
-                conn.execute(
-                    update(t)
-                    .where(self._pairs_where(chunk), t.c.status == Status.TODO.value)
-                    .values(expires_at=NEVER_DISPATCHED)
-                )
+        if pairs:
+            self.driver.mark_due(pairs, NEVER_DISPATCHED)
 
     # -- consumer ---------------------------------------------------------------------
-
-    def _now_expr(self, now: datetime | None) -> Any:
-        """``now``, or the database's current time as a SQL expression (the host's on
-        SQLite)."""
-        if now is not None:
-            return now
-        sql = now_sql(self.engine.dialect.name)
-        return host_now() if sql is None else literal_column(sql, type_=self.table.c.run_at.type)
-
-    def _resolve_now(self, conn: Connection, now: datetime | None) -> datetime:
-        return now if now is not None else read_db_now(conn)
 
     def claim(
         self,
@@ -576,134 +287,14 @@ class Ledger:
         the commit of an earlier claim (docs/design.md, invariant 10).
 
         Returns the jobs this call won, with their new commit_id; stale, duplicate and
-        foreign messages simply do not come back. PostgreSQL and SQLite do it in one
-        ``UPDATE … RETURNING`` (PostgreSQL: in autocommit, one round trip);
-        MySQL/MariaDB lock the rows with ``SELECT … FOR UPDATE`` and update the winners
-        (through PyMySQL: one script, one round trip).
+        foreign messages simply do not come back.
         """
         want = sorted(set(pairs))
         if not want:
             return Claimed()
-        step = claim_step()
-        if self._pg is not None:
-            with self._one_statement() as conn:
-                return Claimed(
-                    *self._pg.claim(
-                        conn, task_id, want, now=now, lease=lease, step=step, worker=worker
-                    )
-                )
-        with self._script() as sc:
-            if sc is not None and self._my is not None:
-                return Claimed(
-                    *self._my.claim(
-                        sc, task_id, want, now=now, lease=lease, step=step, worker=worker
-                    )
-                )
-        t = self.table
-        ids = sorted({p[0] for p in want})
-        with self.begin() as conn:
-            at = self._resolve_now(conn, now)
-            values = {
-                "status": Status.DOING.value,
-                "commit_id": t.c.commit_id + step,
-                "updated_at": at,
-                "expires_at": at + lease,
-                "worker": worker,
-                "started_at": None,  # an attempt is a run: this claim has not started
-            }
-            if conn.dialect.update_returning:
-                stmt = (
-                    update(t)
-                    .where(
-                        self._pairs_where(want),
-                        t.c.status == Status.TODO.value,
-                        t.c.task_id == task_id,
-                        t.c.run_at <= at,
-                    )
-                    .values(**values)
-                    .returning(
-                        t.c.id,
-                        t.c.commit_id,
-                        t.c.failed_times,
-                        t.c.payload,
-                        t.c.priority,
-                        t.c.orphaned_claims,
-                    )
-                )
-                rows: Sequence[Row[Any]] = conn.execute(stmt).all()
-                early: list[Message] = []
-                if len(rows) < len(want):
-                    early = [
-                        Message(r.id, r.commit_id, r.priority, r.run_at)
-                        for r in conn.execute(
-                            select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at).where(
-                                self._pairs_where(want),
-                                t.c.status == Status.TODO.value,
-                                t.c.task_id == task_id,
-                                t.c.run_at > at,
-                            )
-                        )
-                    ]
-                jobs = sorted(
-                    (
-                        Job(
-                            r.id,
-                            task_id,
-                            bytes(r.payload),
-                            r.failed_times,
-                            r.commit_id,
-                            r.priority,
-                            r.orphaned_claims,
-                        )
-                        for r in rows
-                    ),
-                    key=lambda j: j.id,
-                )
-                return Claimed(jobs, sorted(early, key=lambda m: m.job_id), at)
-            locked = conn.execute(
-                select(
-                    t.c.id,
-                    t.c.commit_id,
-                    t.c.status,
-                    t.c.failed_times,
-                    t.c.payload,
-                    t.c.priority,
-                    t.c.run_at,
-                    t.c.orphaned_claims,
-                )
-                .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")  # lock only these rows
-                .where(t.c.id.in_(ids), t.c.task_id == task_id)
-                .order_by(t.c.id)
-                .with_for_update()
-            ).all()
-            wanted = set(want)
-            current = [
-                r for r in locked if r.status == Status.TODO.value and (r.id, r.commit_id) in wanted
-            ]
-            winners = [r for r in current if r.run_at <= at]
-            early = [
-                Message(r.id, r.commit_id, r.priority, r.run_at) for r in current if r.run_at > at
-            ]
-            if winners:
-                win_pairs = [(r.id, r.commit_id) for r in winners]
-                conn.execute(
-                    update(t)
-                    .where(self._pairs_where(win_pairs), t.c.status == Status.TODO.value)
-                    .values(**values)
-                )
-            jobs = [
-                Job(
-                    r.id,
-                    task_id,
-                    bytes(r.payload),
-                    r.failed_times,
-                    r.commit_id + step,
-                    r.priority,
-                    r.orphaned_claims,
-                )
-                for r in winners
-            ]
-            return Claimed(jobs, early, at)
+        return self.driver.claim(
+            task_id, want, now=now, lease=lease, step=claim_step(), worker=worker
+        )
 
     def heartbeat(
         self, pairs: Sequence[Pair], *, lease: timedelta, now: datetime | None = None
@@ -712,76 +303,14 @@ class Ledger:
         (``now`` replaces it, for tests).
 
         Not a transition: commit_id is checked, not incremented. Renewal never waits on
-        another transaction's lock of a row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and
-        MariaDB/MySQL): a locked row's lease is reported skipped, neither renewed nor
-        lost (the next beat retries it). A row no longer doing under that commit_id is
-        lost.
+        another transaction's lock of a row: a locked row's lease is reported skipped,
+        neither renewed nor lost (the next beat retries it). A row no longer doing under
+        that commit_id is lost.
         """
         want = sorted(set(pairs))
-        out = Renewal()
         if not want:
-            return out
-        t = self.table
-        if self._pg is not None:
-            with self.begin() as conn:
-                for i in range(0, len(want), CHUNK):
-                    chunk = want[i : i + CHUNK]
-                    renewed, skipped = self._pg.heartbeat(conn, chunk, now, lease)
-                    out.renewed |= renewed
-                    out.skipped |= skipped
-                    out.lost.update(p for p in chunk if p not in renewed and p not in skipped)
-            return out
-        dialect = self.engine.dialect.name
-        locks = dialect != "sqlite"  # SQLite has no row locks to wait on
-        with self.begin() as conn:
-            at = now if now is not None or dialect == "mysql" else read_db_now(conn)
-            end = at + lease if at is not None else self._lease_end_sql(lease)
-            for i in range(0, len(want), CHUNK):
-                chunk = want[i : i + CHUNK]
-                mine = chunk
-                if locks:
-                    got = {
-                        (r.id, r.commit_id)
-                        for r in conn.execute(
-                            select(t.c.id, t.c.commit_id)
-                            .with_hint(t, "FORCE INDEX (PRIMARY)", "mysql")
-                            .where(self._pairs_where(chunk), t.c.status == Status.DOING.value)
-                            .with_for_update(skip_locked=True)
-                        )
-                    }
-                    mine = [p for p in chunk if p in got]
-                n = 0
-                if mine:
-                    n = conn.execute(
-                        update(t)
-                        .with_hint("FORCE INDEX (PRIMARY)", dialect_name="mysql")
-                        .where(self._pairs_where(mine), t.c.status == Status.DOING.value)
-                        .values(expires_at=end)
-                    ).rowcount
-                if n == len(chunk):
-                    out.renewed.update(chunk)
-                    continue
-                if locks:
-                    out.renewed.update(mine)
-                    rest = [p for p in chunk if p not in set(mine)]
-                else:
-                    rest = chunk
-                current = {
-                    (r.id, r.commit_id)
-                    for r in conn.execute(  # a plain read: it waits on no lock
-                        select(t.c.id, t.c.commit_id).where(
-                            t.c.id.in_([p[0] for p in rest]), t.c.status == Status.DOING.value
-                        )
-                    )
-                }
-                for p in rest:
-                    if p not in current:
-                        out.lost.add(p)
-                    elif locks:
-                        out.skipped.add(p)
-                    else:
-                        out.renewed.add(p)
-        return out
+            return Renewal()
+        return self.driver.heartbeat(want, lease=lease, now=now)
 
     def start(self, pairs: Sequence[Pair], *, now: datetime | None = None) -> int:
         """Record that the handlers of these claims began: ``started_at`` = the
@@ -794,33 +323,7 @@ class Ledger:
         want = sorted(set(pairs))
         if not want:
             return 0
-        t = self.table
-        marked = 0
-        with self._one_statement() if len(want) <= CHUNK else self.begin() as conn:
-            for i in range(0, len(want), CHUNK):
-                chunk = want[i : i + CHUNK]
-                at = self._now_expr(now)
-                marked += int(
-                    conn.execute(
-                        update(t)
-                        .where(
-                            self._pairs_where(chunk),
-                            t.c.status == Status.DOING.value,
-                            t.c.started_at.is_(None),
-                            t.c.expires_at > at,
-                        )
-                        .values(started_at=at)
-                    ).rowcount
-                )
-        return marked
-
-    def _lease_end_sql(self, lease: timedelta) -> Any:
-        """The database's time plus ``lease`` (MariaDB/MySQL)."""
-        micros = round(lease / timedelta(microseconds=1))
-        return literal_column(
-            f"UTC_TIMESTAMP(6) + INTERVAL {int(micros)} MICROSECOND",
-            type_=self.table.c.expires_at.type,
-        )
+        return self.driver.start(want, now=now)
 
     def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
         # A commit ends a run: it records the start if the consumer's mark did not.
@@ -880,22 +383,7 @@ class Ledger:
     ) -> list[Zombie]:
         """doing rows whose lease ran out (their consumer died or froze), by the
         database's clock (``now`` replaces it, for tests)."""
-        t = self.table
-        with self.begin() as conn:
-            rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority, t.c.started_at)
-                .where(
-                    t.c.task_id == task_id,
-                    t.c.status == Status.DOING.value,
-                    t.c.expires_at < self._now_expr(now),
-                )
-                .order_by(t.c.expires_at)
-                .limit(limit)
-            ).all()
-        return [
-            Zombie(r.id, r.commit_id, r.failed_times, r.priority, r.started_at is not None)
-            for r in rows
-        ]
+        return self.driver.expired_leases(task_id, limit=limit, now=now)
 
     def reap(
         self,
@@ -1008,8 +496,9 @@ class Ledger:
         rows locked by another transaction are skipped, never waited for.
 
         In one transaction, the candidates still current in ``status`` are locked with
-        ``SELECT … FOR UPDATE SKIP LOCKED`` by primary key (MariaDB/MySQL, PostgreSQL;
-        record locks only, no gap locks), and only those are updated. A consumer frozen
+        ``SELECT … FOR UPDATE SKIP LOCKED`` by primary key (the driver's
+        :meth:`~meepo.ledger.driver.LedgerDriver.lock_current`; record locks only, no gap
+        locks), and only those are updated. A consumer frozen
         inside its claim transaction (SIGSTOP between its ``FOR UPDATE`` and its commit)
         then delays its own rows only, not every other zombie of the task. SQLite has no
         row locks: its ``BEGIN IMMEDIATE`` write lock makes the transaction atomic.
@@ -1021,45 +510,27 @@ class Ledger:
         primary key, stay as they are); ``recheck`` gets the locked row (``id``,
         ``commit_id``, ``expires_at``, ``started_at``).
         """
-        groups = [(sorted(set(p)), list(s), v) for p, s, v in build(host_now()) if p]
-        if not groups:
+        first = _normal(build(host_now()))
+        if not first:
             return set()
-        t = self.table
-        # InnoDB locks every row a statement scans, and on a small table it prefers a
-        # full scan to a range of primary keys: force the primary key, so that both
-        # statements touch only the rows they name.
-        pk = "FORCE INDEX (PRIMARY)"
-        ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
+        d = self.driver
+        ids = sorted({i for pairs, _, _ in first for i, _ in pairs})
         won: set[Pair] = set()
         with self.begin() as conn:
-            at = self._resolve_now(conn, now)
-            groups = [(sorted(set(p)), list(s), v) for p, s, v in build(at) if p]
-            current: set[Pair] = set()
-            for i in range(0, len(ids), CHUNK):
-                current.update(
-                    (r.id, r.commit_id)
-                    for r in conn.execute(
-                        select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
-                        .with_hint(t, pk, "mysql")
-                        .where(t.c.id.in_(ids[i : i + CHUNK]), t.c.status == status.value)
-                        .with_for_update(skip_locked=True)
-                    )
-                    if recheck is None or recheck(r, at)
-                )
-            for pairs, statuses, values in groups:
+            at = now if now is not None else d.db_now(conn)
+            current = {
+                (r.id, r.commit_id)
+                for r in d.lock_current(conn, ids, status)
+                if recheck is None or recheck(r, at)
+            }
+            for pairs, statuses, values in _normal(build(at)):
                 mine = [p for p in pairs if p in current]
-                cond = t.c.status.in_([s.value for s in statuses])
-                for i in range(0, len(mine), CHUNK):
-                    chunk = mine[i : i + CHUNK]
-                    stmt = (
-                        update(t)
-                        .with_hint(pk, dialect_name="mysql")
-                        .where(self._pairs_where(chunk), cond)
-                        .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
-                    )
-                    if conn.execute(stmt).rowcount != len(chunk):  # we hold their locks
-                        raise RuntimeError("a locked row changed under its lock")
-                    won.update(chunk)
+                if not mine:
+                    continue
+                if d.update_locked(conn, mine, statuses, values) != len(mine):
+                    # we hold their locks: cannot happen
+                    raise RuntimeError("a locked row changed under its lock")
+                won.update(mine)
         return won
 
     def dispatch_deadlines(self, pairs: Sequence[Pair]) -> dict[Pair, datetime]:
@@ -1067,14 +538,7 @@ class Ledger:
         want = sorted(set(pairs))
         if not want:
             return {}
-        t = self.table
-        with self.begin() as conn:
-            rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.expires_at).where(
-                    self._pairs_where(want), t.c.status == Status.TODO.value
-                )
-            ).all()
-        return {(r.id, r.commit_id): r.expires_at for r in rows if r.expires_at is not None}
+        return self.driver.dispatch_deadlines(want)
 
     def sweep(
         self,
@@ -1094,34 +558,11 @@ class Ledger:
         listed use ``default_priority``'s (they are dispatched to its queue). The
         caller picks the cutoffs so that rows whose message is still waiting in a
         queue are left alone (see the reaper)."""
-        t = self.table
-        cond: ColumnElement[bool]
-        if len(set(cutoffs.values())) == 1:
-            cond = t.c.expires_at < next(iter(cutoffs.values()))
-        else:
-            others = [p for p in cutoffs if p != default_priority]
-            cond = or_(
-                *(and_(t.c.priority == p, t.c.expires_at < cutoffs[p]) for p in others),
-                and_(
-                    t.c.priority.not_in(others),
-                    t.c.expires_at < cutoffs[default_priority],
-                ),
-            )
-        with self.begin() as conn:
-            rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.priority)
-                .where(
-                    t.c.task_id == task_id,
-                    t.c.status == Status.TODO.value,
-                    t.c.expires_at < max(cutoffs.values()),
-                    cond,
-                    t.c.run_at <= now,
-                )
-                .order_by(t.c.expires_at)
-                .limit(limit)
-            ).all()
-        pairs = [(r.id, r.commit_id) for r in rows]
-        prio = {r.id: r.priority for r in rows}
+        rows = self.driver.sweep_scan(
+            task_id, now=now, cutoffs=cutoffs, default_priority=default_priority, limit=limit
+        )
+        pairs = [(i, c) for i, c, _ in rows]
+        prio = {i: p for i, _, p in rows}
         values = {"updated_at": now, "expires_at": now + redispatch_timeout}
         latest = max(cutoffs.values())
         won = self._transition_unlocked(
@@ -1140,64 +581,16 @@ class Ledger:
         time, each with its ``expires_at`` (the page cursor), for re-dispatch after Redis
         lost its data. Read-only: a message carrying the current commit_id is always
         safe to send again."""
-        t = self.table
-        cond = [
-            t.c.task_id == task_id,
-            t.c.status == Status.TODO.value,
-            t.c.expires_at.is_not(None),
-        ]
-        if after is not None:
-            exp, last_id = after
-            cond.append(or_(t.c.expires_at > exp, and_(t.c.expires_at == exp, t.c.id > last_id)))
-        with self.begin() as conn:
-            rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at, t.c.expires_at)
-                .where(*cond)
-                .order_by(t.c.expires_at, t.c.id)
-                .limit(limit)
-            ).all()
-        return [(Message(r.id, r.commit_id, r.priority, r.run_at), r.expires_at) for r in rows]
+        return self.driver.todo_page(task_id, after=after, limit=limit)
 
     def priorities(self, ids: Sequence[int]) -> dict[int, str]:
         """The priority of each of ``ids`` (for re-dispatch from admin paths)."""
-        t = self.table
-        out: dict[int, str] = {}
-        with self.begin() as conn:
-            for i in range(0, len(ids), CHUNK):
-                chunk = list(ids[i : i + CHUNK])
-                for r in conn.execute(select(t.c.id, t.c.priority).where(t.c.id.in_(chunk))):
-                    out[int(r.id)] = str(r.priority)
-        return out
+        return self.driver.priorities(ids)
 
     # -- admin ------------------------------------------------------------------------
 
-    def _record(self, r: Row[Any]) -> JobRecord:
-        return JobRecord(
-            id=r.id,
-            task_id=r.task_id,
-            status=Status(r.status),
-            payload=bytes(r.payload),
-            failed_times=r.failed_times,
-            commit_id=r.commit_id,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            run_at=r.run_at,
-            expires_at=r.expires_at,
-            worker=r.worker,
-            last_error=r.last_error,
-            priority=r.priority,
-            started_at=r.started_at,
-            orphaned_claims=r.orphaned_claims,
-        )
-
     def get(self, job_id: int, task_id: str | None = None) -> JobRecord | None:
-        t = self.table
-        stmt = select(t).where(t.c.id == job_id)
-        if task_id is not None:
-            stmt = stmt.where(t.c.task_id == task_id)
-        with self.begin() as conn:
-            row = conn.execute(stmt).first()
-        return None if row is None else self._record(row)
+        return self.driver.get(job_id, task_id)
 
     def commit_one(
         self,
@@ -1213,34 +606,17 @@ class Ledger:
         Raises JobNotFoundError for an unknown id, StaleCommitError when the commit_id
         is not the current claim's (nothing is changed then).
         """
-        t = self.table
         values = self._outcome_values(outcome, now, redispatch_timeout)
-        pair = (outcome.job_id, outcome.commit_id)
-        with self.begin() as conn:
-            n = conn.execute(
-                update(t)
-                .where(
-                    self._pairs_where([pair]),
-                    t.c.status == Status.DOING.value,
-                    t.c.task_id == task_id,
-                )
-                .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
-            ).rowcount
-            if n == 1:
-                prio = conn.execute(select(t.c.priority).where(t.c.id == outcome.job_id)).scalar()
-                return outcome.commit_id + 1, str(prio)
-            row = conn.execute(
-                select(t.c.status, t.c.commit_id).where(
-                    t.c.id == outcome.job_id, t.c.task_id == task_id
-                )
-            ).first()
-        if row is None:
+        got = self.driver.commit_one(task_id, (outcome.job_id, outcome.commit_id), values)
+        if got.won:
+            return outcome.commit_id + 1, str(got.priority)
+        if got.status is None:
             raise JobNotFoundError(f"task {task_id!r} has no job {outcome.job_id}")
         raise StaleCommitError(
             outcome.job_id,
             outcome.commit_id,
             f"job {outcome.job_id}: commit_id {outcome.commit_id} is stale (the job is "
-            f"{row.status} at commit_id {row.commit_id}); nothing was changed",
+            f"{got.status} at commit_id {got.commit_id}); nothing was changed",
         )
 
     def find(
@@ -1256,25 +632,15 @@ class Ledger:
     ) -> list[tuple[int, str, int, Status]]:
         """``(id, task_id, commit_id, status)`` of the jobs matching every given filter,
         by id (``since``/``until`` bound ``updated_at``; ``after_id`` pages by id)."""
-        t = self.table
-        cond: list[ColumnElement[bool]] = []
-        if task_id is not None:
-            cond.append(t.c.task_id == task_id)
-        if ids is not None:
-            cond.append(t.c.id.in_(list(ids)))
-        if status is not None:
-            cond.append(t.c.status == status.value)
-        if since is not None:
-            cond.append(t.c.updated_at >= since)
-        if until is not None:
-            cond.append(t.c.updated_at < until)
-        if after_id is not None:
-            cond.append(t.c.id > after_id)
-        stmt = select(t.c.id, t.c.task_id, t.c.commit_id, t.c.status).where(*cond).order_by(t.c.id)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        with self.begin() as conn:
-            return [(r.id, r.task_id, r.commit_id, Status(r.status)) for r in conn.execute(stmt)]
+        return self.driver.find(
+            task_id=task_id,
+            ids=ids,
+            status=status,
+            since=since,
+            until=until,
+            limit=limit,
+            after_id=after_id,
+        )
 
     def repush(
         self,
@@ -1301,20 +667,4 @@ class Ledger:
 
     def stats(self, task_id: str | None = None) -> list[TaskStats]:
         """Counts by status and the oldest due todo, per task."""
-        t = self.table
-        counts = select(t.c.task_id, t.c.status, func.count()).group_by(t.c.task_id, t.c.status)
-        oldest = (
-            select(t.c.task_id, func.min(t.c.run_at))
-            .where(t.c.status == Status.TODO.value)
-            .group_by(t.c.task_id)
-        )
-        if task_id is not None:
-            counts = counts.where(t.c.task_id == task_id)
-            oldest = oldest.where(t.c.task_id == task_id)
-        out: dict[str, TaskStats] = {}
-        with self.begin() as conn:
-            for tid, status, n in conn.execute(counts):
-                out.setdefault(tid, TaskStats(tid)).counts[Status(status)] = int(n)
-            for tid, when in conn.execute(oldest):
-                out.setdefault(tid, TaskStats(tid)).oldest_todo = when
-        return [out[k] for k in sorted(out)]
+        return self.driver.stats(task_id)

@@ -1,4 +1,6 @@
-"""Every SQL statement on the schedules table (``<table>_schedules``).
+"""The schedules table (``<table>_schedules``): declarations, and the scheduler's
+statements (the due scan and the fire), which are the ledger driver's
+(:mod:`meepo.ledger.drivers`).
 
 * :meth:`Schedules.declare` - insert or update a declaration. Declaring the same
   settings again writes nothing (``next_fire_at`` is kept); changed timing (kind,
@@ -24,34 +26,20 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Table, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..records import ScheduleRecord
 from ..schedule import Spec
+from .drivers import driver_for
+from .drivers.portable import schedule_record
 from .engine import translate_errors
 from .schema import schedules_table
 
 _US = timedelta(microseconds=1)
 
 
-def _record(row: Row[Any]) -> ScheduleRecord:
-    return ScheduleRecord(
-        task_id=row.task_id,
-        name=row.name,
-        kind=row.kind,
-        expr=row.expr,
-        tz=row.tz,
-        payload=bytes(row.payload),
-        priority=row.priority,
-        start_at=row.start_at,
-        until_at=row.until_at,
-        misfire=row.misfire,
-        next_fire_at=row.next_fire_at,
-        last_fire_at=row.last_fire_at,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
+_record = schedule_record
 
 
 def spec_of(rec: ScheduleRecord) -> Spec:
@@ -89,6 +77,8 @@ class Schedules:
         self.table: Table = schedules_table(table_name)
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
+        #: The scheduler's statements (the due scan, the fire) are the ledger driver's.
+        self.driver = driver_for(engine, table_name)
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -184,28 +174,11 @@ class Schedules:
     def due(self, task_id: str, now: datetime, limit: int = 100) -> list[ScheduleRecord]:
         """Schedules of ``task_id`` whose next fire is at or before ``now``, earliest
         first."""
-        t = self.table
-        stmt = (
-            select(t)
-            .where(t.c.task_id == task_id, t.c.next_fire_at <= now)
-            .order_by(t.c.next_fire_at)
-            .limit(limit)
-        )
-        with self.begin() as conn:
-            return [_record(r) for r in conn.execute(stmt)]
+        return self.driver.due_schedules(task_id, now, limit)
 
     def next_due(self, task_id: str) -> datetime | None:
         """The earliest ``next_fire_at`` of the task's schedules (None: nothing left)."""
-        t = self.table
-        stmt = (
-            select(t.c.next_fire_at)
-            .where(t.c.task_id == task_id, t.c.next_fire_at.is_not(None))
-            .order_by(t.c.next_fire_at)
-            .limit(1)
-        )
-        with self.begin() as conn:
-            value: datetime | None = conn.execute(stmt).scalar()
-        return value
+        return self.driver.next_schedule_due(task_id)
 
     # -- firing -----------------------------------------------------------------------
 
@@ -219,25 +192,13 @@ class Schedules:
     ) -> bool:
         """Move ``rec``'s ``next_fire_at`` on, if nobody moved or redeclared it since
         ``rec`` was read; in the caller's transaction (the one inserting the jobs)."""
-        t = self.table
         values: dict[str, Any] = {
             "next_fire_at": new_next,
             "updated_at": max(now, rec.updated_at + _US),
         }
         if last_fire is not None:
             values["last_fire_at"] = last_fire
-        with translate_errors(self.url, self.table.name):
-            result = conn.execute(
-                update(t)
-                .where(
-                    t.c.task_id == rec.task_id,
-                    t.c.name == rec.name,
-                    t.c.next_fire_at == rec.next_fire_at,
-                    t.c.updated_at == rec.updated_at,
-                )
-                .values(**values)
-            )
-        return int(result.rowcount) == 1
+        return self.driver.fire_schedule(conn, rec, values)
 
 
 def _settings(spec: Spec) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """The committer: every outcome of this consumer's jobs reaches the ledger here.
 
 Executors (and handlers committing by hand) hand it outcomes through :attr:`submit`, a
-queue's ``put``; its thread takes whatever has queued meanwhile (up to CHUNK) and writes
-them in one group commit (:meth:`Dispatcher.finish`: one UPDATE per status, each row
-fenced by its commit_id), then re-dispatches the retries. A commit whose claim is no
-longer current (reaped, repushed, or committed twice) is stale and rejected, alone:
-the rest of the batch goes through. While the database is down it retries the batch
-with backoff; at shutdown it gives up when told to (:attr:`abandon`), leaving the jobs
-to the reaper.
+queue's ``put``; its thread takes whatever has queued meanwhile (up to
+ROWS_PER_STATEMENT) and writes them in one group commit (:meth:`Dispatcher.finish`: one
+UPDATE per status, each row fenced by its commit_id), then re-dispatches the retries. A
+commit whose claim is no longer current (reaped, repushed, or committed twice) is stale
+and rejected, alone: the rest of the batch goes through. While the database is down it
+retries the batch with backoff; at shutdown it gives up when told to (:attr:`abandon`),
+leaving the jobs to the reaper.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError, StaleCommitError
-from ..ledger import CHUNK, Outcome, Pair
+from ..ledger import ROWS_PER_STATEMENT, Outcome, Pair
 from ..middleware import Hooks
 from ..records import Job, Status
 from .claims import Claims
@@ -81,7 +81,7 @@ class Committer(Service):
         return 0.0
 
     def run_once(self, *, block: bool = False) -> int:
-        """Commit what is queued (up to CHUNK outcomes, in one group commit); with
+        """Commit what is queued (up to ROWS_PER_STATEMENT outcomes, in one group commit); with
         ``block``, wait for the first one. Returns how many were taken."""
         try:
             first = self.queue.get() if block else self.queue.get_nowait()
@@ -91,7 +91,7 @@ class Committer(Service):
         last = first is None
         if first is not None:
             batch.append(first)
-        while not last and len(batch) < CHUNK:
+        while not last and len(batch) < ROWS_PER_STATEMENT:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:

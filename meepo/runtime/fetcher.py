@@ -1,7 +1,7 @@
 """The fetcher: pops messages and claims their jobs, as fast as there is room.
 
 Each round takes up to the free capacity (``parallel_num + prefetch``, or more with
-the automatic prefetch; never more than CHUNK) in one pop (LPOP n, or a blocking pop of
+the automatic prefetch; never more than MESSAGES_PER_CALL) in one pop (LPOP n, or a blocking pop of
 one message while every queue is empty) and one claim (:meth:`Dispatcher.pop_and_claim`:
 one compare-and-set UPDATE for the batch), records the claims, and hands the jobs to the
 executor. Flow control: while the claims whose handler has not returned fill the
@@ -18,9 +18,9 @@ from datetime import timedelta
 from ..config import Options
 from ..dispatch import Dispatcher, Popped
 from ..errors import MeepoError, TransportUnavailableError
-from ..ledger import CHUNK
 from ..middleware import Hooks
 from ..records import Job
+from ..transport import MESSAGES_PER_CALL
 from .claims import Claim, Claims
 from .service import Service
 
@@ -81,7 +81,7 @@ class Fetcher(Service):
                     claims.slot.wait(full_wait)
                 return None
         popped = self.d.pop_and_claim(
-            min(free, CHUNK),
+            min(free, MESSAGES_PER_CALL),
             timeout=timeout,
             lease=self._lease,
             worker=self.worker,

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 
 from ..config import Options
 from ..dispatch import Dispatcher
-from ..ledger import CHUNK
+from ..ledger import ROWS_PER_STATEMENT
 from ..middleware import Hooks
 
 log = logging.getLogger("meepo.reaper")
@@ -112,7 +112,7 @@ class Recovery:
             return 0
         if token is None:  # another process is running it: still owed
             return 0
-        sent = len(self.d.recover(epoch, token, page=CHUNK).sent)
+        sent = len(self.d.recover(epoch, token, page=ROWS_PER_STATEMENT).sent)
         if self._owed is not None and self._owed[0] == epoch:
             self._owed = None
         if sent and lost:  # the storm window: counted from a real loss's re-send

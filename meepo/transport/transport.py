@@ -47,12 +47,11 @@ from redis.retry import Retry
 
 from ..config import PRIORITY_RE, mask_url
 from ..errors import ConfigError, TransportUnavailableError
-from ..records import DEFAULT_PRIORITY, Message
+from ..records import DEFAULT_PRIORITY, Message, Pair
 
-Pair = tuple[int, int]
-
-#: Messages per RPUSH / LPOP call.
-CHUNK = 1000
+#: Messages per RPUSH / LPOP call (a Redis command's size; the ledger's statements have
+#: their own, ``meepo.ledger.ROWS_PER_STATEMENT``).
+MESSAGES_PER_CALL = 1000
 #: How long the recovery lock of one epoch is held without renewal (seconds): the
 #: re-dispatch renews it after every page, so a process that dies half-way is taken over
 #: this long after.
@@ -267,8 +266,8 @@ class Transport:
         with self._errors("dispatch"):
             pipe = self.client.pipeline(transaction=False)
             for key, encoded in queues.items():
-                for i in range(0, len(encoded), CHUNK):
-                    pipe.rpush(key, *encoded[i : i + CHUNK])
+                for i in range(0, len(encoded), MESSAGES_PER_CALL):
+                    pipe.rpush(key, *encoded[i : i + MESSAGES_PER_CALL])
             if delayed:
                 pipe.zadd(self.delayed_key, delayed)
             pipe.set(self.epoch_key, new_epoch(), nx=True)

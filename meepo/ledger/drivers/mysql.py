@@ -1,0 +1,403 @@
+"""The MariaDB/MySQL driver: one-packet scripts through PyMySQL, primary-key hints
+everywhere a statement locks, the rest inherited from the portable driver.
+
+* **Scripts** (PyMySQL with multi-statements, which meepo's own engines allow; see
+  :func:`..engine.make_engine`): a transition is one script sent in one packet:
+  ``SELECT … FOR UPDATE`` of the named rows by primary key, the compare-and-set
+  UPDATEs, ``COMMIT``. The locked read tells which pairs win, and the UPDATEs, under
+  those locks, change exactly those rows. Three or more round trips become one. A push
+  (one row or a batch) is ``INSERT … RETURNING id`` and ``COMMIT`` in one packet
+  (MariaDB 10.5+). A caller's engine without multi-statements runs the portable forms
+  (with the hints below).
+* **Hints**: InnoDB locks every row a statement scans, and on a small table it prefers
+  a full scan to a range of primary keys; every locking read and UPDATE that names its
+  rows forces the primary key, so that it touches only those rows (a frozen consumer's
+  locked rows then delay its own jobs only).
+* Start marks: the UPDATE and COMMIT in one packet.
+* Time: ``UTC_TIMESTAMP(6)``, in the statement itself (no separate read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, Update, literal_column
+
+from ...errors import PayloadError
+from ...records import Job, Message, Pair, Status
+from ..driver import ROWS_PER_STATEMENT, Claimed, Group
+from ..engine import translate_errors
+from ..types import UTC
+from .portable import PortableDriver
+from .raw import Raw, bind, driver_cursor, set_clause
+
+#: A generous size of a row's SQL text besides its payload (packets).
+ROW_TEXT = 512
+PK = "FORCE INDEX (PRIMARY)"
+
+
+def _ints(values: Iterable[int]) -> str:
+    """Integers (ids, commit_ids) written into the statement: ``int()`` makes them
+    safe as text, and saves PyMySQL escaping thousands of parameters one by one."""
+    return ", ".join([str(int(v)) for v in values])
+
+
+def _int_pairs(pairs: Iterable[Pair]) -> str:
+    return ", ".join([f"({int(i)}, {int(c)})" for i, c in pairs])
+
+
+def _marks(n: int) -> str:
+    return ", ".join(["%s"] * n)
+
+
+def max_packet(conn: Connection) -> int:
+    """The largest packet this connection can send: the smaller of the server's
+    ``max_allowed_packet`` and PyMySQL's, read once per connection."""
+    info = conn.connection.info
+    got = info.get("meepo_max_packet")
+    if got is None:
+        query = "SELECT @@max_allowed_packet"
+        with driver_cursor(conn, [(query, None)]) as cur:  # a broken connection: DBAPIError
+            cur.execute(query)
+            server = int(cur.fetchone()[0])
+        raw: Any = conn.connection.dbapi_connection
+        client = int(getattr(raw, "max_allowed_packet", server))
+        got = info["meepo_max_packet"] = min(server, client)
+    return int(got)
+
+
+def packet_budget(conn: Connection) -> int:
+    """How much SQL text meepo puts in one packet: ``max_packet`` with room for the
+    protocol's framing and for text that is not ASCII."""
+    return int(max_packet(conn) * 0.9)
+
+
+def scripts_usable(conn: Connection) -> bool:
+    """Is ``conn`` a PyMySQL connection that allows multi-statements?"""
+    raw = conn.connection.dbapi_connection
+    try:
+        from pymysql.connections import Connection as PyMySQLConnection
+        from pymysql.constants import CLIENT
+    except ImportError:  # pragma: no cover - the mysql extra installs PyMySQL
+        return False
+    return isinstance(raw, PyMySQLConnection) and bool(raw.client_flag & CLIENT.MULTI_STATEMENTS)
+
+
+class MySQLDriver(PortableDriver):
+    """MariaDB/MySQL (see the module docstring)."""
+
+    name = "mysql"
+
+    def __init__(self, engine: Engine, table_name: str) -> None:
+        super().__init__(engine, table_name)
+        self.qname = engine.dialect.identifier_preparer.format_table(self.table)
+        #: Does the engine's driver run scripts? Learnt on the first connection.
+        self.scripts: bool | None = None
+
+    @contextlib.contextmanager
+    def script(self) -> Iterator[Connection | None]:
+        """A connection that runs one-packet scripts, or None."""
+        if self.scripts is False:
+            yield None
+            return
+        with translate_errors(self.url, self.table_name), self.engine.connect() as conn:
+            if self.scripts is None:
+                self.scripts = scripts_usable(conn)
+            yield conn if self.scripts else None
+
+    def run(
+        self, conn: Connection, parts: Sequence[tuple[str, Sequence[Any]]], commit: bool = True
+    ) -> list[Any]:
+        """Send the statements as one script ending in COMMIT (unless ``commit`` is
+        false: a later script of the same transaction commits); return, per statement,
+        its rows (a SELECT) or its row count. An error rolls the transaction back (see
+        :func:`.raw.driver_cursor`)."""
+        bound = [(p[0], tuple(bind(a, keep_zone=False) for a in p[1])) for p in parts]
+        sql = ";\n".join([b[0] for b in bound] + (["COMMIT"] if commit else []))
+        args = [a for b in bound for a in b[1]]
+        out: list[Any] = []
+        with driver_cursor(conn, bound) as cur:
+            # no parameters: the text is sent as it is (a literal may hold a "%")
+            cur.execute(sql, args or None)
+            for _ in parts:
+                out.append(cur.fetchall() if cur.description else cur.rowcount)
+                cur.nextset()
+        return out
+
+    # -- the portable forms' hooks --------------------------------------------------------
+
+    def by_primary_key(self, stmt: Select[Any]) -> Select[Any]:
+        """FORCE INDEX (PRIMARY) on the jobs table."""
+        return stmt.with_hint(self.table, PK, "mysql")
+
+    def update_by_primary_key(self, stmt: Update) -> Update:
+        """FORCE INDEX (PRIMARY) on the UPDATE's table."""
+        return stmt.with_hint(PK, dialect_name="mysql")
+
+    def lease_end(self, conn: Connection, now: datetime | None, lease: timedelta) -> Any:
+        """``UTC_TIMESTAMP(6) + INTERVAL … MICROSECOND`` (no separate read of the time)."""
+        if now is not None:
+            return now + lease
+        micros = round(lease / timedelta(microseconds=1))
+        return literal_column(
+            f"UTC_TIMESTAMP(6) + INTERVAL {int(micros)} MICROSECOND",
+            type_=self.table.c.expires_at.type,
+        )
+
+    def chunks(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Slices of at most a chunk of rows, each small enough for one packet
+        (SQLAlchemy sends each slice as one statement, payloads as hex)."""
+        budget = packet_budget(conn)
+        chunk: list[dict[str, Any]] = []
+        size = 0
+        for row in rows:
+            one = 2 * len(row["payload"]) + ROW_TEXT
+            if chunk and (len(chunk) == ROWS_PER_STATEMENT or size + one > budget):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(row)
+            size += one
+        if chunk:
+            yield chunk
+
+    # -- script pieces ------------------------------------------------------------------
+
+    def _lock(self, ids: Sequence[int], columns: str, task_id: str | None) -> tuple[str, list[Any]]:
+        sql = f"SELECT {columns} FROM {self.qname} {PK} WHERE id IN ({_ints(ids)})"
+        args: list[Any] = []
+        if task_id is not None:
+            sql += " AND task_id = %s"
+            args.append(task_id)
+        return sql + " ORDER BY id FOR UPDATE", args
+
+    def _update(
+        self,
+        pairs: Sequence[Pair],
+        statuses: Sequence[str],
+        values: dict[str, Any],
+        task_id: str | None = None,
+        *,
+        step: int = 1,
+        where: str = "",
+    ) -> tuple[str, list[Any]]:
+        sets, named = set_clause(self.table, values, named=False, step=step)
+        args: list[Any] = list(named.values())
+        ids = sorted({i for i, _ in pairs})
+        sql = (
+            f"UPDATE {self.qname} {PK} SET {sets} "
+            f"WHERE id IN ({_ints(ids)}) AND (id, commit_id) IN ({_int_pairs(pairs)}) "
+            f"AND status IN ({_marks(len(statuses))})"
+        )
+        args += statuses
+        if task_id is not None:
+            sql += " AND task_id = %s"
+            args.append(task_id)
+        return sql + where, args
+
+    # -- producer -----------------------------------------------------------------------
+
+    def push(self, rows: list[dict[str, Any]]) -> list[int]:
+        """``INSERT … RETURNING id`` and COMMIT in one packet (MariaDB 10.5+), else the
+        portable form."""
+        with self.script() as sc:
+            if sc is not None and self.insert_returning:
+                return self._insert_script(sc, rows)
+        return super().push(rows)
+
+    def _insert_script(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """``INSERT … RETURNING id`` statements of up to a chunk of rows each and
+        COMMIT, in one packet; the ids in row order.
+
+        The values are escaped by PyMySQL itself (``Connection.escape``), each distinct
+        non-payload value once: in a batch most columns repeat (task, status, times,
+        priority), and escaping ten values per row one by one was most of the cost.
+
+        A batch whose text would not fit in one packet (see :func:`max_packet`) is split
+        into statements and scripts that fit: all but the last script leave the
+        transaction open, the last one commits, and an error rolls back the whole batch.
+        """
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        escape = raw.escape
+        cols = list(rows[0])
+        names = ", ".join(self.table.c[k].name for k in cols)  # known columns
+        seen: dict[tuple[type, Any], str] = {}
+
+        def literal(v: Any) -> str:
+            if isinstance(v, bytes):  # PyMySQL writes X'…' (or '…' under NO_BACKSLASH_ESCAPES)
+                text = str(escape(v))
+                return "_binary" + text if text.startswith("'") else text
+            key = (type(v), v)
+            got = seen.get(key)
+            if got is None:
+                got = seen[key] = str(escape(bind(v, keep_zone=False)))
+            return got
+
+        head = f"INSERT INTO {self.qname} ({names}) VALUES "
+        tail = " RETURNING id"
+        budget = packet_budget(conn)
+        statements: list[str] = []
+        values: list[str] = []
+        size = len(head) + len(tail)
+        for r in rows:
+            one = "(" + ", ".join([literal(r[c]) for c in cols]) + ")"
+            if len(head) + len(one) + len(tail) > budget:
+                raise PayloadError(
+                    f"a job of {len(r['payload'])} bytes does not fit in one packet of this "
+                    f"MySQL/MariaDB connection (max_allowed_packet {max_packet(conn)} bytes; "
+                    "the payload is sent as hex): raise max_allowed_packet or lower "
+                    "max_payload_bytes"
+                )
+            if values and (len(values) == ROWS_PER_STATEMENT or size + len(one) + 2 > budget):
+                statements.append(head + ", ".join(values) + tail)
+                values, size = [], len(head) + len(tail)
+            values.append(one)
+            size += len(one) + 2
+        statements.append(head + ", ".join(values) + tail)
+        scripts: list[list[str]] = [[]]
+        size = 0
+        for statement in statements:
+            if scripts[-1] and size + len(statement) + 16 > budget:
+                scripts.append([])
+                size = 0
+            scripts[-1].append(statement)
+            size += len(statement) + 2
+        ids: list[int] = []
+        for n, script in enumerate(scripts):
+            last = n == len(scripts) - 1
+            parts: list[tuple[str, Sequence[Any]]] = [(statement, []) for statement in script]
+            for got in self.run(conn, parts, commit=last):  # each statement's ids ascend
+                ids.extend(sorted(int(r[0]) for r in got))
+        return ids
+
+    # -- consumer -----------------------------------------------------------------------
+
+    def claim(
+        self,
+        task_id: str,
+        pairs: Sequence[Pair],
+        *,
+        now: datetime | None,
+        lease: timedelta,
+        step: int,
+        worker: str,
+    ) -> Claimed:
+        """One script: ``SET @now`` (the database's clock unless ``now`` is given),
+        ``SELECT … FOR UPDATE`` of the rows by primary key, the UPDATE of the current
+        and due ones, COMMIT. Without scripts: the portable locked form."""
+        with self.script() as sc:
+            if sc is not None:
+                return self._claim_script(sc, task_id, pairs, now, lease, step, worker)
+        return super().claim(task_id, pairs, now=now, lease=lease, step=step, worker=worker)
+
+    def _claim_script(
+        self,
+        conn: Connection,
+        task_id: str,
+        pairs: Sequence[Pair],
+        now: datetime | None,
+        lease: timedelta,
+        step: int,
+        worker: str,
+    ) -> Claimed:
+        ids = sorted({i for i, _ in pairs})
+        # run_at and the judged time only for the rows not due yet: a NULL costs PyMySQL
+        # no conversion, and decoding the rows is most of a claim's time in Python.
+        cols = (
+            "id, commit_id, status, failed_times, payload, priority, "
+            "IF(run_at <= @now, NULL, run_at), run_at <= @now, orphaned_claims, "
+            "IF(run_at <= @now, NULL, CAST(@now AS DATETIME(6)))"
+        )
+        micros = round(lease / timedelta(microseconds=1))
+        values = {
+            "status": Status.DOING.value,
+            "updated_at": Raw("@now"),
+            "expires_at": Raw(f"@now + INTERVAL {int(micros)} MICROSECOND"),
+            "worker": worker,
+            "started_at": None,  # an attempt is a run: this claim has not started
+        }
+        _, locked, n = self.run(
+            conn,
+            [
+                ("SET @now = CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))", [now]),
+                self._lock(ids, cols, task_id),
+                self._update(
+                    pairs,
+                    [Status.TODO.value],
+                    values,
+                    task_id,
+                    step=step,
+                    where=" AND run_at <= @now",
+                ),
+            ],
+        )
+        wanted = set(pairs)
+        current = [r for r in locked if r[2] == Status.TODO.value and (r[0], r[1]) in wanted]
+        won = [r for r in current if r[7]]
+        if n != len(won):  # the rows were locked: cannot happen
+            raise RuntimeError(f"claim: {n} rows changed under lock, {len(won)} expected")
+        early = [
+            Message(int(r[0]), int(r[1]), str(r[5]), r[6].replace(tzinfo=UTC))
+            for r in current
+            if not r[7]
+        ]
+        judged = next((r[9].replace(tzinfo=UTC) for r in current if not r[7]), None)
+        jobs = [
+            Job(int(r[0]), task_id, bytes(r[4]), int(r[3]), int(r[1]) + step, str(r[5]), int(r[8]))
+            for r in won
+        ]
+        return Claimed(jobs, early, judged)
+
+    def start(self, pairs: Sequence[Pair], *, now: datetime | None) -> int:
+        """Up to a chunk of pairs: the start marks' UPDATE and COMMIT in one packet
+        (``UTC_TIMESTAMP(6)`` unless ``now`` is given); more, or without scripts: the
+        portable form."""
+        if len(pairs) <= ROWS_PER_STATEMENT:
+            with self.script() as sc:
+                if sc is not None:
+                    at = "CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))"
+                    ids = sorted({i for i, _ in pairs})
+                    sql = (
+                        f"UPDATE {self.qname} {PK} SET started_at = {at} "
+                        f"WHERE id IN ({_ints(ids)}) AND (id, commit_id) IN ({_int_pairs(pairs)}) "
+                        f"AND status = '{Status.DOING.value}' AND started_at IS NULL "
+                        f"AND expires_at > {at}"
+                    )
+                    (n,) = self.run(sc, [(sql, [now, now])])
+                    return int(n)
+        return super().start(pairs, now=now)
+
+    def transition(self, groups: Sequence[Group]) -> set[Pair]:
+        """Up to a chunk of pairs: one script (locked read, every group's UPDATE,
+        COMMIT); more, or without scripts: the portable form."""
+        if sum(len(p) for p, _, _ in groups) <= ROWS_PER_STATEMENT:
+            with self.script() as sc:
+                if sc is not None:
+                    return self._transition_script(sc, groups)
+        return super().transition(groups)
+
+    def _transition_script(self, conn: Connection, groups: Sequence[Group]) -> set[Pair]:
+        """The winners are worked out from the locked read, group after group (a pair
+        that a group moved has a new commit_id, so no later group matches it): under
+        those locks each UPDATE changes exactly those rows, which its count confirms."""
+        ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
+        parts = [self._lock(ids, "id, commit_id, status", None)]
+        named = [(list(pairs), [s.value for s in statuses], v) for pairs, statuses, v in groups]
+        parts += [self._update(p, s, v) for p, s, v in named]
+        locked, *counts = self.run(conn, parts)
+        state = {(int(r[0]), int(r[1])): str(r[2]) for r in locked}
+        won: set[Pair] = set()
+        for (pairs, statuses, values), n in zip(named, counts, strict=True):
+            mine = {p for p in pairs if state.get(p) in statuses}
+            if n != len(mine):  # the rows were locked: cannot happen
+                raise RuntimeError(f"transition: {n} rows changed under lock, {len(mine)} expected")
+            for i, c in mine:
+                status = state.pop((i, c))
+                state[(i, c + 1)] = str(values.get("status", status))
+            won |= mine
+        return won

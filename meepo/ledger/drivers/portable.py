@@ -1,0 +1,846 @@
+"""The portable driver: every statement as SQLAlchemy Core, correct on any supported
+dialect (SQLite, PostgreSQL, MariaDB/MySQL, through any DB-API driver).
+
+It is the reference the server drivers (``postgres.py``, ``mysql.py``) are measured
+against: they override the hot statements with faster forms of the same checks, and
+inherit the rest. Capabilities are read from the dialect once, at construction
+(row locks, ``UPDATE … RETURNING``, multi-row ``INSERT … RETURNING``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Row,
+    Select,
+    Table,
+    Update,
+    and_,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from ...records import Job, JobRecord, Message, Pair, ScheduleRecord, Status
+from ..clock import host_now, now_sql, read_db_now
+from ..driver import (
+    ROWS_PER_STATEMENT,
+    Claimed,
+    CommitOne,
+    Group,
+    Renewal,
+    TaskStats,
+    Zombie,
+    sa_values,
+)
+from ..engine import translate_errors
+from ..schema import jobs_table, schedules_table, unique_table
+
+
+class _Mismatch(Exception):
+    """Internal: a batched compare-and-set hit fewer rows than it named."""
+
+
+def _inserted_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def job_record(r: Row[Any]) -> JobRecord:
+    """A jobs-table row as a :class:`JobRecord`."""
+    return JobRecord(
+        id=r.id,
+        task_id=r.task_id,
+        status=Status(r.status),
+        payload=bytes(r.payload),
+        failed_times=r.failed_times,
+        commit_id=r.commit_id,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        run_at=r.run_at,
+        expires_at=r.expires_at,
+        worker=r.worker,
+        last_error=r.last_error,
+        priority=r.priority,
+        started_at=r.started_at,
+        orphaned_claims=r.orphaned_claims,
+    )
+
+
+def schedule_record(row: Row[Any]) -> ScheduleRecord:
+    """A schedules-table row as a :class:`ScheduleRecord`."""
+    return ScheduleRecord(
+        task_id=row.task_id,
+        name=row.name,
+        kind=row.kind,
+        expr=row.expr,
+        tz=row.tz,
+        payload=bytes(row.payload),
+        priority=row.priority,
+        start_at=row.start_at,
+        until_at=row.until_at,
+        misfire=row.misfire,
+        next_fire_at=row.next_fire_at,
+        last_fire_at=row.last_fire_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+class PortableDriver:
+    """Every statement of one ledger as SQLAlchemy Core (see the module docstring)."""
+
+    name = "portable"
+
+    def __init__(self, engine: Engine, table_name: str) -> None:
+        self.engine = engine
+        self.table_name = table_name
+        self.table: Table = jobs_table(table_name)
+        self.unique: Table = unique_table(table_name)
+        self.schedules: Table = schedules_table(table_name)
+        self.url = engine.url.render_as_string(hide_password=True)
+        dialect = engine.dialect
+        #: The server has row locks to wait on (and to skip): not SQLite.
+        self.row_locks = dialect.name != "sqlite"
+        self._dialect = dialect
+        self._now_sql = now_sql(dialect.name)
+
+    # The dialect's capabilities are read when used: MariaDB's are known only once the
+    # first connection told the server's version.
+
+    @property
+    def update_returning(self) -> bool:
+        """The dialect has ``UPDATE … RETURNING``."""
+        return bool(self._dialect.update_returning)
+
+    @property
+    def insert_returning(self) -> bool:
+        """The dialect has ``INSERT … RETURNING``."""
+        return bool(self._dialect.insert_returning)
+
+    @property
+    def many_returning(self) -> bool:
+        """The dialect returns executemany's ids in parameter order."""
+        return bool(self._dialect.insert_executemany_returning_sort_by_parameter_order)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction on a pooled connection, errors translated to meepo's."""
+        with translate_errors(self.url, self.table_name), self.engine.begin() as conn:
+            yield conn
+
+    def one_statement(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for exactly one statement (here: a transaction)."""
+        return self.begin()
+
+    def pairs_where(self, pairs: Sequence[Pair]) -> ColumnElement[bool]:
+        """The compare-and-set on ``(id, commit_id)``; ``id IN (…)`` in front keeps the
+        primary key in use."""
+        t = self.table
+        if len(pairs) == 1:
+            return and_(t.c.id == pairs[0][0], t.c.commit_id == pairs[0][1])
+        ids = [p[0] for p in pairs]
+        return and_(t.c.id.in_(ids), tuple_(t.c.id, t.c.commit_id).in_(list(pairs)))
+
+    def by_primary_key(self, stmt: Select[Any]) -> Select[Any]:
+        """A locking read that must touch only the rows it names (a hook: the MySQL
+        driver forces the primary key)."""
+        return stmt
+
+    def update_by_primary_key(self, stmt: Update) -> Update:
+        """An UPDATE that must touch only the rows it names (see :meth:`by_primary_key`)."""
+        return stmt
+
+    def now_expr(self, now: datetime | None) -> Any:
+        """``now``, or the database's current time as a SQL expression (the host's on
+        SQLite)."""
+        if now is not None:
+            return now
+        if self._now_sql is None:
+            return host_now()
+        return literal_column(self._now_sql, type_=self.table.c.run_at.type)
+
+    def db_now(self, conn: Connection) -> datetime:
+        """The database's current time, read in ``conn``."""
+        return read_db_now(conn)
+
+    def cas(
+        self,
+        conn: Connection,
+        pairs: Sequence[Pair],
+        from_status: Iterable[Status],
+        values: dict[str, Any],
+    ) -> int:
+        """One compare-and-set UPDATE (commit_id + 1); rows changed."""
+        t = self.table
+        statuses = [s.value for s in from_status]
+        cond = t.c.status == statuses[0] if len(statuses) == 1 else t.c.status.in_(statuses)
+        stmt = (
+            update(t)
+            .where(self.pairs_where(pairs), cond)
+            .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
+        )
+        return int(conn.execute(stmt).rowcount)
+
+    # -- producer -----------------------------------------------------------------------
+
+    def chunks(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """``rows`` in slices that one statement carries."""
+        for i in range(0, len(rows), ROWS_PER_STATEMENT):
+            yield rows[i : i + ROWS_PER_STATEMENT]
+
+    def insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+        """INSERT todo rows in the caller's transaction: one row with RETURNING (or the
+        driver's last id), a batch as executemany RETURNING in order, else row by row."""
+        t = self.table
+        if not rows:
+            return []
+        if len(rows) == 1:
+            if self.insert_returning:
+                return [int(conn.execute(insert(t).returning(t.c.id), rows[0]).scalar_one())]
+            return [_inserted_id(conn.execute(insert(t), rows[0]))]
+        ids: list[int] = []
+        if self.many_returning:
+            stmt = insert(t).returning(t.c.id, sort_by_parameter_order=True)
+            for chunk in self.chunks(conn, rows):
+                ids.extend(int(x) for x in conn.execute(stmt, chunk).scalars())
+            return ids
+        for row in rows:  # MySQL (not MariaDB): no INSERT … RETURNING
+            ids.append(_inserted_id(conn.execute(insert(t), row)))
+        return ids
+
+    def push(self, rows: list[dict[str, Any]]) -> list[int]:
+        """INSERT todo rows and commit them."""
+        with self.begin() as conn:
+            return self.insert_rows(conn, rows)
+
+    def insert_key(
+        self, conn: Connection, task_id: str, key: str, job_id: int, hold_ms: int, now: datetime
+    ) -> None:
+        """INSERT a unique key's row naming its job (IntegrityError when it exists)."""
+        conn.execute(
+            insert(self.unique).values(
+                task_id=task_id,
+                key=key,
+                job_id=job_id,
+                hold_ms=hold_ms,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+    def lock_key(self, conn: Connection, task_id: str, key: str) -> tuple[int, int] | None:
+        """The key's holder (job id, hold in ms), its row locked."""
+        u = self.unique
+        row = conn.execute(
+            select(u.c.job_id, u.c.hold_ms)
+            .where(u.c.task_id == task_id, u.c.key == key)
+            .with_for_update()
+        ).first()
+        return None if row is None else (int(row.job_id), int(row.hold_ms))
+
+    def holder_state(self, conn: Connection, job_id: int) -> tuple[str, datetime] | None:
+        """The holder's latest committed status and updated_at: a locking read (MySQL's
+        REPEATABLE READ snapshot would show a finished holder as running); KEY SHARE on
+        PostgreSQL does not block the holder's own transitions."""
+        t = self.table
+        row = conn.execute(
+            select(t.c.status, t.c.updated_at)
+            .where(t.c.id == job_id)
+            .with_for_update(read=True, key_share=True)
+        ).first()
+        return None if row is None else (str(row.status), row.updated_at)
+
+    def hand_over_key(
+        self,
+        conn: Connection,
+        task_id: str,
+        key: str,
+        *,
+        old_job: int,
+        new_job: int,
+        hold_ms: int,
+        now: datetime,
+    ) -> bool:
+        """Compare-and-set of a key's job_id from ``old_job`` to ``new_job``."""
+        u = self.unique
+        n = conn.execute(
+            update(u)
+            .where(u.c.task_id == task_id, u.c.key == key, u.c.job_id == old_job)
+            .values(job_id=new_job, hold_ms=hold_ms, updated_at=now)
+        ).rowcount
+        return int(n) == 1
+
+    def key_holder(self, task_id: str, key: str) -> int | None:
+        """The id of the job holding ``key``, if any."""
+        u = self.unique
+        with self.begin() as conn:
+            got = conn.execute(
+                select(u.c.job_id).where(u.c.task_id == task_id, u.c.key == key)
+            ).scalar()
+        return None if got is None else int(got)
+
+    def mark_due(self, pairs: Sequence[Pair], never: datetime) -> None:
+        """Set the dispatch deadline of current todo rows to ``never``."""
+        t = self.table
+        with self.begin() as conn:
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = sorted(set(pairs[i : i + ROWS_PER_STATEMENT]))
+                conn.execute(
+                    update(t)
+                    .where(self.pairs_where(chunk), t.c.status == Status.TODO.value)
+                    .values(expires_at=never)
+                )
+
+    # -- consumer -----------------------------------------------------------------------
+
+    def claim(
+        self,
+        task_id: str,
+        pairs: Sequence[Pair],
+        *,
+        now: datetime | None,
+        lease: timedelta,
+        step: int,
+        worker: str,
+    ) -> Claimed:
+        """todo → doing: ``UPDATE … RETURNING`` where the dialect has it (and a read of
+        the not-yet-due rows when some did not win), else ``SELECT … FOR UPDATE`` of the
+        rows and an UPDATE of the winners."""
+        with self.begin() as conn:
+            at = now if now is not None else self.db_now(conn)
+            t = self.table
+            values = {
+                "status": Status.DOING.value,
+                "commit_id": t.c.commit_id + step,
+                "updated_at": at,
+                "expires_at": at + lease,
+                "worker": worker,
+                "started_at": None,  # an attempt is a run: this claim has not started
+            }
+            if self.update_returning:
+                return self._claim_returning(conn, task_id, pairs, at, values)
+            return self._claim_locked(conn, task_id, pairs, at, values, step)
+
+    def _claim_returning(
+        self,
+        conn: Connection,
+        task_id: str,
+        want: Sequence[Pair],
+        at: datetime,
+        values: dict[str, Any],
+    ) -> Claimed:
+        """The claim as one ``UPDATE … RETURNING`` (PostgreSQL, SQLite)."""
+        t = self.table
+        stmt = (
+            update(t)
+            .where(
+                self.pairs_where(want),
+                t.c.status == Status.TODO.value,
+                t.c.task_id == task_id,
+                t.c.run_at <= at,
+            )
+            .values(**values)
+            .returning(
+                t.c.id,
+                t.c.commit_id,
+                t.c.failed_times,
+                t.c.payload,
+                t.c.priority,
+                t.c.orphaned_claims,
+            )
+        )
+        rows: Sequence[Row[Any]] = conn.execute(stmt).all()
+        early: list[Message] = []
+        if len(rows) < len(want):
+            early = [
+                Message(r.id, r.commit_id, r.priority, r.run_at)
+                for r in conn.execute(
+                    select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at).where(
+                        self.pairs_where(want),
+                        t.c.status == Status.TODO.value,
+                        t.c.task_id == task_id,
+                        t.c.run_at > at,
+                    )
+                )
+            ]
+        jobs = sorted(
+            (
+                Job(
+                    r.id,
+                    task_id,
+                    bytes(r.payload),
+                    r.failed_times,
+                    r.commit_id,
+                    r.priority,
+                    r.orphaned_claims,
+                )
+                for r in rows
+            ),
+            key=lambda j: j.id,
+        )
+        return Claimed(jobs, sorted(early, key=lambda m: m.job_id), at)
+
+    def _claim_locked(
+        self,
+        conn: Connection,
+        task_id: str,
+        want: Sequence[Pair],
+        at: datetime,
+        values: dict[str, Any],
+        step: int,
+    ) -> Claimed:
+        """The claim as ``SELECT … FOR UPDATE`` and an UPDATE of the winners (MariaDB)."""
+        t = self.table
+        ids = sorted({p[0] for p in want})
+        locked = conn.execute(
+            self.by_primary_key(
+                select(
+                    t.c.id,
+                    t.c.commit_id,
+                    t.c.status,
+                    t.c.failed_times,
+                    t.c.payload,
+                    t.c.priority,
+                    t.c.run_at,
+                    t.c.orphaned_claims,
+                )
+                .where(t.c.id.in_(ids), t.c.task_id == task_id)
+                .order_by(t.c.id)
+                .with_for_update()
+            )
+        ).all()
+        wanted = set(want)
+        current = [
+            r for r in locked if r.status == Status.TODO.value and (r.id, r.commit_id) in wanted
+        ]
+        winners = [r for r in current if r.run_at <= at]
+        early = [Message(r.id, r.commit_id, r.priority, r.run_at) for r in current if r.run_at > at]
+        if winners:
+            win_pairs = [(r.id, r.commit_id) for r in winners]
+            conn.execute(
+                update(t)
+                .where(self.pairs_where(win_pairs), t.c.status == Status.TODO.value)
+                .values(**values)
+            )
+        jobs = [
+            Job(
+                r.id,
+                task_id,
+                bytes(r.payload),
+                r.failed_times,
+                r.commit_id + step,
+                r.priority,
+                r.orphaned_claims,
+            )
+            for r in winners
+        ]
+        return Claimed(jobs, early, at)
+
+    def lease_end(self, conn: Connection, now: datetime | None, lease: timedelta) -> Any:
+        """When a lease renewed now ends: ``now`` (or the database's time) + ``lease``."""
+        return (now if now is not None else self.db_now(conn)) + lease
+
+    def heartbeat(
+        self, pairs: Sequence[Pair], *, lease: timedelta, now: datetime | None
+    ) -> Renewal:
+        """Per chunk: lock the current rows SKIP LOCKED (servers), extend their leases,
+        then a plain read tells the skipped (still ours, locked) from the lost."""
+        t = self.table
+        out = Renewal()
+        locks = self.row_locks
+        with self.begin() as conn:
+            end = self.lease_end(conn, now, lease)
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
+                mine = chunk
+                if locks:
+                    got = {
+                        (r.id, r.commit_id)
+                        for r in conn.execute(
+                            self.by_primary_key(
+                                select(t.c.id, t.c.commit_id)
+                                .where(self.pairs_where(chunk), t.c.status == Status.DOING.value)
+                                .with_for_update(skip_locked=True)
+                            )
+                        )
+                    }
+                    mine = [p for p in chunk if p in got]
+                n = 0
+                if mine:
+                    n = conn.execute(
+                        self.update_by_primary_key(
+                            update(t)
+                            .where(self.pairs_where(mine), t.c.status == Status.DOING.value)
+                            .values(expires_at=end)
+                        )
+                    ).rowcount
+                if n == len(chunk):
+                    out.renewed.update(chunk)
+                    continue
+                rest: Sequence[Pair] = chunk
+                if locks:
+                    out.renewed.update(mine)
+                    held = set(mine)
+                    rest = [p for p in chunk if p not in held]
+                current = {
+                    (r.id, r.commit_id)
+                    for r in conn.execute(  # a plain read: it waits on no lock
+                        select(t.c.id, t.c.commit_id).where(
+                            t.c.id.in_([p[0] for p in rest]), t.c.status == Status.DOING.value
+                        )
+                    )
+                }
+                for p in rest:
+                    if p not in current:
+                        out.lost.add(p)
+                    elif locks:
+                        out.skipped.add(p)
+                    else:
+                        out.renewed.add(p)
+        return out
+
+    def start(self, pairs: Sequence[Pair], *, now: datetime | None) -> int:
+        """One UPDATE per chunk: ``started_at`` = now for doing rows under these
+        commit_ids, unmarked, whose lease has not expired."""
+        t = self.table
+        marked = 0
+        with self.one_statement() if len(pairs) <= ROWS_PER_STATEMENT else self.begin() as conn:
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
+                at = self.now_expr(now)
+                marked += int(
+                    conn.execute(
+                        update(t)
+                        .where(
+                            self.pairs_where(chunk),
+                            t.c.status == Status.DOING.value,
+                            t.c.started_at.is_(None),
+                            t.c.expires_at > at,
+                        )
+                        .values(started_at=at)
+                    ).rowcount
+                )
+        return marked
+
+    def transition(self, groups: Sequence[Group]) -> set[Pair]:
+        """One UPDATE per group chunk in one transaction; when every row matched, all
+        won; if not (someone moved a job meanwhile) the transaction is rolled back and
+        redone one row at a time, so exactly the winners change."""
+        try:
+            with self.begin() as conn:
+                for pairs, statuses, values in groups:
+                    for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                        chunk = pairs[i : i + ROWS_PER_STATEMENT]
+                        if self.cas(conn, chunk, statuses, values) != len(chunk):
+                            raise _Mismatch
+        except _Mismatch:
+            with self.begin() as conn:
+                return self.transition_rows(conn, groups)
+        return {p for pairs, _, _ in groups for p in pairs}
+
+    def transition_rows(self, conn: Connection, groups: Sequence[Group]) -> set[Pair]:
+        """Every group's compare-and-set one row at a time, in ``conn``: the winners."""
+        won: set[Pair] = set()
+        for pairs, statuses, values in groups:
+            for pair in pairs:
+                if self.cas(conn, [pair], statuses, values) == 1:
+                    won.add(pair)
+        return won
+
+    # -- reaper -------------------------------------------------------------------------
+
+    def expired_leases(self, task_id: str, *, limit: int, now: datetime | None) -> list[Zombie]:
+        """doing rows of the task whose lease ended, oldest first."""
+        t = self.table
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority, t.c.started_at)
+                .where(
+                    t.c.task_id == task_id,
+                    t.c.status == Status.DOING.value,
+                    t.c.expires_at < self.now_expr(now),
+                )
+                .order_by(t.c.expires_at)
+                .limit(limit)
+            ).all()
+        return [
+            Zombie(r.id, r.commit_id, r.failed_times, r.priority, r.started_at is not None)
+            for r in rows
+        ]
+
+    def lock_current(self, conn: Connection, ids: Sequence[int], status: Status) -> list[Row[Any]]:
+        """``SELECT … FOR UPDATE SKIP LOCKED`` of the rows still in ``status``, by primary
+        key (SQLite: its write lock already holds the table)."""
+        t = self.table
+        out: list[Row[Any]] = []
+        for i in range(0, len(ids), ROWS_PER_STATEMENT):
+            out.extend(
+                conn.execute(
+                    self.by_primary_key(
+                        select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
+                        .where(
+                            t.c.id.in_(ids[i : i + ROWS_PER_STATEMENT]), t.c.status == status.value
+                        )
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+            )
+        return out
+
+    def update_locked(
+        self,
+        conn: Connection,
+        pairs: Sequence[Pair],
+        statuses: Iterable[Status],
+        values: dict[str, Any],
+    ) -> int:
+        """The compare-and-set of locked rows, by primary key; rows changed."""
+        t = self.table
+        cond = t.c.status.in_([s.value for s in statuses])
+        n = 0
+        for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+            chunk = pairs[i : i + ROWS_PER_STATEMENT]
+            n += int(
+                conn.execute(
+                    self.update_by_primary_key(
+                        update(t)
+                        .where(self.pairs_where(chunk), cond)
+                        .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
+                    )
+                ).rowcount
+            )
+        return n
+
+    def sweep_scan(
+        self,
+        task_id: str,
+        *,
+        now: datetime,
+        cutoffs: dict[str, datetime],
+        default_priority: str,
+        limit: int,
+    ) -> list[tuple[int, int, str]]:
+        """Due todo rows past their priority's cutoff, earliest deadline first."""
+        t = self.table
+        cond: ColumnElement[bool]
+        if len(set(cutoffs.values())) == 1:
+            cond = t.c.expires_at < next(iter(cutoffs.values()))
+        else:
+            others = [p for p in cutoffs if p != default_priority]
+            cond = or_(
+                *(and_(t.c.priority == p, t.c.expires_at < cutoffs[p]) for p in others),
+                and_(
+                    t.c.priority.not_in(others),
+                    t.c.expires_at < cutoffs[default_priority],
+                ),
+            )
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.priority)
+                .where(
+                    t.c.task_id == task_id,
+                    t.c.status == Status.TODO.value,
+                    t.c.expires_at < max(cutoffs.values()),
+                    cond,
+                    t.c.run_at <= now,
+                )
+                .order_by(t.c.expires_at)
+                .limit(limit)
+            ).all()
+        return [(int(r.id), int(r.commit_id), str(r.priority)) for r in rows]
+
+    def dispatch_deadlines(self, pairs: Sequence[Pair]) -> dict[Pair, datetime]:
+        """The dispatch deadline of each current todo pair."""
+        t = self.table
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.expires_at).where(
+                    self.pairs_where(pairs), t.c.status == Status.TODO.value
+                )
+            ).all()
+        return {(r.id, r.commit_id): r.expires_at for r in rows if r.expires_at is not None}
+
+    def todo_page(
+        self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
+    ) -> list[tuple[Message, datetime]]:
+        """Recovery: a page of todo rows in (expires_at, id) order, read-only."""
+        t = self.table
+        cond = [
+            t.c.task_id == task_id,
+            t.c.status == Status.TODO.value,
+            t.c.expires_at.is_not(None),
+        ]
+        if after is not None:
+            exp, last_id = after
+            cond.append(or_(t.c.expires_at > exp, and_(t.c.expires_at == exp, t.c.id > last_id)))
+        with self.begin() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at, t.c.expires_at)
+                .where(*cond)
+                .order_by(t.c.expires_at, t.c.id)
+                .limit(limit)
+            ).all()
+        return [(Message(r.id, r.commit_id, r.priority, r.run_at), r.expires_at) for r in rows]
+
+    # -- admin --------------------------------------------------------------------------
+
+    def priorities(self, ids: Sequence[int]) -> dict[int, str]:
+        """The priority of each of ``ids``."""
+        t = self.table
+        out: dict[int, str] = {}
+        with self.begin() as conn:
+            for i in range(0, len(ids), ROWS_PER_STATEMENT):
+                chunk = list(ids[i : i + ROWS_PER_STATEMENT])
+                for r in conn.execute(select(t.c.id, t.c.priority).where(t.c.id.in_(chunk))):
+                    out[int(r.id)] = str(r.priority)
+        return out
+
+    def get(self, job_id: int, task_id: str | None) -> JobRecord | None:
+        """One row."""
+        t = self.table
+        stmt = select(t).where(t.c.id == job_id)
+        if task_id is not None:
+            stmt = stmt.where(t.c.task_id == task_id)
+        with self.begin() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else job_record(row)
+
+    def find(
+        self,
+        *,
+        task_id: str | None,
+        ids: Sequence[int] | None,
+        status: Status | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int | None,
+        after_id: int | None,
+    ) -> list[tuple[int, str, int, Status]]:
+        """(id, task_id, commit_id, status) of the rows matching every filter, by id."""
+        t = self.table
+        cond: list[ColumnElement[bool]] = []
+        if task_id is not None:
+            cond.append(t.c.task_id == task_id)
+        if ids is not None:
+            cond.append(t.c.id.in_(list(ids)))
+        if status is not None:
+            cond.append(t.c.status == status.value)
+        if since is not None:
+            cond.append(t.c.updated_at >= since)
+        if until is not None:
+            cond.append(t.c.updated_at < until)
+        if after_id is not None:
+            cond.append(t.c.id > after_id)
+        stmt = select(t.c.id, t.c.task_id, t.c.commit_id, t.c.status).where(*cond).order_by(t.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.begin() as conn:
+            return [(r.id, r.task_id, r.commit_id, Status(r.status)) for r in conn.execute(stmt)]
+
+    def stats(self, task_id: str | None) -> list[TaskStats]:
+        """Counts by status and the oldest due todo, per task."""
+        t = self.table
+        counts = select(t.c.task_id, t.c.status, func.count()).group_by(t.c.task_id, t.c.status)
+        oldest = (
+            select(t.c.task_id, func.min(t.c.run_at))
+            .where(t.c.status == Status.TODO.value)
+            .group_by(t.c.task_id)
+        )
+        if task_id is not None:
+            counts = counts.where(t.c.task_id == task_id)
+            oldest = oldest.where(t.c.task_id == task_id)
+        out: dict[str, TaskStats] = {}
+        with self.begin() as conn:
+            for tid, status, n in conn.execute(counts):
+                out.setdefault(tid, TaskStats(tid)).counts[Status(status)] = int(n)
+            for tid, when in conn.execute(oldest):
+                out.setdefault(tid, TaskStats(tid)).oldest_todo = when
+        return [out[k] for k in sorted(out)]
+
+    def commit_one(self, task_id: str, pair: Pair, values: dict[str, Any]) -> CommitOne:
+        """The fenced UPDATE; then the job's priority (won) or its state (lost)."""
+        t = self.table
+        job_id = pair[0]
+        with self.begin() as conn:
+            n = conn.execute(
+                update(t)
+                .where(
+                    self.pairs_where([pair]),
+                    t.c.status == Status.DOING.value,
+                    t.c.task_id == task_id,
+                )
+                .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
+            ).rowcount
+            if n == 1:
+                prio = conn.execute(select(t.c.priority).where(t.c.id == job_id)).scalar()
+                return CommitOne(True, str(prio), None, None)
+            row = conn.execute(
+                select(t.c.status, t.c.commit_id).where(t.c.id == job_id, t.c.task_id == task_id)
+            ).first()
+        if row is None:
+            return CommitOne(False, None, None, None)
+        return CommitOne(False, None, str(row.status), int(row.commit_id))
+
+    # -- schedules ----------------------------------------------------------------------
+
+    def due_schedules(self, task_id: str, now: datetime, limit: int) -> list[ScheduleRecord]:
+        """Schedules of the task due at ``now``, earliest first (the scheduler's scan, on
+        the ``(task_id, next_fire_at)`` index)."""
+        s = self.schedules
+        stmt = (
+            select(s)
+            .where(s.c.task_id == task_id, s.c.next_fire_at <= now)
+            .order_by(s.c.next_fire_at)
+            .limit(limit)
+        )
+        with self.begin() as conn:
+            return [schedule_record(r) for r in conn.execute(stmt)]
+
+    def next_schedule_due(self, task_id: str) -> datetime | None:
+        """The earliest ``next_fire_at`` of the task's schedules (None: nothing left)."""
+        s = self.schedules
+        stmt = (
+            select(s.c.next_fire_at)
+            .where(s.c.task_id == task_id, s.c.next_fire_at.is_not(None))
+            .order_by(s.c.next_fire_at)
+            .limit(1)
+        )
+        with self.begin() as conn:
+            value: datetime | None = conn.execute(stmt).scalar()
+        return value
+
+    def fire_schedule(self, conn: Connection, rec: ScheduleRecord, values: dict[str, Any]) -> bool:
+        """``UPDATE … WHERE task_id, name AND next_fire_at = old AND updated_at = old``:
+        of all the schedulers that read the same row only one matches (row locks make
+        the others wait for its commit, then re-check the WHERE clause)."""
+        s = self.schedules
+        with translate_errors(self.url, self.schedules.name):
+            result = conn.execute(
+                update(s)
+                .where(
+                    s.c.task_id == rec.task_id,
+                    s.c.name == rec.name,
+                    s.c.next_fire_at == rec.next_fire_at,
+                    s.c.updated_at == rec.updated_at,
+                )
+                .values(**values)
+            )
+        return int(result.rowcount) == 1
