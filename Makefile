@@ -9,7 +9,7 @@ EXTRAS ?= dev
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(VENV)/.installed

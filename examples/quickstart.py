@@ -5,7 +5,9 @@ the embedded default: a SQLite ledger and a redis-server started on demand, both
 ``./.meepo`` (or ``MEEPO_HOME``). With those variables set it runs unchanged against
 MySQL/MariaDB or PostgreSQL and a real Redis.
 
-Every run uses task ids of its own, so it can run again and again on the same ledger.
+Every run uses the same two task ids (``quickstart_auto``, ``quickstart_manual``), so
+running it again adds jobs, not tasks, to what ``meepo stats`` shows. Ctrl-C stops it
+quietly (the consumers finish what they run, exit status 130).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def describe(rec: JobRecord | None) -> str:
     return text
 
 
-def auto_commit_part(run: str) -> None:
+def auto_commit_part() -> int:
     say("\n1. Auto commit: the handler's return is the commit, an exception a retry")
 
     def handler(job: Job) -> None:
@@ -84,7 +86,7 @@ def auto_commit_part(run: str) -> None:
         say(f"    handler: job {job.id} attempt {attempt} {job.payload!r} -> ok")
 
     task = Task(
-        f"{run}_auto",
+        "quickstart_auto",
         job_func=handler,
         parallel_num=4,
         max_failed_times=3,  # the third failure would commit `failed`
@@ -105,9 +107,10 @@ def auto_commit_part(run: str) -> None:
         task.stop(wait=True)
     for job_id in ids:
         say(f"    {describe(task.get(job_id))}")
+    return first
 
 
-def manual_commit_part(run: str) -> None:
+def manual_commit_part() -> None:
     say("\n2. Manual commit, and a zombie recovered by the reaper")
     say("   (the handler commits by itself; one job is abandoned on its first attempt)")
     first_claims: dict[int, int] = {}
@@ -126,7 +129,7 @@ def manual_commit_part(run: str) -> None:
         task.commit(job.id, Status.DONE)
 
     task = Task(
-        f"{run}_manual",
+        "quickstart_manual",
         job_func=handler,
         auto_commit=False,
         parallel_num=2,
@@ -162,14 +165,22 @@ def manual_commit_part(run: str) -> None:
 def main() -> int:
     show_meepo_warnings()
     started = time.monotonic()
-    run = f"quickstart_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
+    run = f"{time.strftime('%Y-%m-%d %H:%M:%S')}, pid {os.getpid()}"
     where = "embedded default" if not os.environ.get("MEEPO_DB_URL") else "MEEPO_DB_URL"
     say(f"meepo quickstart, run {run} ({where})")
-    auto_commit_part(run)
-    manual_commit_part(run)
+    first = auto_commit_part()
+    manual_commit_part()
     say(f"\nquickstart finished in {time.monotonic() - started:.1f}s: all jobs done")
+    meepo = "meepo" if os.environ.get("VIRTUAL_ENV") else ".venv/bin/meepo"
+    say(f"next: {meepo} stats               the tasks and jobs of this ledger, by status")
+    say(f"next: {meepo} jobs show {first:<9} one job's row in the ledger")
+    say(f"next: {meepo} worker app:task     run a Task of your own (see docs/cli.md)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the consumers were stopped by the parts' finally blocks
+        say("\nquickstart: interrupted")
+        sys.exit(130)

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .ledger import make_engine
 from .ledger.bounds import Bounds
 from .transport import make_client
+from .urls import check_db_url, check_redis_url
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -46,6 +47,7 @@ def engine_for(db: str | Engine | None) -> Engine:
     with _lock:
         engine = _engines.get(db)
         if engine is None:
+            check_db_url(db)
             engine = _engines[db] = make_engine(db, pool_size=20, max_overflow=20)
         return engine
 
@@ -96,6 +98,7 @@ def redis_for(
     with _lock:
         found = _clients.get((client, timeout))
         if found is None:
+            check_redis_url(client)
             kwargs = {} if timeout is None else {"timeout": timeout}
             found = _clients[(client, timeout)] = make_client(client, **kwargs)
         return found

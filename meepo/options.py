@@ -11,7 +11,7 @@ from the table). Every bad value is a :class:`~meepo.errors.ConfigError` (a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from .config import DEFAULT_TABLE, Options
 from .errors import ConfigError
 from .middleware import Middleware
 from .records import DEFAULT_PRIORITY, Job, Status
+from .runtime.cleaner import check_retention
 
 JobFunc = Callable[[Job], Any]
 
@@ -40,6 +41,8 @@ class TaskOptions:
     init_db: bool
     clock: Callable[[], datetime] | None
     middleware: tuple[Middleware, ...]
+    #: Seconds to keep finished jobs, per status (None: keep the stored policy).
+    retention: dict[Status, float] | None
 
     @classmethod
     def from_kwargs(
@@ -67,6 +70,7 @@ class TaskOptions:
         retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
         promote_interval: float | timedelta = 0.05,
         job_timeout: float | timedelta | None = None,
+        retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
     ) -> TaskOptions:
@@ -129,6 +133,7 @@ class TaskOptions:
             init_db=bool(init_db),
             clock=clock,
             middleware=_middleware(middleware),
+            retention=check_retention(retention),
         )
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import redis as redis_lib
@@ -35,11 +33,13 @@ from .ledger import Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
 from .ledger.engine import check_server
+from .ledger.retention import Retention
 from .ledger.schedules import Schedules, next_fires
 from .middleware import Hooks, Middleware
 from .options import JobFunc, TaskOptions
 from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
+from .runtime.cleaner import Cleaner
 from .schedule import Spec, check_name
 from .transport import io_timeout
 
@@ -84,6 +84,7 @@ class Task:
         retry_backoff: Any = config.DEFAULT_RETRY_BACKOFF,
         promote_interval: float | timedelta = 0.05,
         job_timeout: float | timedelta | None = None,
+        retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
     ) -> None:
@@ -111,9 +112,11 @@ class Task:
             retry_backoff=retry_backoff,
             promote_interval=promote_interval,
             job_timeout=job_timeout,
+            retention=retention,
             clock=clock,
             middleware=middleware,
         )
+        self.retention = opts.retention
         self.task_id = opts.task_id
         self.options = opts.runtime
         self.default_priority = opts.default_priority
@@ -160,6 +163,9 @@ class Task:
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None
         self._scheduler: Scheduler | None = None
+        self.cleaner = Cleaner(
+            Retention(self.service_engine, self.table_name), self.task_id, self.retention
+        )
         self.schedule_ledger = self.stores.schedules
         self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
@@ -599,6 +605,7 @@ class Task:
         self.reaper.start()
         self.promoter.start()
         self.scheduler.start()
+        self.cleaner.start()
         log.info(
             "task %s: %d consumer(s) started on %s and %s",
             self.task_id,
@@ -631,6 +638,7 @@ class Task:
             self._promoter.stop()
         if self._scheduler is not None:
             self._scheduler.stop()
+        self.cleaner.stop()
         if self.hooks is not None and self._hooks_started:
             self._hooks_started = False
             self.hooks.on_stop()
@@ -649,38 +657,22 @@ class Task:
 
         The first signal stops popping and lets running jobs finish (``shutdown_grace``);
         a second one exits the process at once (the reaper recovers what was running).
+        The run loop and the signals are :class:`meepo.runtime.runner.Runner`'s, which
+        ``meepo worker`` uses too.
         """
-        restore = self._install_signals()  # before start: a signal is never missed
-        try:
-            self.start()
-            self._stopped.wait()
-        finally:
-            for sig, old in restore.items():
-                signal.signal(sig, old)
-        if self._start_error is not None:  # e.g. SchemaError once the database answered
-            raise self._start_error
+        from .runtime.runner import Runner
 
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        hits = {"n": 0}
+        Runner([self]).run()
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            hits["n"] += 1
-            if hits["n"] > 1:
-                log.warning("task %s: second signal, exiting now", self.task_id)
-                os._exit(1)
-            log.info(
-                "task %s: %s received, finishing running jobs (a second signal exits now)",
-                self.task_id,
-                signal.Signals(signum).name,
-            )
-            threading.Thread(target=self.stop, name="meepo-shutdown", daemon=True).start()
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until a ``stop()`` has finished (or a delayed start failed); whether it
+        has."""
+        return self._stopped.wait(timeout)
 
-        old: dict[int, Any] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, on_signal)
-        return old
+    @property
+    def start_error(self) -> MeepoError | None:
+        """Why a delayed start (waiting for the database) gave up, e.g. a SchemaError."""
+        return self._start_error
 
     def __enter__(self) -> Task:
         return self

@@ -65,8 +65,7 @@ def record(task: Task, job_id: int) -> JobRecord:
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        ([], "required: COMMAND"),
-        (["repush"], "one of the arguments --id --status is required"),
+        (["repush"], "one of --id or --status is required"),
         (["repush", "--status", "bogus"], "unknown status 'bogus'"),
         (["repush", "--status", "done"], "unknown status 'done'"),
         (["repush", "--id", "1", "x"], "invalid job id 'x'"),
@@ -77,22 +76,22 @@ def record(task: Task, job_id: int) -> JobRecord:
         (["repush", "--status", "failed", "--limit", "-3"], "--limit"),
         (["repush", "--status", "failed", "--since", "1h", "--until", "2h"], "before --until"),
         (["jobs", "show", "abc"], "invalid job id 'abc'"),
-        (["jobs"], "required: COMMAND"),
-        (["db", "sideways"], "invalid choice: 'sideways'"),
+        (["jobs"], "missing command: one of delete, list, show"),
+        (["db", "sideways"], "No such command 'sideways'"),
         (["stats", "--table", "bad-name;drop"], "invalid table name"),
         (["stats", "--prefix", "{x}"], "invalid list name prefix"),
-        (["worker"], "MODULE:ATTR"),
-        (["worker", "nocolon"], "expected MODULE:ATTR"),
+        (["worker"], "Missing argument 'MODULE[:ATTR]...'"),
+        (["worker", "nocolon_zq81"], "no module named 'nocolon_zq81'"),
         (["worker", "nosuch_mod_zq81:task"], "no module named 'nosuch_mod_zq81'"),
         (["worker", "app:task", "--parallel", "0"], "--parallel"),
         (["worker", "app:task", "--job-timeout", "soon"], "--job-timeout"),
         (["worker", "app:task", "--job-timeout", "0"], "positive number of seconds"),
         (["worker", "app:task", "--max-jobs", "0"], "--max-jobs"),
         (["worker", "app:task", "--max-memory", "lots"], "--max-memory"),
-        (["stats", "--nope"], "unrecognized arguments: --nope"),
-        (["schedules"], "required: COMMAND"),
-        (["schedules", "next", "x"], "required: --task"),
-        (["schedules", "remove", "x"], "required: --task"),
+        (["stats", "--nope"], "No such option '--nope'"),
+        (["schedules"], "missing command: one of"),
+        (["schedules", "next", "x"], "Missing option '--task'"),
+        (["schedules", "remove", "x"], "Missing option '--task'"),
         (["schedules", "remove", "bad name", "--task", "t"], "invalid schedule name 'bad name'"),
         (["schedules", "next", "x", "--task", "t", "-n", "0"], "-n"),
         (["schedules", "next", "x", "--task", "bad task!"], "invalid task id"),
@@ -156,10 +155,14 @@ def test_runtime_errors_are_one_line_exit_1(
     # a bad task id is a usage error
     code, _, err = run(capsys, "stats", "--task", "bad task!", *conn)
     assert code == 2 and "invalid task id" in assert_one_error_line(err)
-    # Redis: unreachable (password masked), or a URL that is not one
-    code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "redis://:s3cret@127.0.0.1:1/0")
-    assert code == 1
-    line = assert_one_error_line(after_argv_warning(err, "--redis"))
+    # Redis: unreachable (the ledger's counts still shown, a warning, password masked),
+    # or a URL that is not one
+    code, out, err = run(
+        capsys, "stats", "--db", db_url, "--redis", "redis://:s3cret@127.0.0.1:1/0"
+    )
+    assert code == 0 and "unavailable" in out
+    line = after_argv_warning(err, "--redis").strip()
+    assert line.startswith("meepo: warning: queue depths unavailable: ")
     assert "127.0.0.1:1" in line and "s3cret" not in err
     code, _, err = run(capsys, "stats", "--db", db_url, "--redis", "nonsense://u:s3cret@h/0")
     assert code == 2
@@ -221,13 +224,24 @@ def test_worker_bad_targets(
         (f"{name}:missing", 2, "has no attribute 'missing'"),
         (f"{name}:number", 2, "is a int, not a meepo Task"),
         (f"{name}:producer", 2, "Task without job_func"),
-        (f"{name}_broken:task", 1, "RuntimeError: broken at import"),
         (f"{name}.sub:task", 2, "no module named"),
     ]:
         got, out, err = run(capsys, "worker", target)
         assert got == code, (target, err)
         assert out == ""
         assert needle in assert_one_error_line(err), target
+    # The user's module raised at import: its traceback (the user's code, without
+    # importlib's or meepo's frames), then meepo's one line.
+    got, out, err = run(capsys, "worker", f"{name}_broken:task")
+    assert (got, out) == (1, "")
+    head, _, last = err.rstrip("\n").rpartition("\n")
+    assert last == (
+        f"meepo: error: importing '{name}_broken' failed: RuntimeError: broken at import"
+    )
+    assert head.startswith("Traceback (most recent call last):\n"), err
+    assert f'{name}_broken.py", line 1, in <module>' in head
+    assert head.endswith("RuntimeError: broken at import")
+    assert "importlib" not in head and "meepo" not in head.replace(name, "")
 
 
 WORKER_APP = """
@@ -379,7 +393,9 @@ def test_progress_bar_only_on_a_terminal_and_large_sets() -> None:
     bar(1000, 3000)
     bar(3000, 3000)
     bar.close()
-    assert tty.getvalue().splitlines()[-1].endswith("3000/3000 [" + "#" * 30 + "] 100%")
+    drawn = tty.getvalue()  # click's bar, redrawn on one line
+    assert drawn.rstrip().endswith("[" + "#" * 36 + "]  3000/3000\x1b[?25h")
+    assert "1000/3000" in drawn and drawn.lstrip("\r").startswith("\x1b[?25lrepushing")
     plain = io.StringIO()
     bar = ProgressBar(plain, "repushing", threshold=10)
     bar(1000, None)
@@ -519,7 +535,15 @@ def test_db_commands_on_a_custom_table(
         assert code == 0
         assert [t["task_id"] for t in json.loads(out)["tasks"]] == [task.task_id]
 
-        code, out, _ = run(capsys, "db", "downgrade", "--table", table, "--revision", "base", *conn)
+        code, out, err = run(capsys, "db", "downgrade", "--table", table, "--revision", "base",
+                             *conn)  # fmt: skip
+        assert (code, out) == (2, "")  # no terminal to ask on: refused
+        assert assert_one_error_line(err) == (
+            f"meepo: error: db downgrade to base drops table {table} and every job in it: "
+            "add --yes to confirm (no terminal to ask on)"
+        )
+        code, out, _ = run(capsys, "db", "downgrade", "--table", table, "--revision", "base",
+                           "--yes", *conn)  # fmt: skip
         assert (code, out) == (0, f"table {table}: downgraded from {head} to none\n")
         code, out, _ = run(capsys, "db", "current", "--table", table, *conn)
         assert out == f"table {table}: none (not migrated) (head is {head})\n"
@@ -539,5 +563,61 @@ def test_python_dash_m_meepo(tmp_path: Path) -> None:
         timeout=60,
     )
     assert got.returncode == 2 and got.stdout == ""
-    assert got.stderr.startswith("meepo: error: argument --status: unknown status 'bogus'")
+    assert got.stderr.startswith(
+        "meepo: error: Invalid value for '--status': unknown status 'bogus'"
+    )
     assert len(got.stderr.splitlines()) == 1
+
+
+def test_meepo_alone_prints_help_and_exits_0(tmp_path: Path) -> None:
+    got = subprocess.run(
+        [sys.executable, "-m", "meepo"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0 and got.stderr == ""
+    assert got.stdout.startswith("Usage: meepo [OPTIONS] [COMMAND]")
+    for command in ("worker", "repush", "stats", "jobs", "schedules", "db"):
+        assert f"  {command} " in got.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion(tmp_path: Path, shell: str) -> None:
+    """click's completion: ``_MEEPO_COMPLETE={shell}_source`` prints the script, and a
+    completion request lists the commands."""
+    got = subprocess.run(
+        [sys.executable, "-m", "meepo"],
+        cwd=tmp_path, env=child_env(_MEEPO_COMPLETE=f"{shell}_source"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0 and "_MEEPO_COMPLETE" in got.stdout
+    if shell == "bash":
+        got = subprocess.run(
+            [sys.executable, "-m", "meepo"],
+            cwd=tmp_path,
+            env=child_env(_MEEPO_COMPLETE="bash_complete", COMP_WORDS="meepo sch", COMP_CWORD="1"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert got.returncode == 0 and "plain,schedules" in got.stdout
+
+
+def test_docs_cli_md_names_every_command_and_option() -> None:
+    """docs/cli.md is the reference: every command, subcommand and option is in it."""
+    import click
+
+    from meepo.cli import cli
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    missing: list[str] = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if f"meepo {path}".strip() not in text and path:
+            missing.append(path)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                missing.extend(f"{path}: {o}" for o in param.opts if f"`{o}" not in text)
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, f"{path} {name}".strip())
+
+    walk(cli, "")
+    assert not missing, missing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -258,3 +259,54 @@ def test_no_binary_raises_config_error(
 def test_socket_path_too_long_raises_config_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="shorter data directory"):
         embedded_redis_url(tmp_path / ("x" * 120))
+
+
+@pytest.mark.parametrize("how", ["sigkill", "os_exit"])
+def test_server_stopped_when_its_owner_dies_without_exit_handlers(
+    tmp_path: pathlib.Path, how: str
+) -> None:
+    """SIGKILL of the owner, or the os._exit of a worker's second signal: no atexit hook
+    runs, and the server stops all the same (its guard sees the owner's pipe close)."""
+    data_dir = tmp_path / "redis"
+    code = CHILD + ("import os; os._exit(1)\n" if how == "os_exit" else "")
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(data_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        url, pid = read_child(child)
+        assert answers(url)
+        if how == "sigkill":
+            child.kill()
+        else:
+            assert child.stdin is not None
+            child.stdin.close()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    wait_until(lambda: not pid_alive(pid), f"server pid {pid} to be gone")
+    assert not answers(url)
+
+
+def test_a_stale_server_that_does_not_answer_is_replaced(tmp_path: pathlib.Path) -> None:
+    """A server of a crashed run that hangs (SIGSTOP here): the next start kills it and
+    starts one of its own, so servers do not pile up."""
+    data_dir = tmp_path / "redis"
+    child = spawn_child(data_dir)
+    try:
+        url, stale = read_child(child)
+        os.kill(stale, signal.SIGSTOP)
+        wait_until(lambda: not answers(url), "the stopped server to stop answering")
+        assert embedded_redis_url(data_dir) == url
+        assert answers(url)
+        assert server_pid(url) != stale
+        wait_until(lambda: not pid_alive(stale), f"stale server pid {stale} to be gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stale, signal.SIGCONT)
+        stop_embedded(data_dir)
+        if child.poll() is None:
+            child.kill()
+            child.wait()

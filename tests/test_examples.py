@@ -4,7 +4,10 @@ with the shared Redis."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +67,49 @@ def test_quickstart_on_the_embedded_default_twice(tmp_path: Path) -> None:
         assert "failed_times=1" in out  # the retried failure and the reaped zombie
         assert "re-queued" in out  # the reaper's own report of the zombie
         assert "is stale" in out  # the late commit was fenced off
+        last = out.rstrip("\n").splitlines()[-3:]
+        assert [line.split()[:2] for line in last] == [
+            ["next:", ".venv/bin/meepo"] if "VIRTUAL_ENV" not in os.environ else ["next:", "meepo"]
+        ] * 3
+    # two runs, two tasks: the runs share their task ids
+    env = child_env(MEEPO_HOME=str(tmp_path / ".meepo"))
+    for name in ("MEEPO_DB_URL", "MEEPO_REDIS_URL"):
+        env.pop(name, None)
+    got = subprocess.run(
+        [sys.executable, "-m", "meepo", "stats", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    tasks = {t["task_id"]: t["total"] for t in json.loads(got.stdout)["tasks"]}
+    assert tasks == {"quickstart_auto": 8, "quickstart_manual": 4}
+
+
+@needs_redis_server
+def test_quickstart_ctrl_c_is_quiet(tmp_path: Path) -> None:
+    env = child_env(MEEPO_HOME=str(tmp_path / ".meepo"))
+    for name in ("MEEPO_DB_URL", "MEEPO_REDIS_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:  # bounded by the test's timeout
+            seen.append(line)
+            if "consumers started" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    assert out.rstrip("\n").splitlines()[-1] == "quickstart: interrupted"
 
 
 @needs_redis_server

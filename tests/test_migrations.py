@@ -37,7 +37,7 @@ from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0003"
+HEAD = "0004"
 
 
 def new_table_name() -> str:
@@ -50,6 +50,8 @@ def drop_ledger_table(url: str, name: str) -> None:
     try:
         with engine.begin() as conn:
             for table in (
+                f"{name}_archive",
+                f"{name}_retention",
                 f"{name}_schedules",
                 f"{name}_unique",
                 name,
@@ -162,6 +164,13 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
     names = table_names(engine)
     assert {table, version_table_name(table)} <= names
 
+    assert {f"{table}_retention", f"{table}_archive"} <= names
+
+    migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0003"
+    assert {f"{table}_retention", f"{table}_archive"}.isdisjoint(table_names(engine))
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes(table)}
+    assert indexes == {f"ix_{table}_task_status_expires": ["task_id", "status", "expires_at"]}
     migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0002"
     assert {"started_at", "orphaned_claims"}.isdisjoint(
@@ -343,7 +352,9 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     if which == "custom":
         migrate.upgrade(engine, name)
     metadata = ledger_metadata(name)
-    companions = {name, f"{name}_unique", f"{name}_schedules"}
+    companions = {
+        name, f"{name}_unique", f"{name}_schedules", f"{name}_retention", f"{name}_archive",
+    }  # fmt: skip
 
     def include_name(obj_name: str | None, type_: str, parent: Any) -> bool:
         return type_ != "table" or obj_name in companions
@@ -370,7 +381,15 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     ]  # fmt: skip
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}
-    assert indexes == {f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at"]}
+    assert indexes == {
+        f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at"],
+        f"ix_{name}_finished": ["task_id", "status", "updated_at"],
+    }
+    indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_unique")}
+    assert indexes == {f"ix_{name}_unique_job": ["job_id"]}
+    pk = insp.get_pk_constraint(f"{name}_retention")["constrained_columns"]
+    assert pk == ["task_id", "status"]
+    assert insp.get_pk_constraint(f"{name}_archive")["constrained_columns"] == ["id"]
     pk = insp.get_pk_constraint(f"{name}_unique")["constrained_columns"]
     assert pk == ["task_id", "key"]
     pk = insp.get_pk_constraint(f"{name}_schedules")["constrained_columns"]
@@ -446,3 +465,24 @@ def test_the_head_revision_is_read_once_when_threads_ask_together(
         t.join(30)
     assert heads == [HEAD] * 4
     assert len(set(reads)) == 1  # one thread read the files
+
+
+def test_0004_keeps_rows_and_sqlite_never_reuses_a_deleted_id(engine: Engine, table: str) -> None:
+    """0004 rebuilds an SQLite jobs table with AUTOINCREMENT (rows kept): once the
+    newest job is purged, the next one must not get its id."""
+    migrate.upgrade(engine, table, "0003")
+    t = jobs_table(table)
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    row = {
+        "task_id": "t", "status": "done", "payload": b"x", "failed_times": 0,
+        "commit_id": 1, "created_at": when, "updated_at": when, "run_at": when,
+    }  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [row, row])
+    migrate.upgrade(engine, table)
+    with engine.begin() as conn:
+        ids = list(conn.execute(select(t.c.id).order_by(t.c.id)).scalars())
+        assert len(ids) == 2
+        conn.execute(t.delete().where(t.c.id == ids[-1]))
+        new = conn.execute(t.insert().values(**row)).inserted_primary_key[0]
+    assert new > ids[-1]

@@ -161,6 +161,21 @@ _MISSING_TABLE_MARKERS = (
 )
 
 
+_MISSING_DATABASE = (
+    re.compile(r'database "([^"]+)" does not exist'),  # PostgreSQL (3D000)
+    re.compile(r"Unknown database '([^']+)'"),  # MySQL / MariaDB (1049)
+)
+
+
+def _missing_database(text: str) -> str | None:
+    """The database a connection error says is missing (not a table), or None."""
+    for pattern in _MISSING_DATABASE:
+        found = pattern.search(text)
+        if found:
+            return found.group(1)
+    return None
+
+
 @contextlib.contextmanager
 def translate_errors(url: str, table: str | None = None) -> Iterator[None]:
     """Turn driver errors into meepo errors, the URL's password masked."""
@@ -168,6 +183,12 @@ def translate_errors(url: str, table: str | None = None) -> Iterator[None]:
         yield
     except DBAPIError as exc:
         text = str(exc.orig) if exc.orig is not None else str(exc)
+        missing = _missing_database(text)
+        if missing is not None:
+            raise ConfigError(
+                f"database {missing!r} does not exist on {mask_url(url)}: create it "
+                f"(CREATE DATABASE {missing}) or fix the URL"
+            ) from exc
         if table is not None and any(m in text.lower() for m in _MISSING_TABLE_MARKERS):
             raise SchemaError(
                 f"the ledger table {table!r} does not exist in {mask_url(url)}: "

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from ..records import DEFAULT_PRIORITY
@@ -31,6 +32,8 @@ from .types import JobId, Payload, UTCDateTime
 VERSION_TABLE_SUFFIX = "_version"
 UNIQUE_SUFFIX = "_unique"
 SCHEDULES_SUFFIX = "_schedules"
+RETENTION_SUFFIX = "_retention"
+ARCHIVE_SUFFIX = "_archive"
 
 
 def version_table_name(table_name: str) -> str:
@@ -46,6 +49,11 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
     * ``(task_id, status, expires_at)`` - the reaper and dispatch sweep
       (``status IN ('todo','doing') AND expires_at <= now``), recovery of due ``todo``
       rows, and ``stats`` counts: a range scan that never touches finished rows.
+    * ``(task_id, status, updated_at)`` over finished rows only (``expires_at IS
+      NULL``; a partial index on PostgreSQL and SQLite, a full one on MariaDB/MySQL,
+      which has no partial indexes) - the cleaner's ``status = 'done' AND expires_at IS
+      NULL AND updated_at < cutoff``. Partial, it costs a transition nothing until the
+      job finishes.
     """
     md = metadata if metadata is not None else MetaData()
     return Table(
@@ -78,6 +86,50 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+        Index(
+            f"ix_{name}_finished",
+            "task_id",
+            "status",
+            "updated_at",
+            postgresql_where=text("expires_at IS NULL"),
+            sqlite_where=text("expires_at IS NULL"),
+        ),
+        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
+        sqlite_autoincrement=True,
+    )
+
+
+def archive_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_archive``: rows ``meepo purge --archive`` moved out of the jobs table,
+    with the jobs table's columns (ids kept, not generated) and ``archived_at``."""
+    md = metadata if metadata is not None else MetaData()
+    jobs = jobs_table(name)
+    cols = [
+        Column(c.name, c.type, nullable=c.nullable, server_default=c.server_default)
+        for c in jobs.columns
+        if c.name != "id"
+    ]
+    return Table(
+        f"{name}{ARCHIVE_SUFFIX}",
+        md,
+        Column("id", JobId, primary_key=True, autoincrement=False),
+        *cols,
+        Column("archived_at", UTCDateTime, nullable=False),
+    )
+
+
+def retention_table(name: str, metadata: MetaData | None = None) -> Table:
+    """``<name>_retention``: how long each task keeps its finished jobs, one row per
+    ``(task_id, status)`` (``retention=`` of ``Task``), read by every cleaner and the CLI."""
+    md = metadata if metadata is not None else MetaData()
+    return Table(
+        f"{name}{RETENTION_SUFFIX}",
+        md,
+        Column("task_id", String(64), nullable=False),
+        Column("status", String(8), nullable=False),
+        Column("keep_ms", BigInteger, nullable=False),
+        Column("updated_at", UTCDateTime, nullable=False),
+        PrimaryKeyConstraint("task_id", "status", name=f"pk_{name}{RETENTION_SUFFIX}"),
     )
 
 
@@ -100,6 +152,8 @@ def unique_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("created_at", UTCDateTime, nullable=False),
         Column("updated_at", UTCDateTime, nullable=False),
         PrimaryKeyConstraint("task_id", "key", name=f"pk_{name}{UNIQUE_SUFFIX}"),
+        # The cleaner's "which of these finished jobs still hold a key" (by job id).
+        Index(f"ix_{name}{UNIQUE_SUFFIX}_job", "job_id"),
     )
 
 
@@ -136,9 +190,11 @@ def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
 
 
 def ledger_metadata(name: str) -> MetaData:
-    """All three tables of the ledger called ``name``."""
+    """All the tables of the ledger called ``name``."""
     md = MetaData()
     jobs_table(name, md)
     unique_table(name, md)
     schedules_table(name, md)
+    retention_table(name, md)
+    archive_table(name, md)
     return md

@@ -23,17 +23,21 @@ How it works
 
 Lifetime
 --------
-The process that started the server owns it: it stops the server at interpreter exit
-(``atexit``: SIGTERM, wait, then SIGKILL) or earlier through :func:`stop_embedded`. It
-never touches a server it did not start. The server runs in its own session, so a Ctrl-C
-in the terminal reaches only the Python process, which shuts down gracefully before
-stopping the server.
+The process that started the server owns it, however it exits. The server runs under a
+small guard process (``python -I -S -c …``) that holds the read end of a pipe whose
+write end only the owner holds: when the owner exits, by ``atexit``, a second signal's
+``os._exit`` or SIGKILL, the pipe closes and the guard stops the server (SIGTERM, wait,
+then SIGKILL). A normal exit also stops it at once through ``atexit``, and
+:func:`stop_embedded` earlier. A process never touches a server it did not start. The
+guard and the server run in their own session, so a Ctrl-C in the terminal reaches only
+the Python process, which shuts down gracefully before the server goes.
 
 Other processes that reused the server simply lose it when the owner exits: their Redis
 calls then fail with :class:`~meepo.errors.TransportUnavailableError` until a server is
-back, and meepo recovers the queue from the ledger when it is. If the owner dies without
-running its exit handlers (SIGKILL, ``os._exit``), the server outlives it; the next call
-finds it answering and reuses it (``kill $(cat <data_dir>/redis.pid)`` stops it by hand).
+back, and meepo recovers the queue from the ledger when it is. A stale server from a
+crashed run (a guard killed with it, say) is reused if it answers PING and killed and
+replaced if it does not (its pid is in ``redis.pid``, checked to be that socket's
+redis-server before it is signalled).
 
 The embedded server is for development, tests and demos. Point production at a real,
 supervised Redis with ``MEEPO_REDIS_URL`` or ``redis=``.
@@ -50,6 +54,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -235,6 +240,50 @@ def _forget_dead(directory: pathlib.Path) -> None:
         _stop(owned)
 
 
+#: The guard: runs the server as its child, stops it when its stdin closes (the owner
+#: is gone, however it went) or on SIGTERM, and exits with the server.
+_GUARD = """
+import os, signal, subprocess, sys, threading
+server = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+timeout = float(sys.argv[1])
+def stop(*_):
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout)
+    os._exit(0)
+def owner_gone():
+    while os.read(0, 4096):
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+threading.Thread(target=owner_gone, daemon=True).start()
+sys.exit(server.wait())
+"""
+
+
+def _kill_stale(directory: pathlib.Path, sock: pathlib.Path) -> None:
+    """A server of an earlier run that holds the pid file but does not answer (hung, or
+    still starting after its owner crashed): kill it, so servers never pile up."""
+    try:
+        pid = int((directory / PID_NAME).read_text().strip())
+        cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if pid == os.getpid() or os.fsencode(str(sock)) not in cmdline:
+        return  # not that socket's redis-server (a reused pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, 9)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while pathlib.Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _start(directory: pathlib.Path, sock: pathlib.Path) -> None:
     """Start a server on ``sock`` and wait until it answers. Caller holds the flock."""
     exe = _find_redis_server()
@@ -253,10 +302,11 @@ def _start(directory: pathlib.Path, sock: pathlib.Path) -> None:
         "--pidfile", str(directory / PID_NAME),
         "--logfile", str(log),
     ]  # fmt: skip
+    _kill_stale(directory, sock)
     try:
         proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-I", "-S", "-c", _GUARD, str(STOP_TIMEOUT), *argv],
+            stdin=subprocess.PIPE,  # never written: its closing tells the guard we are gone
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=directory,
@@ -302,23 +352,29 @@ def _log_tail(log: pathlib.Path, lines: int = 5) -> str:
 
 
 def _stop(owned: _Owned) -> None:
-    """Terminate, wait, then kill a server we started (only in the process that did)."""
+    """Stop a server we started (only in the process that did): SIGTERM its guard, which
+    stops the server and exits with it; wait, then SIGKILL."""
     if owned.owner_pid != os.getpid():
         return
     proc = owned.proc
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
     try:
-        proc.wait(timeout=STOP_TIMEOUT)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT)
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=2 * STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_TIMEOUT)
+    finally:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
 
 
 def _stop_all() -> None:
