@@ -129,7 +129,8 @@ def repush(
         lost: list[int] = []
         for task_id, group in _by_task(pending).items():
             # If Redis is down the rows stay todo and the dispatch sweep sends them later.
-            sent = {m.job_id: m for m in dispatcher(task_id).repush([(r[0], r[2]) for r in group])}
+            moved = dispatcher(task_id).repush([(r[0], r[2]) for r in group])
+            sent = {m.job_id: m for m in moved.sent}
             for r in group:
                 if r[0] in sent:
                     done.append((r, sent[r[0]]))

@@ -525,7 +525,9 @@ class Task:
     def promoter(self) -> Promoter:
         """This task's promoter of delayed jobs (``task.promoter.run_once()``)."""
         if self._promoter is None:
-            self._promoter = Promoter(self.transport, self.clock, self.options.promote_interval)
+            self._promoter = Promoter(
+                self.service_dispatcher, self.clock, self.options.promote_interval
+            )
         return self._promoter
 
     @property

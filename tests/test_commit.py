@@ -447,10 +447,9 @@ def test_a_commit_after_the_committer_has_finished_does_not_hang(
     task.start()
     assert started.wait(15)
     consumer = task.consumer
-    assert consumer is not None and consumer._commits is not None
-    consumer._commits.put(None)  # the committer's end, as at the end of a stop
-    assert consumer._committer is not None
-    consumer._committer.join(15)
+    assert consumer is not None
+    consumer.committer.request_stop()  # the committer's end, as at the end of a stop
+    assert consumer.committer.join(15)
     go.set()
     wait_for(lambda: done == [True], message="the handler's commit to return")
     assert record(task, job_id).status is Status.DONE

@@ -334,15 +334,15 @@ def test_a_claim_left_with_little_lease_is_given_back_not_started(
     task.start()
     consumer = task.consumer
     assert consumer is not None
-    renew = consumer.heartbeat_once
-    consumer.heartbeat_once = lambda: set()  # type: ignore[method-assign]  # heartbeats fail
+    renew = consumer.heartbeat.run_once
+    consumer.heartbeat.run_once = lambda: set()  # type: ignore[method-assign]  # heartbeats fail
     assert rec.started.acquire(timeout=15)
     running = rec.runs[0]
     waiting = [i for i in ids if i != running.id]
     wait_for(lambda: set(consumer.held) == set(ids), message="the prefetch to claim the rest")
     wait_for(
         lambda: all(
-            getattr(consumer._held.get(i), "lease_end", 0) - time.monotonic() < 1.5 / 3
+            getattr(consumer.claims.held.get(i), "lease_end", 0) - time.monotonic() < 1.5 / 3
             for i in waiting
         ),
         message="the waiting claims' leases to run low",
@@ -353,7 +353,7 @@ def test_a_claim_left_with_little_lease_is_given_back_not_started(
         message="both waiting jobs to be set aside",
     )
     assert [j.id for j in rec.runs] == [running.id]  # neither ran under its first claim
-    consumer.heartbeat_once = renew  # type: ignore[method-assign]  # heartbeats work again
+    consumer.heartbeat.run_once = renew  # type: ignore[method-assign]  # heartbeats work again
     wait_done(task, ids, "the given-back jobs to run under new claims")
     for i in waiting:
         runs = [j for j in rec.runs if j.id == i]

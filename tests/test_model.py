@@ -61,7 +61,7 @@ from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
 from meepo.ledger import migrate as migrations
 from meepo.records import Pair
-from meepo.runtime import reaper as reaper_module
+from meepo.runtime import recovery as recovery_module
 from meepo.runtime.reaper import ReapReport
 from meepo.transport.transport import decode
 
@@ -337,7 +337,7 @@ class LedgerMachine(RuleBasedStateMachine):
             for o in outcomes
             if self._current((o.job_id, o.commit_id), Status.DOING)
         }
-        won = self.t.dispatcher.finish(outcomes)
+        won = self.t.dispatcher.finish(outcomes).won
         assert won == expect
         for o in outcomes:
             if (o.job_id, o.commit_id) in won:
@@ -820,8 +820,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
             real_send(messages, now)
 
-        chunk = reaper_module.ROWS_PER_STATEMENT
-        reaper_module.ROWS_PER_STATEMENT = 2
+        chunk = recovery_module.ROWS_PER_STATEMENT
+        recovery_module.ROWS_PER_STATEMENT = 2
         self.t.transport.send = send  # type: ignore[method-assign]
         try:
             if fail is None:
@@ -832,7 +832,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.t.reaper.check_epoch()
                 self._model_epoch_check(fail_page=fail)
         finally:
-            reaper_module.ROWS_PER_STATEMENT = chunk
+            recovery_module.ROWS_PER_STATEMENT = chunk
             del self.t.transport.send
 
     @precondition(lambda self: self.delayed)

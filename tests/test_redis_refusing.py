@@ -31,7 +31,7 @@ from test_reaper import claim_and_die, queued
 
 from meepo import Status, Task, TransportUnavailableError
 from meepo.ledger import NEVER_DISPATCHED
-from meepo.runtime import reaper as reaper_module
+from meepo.runtime import recovery as recovery_module
 from meepo.runtime.reaper import ReapReport
 
 pytestmark = pytest.mark.timeout(180)
@@ -121,7 +121,7 @@ def test_recovery_that_fails_half_way_is_retried(
     client = admin(server)
     client.delete(a.transport.queue_key, a.transport.epoch_key)  # Redis lost its data
 
-    monkeypatch.setattr(reaper_module, "ROWS_PER_STATEMENT", 2)  # pages of 2 rows
+    monkeypatch.setattr(recovery_module, "ROWS_PER_STATEMENT", 2)  # pages of 2 rows
     real_send = a.transport.send
     pages: list[int] = []
 

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from ..transport import PROMOTE_LIMIT, Transport
+from ..dispatch import Dispatcher
+from ..transport import PROMOTE_LIMIT
 from .service import Service
 
 log = logging.getLogger("meepo.promoter")
@@ -26,12 +27,12 @@ class Promoter(Service):
 
     def __init__(
         self,
-        transport: Transport,
+        dispatcher: Dispatcher,
         clock: Callable[[], datetime],
         interval: float = 0.05,
     ) -> None:
-        super().__init__(transport.task_id, log, interval)
-        self.transport = transport
+        super().__init__(dispatcher.task_id, log, interval)
+        self.d = dispatcher
         self.clock = clock
         self.interval = interval
         self.promoted = 0
@@ -39,7 +40,7 @@ class Promoter(Service):
     def run_once(self) -> tuple[int, float | None]:
         """Promote what is due now; returns how many moved and when the next is due
         (Unix seconds, by the task's clock)."""
-        moved, nxt = self.transport.promote(self.clock())
+        moved, nxt = self.d.promote(self.clock())
         if moved:
             self.promoted += moved
             log.debug("task %s: %d delayed job(s) fell due", self.task_id, moved)

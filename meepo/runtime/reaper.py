@@ -8,19 +8,8 @@ failover, Redis down, a database error) is logged and reported in
 :attr:`ReapReport.errors`, and the other steps still run. The lease scan needs only the
 ledger, so dead workers' jobs are reaped whatever state Redis is in.
 
-1. checks the transport's epoch token: a missing or changed token means Redis lost its
-   data, and one process (per epoch) re-dispatches every todo job at once (due ones to
-   their queues, later ones to the delayed set). A Redis that went back in time (an
-   RDB/AOF restore, a failover to a lagging replica) keeps its token; each tick also
-   increments a counter in Redis, and a counter lower than the last one this process
-   saw means the same, so the token is replaced and the re-dispatch runs. A recovery
-   that fails (or whose process dies) half-way stays owed: it is retried on the next
-   tick, and its lock (:data:`~meepo.transport.transport.RECOVERY_LOCK_TTL`, renewed
-   page by page) is released on failure or soon expires, so another process takes it
-   over. A process runs at most one full re-dispatch per ``zombie_timeout`` (a Redis
-   under ``allkeys-*`` eviction may lose the epoch key again and again: each loss would
-   otherwise re-send every todo job); one owed meanwhile waits for the window's end,
-   and the sweep re-sends lost messages in the meantime;
+1. checks the transport's epoch token (:mod:`meepo.runtime.recovery`): if Redis lost its
+   data (or went back in time), one process re-dispatches every todo job from the ledger;
 2. sweeps todo rows whose message is gone: never dispatched (a Redis failure at push,
    a transactional push on a Connection), or older than the message at the head of the
    queue and past their dispatch deadline (popped by a consumer that died before its
@@ -40,15 +29,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from ..config import Options
 from ..dispatch import Dispatcher
 from ..errors import MeepoError
-from ..ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT
 from ..middleware import Hooks
-from ..transport.transport import RECOVERY_LOCK_TTL
-from .redis_check import check_redis_config
+from .recovery import Recovery
 from .service import Service
 
 log = logging.getLogger("meepo.reaper")
@@ -71,8 +58,6 @@ class ReapReport:
 
 class Reaper(Service):
     kind = "reaper"
-    #: middleware: the task's hooks (set by Task); None: none installed.
-    hooks: Hooks | None = None
 
     def __init__(
         self, dispatcher: Dispatcher, options: Options, clock: Callable[[], datetime]
@@ -81,15 +66,11 @@ class Reaper(Service):
         self.d = dispatcher
         self.opts = options
         self.clock = clock
-        self.known_epoch: bytes | None = None
-        self._counter: int | None = None  # the epoch counter at the last check
-        self._owed: tuple[bytes, bool] | None = None  # (epoch, lost): recovery to run
-        self._last_recovery: datetime | None = None  # when this process last ran one
-        self._deferred = False  # the storm window's line was logged
+        self.recovery = Recovery(dispatcher, options, clock)
+        self._hooks: Hooks | None = None
         self._failing = 0  # ticks in a row with a failed step
         self._last_reap = float("-inf")
         self._redis_checked = False
-        self._timeout = timedelta(seconds=options.zombie_timeout)
         #: Expired claims requeued uncharged because their job had not started.
         self.unstarted = 0
 
@@ -130,175 +111,62 @@ class Reaper(Service):
         )
 
     def check_epoch(self) -> int:
-        """Detect that Redis lost its data (or went back in time); returns the number of
-        jobs re-dispatched. A recovery owed and not finished (it failed, another process
-        holds its lock, or the storm window is not over) is tried again next time."""
-        epoch, created, counter = self.d.transport.ensure_epoch()
-        last, self._counter = self._counter, counter
-        if last is not None and counter <= last and self.known_epoch == epoch:
-            # Same token, older counter: a restore or a lagging replica.
-            epoch = self.d.transport.rotate_epoch(epoch)
-            log.warning(
-                "task %s: Redis went back in time (epoch counter %d after %d: restored "
-                "from a backup or failed over to a lagging replica); re-dispatching todo "
-                "jobs from the ledger",
-                self.task_id,
-                counter,
-                last,
-            )
-        previous, self.known_epoch = self.known_epoch, epoch
-        if previous != epoch and not (previous is None and not created):
-            lost = previous is not None
-            if lost:
-                log.warning(
-                    "task %s: Redis lost its data (epoch changed); re-dispatching due "
-                    "jobs from the ledger",
-                    self.task_id,
-                )
-            self._owed = (epoch, lost or (self._owed is not None and self._owed[1]))
-        if self._owed is None:
-            return 0
-        owed_epoch, lost = self._owed
-        now = self.clock()
-        if self._last_recovery is not None and now - self._last_recovery < self._timeout:
-            if not self._deferred:
-                log.warning(
-                    "task %s: another re-dispatch of every todo job is owed, but this "
-                    "process ran one less than zombie_timeout=%gs ago: it waits for the "
-                    "window's end (the sweep re-sends lost messages meanwhile)",
-                    self.task_id,
-                    self.opts.zombie_timeout,
-                )
-                self._deferred = True
-            return 0
-        sent = self.recover(owed_epoch, lost=lost)
-        return sent
+        """The recovery step (:meth:`Recovery.run_once`): re-dispatch every todo job if
+        Redis lost its data; returns how many were sent."""
+        return self.recovery.run_once()
 
     def recover(self, epoch: bytes, *, lost: bool = True) -> int:
-        """Re-dispatch every todo job (once per epoch across all processes): due ones to
-        their queues, later ones to the delayed set.
+        """Re-dispatch every todo job of ``epoch`` now (:meth:`Recovery.recover`)."""
+        return self.recovery.recover(epoch, lost=lost)
 
-        ``lost``: Redis lost its data; otherwise this process found no epoch at all (a
-        new Redis, or one emptied before any consumer saw it). Raises on a failure,
-        having released the recovery lock if Redis lets it; the recovery then stays
-        owed (see :meth:`check_epoch`)."""
-        state, token = self.d.transport.take_recovery(epoch)
-        if state == "done":  # another process finished it
-            self._owed = None
-            return 0
-        if token is None:  # another process is running it: still owed
-            return 0
-        sent = 0
-        try:
-            after: tuple[datetime, int] | None = None
-            while True:
-                rows = self.d.ledger.todo_page(self.task_id, after=after, limit=ROWS_PER_STATEMENT)
-                if not rows:
-                    break
-                self.d.transport.send([m for m, _ in rows], self.clock())
-                sent += len(rows)
-                last, expires = rows[-1]
-                after = (expires, last.job_id)
-                self.d.transport.hold_recovery(epoch, token)
-            self.d.transport.finish_recovery(epoch, token)
-        except BaseException:
-            try:
-                self.d.transport.release_recovery(epoch, token)
-            except MeepoError as exc:
-                log.warning(
-                    "task %s: could not release the recovery lock (%s); it expires in %ds",
-                    self.task_id,
-                    exc,
-                    RECOVERY_LOCK_TTL,
-                )
-            if sent:
-                log.warning(
-                    "task %s: re-dispatch failed after %d job(s); retried next tick",
-                    self.task_id,
-                    sent,
-                )
-            raise
-        if self._owed is not None and self._owed[0] == epoch:
-            self._owed = None
-        if sent and lost:  # the storm window: counted from a real loss's re-send
-            self._last_recovery = self.clock()
-            self._deferred = False
-        if sent and self.hooks is not None:  # middleware: after_recovery
-            self.hooks.after_recovery(sent, lost)
-        if sent:
-            why = "after Redis lost its data" if lost else "found in the ledger at start"
-            log.warning("task %s: re-dispatched %d job(s) %s", self.task_id, sent, why)
-        return sent
+    @property
+    def known_epoch(self) -> bytes | None:
+        """The epoch token this process last saw."""
+        return self.recovery.known_epoch
+
+    @property
+    def hooks(self) -> Hooks | None:
+        """The task's middleware (set by Task): after_reap here, after_recovery in the
+        recovery; None: none installed."""
+        return self._hooks
+
+    @hooks.setter
+    def hooks(self, hooks: Hooks | None) -> None:
+        self._hooks = self.recovery.hooks = hooks
 
     def sweep(self) -> int:
         """Re-dispatch todo rows whose message is gone; returns how many."""
-        heads = self.d.transport.heads()
-        now = self.clock()
-        deadlines = self.d.ledger.dispatch_deadlines([h for _, h in heads.values() if h])
-        cutoffs: dict[str, datetime] = {}
-        for prio, (length, head) in heads.items():
-            if length == 0:
-                cutoffs[prio] = now
-                continue
-            # Rows dispatched before the head message were popped already: if still todo
-            # past their deadline, their consumer died between pop and claim. A stale
-            # head says nothing; then only never-dispatched rows are swept.
-            deadline = None if head is None else deadlines.get(head)
-            if deadline is not None:
-                cutoffs[prio] = min(now, deadline)
-            else:
-                cutoffs[prio] = NEVER_DISPATCHED + timedelta(microseconds=1)
-        messages = self.d.ledger.sweep(
-            self.task_id,
-            now=now,
-            cutoffs=cutoffs,
-            default_priority=self.d.transport.default_priority,
-            limit=self.opts.zombie_limit,
-            redispatch_timeout=self._timeout,
-        )
-        if messages:
-            log.info(
-                "task %s: dispatching %d todo job(s) from the ledger",
-                self.task_id,
-                len(messages),
-            )
-            self.d.send(messages)
-        return len(messages)
+        return len(self.d.sweep(limit=self.opts.zombie_limit).sent)
 
     def reap(self) -> tuple[int, int]:
         """Apply the zombie policy to expired leases; returns (requeued, closed).
 
         Requeued counts the unstarted claims too (requeued uncharged); how many of them
         there were is logged and kept in :attr:`unstarted` (a running total)."""
-        now = self.d.ledger_now()  # None: the database's clock (docs/design.md, invariant 8)
-        zombies = self.d.ledger.expired_leases(self.task_id, now=now, limit=self.opts.zombie_limit)
-        if not zombies:
-            return 0, 0
-        reaped = self.d.ledger.reap(
-            zombies,
+        reaped = self.d.reap(
             dst=self.opts.zombie_dst_status,
             max_failed_times=self.opts.max_failed_times,
-            now=now,
-            redispatch_timeout=self._timeout,
+            limit=self.opts.zombie_limit,
         )
-        self.d.send(reaped.requeued)
+        if not reaped.sent and not reaped.closed:
+            return 0, 0
         self.unstarted += reaped.unstarted
-        if self.hooks is not None:  # middleware: after_reap
-            self.hooks.after_reap([m.job_id for m in reaped.requeued], reaped.closed)
+        if self._hooks is not None:  # middleware: after_reap
+            self._hooks.after_reap([m.job_id for m in reaped.sent], reaped.closed)
         log.warning(
             "task %s: reaped %d job(s) with expired leases: %d re-queued (%d of them never "
             "started: not charged), %d closed",
             self.task_id,
-            len(reaped.requeued) + reaped.closed,
-            len(reaped.requeued),
+            len(reaped.sent) + reaped.closed,
+            len(reaped.sent),
             reaped.unstarted,
             reaped.closed,
         )
-        return len(reaped.requeued), reaped.closed
+        return len(reaped.sent), reaped.closed
 
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
-            self._redis_checked = check_redis_config(self.d.transport, self.opts.zombie_timeout)
+            self._redis_checked = self.d.check_transport(self.opts.zombie_timeout)
         report = self.run_once()
         if not report.errors:
             self._failing = 0

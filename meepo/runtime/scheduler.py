@@ -22,7 +22,7 @@ from datetime import datetime
 
 from ..dispatch import Dispatcher
 from ..ledger.schedules import Schedules, spec_of
-from ..records import Message, NewJob, ScheduleRecord
+from ..records import NewJob, ScheduleRecord
 from ..schedule import DEFAULT_MISFIRE_GRACE, MAX_FIRES_PER_PASS, plan
 from .service import Service
 
@@ -87,14 +87,8 @@ class Scheduler(Service):
                 )
             return 0, False
         jobs = [NewJob(rec.payload, f, rec.priority) for f in p.fires]
-        messages: list[Message] = []
-        with self.schedules.begin() as conn:
-            last = p.fires[-1] if p.fires else None
-            if not self.schedules.advance(conn, rec, p.next_fire_at, last, now):
-                return 0, False  # another scheduler fired it (or it was redeclared)
-            if jobs:
-                _, messages = self.dispatcher.insert(jobs, conn)
-        self.dispatcher.send(messages)
+        if self.dispatcher.fire(self.schedules, rec, jobs, p.next_fire_at, now) is None:
+            return 0, False  # another scheduler fired it (or it was redeclared)
         self.fired += len(jobs)
         if p.skipped:
             log.info(

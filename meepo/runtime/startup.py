@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import UnavailableError
-from .consumer import Backoff
+from .service import Backoff
 
 log = logging.getLogger("meepo")
 

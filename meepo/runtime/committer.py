@@ -1,0 +1,234 @@
+"""The committer: every outcome of this consumer's jobs reaches the ledger here.
+
+Executors (and handlers committing by hand) hand it outcomes through :attr:`submit`, a
+queue's ``put``; its thread takes whatever has queued meanwhile (up to
+ROWS_PER_STATEMENT) and writes them in one group commit (:meth:`Dispatcher.finish`: one
+UPDATE per status, each row fenced by its commit_id), then re-dispatches the retries. A
+commit whose claim is no longer current (reaped, repushed, or committed twice) is stale
+and rejected, alone: the rest of the batch goes through. While the database is down it
+retries the batch with backoff; at shutdown it gives up when told to (:attr:`abandon`),
+leaving the jobs to the reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ..config import Options
+from ..dispatch import Dispatcher
+from ..errors import MeepoError, StaleCommitError
+from ..ledger import ROWS_PER_STATEMENT, Outcome, Pair
+from ..middleware import Hooks
+from ..records import Job, Status
+from .claims import Claims
+from .service import Backoff, Service
+
+log = logging.getLogger("meepo.consumer")
+
+#: How often a handler waiting for its commit checks that the committer is still there.
+COMMIT_WAIT_CHECK = 0.5
+
+
+@dataclass
+class Commit:
+    """One outcome to write; ``future`` (a manual commit) learns whether it won."""
+
+    outcome: Outcome
+    future: Future[bool] | None = None
+
+
+class Committer(Service):
+    kind = "committer"
+    #: middleware (set through Consumer.hooks): after_commit (and after_retry) for each
+    #: outcome written or rejected; None: none installed.
+    hooks: Hooks | None = None
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        claims: Claims,
+        options: Options,
+        clock: Callable[[], datetime],
+        retry_delay: Callable[[int], float] | None = None,
+    ) -> None:
+        super().__init__(dispatcher.task_id, log, 0.1, 5.0)
+        self.d = dispatcher
+        self.claims = claims
+        self.opts = options
+        self.clock = clock
+        self.retry_delay = retry_delay
+        self.queue: queue.SimpleQueue[Commit | None] = queue.SimpleQueue()
+        #: Hand over one outcome (the queue's own ``put``: no extra call per job).
+        self.submit = self.queue.put
+        #: Set at shutdown: stop retrying a dead database (the reaper takes over).
+        self.abandon = threading.Event()
+
+    # -- the thread -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """End after committing everything queued before this call."""
+        self.queue.put(None)
+
+    def tick(self) -> float:
+        self.run_once(block=True)
+        return 0.0
+
+    def run_once(self, *, block: bool = False) -> int:
+        """Commit what is queued (up to ROWS_PER_STATEMENT outcomes, in one group commit); with
+        ``block``, wait for the first one. Returns how many were taken."""
+        try:
+            first = self.queue.get() if block else self.queue.get_nowait()
+        except queue.Empty:
+            return 0
+        batch: list[Commit] = []
+        last = first is None
+        if first is not None:
+            batch.append(first)
+        while not last and len(batch) < ROWS_PER_STATEMENT:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                last = True
+            else:
+                batch.append(item)
+        if batch:
+            self.commit_batch(batch)
+        if last:
+            self._stop.set()
+        return len(batch)
+
+    # -- the group commit -------------------------------------------------------------
+
+    def commit_batch(self, batch: list[Commit]) -> None:
+        counters = self.claims.counters
+        # Two commits of one claim in a batch (a manual commit racing the job timeout):
+        # the first one is sent, the later ones are stale.
+        seen: set[Pair] = set()
+        first: list[Commit] = []
+        dupes: list[Commit] = []
+        for c in batch:
+            pair = (c.outcome.job_id, c.outcome.commit_id)
+            (dupes if pair in seen else first).append(c)
+            seen.add(pair)
+        batch = first
+        for c in dupes:
+            counters.stale += 1
+            if c.future is not None:
+                c.future.set_result(False)
+        outcomes = [c.outcome for c in batch]
+        backoff = Backoff()
+        won: set[Pair] | None = None
+        while won is None:
+            try:
+                won = self.d.finish(outcomes).won
+            except MeepoError as exc:
+                if self.abandon.is_set():
+                    log.error(
+                        "task %s: gave up committing %d job(s) at shutdown: %s; the reaper "
+                        "will recover them",
+                        self.task_id,
+                        len(batch),
+                        exc,
+                    )
+                    won = set()
+                    break
+                log.warning("task %s: commit failed: %s (retrying)", self.task_id, exc)
+                backoff.wait(self.abandon)
+        self.claims.forget([(o.job_id, o.commit_id) for o in outcomes])
+        for c in batch:
+            o = c.outcome
+            ok = (o.job_id, o.commit_id) in won
+            if ok:
+                if o.status is Status.DONE:
+                    counters.done += 1
+                elif o.status is Status.FAILED:
+                    counters.failed += 1
+                else:
+                    counters.retried += 1
+                log.info("task %s: job %d committed %s", self.task_id, o.job_id, o.status.value)
+            else:
+                counters.stale += 1
+                if c.future is None:
+                    log.warning(
+                        "task %s: job %d: commit %s rejected, commit_id %d is stale (reaped "
+                        "or repushed meanwhile)",
+                        self.task_id,
+                        o.job_id,
+                        o.status.value,
+                        o.commit_id,
+                    )
+            if self.hooks is not None:  # middleware: after_commit, after_retry
+                self.hooks.after_commit(o, ok)
+            if c.future is not None:
+                c.future.set_result(ok)
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def outcome(self, job: Job, error: str | None) -> Outcome:
+        """The automatic outcome of a run: done, or a failed attempt (retried, after
+        ``retry_delay``, until max_failed_times)."""
+        if error is None:
+            return Outcome(job.id, job.commit_id, Status.DONE)
+        if job.failed_times + 1 >= self.opts.max_failed_times:
+            return Outcome(job.id, job.commit_id, Status.FAILED, error)
+        run_at = None
+        if self.retry_delay is not None:
+            try:
+                delay = float(self.retry_delay(job.failed_times + 1))
+            except Exception:
+                log.exception("task %s: retry_backoff raised; retrying at once", self.task_id)
+                delay = 0.0
+            if delay > 0:
+                run_at = self.clock() + timedelta(seconds=delay)
+        return Outcome(job.id, job.commit_id, Status.TODO, error, run_at, job.priority)
+
+    def fail_now(self, job: Job, error: str) -> bool:
+        """Commit a failed attempt (retry or fail per max_failed_times) for a claim this
+        process still holds; False if it holds it no more (committed, reaped)."""
+        claims = self.claims
+        with claims.slot:
+            if not claims.holds(job.id, job.commit_id):
+                return False
+            claims.drop(job.id)  # no more lease renewals
+            claims.slot.notify_all()
+        self.submit(Commit(self.outcome(job, error)))
+        return True
+
+    def commit(self, outcome: Outcome) -> None:
+        """A handler's commit, sent through the group commit (shares its round trips).
+        Raises StaleCommitError if the claim is no longer current."""
+        with self.claims.lock:
+            timed_out = (outcome.job_id, outcome.commit_id) in self.claims.timed_out
+        if timed_out:
+            raise StaleCommitError(
+                outcome.job_id,
+                outcome.commit_id,
+                f"job {outcome.job_id} timed out (job_timeout={self.opts.job_timeout:g}s) and "
+                "was failed; this late commit is ignored",
+            )
+        fut: Future[bool] = Future()
+        self.submit(Commit(outcome, fut))
+        while True:
+            try:
+                accepted = fut.result(timeout=COMMIT_WAIT_CHECK)
+                break
+            except FutureTimeout:
+                if self.running or fut.done():
+                    continue
+                # The committer has finished (a stop is ending): nobody will take this
+                # commit from the queue, so it goes to the ledger directly.
+                self.d.commit_one(outcome)
+                if self.hooks is not None:  # middleware: after_commit
+                    self.hooks.after_commit(outcome, True)
+                return
+        if not accepted:
+            raise StaleCommitError(outcome.job_id, outcome.commit_id)

@@ -1,0 +1,115 @@
+"""The fetcher: pops messages and claims their jobs, as fast as there is room.
+
+Each round takes up to the free capacity (``parallel_num + prefetch``, or more with
+the automatic prefetch; never more than MESSAGES_PER_CALL) in one pop (LPOP n, or a blocking pop of
+one message while every queue is empty) and one claim (:meth:`Dispatcher.pop_and_claim`:
+one compare-and-set UPDATE for the batch), records the claims, and hands the jobs to the
+executor. Flow control: while the claims whose handler has not returned fill the
+capacity, or the claims not yet committed fill twice of it, it pops nothing and waits
+for a slot to free up. Redis or the database down: logged, retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+
+from ..config import Options
+from ..dispatch import Dispatcher, Popped
+from ..errors import MeepoError, TransportUnavailableError
+from ..middleware import Hooks
+from ..records import Job
+from ..transport import MESSAGES_PER_CALL
+from .claims import Claim, Claims
+from .service import Service
+
+log = logging.getLogger("meepo.consumer")
+
+#: How long a round blocks on an empty queue (seconds), and how long it waits for free
+#: capacity before it looks again (a freed slot wakes it at once).
+POP_TIMEOUT, FULL_WAIT = 1.0, 0.5
+
+
+class Fetcher(Service):
+    kind = "fetch"
+    #: middleware (set through Consumer.hooks); None: none installed.
+    hooks: Hooks | None = None
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        claims: Claims,
+        submit: Callable[[Job], None],
+        options: Options,
+        worker: str,
+    ) -> None:
+        super().__init__(dispatcher.task_id, log, 0.1, 5.0)
+        self.d = dispatcher
+        self.claims = claims
+        self.submit = submit
+        self.opts = options
+        self.worker = worker
+        self._lease = timedelta(seconds=options.lease)
+
+    def wake(self) -> None:
+        with self.claims.slot:
+            self.claims.slot.notify_all()
+
+    def tick(self) -> float:
+        self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
+        return 0.0
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, TransportUnavailableError):
+            log.warning("task %s: cannot pop: %s (retrying)", self.task_id, exc)
+        elif isinstance(exc, MeepoError):
+            log.warning("task %s: claim failed: %s (retrying)", self.task_id, exc)
+        else:  # the fetcher must never die silently
+            log.exception("task %s: claim crashed (retrying)", self.task_id)
+
+    def run_once(self, *, timeout: float = 0.0, full_wait: float = 0.0) -> Popped | None:
+        """One round: pop and claim up to the free capacity, waiting up to ``timeout``
+        on empty queues. None if there was no room (after waiting up to ``full_wait``
+        for some); raises if the pop or the claim failed (the popped messages were
+        handed back)."""
+        claims = self.claims
+        with claims.slot:
+            free = claims.free()
+            if free <= 0:
+                if full_wait > 0:
+                    claims.slot.wait(full_wait)
+                return None
+        popped = self.d.pop_and_claim(
+            min(free, MESSAGES_PER_CALL),
+            timeout=timeout,
+            lease=self._lease,
+            worker=self.worker,
+            monotonic=claims.monotonic,
+        )
+        counters = claims.counters
+        for m in popped.malformed:
+            counters.dropped += 1
+            log.warning("task %s: dropped a malformed message %r", self.task_id, m[:80])
+        if popped.stale:
+            counters.dropped += popped.stale
+            log.debug(
+                "task %s: dropped %d stale or duplicate message(s)", self.task_id, popped.stale
+            )
+        jobs = popped.jobs
+        if not jobs:
+            return popped
+        counters.claimed += len(jobs)
+        if self.hooks is not None:  # middleware: after_claim
+            self.hooks.after_claim(jobs)
+        lease_end = popped.claimed_at + self.opts.lease
+        with claims.lock:
+            claims.busy += len(jobs)
+            held = claims.held
+            for j in jobs:
+                held[j.id] = Claim(j.commit_id, j.priority, lease_end)
+        submit = self.submit
+        for j in jobs:
+            log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
+            submit(j)
+        return popped
