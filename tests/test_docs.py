@@ -32,7 +32,7 @@ BLOCK_TIMEOUT = 60.0
 #: Pages written on other branches at the same time: a link to one of them may point
 #: nowhere until they are merged (then it is checked like any other). Empty this set
 #: once they are all in.
-WRITTEN_ELSEWHERE = {"runtime.md"}
+WRITTEN_ELSEWHERE: set[str] = set()
 
 FENCE = re.compile(r"^(\s*)(```+|~~~+)(.*)$")
 LINK = re.compile(r"(?<!!)\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
