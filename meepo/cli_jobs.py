@@ -31,7 +31,14 @@ from typing import Any
 import click
 
 from .admin import Admin, TaskSummary, record_dict
-from .cli.commands import job_ids, json_option, prefix_option, table_option
+from .cli.commands import (
+    job_ids,
+    json_option,
+    missing_ledger,
+    no_ledger,
+    prefix_option,
+    table_option,
+)
 from .cli.commands import jobs as jobs_group
 from .cli.common import (
     JOB_ID,
@@ -155,6 +162,10 @@ def store(ctx: click.Context, table: str | None) -> Retention:
 def _require_sqlite_file(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
+
+    from .urls import check_db_url
+
+    check_db_url(url)  # a bad URL is named first, with its fix
 
     try:
         parsed = make_url(url)
@@ -581,7 +592,17 @@ def stats(
     check_table_name(table or DEFAULT_TABLE)
     if prefix is not None:
         check_prefix(prefix)
-    _require_sqlite_file(db or default_db_url())  # read-only: create nothing
+    path = missing_ledger(ctx)  # read-only: a ledger not there yet is read as empty
+    if path is not None:
+        name = table or DEFAULT_TABLE
+        if task is not None:
+            check_task_id(task)
+            raise TaskNotFoundError(f"no task {task!r}: {no_ledger(path)}")
+        if as_json:
+            click.echo(json.dumps({"table": name, "tasks": []}, indent=2))
+        else:
+            click.echo(f"no jobs in table {name}: {no_ledger(path)}")
+        return 0
     admin = Admin(db, redis, table=table, prefix=prefix)
     if not watch:
         return _stats_once(admin, task, as_json)

@@ -15,6 +15,7 @@ from conftest import SERVERS, backend_url
 from helpers import child_env
 from sqlalchemy.engine import make_url
 
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "versions"
 SECRET_PART = "Zq9"  # in every password below: it must never show
 
 
@@ -117,7 +118,8 @@ def test_downgrade_to_base_wants_yes_without_a_terminal(tmp_path: Path, db_url: 
     conn = ["--db", db_url, "--table", table]
     assert meepo(tmp_path, "db", "upgrade", *conn).returncode == 0
     try:
-        for revision in (["--revision", "base"], ["--revision", "-3"]):
+        steps = len(list(MIGRATIONS.glob("0*.py")))  # -N from the head reaches base
+        for revision in (["--revision", "base"], ["--revision", f"-{steps}"]):
             got = meepo(tmp_path, "db", "downgrade", *conn, *revision)
             assert got.returncode == 2 and got.stdout == ""
             assert error_line(got) == (
@@ -125,7 +127,8 @@ def test_downgrade_to_base_wants_yes_without_a_terminal(tmp_path: Path, db_url: 
                 "it: add --yes to confirm (no terminal to ask on)"
             )
         got = meepo(tmp_path, "db", "downgrade", *conn)  # one step: no question
-        assert got.returncode == 0 and "downgraded from 0003 to 0002" in got.stdout
+        head, below = f"{steps:04d}", f"{steps - 1:04d}"
+        assert got.returncode == 0 and f"downgraded from {head} to {below}" in got.stdout
         got = meepo(tmp_path, "db", "downgrade", *conn, "--revision", "base", "--yes")
         assert got.returncode == 0 and got.stdout.endswith("to none\n")
     finally:

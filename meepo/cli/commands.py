@@ -85,7 +85,7 @@ def missing_ledger(ctx: click.Context) -> str | None:
     return os.path.abspath(path)
 
 
-def _no_ledger(path: str) -> str:
+def no_ledger(path: str) -> str:
     return f"no ledger database at {path} yet (`meepo db upgrade` or a first push creates it)"
 
 
@@ -208,11 +208,11 @@ def stats(
             check_prefix(prefix)
         if task is not None:
             check_task_id(task)
-            raise TaskNotFoundError(f"no task {task!r}: {_no_ledger(path)}")
+            raise TaskNotFoundError(f"no task {task!r}: {no_ledger(path)}")
         if as_json:
             click.echo(json.dumps({"table": table or DEFAULT_TABLE, "tasks": []}, indent=2))
         else:
-            click.echo(f"no jobs in table {table or DEFAULT_TABLE}: {_no_ledger(path)}")
+            click.echo(f"no jobs in table {table or DEFAULT_TABLE}: {no_ledger(path)}")
         return 0
     admin = admin_for(ctx, table, prefix)
     found: list[TaskSummary] = admin.stats(task)
@@ -276,7 +276,7 @@ def jobs_show(
     path = missing_ledger(ctx)
     if path is not None:
         check_table_name(table or DEFAULT_TABLE)
-        raise JobNotFoundError(f"no job {job_id}: {_no_ledger(path)}")
+        raise JobNotFoundError(f"no job {job_id}: {no_ledger(path)}")
     rec = admin_for(ctx, table).job(job_id, task)
     data = record_dict(rec)
     if as_json:
@@ -321,7 +321,7 @@ def schedules_list(ctx: click.Context, task: str | None, as_json: bool, table: s
         if as_json:
             click.echo(json.dumps({"table": table or DEFAULT_TABLE, "schedules": []}, indent=2))
         else:
-            click.echo(f"no schedules in table {table or DEFAULT_TABLE}: {_no_ledger(path)}")
+            click.echo(f"no schedules in table {table or DEFAULT_TABLE}: {no_ledger(path)}")
         return 0
     admin = admin_for(ctx, table)
     found = admin.schedules(task)
@@ -440,7 +440,7 @@ def db_current(ctx: click.Context, table: str | None) -> int:
         from ..ledger.migrate import head
 
         name = check_table_name(table or DEFAULT_TABLE)
-        click.echo(f"table {name}: none (not migrated: {_no_ledger(path)}) (head is {head()})")
+        click.echo(f"table {name}: none (not migrated: {no_ledger(path)}) (head is {head()})")
         return 0
     click.echo(_db_line(admin_for(ctx, table).db_current()))
     return 0
