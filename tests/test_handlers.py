@@ -149,8 +149,12 @@ def test_stop_does_not_wait_for_an_abandoned_handler(make_task: TaskFactory, han
     assert task.stop() is True  # returns without waiting for the hung thread
 
 
-async def async_handler(job: Job) -> None:  # the typical bug
+async def _never_runs(job: Job) -> None:
     raise AssertionError("never runs")
+
+
+def async_handler(job: Job) -> Any:  # a plain function returning a coroutine
+    return _never_runs(job)
 
 
 def generator_handler(job: Job) -> Iterator[int]:

@@ -39,7 +39,7 @@ from ..middleware import Hooks
 from ..records import Job
 from .claims import Claims, Counters
 from .committer import COMMIT_WAIT_CHECK, Committer
-from .executor import Executor, Handler, ThreadExecutor, did_no_work
+from .executor import Executor, Handler, ThreadExecutor, did_no_work, is_async_handler
 from .fetcher import Fetcher
 from .heartbeat import Heartbeat
 from .service import Backoff
@@ -57,8 +57,19 @@ __all__ = [
     "Handler",
     "did_no_work",
     "error_summary",
+    "executor_for",
     "worker_name",
 ]
+
+
+def executor_for(handler: Handler) -> type[Executor]:
+    """Where ``handler`` runs: an ``async def`` on an event loop, any other in threads.
+    The asyncio executor's module is imported only here, for an async handler."""
+    if is_async_handler(handler):
+        from .aio import AsyncioExecutor
+
+        return AsyncioExecutor
+    return ThreadExecutor
 
 
 def worker_name() -> str:
@@ -66,7 +77,8 @@ def worker_name() -> str:
 
 
 class Consumer:
-    """Runs ``handler`` for one task in ``options.parallel_num`` slots."""
+    """Runs ``handler`` for one task in ``options.parallel_num`` slots (threads, or
+    coroutines on one event loop for an ``async def`` handler: see :func:`executor_for`)."""
 
     def __init__(
         self,
@@ -76,7 +88,7 @@ class Consumer:
         clock: Callable[[], datetime],
         retry_delay: Callable[[int], float] | None = None,
         *,
-        executor: type[Executor] = ThreadExecutor,
+        executor: type[Executor] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.d = dispatcher
@@ -91,6 +103,8 @@ class Consumer:
         self.capacity = self.claims.capacity
         self.committer = Committer(dispatcher, self.claims, options, clock, retry_delay)
         self.starter = Starter(dispatcher, self.claims)
+        if executor is None:
+            executor = executor_for(handler)
         self.executor: Executor = executor(
             self.claims, options, handler, self.committer, self.starter, self.task_id
         )

@@ -60,8 +60,18 @@ def did_no_work(result: object) -> str | None:
     else:
         return None
     return (
-        f"HandlerError: the handler returned {kind} instead of running the job (an async "
-        "def or a yield in the handler?); meepo calls handlers as plain functions in threads"
+        f"HandlerError: the handler returned {kind} instead of running the job (a yield "
+        "in the handler, or a plain function returning a coroutine?); meepo runs an async "
+        "def handler on an event loop, and calls any other handler as a plain function"
+    )
+
+
+def is_async_handler(handler: object) -> bool:
+    """Whether ``handler`` is a coroutine function (also a partial of one, or an object
+    whose ``__call__`` is ``async def``): it then runs on an event loop
+    (:class:`meepo.runtime.aio.AsyncioExecutor`), any other handler in threads."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
     )
 
 
@@ -85,6 +95,8 @@ class Executor(abc.ABC):
     #: middleware (set through Consumer.hooks): before_run and after_run around each
     #: handler call; None: none installed.
     hooks: Hooks | None = None
+    #: What becomes of a handler that outlived job_timeout (the watchdog's log line).
+    retire_note = "its handler thread is abandoned and replaced"
 
     def __init__(
         self,
@@ -195,10 +207,13 @@ class Executor(abc.ABC):
             slot.job, slot.started = job, claims.monotonic()
         return True
 
-    def ended(self, slot: Slot, job: Job, error: str | None, took: float) -> bool:
+    def ended(
+        self, slot: Slot, job: Job, error: str | None, took: float, *, quiet: bool = False
+    ) -> bool:
         """Account for the end of a run (``error``: None, or why it failed; ``took``:
         seconds) and hand its outcome to the committer. False if the run outlived
-        job_timeout (its outcome is ignored: the watchdog failed it already)."""
+        job_timeout (its outcome is ignored: the watchdog failed it already; logged
+        unless ``quiet``, for a handler that ended because the timeout cancelled it)."""
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -217,6 +232,8 @@ class Executor(abc.ABC):
                 claims.busy -= 1  # the slot is free; the claim stays held until committed
                 claims.slot.notify()
         if abandoned:
+            if quiet:
+                return False
             log.warning(
                 "task %s: job %d: its handler returned %.1fs after it started, past the "
                 "%gs job_timeout; the job was already failed by the timeout, this outcome "
@@ -284,12 +301,6 @@ class ThreadExecutor(Executor):
         for s in self.slots:
             assert s.thread is not None
             s.thread.start()
-        if inspect.iscoroutinefunction(self.handler):
-            log.warning(
-                "task %s: the handler is an async def function: meepo calls handlers as "
-                "plain functions in threads, so every job will fail without running",
-                self.task_id,
-            )
 
     def _new_slot(self) -> Slot:
         slot = Slot()

@@ -72,12 +72,13 @@ class Watchdog(Service):
                 claims.counters.finished += 1
             failed = self.committer.fail_now(job, error)
             log.warning(
-                "task %s: job %d timed out after %gs; %s; its handler thread is abandoned "
-                "and replaced (%d abandoned handler thread(s) still running)",
+                "task %s: job %d timed out after %gs; %s; %s (%d abandoned handler(s) still "
+                "running)",
                 self.task_id,
                 job.id,
                 timeout,
                 "counted as a failed attempt" if failed else "it was already committed or lost",
+                ex.retire_note,
                 alive,
             )
         if expired and alive > self.bound:
