@@ -192,6 +192,11 @@ class Dispatcher:
 
     # -- consumer side ----------------------------------------------------------------
 
+    def outstanding(self, worker: str, now: datetime) -> int:
+        """The task's jobs due by ``now`` or claimed by ``worker`` (a burst worker
+        stops at zero); ledger only."""
+        return self.ledger.outstanding(self.task_id, worker, now=now)
+
     def measure_clock(self) -> float:
         """Measure this host's clock against the database's now; returns the offset."""
         return self.ledger.clock.measure()

@@ -652,17 +652,21 @@ class Task:
                 self._consumer = None
         return clean
 
-    def run(self) -> None:
+    def run(self, *, burst: bool = False) -> None:
         """Consume until SIGINT/SIGTERM or ``stop()``; blocks.
 
         The first signal stops popping and lets running jobs finish (``shutdown_grace``);
         a second one exits the process at once (the reaper recovers what was running).
         The run loop and the signals are :class:`meepo.runtime.runner.Runner`'s, which
         ``meepo worker`` uses too.
+
+        With ``burst=True`` it also stops, gracefully, and returns once nothing of the
+        task is left to do: no job due now (ready, or delayed and fallen due) and none
+        claimed by this worker and not committed (``meepo worker --burst``).
         """
         from .runtime.runner import Runner
 
-        Runner([self]).run()
+        Runner([self], burst=burst).run()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Wait until a ``stop()`` has finished (or a delayed start failed); whether it

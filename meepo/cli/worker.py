@@ -171,6 +171,12 @@ def load_tasks(targets: tuple[str, ...]) -> list[Task]:
     metavar="MB",
     help="Once resident memory exceeds MB after a job, finish and restart the process.",
 )
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Stop (exit 0) once no job of the tasks is due or in hand: for cron-driven "
+    "batches and tests.",
+)
 @common_options
 @click.pass_context
 def worker(
@@ -180,6 +186,7 @@ def worker(
     job_timeout: float | None,
     max_jobs: int | None,
     max_memory: int | None,
+    burst: bool,
 ) -> int:
     worker_format()
     opts = given(ctx)
@@ -197,7 +204,9 @@ def worker(
         tasks = load_tasks(targets)
         for task in tasks:
             override(task, parallel, job_timeout)
-        runner = Runner(tasks, max_jobs=max_jobs, max_memory_mb=max_memory, version=__version__)
+        runner = Runner(
+            tasks, max_jobs=max_jobs, max_memory_mb=max_memory, version=__version__, burst=burst
+        )
         outcome = runner.run()
     finally:
         worker_log.setLevel(old_level)

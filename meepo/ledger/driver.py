@@ -346,6 +346,10 @@ class LedgerDriver(Protocol):
         """Counts by status and the oldest due todo, per task."""
         ...
 
+    def outstanding(self, task_id: str, worker: str, now: datetime) -> int:
+        """The task's jobs due by ``now`` (todo) or claimed by ``worker`` (doing)."""
+        ...
+
     def commit_one(self, task_id: str, pair: Pair, values: dict[str, Any]) -> CommitOne:
         """One fenced doing → outcome commit from outside the consumer."""
         ...

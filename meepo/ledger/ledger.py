@@ -24,6 +24,7 @@ Statements, by caller:
   :meth:`sweep` (todo past its dispatch deadline → todo with a new commit_id),
   :meth:`todo_page` (read-only, for re-dispatch after Redis lost its data)
 * admin: :meth:`commit_one`, :meth:`repush`, :meth:`get`, :meth:`stats`, :meth:`find`
+* burst workers: :meth:`outstanding` (read-only)
 """
 
 from __future__ import annotations
@@ -668,3 +669,9 @@ class Ledger:
     def stats(self, task_id: str | None = None) -> list[TaskStats]:
         """Counts by status and the oldest due todo, per task."""
         return self.driver.stats(task_id)
+
+    def outstanding(self, task_id: str, worker: str, *, now: datetime) -> int:
+        """How many of the task's jobs are due by ``now`` (todo, whether their message
+        waits in a queue, in the delayed set, or is lost) or claimed by ``worker`` and
+        not committed yet (doing): zero means a burst worker has nothing left to do."""
+        return self.driver.outstanding(task_id, worker, now)

@@ -54,8 +54,8 @@ log = logging.getLogger("meepo.consumer")
 BLOCK_THRESHOLD = 0.1
 
 #: The job of the handler coroutine whose context this is (and its executor).
-_running_job: contextvars.ContextVar[tuple[AsyncioExecutor, Job] | None] = (
-    contextvars.ContextVar("meepo_running_job", default=None)
+_running_job: contextvars.ContextVar[tuple[AsyncioExecutor, Job] | None] = contextvars.ContextVar(
+    "meepo_running_job", default=None
 )
 
 

@@ -227,6 +227,11 @@ class Consumer:
     def abandoned_bound(self, value: int) -> None:
         self.watchdog.bound = value
 
+    def outstanding(self) -> int:
+        """The task's jobs left for this consumer: due now (todo, by the task's clock) or
+        claimed by it and not committed yet. Burst mode stops at zero. One COUNT."""
+        return self.d.outstanding(self.worker, self.clock())
+
     def heartbeat_once(self) -> set[Pair]:
         """Renew every lease this process holds; returns the claims found lost."""
         return self.heartbeat.run_once()

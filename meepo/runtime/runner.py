@@ -15,6 +15,15 @@ a foreground worker needs around that:
   ``max_memory_mb`` after a job, the Runner stops the Tasks gracefully and
   :meth:`Runner.run` returns ``"recycle"``; the caller then replaces the process image
   with a fresh one running the same command line (:func:`exec_again`).
+* **Burst mode** (``burst=True``: ``Task.run(burst=True)``, ``meepo worker --burst``):
+  every :data:`BURST_TICK` the Runner asks each Task's consumer how many of its jobs are
+  left (:meth:`Consumer.outstanding`: one COUNT of the ledger's todo rows due now and of
+  the doing rows this worker claimed); once every Task has none, it stops them
+  gracefully and :meth:`Runner.run` returns ``"drained"``. The ledger is asked, not
+  Redis: a job between its pop and its claim is still todo there, a claimed one is
+  doing until its commit, a delayed one counts from its due time, so no state of a job
+  slips between two reads. Jobs not due yet (delayed, or a retry waiting out its
+  backoff) do not keep a burst worker running.
 * **Two log lines** on the ``meepo.worker`` logger: one at start (the tasks, their
   parallel_num, the masked database and Redis URLs, meepo's version) and one at
   shutdown (what was finished, what was handed back).
@@ -58,8 +67,10 @@ GENERATION_ENV = "MEEPO_WORKER_GENERATION"
 
 #: How often the run loop looks at its Tasks and the memory limit (seconds).
 TICK = 0.5
+#: How often a burst run asks the ledger whether anything is left (seconds).
+BURST_TICK = 0.2
 
-Outcome = Literal["stopped", "signal", "recycle"]
+Outcome = Literal["stopped", "signal", "recycle", "drained"]
 
 
 class _Ledger(Protocol):
@@ -170,9 +181,12 @@ class Runner:
         max_jobs: int | None = None,
         max_memory_mb: int | None = None,
         version: str | None = None,
+        burst: bool = False,
     ) -> None:
         if not tasks:
             raise ValueError("Runner needs at least one task")
+        self.burst = burst
+        self.drained = False  # burst: stopped because nothing was left
         self.tasks = list(tasks)
         self.max_jobs = max_jobs
         self.max_memory_mb = max_memory_mb
@@ -222,7 +236,9 @@ class Runner:
             raise error
         if self.signalled:
             return "signal"
-        return "recycle" if self.reason is not None else "stopped"
+        if self.reason is not None:
+            return "recycle"
+        return "drained" if self.drained else "stopped"
 
     def _wait(self) -> MeepoError | None:
         while True:
@@ -239,8 +255,27 @@ class Runner:
                 reason = self.limit_reached()
                 if reason is not None:
                     self._recycle(reason)
-            self._wake.wait(TICK)
+            if self.burst and not self._stopping.is_set() and self._nothing_left():
+                self.drained = True
+                worker_log.info("burst: nothing left to do, stopping")
+                self.stop()
+            self._wake.wait(BURST_TICK if self.burst else TICK)
             self._wake.clear()
+
+    def _nothing_left(self) -> bool:
+        """Burst mode: whether no Task has a job due now or claimed and uncommitted (a
+        Task still starting, or a ledger that cannot be read, has something left)."""
+        for task in self.tasks:
+            consumer = task.consumer
+            if consumer is None or not consumer.running:
+                return False
+            try:
+                if consumer.outstanding() > 0:
+                    return False
+            except MeepoError as exc:
+                log.warning("task %s: burst: cannot read the ledger: %s", task.task_id, exc)
+                return False
+        return True
 
     def _snapshot(self) -> None:
         """Keep each Task's consumer for the shutdown line (a stopped Task drops it)."""
@@ -400,11 +435,12 @@ class Runner:
         tally = Tally()
         for task in self.tasks:
             tally.add(task.task_id, self._consumers.get(task.task_id))
-        why = (
-            f"recycling after {self.reason}"
-            if self.reason is not None and not self.signalled
-            else ("on a signal" if self.signalled else "stopped")
-        )
+        if self.reason is not None and not self.signalled:
+            why = f"recycling after {self.reason}"
+        elif self.signalled:
+            why = "on a signal"
+        else:
+            why = "burst: nothing left to do" if self.drained else "stopped"
         split = ""
         if len(self.tasks) > 1:
             split = " [" + ", ".join(f"{t} {n}" for t, n in tally.per_task.items()) + "]"

@@ -775,6 +775,15 @@ class PortableDriver:
                 out.setdefault(tid, TaskStats(tid)).oldest_todo = when
         return [out[k] for k in sorted(out)]
 
+    def outstanding(self, task_id: str, worker: str, now: datetime) -> int:
+        """One COUNT over the task's todo and doing rows (the status index)."""
+        t = self.table
+        todo = and_(t.c.status == Status.TODO.value, t.c.run_at <= now)
+        mine = and_(t.c.status == Status.DOING.value, t.c.worker == worker)
+        query = select(func.count()).where(t.c.task_id == task_id, or_(todo, mine))
+        with self.begin() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
     def commit_one(self, task_id: str, pair: Pair, values: dict[str, Any]) -> CommitOne:
         """The fenced UPDATE; then the job's priority (won) or its state (lost)."""
         t = self.table
