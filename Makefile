@@ -40,6 +40,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 bench: $(BENCH_VENV)/.installed
 	PY_SPY=$(BENCH_VENV)/bin/py-spy $(BENCH_VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 	$(BENCH_VENV)/bin/python -m benchmarks.lateness
+	$(BENCH_VENV)/bin/python -m benchmarks.async_push
 
 # The chaos harness (chaos/README.md): a real workload under injected faults, then the
 # invariants. `make chaos SEED=7 DURATION=300 BACKENDS=postgres` reproduces a run (about

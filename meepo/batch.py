@@ -31,6 +31,10 @@ class Producer(Protocol):
         dispatch them; their ids, in order."""
         ...
 
+    async def push_jobs_async(self, jobs: list[NewJob]) -> list[int]:
+        """:meth:`push_jobs` without a connection, awaited without blocking the loop."""
+        ...
+
 
 class Batch:
     """Collects jobs in a ``with`` block and pushes them all when it ends.
@@ -107,3 +111,26 @@ class Batch:
             self.jobs = []
             return
         self.ids = self.producer.push_jobs(self.jobs, self.connection)
+
+    async def __aenter__(self) -> Batch:
+        """``async with task.batch() as b``: as ``with``, but the write at the end of
+        the block is awaited without blocking the event loop. Not with a caller's
+        ``connection`` (a sync Connection or Session is the caller's own thread's)."""
+        if self.connection is not None:
+            raise TypeError(
+                "async with task.batch(connection=...) is not supported: a transactional "
+                "batch joins the caller's sync transaction; use a plain with block there"
+            )
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        if exc_type is not None or not self.jobs:
+            self.jobs = []
+            return
+        self.ids = await self.producer.push_jobs_async(self.jobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from .ledger.engine import check_server
 from .ledger.retention import Retention
 from .ledger.schedules import Schedules, next_fires
 from .middleware import Hooks, Middleware
+from .offload import Offload
 from .options import JobFunc, TaskOptions
 from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
@@ -177,6 +179,8 @@ class Task:
         self._start_error: MeepoError | None = None
         self._migrate_at_start = False
         self._hooks_started = False  # on_start ran, on_stop is owed
+        #: The threads that run the async producer API's calls (started on first use).
+        self.offload = Offload(f"meepo-{self.task_id}-push")
         if opts.init_db:
             try:
                 self.migrate()
@@ -301,7 +305,9 @@ class Task:
         written in one transaction when the block ends, and dispatched only after it
         commits; an exception in the block writes nothing. ``b.ids`` holds the ids, in
         push order, once the block is over. With ``connection`` (a Connection or
-        Session) the rows join the caller's transaction instead."""
+        Session) the rows join the caller's transaction instead. In async code,
+        ``async with task.batch() as b:`` writes them without blocking the event loop
+        (through the offload pool, as :meth:`push_async`)."""
         if connection is not None:
             _check_connection(connection)
         return Batch(self, connection)
@@ -319,6 +325,57 @@ class Task:
         if hooks is not None:
             hooks.after_push(jobs, ids)
         return ids
+
+    # -- producing from async code ---------------------------------------------------
+
+    async def push_async(
+        self,
+        payload: bytes,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> int:
+        """:meth:`push`, awaited: the same ledger-first write and dispatch, run in the
+        Task's small offload pool (meepo/offload.py), so the caller's event loop is
+        never blocked. Returns the job's id once its row is committed. A cancelled
+        ``push_async`` may still have pushed (like a push whose reply was lost): give
+        the job a ``key`` where that matters."""
+        push = functools.partial(
+            self.push,
+            payload,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            key=key,
+            unique_for=unique_for,
+        )
+        return await self.offload.run(push)
+
+    async def push_many_async(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+    ) -> list[int]:
+        """:meth:`push_many`, awaited (one INSERT, one pipelined dispatch), without
+        blocking the event loop."""
+        push = functools.partial(
+            self.push_many, payloads, delay=delay, run_at=run_at, priority=priority
+        )
+        return await self.offload.run(push)
+
+    async def push_jobs_async(self, jobs: list[NewJob]) -> list[int]:
+        """:meth:`push_jobs`, awaited (``async with task.batch() as b`` ends here)."""
+        return await self.offload.run(functools.partial(self.push_jobs, jobs))
+
+    async def get_async(self, job_id: int) -> JobRecord | None:
+        """:meth:`get`, awaited, without blocking the event loop."""
+        return await self.offload.run(functools.partial(self.get, job_id))
 
     def _push_in_transaction(self, jobs: list[NewJob], connection: Any) -> list[int]:
         _check_connection(connection)
