@@ -21,6 +21,7 @@ TIMEOUT = 180
 #: The line each example prints when everything it checks held.
 KEY_LINES = {
     "quickstart": "quickstart finished in",
+    "async_handler": "async_handler: 200 jobs done in",
     "auto_commit": "auto_commit: 100 jobs finished",
     "cron": "one job per fire time",
     "delayed": "delayed: every job ran on time, in priority order, exactly as planned",
@@ -110,6 +111,12 @@ def test_quickstart_ctrl_c_is_quiet(tmp_path: Path) -> None:
     assert proc.returncode == 130, out
     assert "Traceback" not in out
     assert out.rstrip("\n").splitlines()[-1] == "quickstart: interrupted"
+
+
+@needs_redis_server
+def test_async_handler_on_the_embedded_default(tmp_path: Path) -> None:
+    out = run_example("async_handler", tmp_path)
+    assert "last_error='JobTimeout: timed out after 1s (job_timeout)'" in out
 
 
 @needs_redis_server
