@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -39,7 +40,7 @@ from .ledger.schedules import Schedules, next_fires
 from .middleware import Hooks, Middleware
 from .offload import Offload
 from .options import JobFunc, TaskOptions
-from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
+from .records import DEFAULT_PRIORITY, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .runtime.cleaner import Cleaner
 from .schedule import Spec, check_name
@@ -415,6 +416,44 @@ class Task:
         ``Job.commit_id`` the handler received). A stale commit_id raises
         StaleCommitError and changes nothing.
         """
+        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error)
+        if mine is not None:
+            # This process's claim: through the consumer's committer (its round trips
+            # are shared), unless the consumer has stopped meanwhile.
+            with contextlib.suppress(NotRunningHereError):
+                mine.commit(outcome)
+                return
+        self._commit_elsewhere(outcome)
+
+    async def commit_async(
+        self,
+        job_id: int,
+        status: Status | str,
+        *,
+        commit_id: int | None = None,
+        delay: float | timedelta | None = None,
+        error: str | None = None,
+    ) -> None:
+        """:meth:`commit`, awaited: from an ``async def`` handler, the wait for the
+        group commit does not hold the event loop (the other handlers go on meanwhile);
+        from elsewhere the commit runs in the offload pool. Same arguments and errors."""
+        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error)
+        if mine is not None:
+            with contextlib.suppress(NotRunningHereError):
+                await mine.commit_async(outcome)
+                return
+        await self.offload.run(functools.partial(self._commit_elsewhere, outcome))
+
+    def _manual_outcome(
+        self,
+        job_id: int,
+        status: Status | str,
+        commit_id: int | None,
+        delay: float | timedelta | None,
+        error: str | None,
+    ) -> tuple[Consumer | None, Outcome]:
+        """The checked outcome of a manual commit, and the consumer holding its claim
+        (None: commit it elsewhere, through the ledger)."""
         if self.job_func is not None and self.options.auto_commit:
             raise CommitModeError(
                 f"task {self.task_id!r} commits automatically (auto_commit=True): the "
@@ -439,12 +478,13 @@ class Task:
                 seconds=config.seconds(delay, "delay", allow_zero=True)
             )
         if consumer is not None and held is not None and held[0] == commit_id:
-            # This process's claim: through the consumer's committer (its round trips
-            # are shared), unless the consumer has stopped meanwhile.
-            with contextlib.suppress(NotRunningHereError):
-                consumer.commit(Outcome(job_id, commit_id, st, error, run_at, held[1]))
-                return
-        outcome = Outcome(job_id, commit_id, st, error, run_at)  # the ledger knows its priority
+            return consumer, Outcome(job_id, commit_id, st, error, run_at, held[1])
+        return None, Outcome(job_id, commit_id, st, error, run_at)
+
+    def _commit_elsewhere(self, outcome: Outcome) -> None:
+        """A manual commit of a claim this process's consumer does not hold."""
+        # The ledger knows the job's priority (a re-dispatch goes to its own queue).
+        outcome = dataclasses.replace(outcome, priority=DEFAULT_PRIORITY)
         self.dispatcher.commit_one(outcome)
         if self.hooks is not None:
             self.hooks.after_commit(outcome, True)

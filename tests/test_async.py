@@ -176,6 +176,84 @@ def test_manual_commit_from_an_async_handler(make_task: TaskFactory, how: str) -
     wait_for(lambda: len(errors) == 1, message="the second commit rejected")
 
 
+def test_commit_async_lets_the_other_handlers_run_while_it_waits(make_task: TaskFactory) -> None:
+    """Job a's commit is held in the committer (its after_commit waits) until job b's
+    handler has run: that happens only if a's await does not hold the loop."""
+    holder: dict[str, Any] = {}
+    released = threading.Event()
+    waited: list[bool] = []
+
+    class HoldCommit(Middleware):
+        def after_commit(self, task: Any, outcome: Any, accepted: bool) -> None:
+            if outcome.job_id == holder.get("a"):
+                waited.append(released.wait(10))
+
+    async def handler(job: Job) -> None:
+        if "committing" not in holder:
+            holder["committing"] = asyncio.Event()
+        if job.payload == b"a":
+            holder["committing"].set()
+            await holder["task"].commit_async(job.id, Status.DONE)
+        else:
+            await holder["committing"].wait()
+            released.set()
+            await holder["task"].commit_async(job.id, Status.DONE)
+
+    task = make_task(job_func=handler, auto_commit=False, parallel_num=2, middleware=[HoldCommit()])
+    holder["task"] = task
+    a, b = task.push_many([b"a", b"b"])
+    holder["a"] = a
+    task.start()
+    wait_status(task, a, Status.DONE)
+    wait_status(task, b, Status.DONE)
+    assert waited == [True]
+
+
+def test_commit_async_of_a_stale_claim_raises(make_task: TaskFactory) -> None:
+    errors: list[BaseException] = []
+    holder: dict[str, Task] = {}
+
+    async def handler(job: Job) -> None:
+        await holder["task"].commit_async(job.id, Status.DONE)
+        try:
+            await holder["task"].commit_async(job.id, Status.DONE, commit_id=job.commit_id)
+        except StaleCommitError as exc:
+            errors.append(exc)
+
+    task = make_task(job_func=handler, auto_commit=False)
+    holder["task"] = task
+    task.start()
+    job_id = task.push(b"x")
+    wait_status(task, job_id, Status.DONE)
+    wait_for(lambda: len(errors) == 1, message="the second commit rejected")
+
+
+def test_commit_async_from_outside_a_worker(make_task: TaskFactory) -> None:
+    """A producer finishing a claimed job by its commit_id, from async code."""
+    started = threading.Event()
+    seen: dict[str, int] = {}
+
+    async def handler(job: Job) -> None:
+        seen["commit_id"] = job.commit_id
+        started.set()  # returns without committing: the job stays doing
+
+    worker = make_task(job_func=handler, auto_commit=False)
+    outsider = make_task(task_id=worker.task_id)
+    worker.start()
+    job_id = worker.push(b"x")
+    assert started.wait(15)
+    wait_for(lambda: worker.consumer is not None and job_id not in worker.consumer.held)
+
+    async def main() -> None:
+        await outsider.commit_async(job_id, "failed", commit_id=seen["commit_id"], error="no")
+        with pytest.raises(StaleCommitError):
+            await outsider.commit_async(job_id, "done", commit_id=seen["commit_id"])
+
+    asyncio.run(main())
+    rec = record(worker, job_id)
+    assert rec.status is Status.FAILED and rec.last_error == "no"
+
+
 def test_an_async_handler_that_does_not_commit_in_manual_mode_is_left_to_the_reaper(
     make_task: TaskFactory,
 ) -> None:

@@ -206,6 +206,39 @@ class Committer(Service):
     def commit(self, outcome: Outcome) -> None:
         """A handler's commit, sent through the group commit (shares its round trips).
         Raises StaleCommitError if the claim is no longer current."""
+        fut = self._enqueue(outcome)
+        while True:
+            try:
+                accepted = fut.result(timeout=COMMIT_WAIT_CHECK)
+                break
+            except FutureTimeout:
+                if self.running or fut.done():
+                    continue
+                self._commit_directly(outcome)
+                return
+        if not accepted:
+            raise StaleCommitError(outcome.job_id, outcome.commit_id)
+
+    async def commit_async(self, outcome: Outcome) -> None:
+        """:meth:`commit` for a coroutine: the wait for the group commit is awaited, so
+        the event loop runs the other handlers meanwhile."""
+        import asyncio
+
+        fut = self._enqueue(outcome)
+        waiting = asyncio.wrap_future(fut)
+        while True:
+            try:
+                accepted = await asyncio.wait_for(asyncio.shield(waiting), COMMIT_WAIT_CHECK)
+                break
+            except asyncio.TimeoutError:
+                if self.running or fut.done():
+                    continue
+                await asyncio.to_thread(self._commit_directly, outcome)
+                return
+        if not accepted:
+            raise StaleCommitError(outcome.job_id, outcome.commit_id)
+
+    def _enqueue(self, outcome: Outcome) -> Future[bool]:
         with self.claims.lock:
             timed_out = (outcome.job_id, outcome.commit_id) in self.claims.timed_out
         if timed_out:
@@ -217,18 +250,11 @@ class Committer(Service):
             )
         fut: Future[bool] = Future()
         self.submit(Commit(outcome, fut))
-        while True:
-            try:
-                accepted = fut.result(timeout=COMMIT_WAIT_CHECK)
-                break
-            except FutureTimeout:
-                if self.running or fut.done():
-                    continue
-                # The committer has finished (a stop is ending): nobody will take this
-                # commit from the queue, so it goes to the ledger directly.
-                self.d.commit_one(outcome)
-                if self.hooks is not None:  # middleware: after_commit
-                    self.hooks.after_commit(outcome, True)
-                return
-        if not accepted:
-            raise StaleCommitError(outcome.job_id, outcome.commit_id)
+        return fut
+
+    def _commit_directly(self, outcome: Outcome) -> None:
+        # The committer has finished (a stop is ending): nobody will take this commit
+        # from the queue, so it goes to the ledger directly.
+        self.d.commit_one(outcome)
+        if self.hooks is not None:  # middleware: after_commit
+            self.hooks.after_commit(outcome, True)

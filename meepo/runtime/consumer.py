@@ -261,3 +261,9 @@ class Consumer:
         if not self.running:
             raise NotRunningHereError("the consumer is not running")
         self.committer.commit(outcome)
+
+    async def commit_async(self, outcome: Outcome) -> None:
+        """:meth:`commit`, awaited without holding the event loop."""
+        if not self.running:
+            raise NotRunningHereError("the consumer is not running")
+        await self.committer.commit_async(outcome)
