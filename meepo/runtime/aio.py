@@ -20,7 +20,9 @@ What differs:
   posts a beat to the loop every :data:`BLOCK_THRESHOLD` / 4 seconds; a beat late by
   more than :data:`BLOCK_THRESHOLD` is logged (WARNING, ``meepo.consumer``) with the
   task id and the id of the job whose coroutine holds the loop (read from the loop
-  thread's stack while it blocks), and once more with the total when the loop is free.
+  thread's stack at each look while it blocks: the same job every time), and once more
+  with the total when the loop is free. A lag with no single holder (many short steps,
+  or a host that did not schedule the process) is logged at INFO.
 * The hand-over from the fetcher is a thread-safe queue's ``put`` plus, when the loop
   has not been woken already, one ``call_soon_threadsafe``.
 
@@ -263,7 +265,9 @@ class LoopMonitor:
         self.loop = loop
         self.loop_thread = thread
         self.posted: float | None = None  # when the pending beat was posted
-        self.culprit: Job | None = None  # the job seen holding the loop during this lag
+        #: What the loop thread was running at each look during this lag (a job, or None
+        #: outside any handler): one job at every look is one handler holding the loop.
+        self.seen: list[Job | None] = []
         self.reported = False  # this lag was logged while it lasted
         self.lock = threading.Lock()
         self.thread = threading.Thread(
@@ -292,42 +296,58 @@ class LoopMonitor:
             lag = now - posted
             if lag < check:
                 continue
-            job = self._holder()
+            holder = self._holder()
             with self.lock:
                 if self.posted != posted:
                     continue  # the beat ran meanwhile
-                if job is not None:
-                    self.culprit = job
-                job = self.culprit
-                report = lag > threshold and not self.reported
+                self.seen.append(holder)
+                job = self._culprit()
+                report = job is not None and lag > threshold and not self.reported
                 if report:
                     self.reported = True
             if report:
+                assert job is not None
                 log.warning(
                     "task %s: %s has blocked the event loop for %.2fs so far (a blocking "
                     "call inside an async def handler? await an async API instead, or run "
                     "it with asyncio.to_thread); every other handler of the task waits",
                     self.ex.task_id,
-                    "a handler" if job is None else f"job {job.id}",
+                    f"job {job.id}",
                     lag,
                 )
+
+    def _culprit(self) -> Job | None:
+        """The one job seen at every look of this lag, if any (call with the lock)."""
+        first = self.seen[0] if self.seen else None
+        if first is None or any(s is not first for s in self.seen):
+            return None
+        return first
 
     def _beat(self) -> None:
         """The beat, on the loop: how late it ran."""
         now = time.monotonic()
         with self.lock:
-            posted, job = self.posted, self.culprit
-            self.posted, self.culprit, self.reported = None, None, False
+            posted, job = self.posted, self._culprit()
+            self.posted, self.seen, self.reported = None, [], False
         if posted is None:
             return
         lag = now - posted
-        if lag > BLOCK_THRESHOLD:
+        if lag <= BLOCK_THRESHOLD:
+            return
+        if job is not None:
             log.warning(
-                "task %s: %s blocked the event loop for %.2fs (more than %gs)",
+                "task %s: job %d blocked the event loop for %.2fs (more than %gs)",
                 self.ex.task_id,
-                "a handler" if job is None else f"job {job.id}",
+                job.id,
                 lag,
                 BLOCK_THRESHOLD,
+            )
+        else:  # many short steps, or the host did not run this process
+            log.info(
+                "task %s: the event loop ran %.2fs late with no single handler holding it "
+                "(many handlers at once, or an overloaded host)",
+                self.ex.task_id,
+                lag,
             )
 
     def _holder(self) -> Job | None:
