@@ -487,6 +487,27 @@ def test_release_puts_unstarted_claims_back_uncharged(ledger: Ledger) -> None:
     assert state(ledger, b) == (Status.DOING, pb[1])
 
 
+def test_outstanding_counts_due_todo_and_this_workers_doing_rows(ledger: Ledger) -> None:
+    """What a burst worker waits for: todo rows due by ``now`` and doing rows claimed
+    by this worker; not delayed ones, nor another worker's claims, nor finished rows."""
+    task_id = unique_task_id("cf")
+    now = host_now()
+    assert ledger.outstanding(task_id, "w", now=now) == 0
+    a, b, _ = push(ledger, task_id, 3)
+    push(ledger, task_id, 1, run_at=now + timedelta(hours=1))  # not due
+    assert ledger.outstanding(task_id, "w", now=now + timedelta(seconds=1)) == 3
+    assert ledger.outstanding(task_id, "w", now=now + timedelta(hours=2)) == 4
+    (pa,) = claim(ledger, task_id, [a])  # doing, claimed by "w"
+    got = ledger.claim(task_id, [(b, 0)], lease=LEASE, worker="other")
+    assert [j.id for j in got] == [b]
+    later = now + timedelta(seconds=1)
+    assert ledger.outstanding(task_id, "w", now=later) == 2  # a (mine) and c (due)
+    assert ledger.outstanding(task_id, "other", now=later) == 2  # b and c
+    ledger.finish([Outcome(a, pa[1], Status.DONE)], now=host_now(), redispatch_timeout=TIMEOUT)
+    assert ledger.outstanding(task_id, "w", now=later) == 1  # c
+    assert ledger.outstanding(unique_task_id("cf"), "w", now=later) == 0  # per task
+
+
 def test_a_commit_waits_on_a_locked_row_only_as_long_as_its_bounds_allow(
     locking: Ledger,
 ) -> None:
