@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,38 @@ def test_an_async_handler_that_does_not_commit_in_manual_mode_is_left_to_the_rea
     assert rec.started_at is not None  # its start is recorded, so the reap charges it
 
 
+def test_an_orphaned_claim_has_its_start_recorded_before_the_async_handler_runs(
+    make_task: TaskFactory,
+) -> None:
+    """A job whose earlier claim expired unstarted (its worker died with it prefetched)
+    is marked started synchronously before its handler runs, as in a thread."""
+    seen: list[tuple[int, bool]] = []
+    holder: dict[str, Task] = {}
+
+    async def handler(job: Job) -> None:
+        rec = await holder["task"].get_async(job.id)
+        seen.append((job.orphaned_claims, rec is not None and rec.started_at is not None))
+
+    task = make_task(job_func=handler)
+    holder["task"] = task
+    job_id = task.push(b"x")
+    # a worker that claimed it and died before starting it
+    (claimed,) = task.ledger.claim(
+        task.task_id, [(job_id, 0)], lease=timedelta(seconds=0.2), worker="dead:1"
+    )
+    assert claimed.id == job_id
+
+    def reaped() -> bool:
+        task.reaper.run_once(reap=True)
+        return record(task, job_id).orphaned_claims == 1
+
+    wait_for(reaped, message="the expired unstarted claim reaped")
+    task.start()
+    rec = wait_status(task, job_id, Status.DONE)
+    assert seen == [(1, True)]
+    assert rec.failed_times == 0  # an orphaned claim is not a failed attempt
+
+
 def test_middleware_hooks_run_around_async_handlers(make_task: TaskFactory) -> None:
     calls: list[tuple[str, int, Any]] = []
 
@@ -319,6 +352,27 @@ def test_stop_waits_for_running_async_handlers_and_commits_them(
     assert started.wait(15)
     assert task.stop() is True  # the handler finished within the grace
     assert record(task, job_id).status is Status.DONE
+
+
+def test_stop_leaves_an_async_handler_past_the_grace_to_the_reaper(
+    make_task: TaskFactory,
+) -> None:
+    started = threading.Event()
+    release: dict[str, asyncio.Event] = {}
+
+    async def stuck(job: Job) -> None:
+        release["event"] = asyncio.Event()
+        started.set()
+        await asyncio.wait_for(release["event"].wait(), 60)
+
+    task = make_task(job_func=stuck)
+    task.start()
+    job_id = task.push(b"x")
+    assert started.wait(15)
+    assert task.stop(grace=0.2) is False  # still running when the grace ran out
+    rec = record(task, job_id)
+    assert rec.status is Status.DOING  # left to the reaper, its start recorded
+    assert rec.started_at is not None
 
 
 # -- the async producer API ---------------------------------------------------------------
