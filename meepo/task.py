@@ -240,13 +240,14 @@ class Task:
                     "before running it inline"
                 )
         saved = dict(self.__dict__)
+        own = self._inline
+        own_raise = own.raise_errors if own is not None else False
         try:
             if db is not None:
                 self._wire(db, None, inline=True)
                 self.migrate()
             elif not self.inline:
                 self._wire(self.stores._db, self.stores._redis_arg, inline=True)
-                self.stores._redis = saved["stores"]._redis
             if self._inline is not None:
                 self._inline.raise_errors = raise_errors
             yield self
@@ -254,6 +255,8 @@ class Task:
             runner = self._inline
             if runner is not None:
                 runner.stop()
+                if runner is own:  # an inline task's own runner: as it was
+                    runner.raise_errors = own_raise
             keep = ("_stopped", "_stop_requested", "_state_lock")
             self.__dict__.update({k: v for k, v in saved.items() if k not in keep})
 

@@ -506,3 +506,14 @@ def test_the_pytest_plugin_gives_users_an_inline_ledger(
     monkeypatch.setenv("MEEPO_HOME", str(pytester.path / ".meepo"))
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=5)
+
+
+def test_inline_on_an_inline_task_sets_raise_errors_for_the_block_only(inline_task: Any) -> None:
+    def handler(job: Job) -> None:
+        raise ValueError("always")
+
+    task = inline_task(handler, max_failed_times=1)
+    with meepo.testing.inline(task, raise_errors=True), pytest.raises(ValueError, match="always"):
+        task.push(b"x")
+    job_id = task.push(b"y")  # back to the task's own setting: not raised
+    assert rec(task, job_id).status is Status.FAILED

@@ -28,6 +28,8 @@ tag, so all of a task's keys share one slot):
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
                       runs the re-dispatch for that epoch, renewed page by page, released
                       if it fails, ``done`` once finished.
+``P{task}:wake:<worker>:<token>``  LIST with a TTL: one consumer's blocking pops watch it
+                      after the queues; its stop RPUSHes to it, so the pop ends at once.
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
