@@ -517,3 +517,16 @@ def test_inline_on_an_inline_task_sets_raise_errors_for_the_block_only(inline_ta
         task.push(b"x")
     job_id = task.push(b"y")  # back to the task's own setting: not raised
     assert rec(task, job_id).status is Status.FAILED
+
+
+def test_ctrl_c_in_an_inline_handler_is_raised_after_the_attempt_is_committed(
+    inline_task: Any,
+) -> None:
+    def handler(job: Job) -> None:
+        raise KeyboardInterrupt
+
+    task = inline_task(handler, max_failed_times=1)
+    with pytest.raises(KeyboardInterrupt):
+        task.push(b"x")
+    failed = task.ledger.find(task_id=task.task_id, status=Status.FAILED)
+    assert len(failed) == 1

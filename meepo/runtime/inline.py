@@ -10,6 +10,9 @@ commit, until the task has no job ready. The ledger sees exactly the transitions
 worker makes; only the waits are gone: a retry is due at once (``retry_backoff`` is not
 applied) and a commit is written before the handler's ``task.commit`` returns.
 
+A ``KeyboardInterrupt`` raised in a handler (Ctrl-C, as the handler runs in the test's
+own thread) fails the attempt as any exception does, and is then raised out of ``push``.
+
 What it does not do: leases are not renewed while a handler runs (nothing else can
 reap the job: no reaper runs inline), and ``job_timeout`` is not enforced.
 """
@@ -54,9 +57,14 @@ class InlineRunner:
         opts = dataclasses.replace(options, parallel_num=1, prefetch=0, prefetch_auto=False)
         self._raised: dict[int, BaseException] = {}
 
+        self._interrupted: KeyboardInterrupt | None = None
+
         def run(job: Job) -> Any:
             try:
                 return handler(job)
+            except KeyboardInterrupt as exc:  # Ctrl-C in the test run: after the commit
+                self._interrupted = exc
+                raise
             except BaseException as exc:
                 self._raised[job.id] = exc
                 raise
@@ -114,6 +122,9 @@ class InlineRunner:
                     ran.append(job.id)
                     self._executor.run(self._slot, job)
                 c.committer.run_once()
+                interrupted, self._interrupted = self._interrupted, None
+                if interrupted is not None:
+                    raise interrupted  # the attempt is committed as failed; Ctrl-C goes on
             given_back = c.claims.take_back()
             if given_back:
                 c.heartbeat.release(given_back)
