@@ -21,9 +21,9 @@ test: venv
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check meepo tests examples benchmarks migrations chaos
-	$(VENV)/bin/ruff format --check meepo tests examples benchmarks migrations chaos
-	$(VENV)/bin/mypy --strict meepo
+	$(VENV)/bin/ruff check meepo meepo_pytest.py tests examples benchmarks migrations chaos
+	$(VENV)/bin/ruff format --check meepo meepo_pytest.py tests examples benchmarks migrations chaos
+	$(VENV)/bin/mypy --strict meepo meepo_pytest.py
 	$(VENV)/bin/lint-imports
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of

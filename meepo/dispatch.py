@@ -209,6 +209,7 @@ class Dispatcher:
         lease: timedelta,
         worker: str,
         monotonic: Callable[[], float] = time.monotonic,
+        wake: str | None = None,
     ) -> Popped:
         """Pop up to ``count`` messages (waiting up to ``timeout`` seconds while every
         queue is empty) and claim their jobs in one compare-and-set.
@@ -218,7 +219,7 @@ class Dispatcher:
         failed (nothing was taken) or the claim failed: then the popped messages were
         handed back to their queue first (and if that fails too, the sweep re-sends
         their rows)."""
-        priority, raw = self.transport.pop(count, timeout=timeout)
+        priority, raw = self.transport.pop(count, timeout=timeout, wake=wake)
         if not raw:
             return Popped(_NOTHING)
         pairs: list[Pair] = []
@@ -261,6 +262,15 @@ class Dispatcher:
             len(again),
         )
         self.send(again)
+
+    def wake_key(self, token: str) -> str:
+        """The key a consumer's blocking pops watch for :meth:`wake` (``token``: the
+        consumer's own)."""
+        return self.transport.wake_key(token)
+
+    def wake(self, key: str) -> None:
+        """End the blocking pop that watches ``key`` at once (a consumer stopping)."""
+        self.transport.wake(key)
 
     def renew(self, pairs: Sequence[Pair], *, lease: timedelta) -> Renewal:
         """Heartbeat: extend these claims' leases (fenced by commit_id, not a

@@ -43,6 +43,8 @@ class TaskOptions:
     middleware: tuple[Middleware, ...]
     #: Seconds to keep finished jobs, per status (None: keep the stored policy).
     retention: dict[Status, float] | None
+    #: Push runs the jobs in the pushing thread, with no Redis (meepo.testing).
+    inline: bool = False
 
     @classmethod
     def from_kwargs(
@@ -73,6 +75,7 @@ class TaskOptions:
         retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
+        inline: bool = False,
     ) -> TaskOptions:
         """Check ``Task``'s parameters; a ConfigError names the first bad one."""
         task_id = config.check_task_id(task_id)
@@ -133,6 +136,7 @@ class TaskOptions:
             init_db=bool(init_db),
             clock=clock,
             middleware=_middleware(middleware),
+            inline=bool(inline),
             retention=check_retention(retention),
         )
 

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -19,7 +19,6 @@ from . import client, config
 from .batch import Batch
 from .client import Row, Stores
 from .config import mask_url
-from .dispatch import Dispatcher
 from .errors import (
     CommitModeError,
     ConfigError,
@@ -43,8 +42,11 @@ from .options import JobFunc, TaskOptions
 from .records import DEFAULT_PRIORITY, JobRecord, Message, NewJob, ScheduleRecord, Status
 from .runtime import Consumer, Promoter, Reaper, Scheduler, startup
 from .runtime.cleaner import Cleaner
+from .runtime.inline import InlineRunner
 from .schedule import Spec, check_name
-from .transport import io_timeout
+from .transport import Transport, io_timeout
+from .transport.local import LocalTransport
+from .urls import check_redis_url
 
 log = logging.getLogger("meepo")
 
@@ -90,6 +92,7 @@ class Task:
         retention: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
+        inline: bool = False,
     ) -> None:
         # Every parameter is checked first (meepo.options), before any connection.
         opts = TaskOptions.from_kwargs(
@@ -118,6 +121,7 @@ class Task:
             retention=retention,
             clock=clock,
             middleware=middleware,
+            inline=inline,
         )
         self.retention = opts.retention
         self.task_id = opts.task_id
@@ -130,47 +134,12 @@ class Task:
         #: The installed middleware (None without any: the runtime then skips every hook).
         self.hooks = Hooks.build(self, opts.middleware)
         self._clock_given = clock is not None
-        timeout = self.options.zombie_timeout
-        prios = self.options.priorities
-
-        # The stores: one table and its Redis keys, opened as Admin opens them.
-        self.stores = Stores(
-            db,
-            redis,
-            table=self.table_name,
-            prefix=self.list_name_prefix,
-            redis_timeout=io_timeout(self.options.lease),
-            clock=clock,
-        )
-        self.engine = self.stores.engine
-        self.redis = self.stores.redis  # made now: a bad URL fails here, not at a push
-        self.ledger = self.stores.ledger
-        # The database's clock, as this host estimates it (an injected clock, in tests,
-        # replaces it everywhere).
-        self.clock = self.stores.clock
-        self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
-        lease_timeout = timedelta(seconds=timeout)
-        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
-        # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
-        # pool of their own, every wait bounded from the lease: handlers holding
-        # task.engine connections never starve them (docs/design.md invariant 9).
-        self.bounds = Bounds.from_lease(self.options.lease)
-        service_ledger = self.stores.service_ledger(self.bounds)
-        self.service_engine = service_ledger.engine
-        self.service_dispatcher = (
-            self.dispatcher
-            if service_ledger is self.ledger
-            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
-        )
+        self._clock_arg = clock
+        #: The inline runner (``inline=True``, :func:`meepo.testing.inline`): push runs
+        #: the jobs in the pushing thread; None: the task dispatches through Redis.
+        self._inline: InlineRunner | None = None
+        self._wire(db, redis, inline=opts.inline)
         self._consumer: Consumer | None = None
-        self._reaper: Reaper | None = None
-        self._promoter: Promoter | None = None
-        self._scheduler: Scheduler | None = None
-        self.cleaner = Cleaner(
-            Retention(self.service_engine, self.table_name), self.task_id, self.retention
-        )
-        self.schedule_ledger = self.stores.schedules
-        self._service_schedules = Schedules(self.service_engine, self.table_name)
         self._stopped = threading.Event()  # set once stop() has finished: run() returns
         # Set as soon as stop() begins: a delayed start (waiting for the database) must not
         # start consumers after it.
@@ -191,6 +160,115 @@ class Task:
                 # A worker must survive a database that is down at start: migrate then.
                 log.warning("task %s: cannot migrate now (%s); will at start", task_id, exc)
                 self._migrate_at_start = True
+
+    def _wire(
+        self, db: str | Engine | None, redis: str | redis_lib.Redis | None, *, inline: bool
+    ) -> None:
+        """Open the stores (one table and its Redis keys, as Admin opens them) and make
+        the transport, the dispatchers and the services' stores. ``inline``: an
+        in-process transport and an inline runner; no Redis client is made."""
+        prios = self.options.priorities
+        lease_timeout = timedelta(seconds=self.options.zombie_timeout)
+        self.stores = Stores(
+            db,
+            redis,
+            table=self.table_name,
+            prefix=self.list_name_prefix,
+            redis_timeout=io_timeout(self.options.lease),
+            clock=self._clock_arg,
+        )
+        self.engine = self.stores.engine
+        self.ledger = self.stores.ledger
+        # The database's clock, as this host estimates it (an injected clock, in tests,
+        # replaces it everywhere).
+        self.clock = self.stores.clock
+        self.transport: Transport
+        if inline:
+            if isinstance(redis, str):
+                check_redis_url(redis)  # a bad URL is still an error, not a silent pass
+            self.transport = LocalTransport(
+                self.task_id, self.list_name_prefix, prios, self.default_priority
+            )
+        else:
+            self.stores.redis  # noqa: B018  made now: a bad URL fails here, not at a push
+            self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
+        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
+        # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
+        # pool of their own, every wait bounded from the lease: handlers holding
+        # task.engine connections never starve them (docs/design.md invariant 9).
+        self.bounds = Bounds.from_lease(self.options.lease)
+        service_ledger = self.stores.service_ledger(self.bounds)
+        self.service_engine = service_ledger.engine
+        self.service_dispatcher = (
+            self.dispatcher
+            if service_ledger is self.ledger
+            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
+        )
+        self._reaper: Reaper | None = None
+        self._promoter: Promoter | None = None
+        self._scheduler: Scheduler | None = None
+        self.cleaner = Cleaner(
+            Retention(self.service_engine, self.table_name), self.task_id, self.retention
+        )
+        self.schedule_ledger = self.stores.schedules
+        self._service_schedules = Schedules(self.service_engine, self.table_name)
+        self._inline = None
+        if inline and self.job_func is not None:
+            self._inline = InlineRunner(
+                self.dispatcher, self.options, self.job_func, self.clock, self.hooks
+            )
+
+    @property
+    def redis(self) -> redis_lib.Redis:
+        """The task's Redis client (made on first use in inline mode, which needs none)."""
+        return self.stores.redis
+
+    @property
+    def inline(self) -> bool:
+        """Whether push runs the jobs in the pushing thread (``inline=True``,
+        :func:`meepo.testing.inline`): no Redis is used."""
+        return isinstance(self.transport, LocalTransport)
+
+    @contextlib.contextmanager
+    def _inline_scope(
+        self, *, raise_errors: bool = False, db: str | Engine | None = None
+    ) -> Iterator[Task]:
+        """Inline mode for the duration of the block (:func:`meepo.testing.inline`):
+        another transport, dispatchers and runner (and with ``db`` another ledger, migrated
+        first), the task's own restored at the end."""
+        with self._state_lock:
+            if self._consumer is not None or (
+                self._starter is not None and self._starter.is_alive()
+            ):
+                raise ConfigError(
+                    f"task {self.task_id!r} is consuming (start() was called): stop() it "
+                    "before running it inline"
+                )
+        saved = dict(self.__dict__)
+        own = self._inline
+        own_raise = own.raise_errors if own is not None else False
+        try:
+            if db is not None:
+                self._wire(db, None, inline=True)
+                self.migrate()
+            elif not self.inline:
+                self._wire(self.stores._db, self.stores._redis_arg, inline=True)
+            if self._inline is not None:
+                self._inline.raise_errors = raise_errors
+            yield self
+        finally:
+            runner = self._inline
+            if runner is not None:
+                runner.stop()
+                if runner is own:  # an inline task's own runner: as it was
+                    runner.raise_errors = own_raise
+            keep = ("_stopped", "_stop_requested", "_state_lock")
+            self.__dict__.update({k: v for k, v in saved.items() if k not in keep})
+
+    def _run_inline(self) -> None:
+        """Inline mode: run what is ready now (the caller's push, a retry, a repush)."""
+        if self._inline is not None:
+            self._inline.run_ready()
 
     def __repr__(self) -> str:
         return (
@@ -325,6 +403,8 @@ class Task:
             ids = self._push_in_transaction(jobs, connection)
         if hooks is not None:
             hooks.after_push(jobs, ids)
+        if self._inline is not None and connection is None:
+            self._inline.run_ready()
         return ids
 
     # -- producing from async code ---------------------------------------------------
@@ -390,13 +470,18 @@ class Task:
         # drops only what was pushed inside it.
         inner = connection.get_nested_transaction() or connection.get_transaction()
         pending: list[_Pending] = connection.info.setdefault("meepo_pending", [])
-        pending.append((inner, self.dispatcher, messages))
+        pending.append((inner, self._send_committed, messages))
         if not connection.info.get("meepo_hooked"):
             connection.info["meepo_hooked"] = True
             event.listen(connection, "after_commit", _session_committed)
             event.listen(connection, "after_soft_rollback", _session_rolled_back)
             event.listen(connection, "after_transaction_end", _session_transaction_ended)
         return ids
+
+    def _send_committed(self, messages: list[Message]) -> None:
+        """Dispatch the messages of a caller's committed transaction (inline: run them)."""
+        self.dispatcher.send(messages)
+        self._run_inline()
 
     # -- committing -------------------------------------------------------------------
 
@@ -464,6 +549,8 @@ class Task:
         if st is Status.DOING:
             raise ValueError("commit status must be done, failed or todo, not doing")
         consumer = self._consumer
+        if consumer is None and self._inline is not None:
+            consumer = self._inline.consumer
         held = consumer.held_claim(job_id) if consumer is not None else None
         if commit_id is None:
             if held is None:
@@ -488,6 +575,8 @@ class Task:
         self.dispatcher.commit_one(outcome)
         if self.hooks is not None:
             self.hooks.after_commit(outcome, True)
+        if outcome.status is Status.TODO:
+            self._run_inline()
 
     def repush(self, job_id: int) -> int:
         """Put a job of any status back on the queue as todo (failed_times reset to 0);
@@ -501,6 +590,7 @@ class Task:
             raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
         done, skipped = client.repush(rows, lambda _: self.dispatcher, read)
         if done:
+            self._run_inline()
             return done[0][1].commit_id
         if not skipped:  # deleted meanwhile
             raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
@@ -642,6 +732,11 @@ class Task:
         threads."""
         if self.job_func is None:
             raise ConfigError(f"task {self.task_id!r} has no job_func: it can push but not consume")
+        if self.inline:
+            raise ConfigError(
+                f"task {self.task_id!r} is inline: push() runs its jobs in the pushing "
+                "thread, there are no consumers to start (see docs/testing.md)"
+            )
         with self._state_lock:
             if self._consumer is not None and self._consumer.running:
                 return
@@ -715,6 +810,8 @@ class Task:
         """Stop consuming. With ``wait``, running jobs get ``grace`` seconds
         (``shutdown_grace`` by default) to finish and be committed; returns False if
         some were still running then (the reaper recovers them)."""
+        if self._inline is not None:
+            self._inline.stop()
         with self._state_lock:
             # From here on no delayed start starts consumers. The consumer stays
             # reachable until it has stopped: handlers finishing during the grace period
@@ -799,15 +896,15 @@ def _check_connection(connection: Any) -> None:
 
 #: A transactional push waiting for its session's commit: the innermost transaction it
 #: was pushed in, and what to send.
-_Pending = tuple[Any, Dispatcher, list[Message]]
+_Pending = tuple[Any, Callable[[list[Message]], None], list[Message]]
 
 
 def _session_committed(session: Any) -> None:
     if session.in_nested_transaction():
         return  # a savepoint released: nothing is committed yet
     pending: list[_Pending] = session.info.pop("meepo_pending", [])
-    for _, dispatcher, messages in pending:
-        dispatcher.send(messages)
+    for _, send, messages in pending:
+        send(messages)
 
 
 def _inside(transaction: Any, ancestor: Any) -> bool:

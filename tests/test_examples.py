@@ -27,6 +27,7 @@ KEY_LINES = {
     "delayed": "delayed: every job ran on time, in priority order, exactly as planned",
     "manual_commit": "manual_commit: 100 jobs finished",
     "transactional_push": "transactional_push: 3 committed jobs ran, rolled-back jobs ran: 0",
+    "testing_handlers": "testing_handlers: 6 tests passed, no Redis used",
 }
 
 pytestmark = pytest.mark.timeout(2 * TIMEOUT)
@@ -111,6 +112,25 @@ def test_quickstart_ctrl_c_is_quiet(tmp_path: Path) -> None:
     assert proc.returncode == 130, out
     assert "Traceback" not in out
     assert out.rstrip("\n").splitlines()[-1] == "quickstart: interrupted"
+
+
+def test_testing_handlers_needs_no_redis_at_all(tmp_path: Path) -> None:
+    """The inline example on the embedded default with no redis-server on PATH, as a
+    script and as a pytest module (the plugin's fixtures)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    run_example("testing_handlers", tmp_path, PATH=str(empty))
+    env = child_env(MEEPO_HOME=str(tmp_path / ".meepo"), PATH=str(empty))
+    for name in ("MEEPO_DB_URL", "MEEPO_REDIS_URL"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         str(EXAMPLES / "testing_handlers.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 passed" in proc.stdout
+    assert not (tmp_path / ".meepo" / "redis").exists()
 
 
 @needs_redis_server

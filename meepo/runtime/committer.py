@@ -69,6 +69,9 @@ class Committer(Service):
         self.submit = self.queue.put
         #: Set at shutdown: stop retrying a dead database (the reaper takes over).
         self.abandon = threading.Event()
+        #: No thread of its own (the inline runner): a handler's commit is written in the
+        #: calling thread, by the same group commit, before :meth:`commit` returns.
+        self.synchronous = False
 
     # -- the thread -------------------------------------------------------------------
 
@@ -250,6 +253,8 @@ class Committer(Service):
             )
         fut: Future[bool] = Future()
         self.submit(Commit(outcome, fut))
+        if self.synchronous:  # inline mode: the commit is written before it returns
+            self.run_once()
         return fut
 
     def _commit_directly(self, outcome: Outcome) -> None:

@@ -12,6 +12,8 @@ for a slot to free up. Redis or the database down: logged, retried with backoff.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -51,10 +53,29 @@ class Fetcher(Service):
         self.opts = options
         self.worker = worker
         self._lease = timedelta(seconds=options.lease)
+        #: The key this fetcher's blocking pops watch besides the queues: a stop pushes
+        #: to it (:meth:`request_stop`), so the pop ends at once, not at POP_TIMEOUT.
+        self.wake_key = dispatcher.wake_key(f"{worker}:{os.urandom(6).hex()}")
+        self._blocking = False  # a pop that may block is under way
 
     def wake(self) -> None:
         with self.claims.slot:
             self.claims.slot.notify_all()
+
+    def request_stop(self) -> None:
+        """Stop after this round; a blocking pop under way is ended through the wake key
+        (from another thread: a silent Redis must not hold up the caller)."""
+        super().request_stop()
+        if self._blocking:
+            threading.Thread(
+                target=self._interrupt, name=f"meepo-{self.task_id}-wake", daemon=True
+            ).start()
+
+    def _interrupt(self) -> None:
+        try:
+            self.d.wake(self.wake_key)
+        except MeepoError as exc:  # the pop ends by itself within POP_TIMEOUT
+            log.debug("task %s: could not wake the fetcher: %s", self.task_id, exc)
 
     def tick(self) -> float:
         self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
@@ -80,13 +101,22 @@ class Fetcher(Service):
                 if full_wait > 0:
                     claims.slot.wait(full_wait)
                 return None
-        popped = self.d.pop_and_claim(
-            min(free, MESSAGES_PER_CALL),
-            timeout=timeout,
-            lease=self._lease,
-            worker=self.worker,
-            monotonic=claims.monotonic,
-        )
+        # Flag the pop as blocking before looking at the stop request: a stop that
+        # comes in between sees the flag and wakes it.
+        self._blocking = timeout > 0
+        if self._stop.is_set():
+            timeout = 0.0  # stopping: take what is there, wait for nothing
+        try:
+            popped = self.d.pop_and_claim(
+                min(free, MESSAGES_PER_CALL),
+                timeout=timeout,
+                lease=self._lease,
+                worker=self.worker,
+                monotonic=claims.monotonic,
+                wake=self.wake_key if timeout > 0 else None,
+            )
+        finally:
+            self._blocking = False
         counters = claims.counters
         for m in popped.malformed:
             counters.dropped += 1

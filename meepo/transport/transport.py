@@ -28,6 +28,8 @@ tag, so all of a task's keys share one slot):
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
                       runs the re-dispatch for that epoch, renewed page by page, released
                       if it fails, ``done`` once finished.
+``P{task}:wake:<worker>:<token>``  LIST with a TTL: one consumer's blocking pops watch it
+                      after the queues; its stop RPUSHes to it, so the pop ends at once.
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
@@ -60,6 +62,8 @@ RECOVERY_LOCK_TTL = 15
 MAX_INT64 = 2**63 - 1
 #: Delayed messages moved per promote call.
 PROMOTE_LIMIT = 1000
+#: Seconds a consumer's wake key (see :meth:`Transport.wake`) lives when no pop took it.
+WAKE_TTL = 30
 
 # KEYS: the delayed set, then the task's queues in priority order.
 # ARGV: now (Unix seconds), limit, the index (1-based, into the queues) of the default
@@ -174,6 +178,10 @@ def decode(message: bytes) -> Pair | None:
     return job_id, commit_id
 
 
+def _text(key: Any) -> str:
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -277,10 +285,14 @@ class Transport:
         """Messages for ``pairs`` to the default queue (tests and tools)."""
         self.send([Message(i, c, self.default_priority) for i, c in pairs])
 
-    def pop(self, count: int, timeout: float) -> tuple[str, list[bytes]]:
+    def pop(self, count: int, timeout: float, wake: str | None = None) -> tuple[str, list[bytes]]:
         """Up to ``count`` messages from the first non-empty queue in priority order, and
         that queue's priority; waits up to ``timeout`` seconds (BLPOP/BLMPOP) only when
         all are empty (a BLPOP returns the one message it woke up for).
+
+        ``wake`` (a key from :meth:`wake_key`) is watched last by the blocking pop:
+        :meth:`wake` pushes to it, and the pop returns at once with no message (a
+        stopping consumer does not wait out its pop timeout).
 
         Each pop is sent once, never retried: a pop whose reply was lost (a reset, a
         timeout) may have removed messages on the server, and a retry would return
@@ -289,6 +301,7 @@ class Transport:
         from the ledger: the reaper's sweep re-sends their rows once their dispatch
         deadline (``zombie_timeout``) has passed."""
         keys = self._pop_keys
+        waiting = keys if wake is None else [*keys, wake]
         with self._errors("pop (sent once; messages it may have taken are re-sent by the sweep)"):
             got: Any
             if len(keys) == 1:
@@ -298,19 +311,35 @@ class Transport:
                     return prio, list(got)
                 if timeout <= 0:
                     return prio, []
-                one: Any = self._once(timeout, "BLPOP", *keys, timeout)
+                one: Any = self._once(timeout, "BLPOP", *waiting, timeout)
+                if not one or _text(one[0]) == wake:
+                    return prio, []
                 # The one message that woke us goes to its claim at once (an idle
                 # queue's latency); if more came, the next call's LPOP takes them.
-                return prio, [one[1]] if one else []
+                return prio, [one[1]]
             got = self._once(0, "LMPOP", len(keys), *keys, "LEFT", "COUNT", count)
             if not got and timeout > 0:
                 got = self._once(
-                    timeout, "BLMPOP", timeout, len(keys), *keys, "LEFT", "COUNT", count
+                    timeout, "BLMPOP", timeout, len(waiting), *waiting, "LEFT", "COUNT", count
                 )
-            if not got:
+            if not got or _text(got[0]) == wake:
                 return self.default_priority, []
-            key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
-            return self._key_priority[key], list(got[1])
+            return self._key_priority[_text(got[0])], list(got[1])
+
+    def wake_key(self, token: str) -> str:
+        """A key of this task's (same hash slot) that one consumer's blocking pops watch
+        besides its queues: see :meth:`wake`. ``token`` names the consumer."""
+        return f"{self._base}:wake:{token}"
+
+    def wake(self, key: str) -> None:
+        """End the blocking pop watching ``key`` now (it returns no message). The key
+        expires by itself (WAKE_TTL) if no pop was waiting: at most one later pop then
+        returns early, with nothing lost."""
+        with self._errors("wake"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(key, b"1")
+            pipe.expire(key, WAKE_TTL)
+            pipe.execute()
 
     def _once(self, block: float, *args: Any) -> Any:
         """Send one command exactly once on a pooled connection and read its raw reply
