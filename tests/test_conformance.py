@@ -879,3 +879,74 @@ def test_each_driver_runs_its_own_claim_form(ledger: Ledger) -> None:
         assert not any("FORCE INDEX" in s or "ANY(" in s for s in seen), seen
     else:
         assert any(mark in s for s in seen), seen
+
+
+# -- round trips of the hot path (MariaDB) ----------------------------------------------
+
+
+@contextlib.contextmanager
+def mysql_round_trips() -> Iterator[list[int]]:
+    """Counts the commands PyMySQL sends (each a round trip: a query or a script,
+    COMMIT, ROLLBACK, a ping), by wrapping the method that sends them."""
+    from pymysql.connections import Connection as PyMySQLConnection
+
+    sent = [0]
+    original = PyMySQLConnection._execute_command
+
+    def counted(self: Any, command: int, sql: Any) -> Any:
+        sent[0] += 1
+        return original(self, command, sql)
+
+    PyMySQLConnection._execute_command = counted  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        PyMySQLConnection._execute_command = original  # type: ignore[method-assign]
+
+
+def test_the_mysql_drivers_hot_path_is_one_round_trip_each(sqlite_url: str) -> None:
+    """claim, heartbeat (renewed, skipped and lost leases alike), start and commit each
+    send one packet on MariaDB."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    ids = push(ledger, task_id, 4)
+    ledger.claim(task_id, [(ids[0], 0)], lease=LEASE, worker="w")  # a warm connection
+    with mysql_round_trips() as sent:
+        jobs = ledger.claim(task_id, [(i, 0) for i in ids[1:]], lease=LEASE, worker="w")
+    assert (len(jobs), sent[0]) == (3, 1)
+    pa, pb, pc = [(j.id, j.commit_id) for j in jobs]
+    ledger.finish([Outcome(*pc, Status.DONE)], now=host_now(), redispatch_timeout=TIMEOUT)
+    with row_locked(ledger, pb[0]):
+        ledger.heartbeat([pa], lease=LEASE)  # a second pooled connection, warm
+        with mysql_round_trips() as sent:
+            renewal = within_deadline(lambda: ledger.heartbeat([pa, pb, pc], lease=LEASE), "beat")
+    assert (renewal.renewed, renewal.skipped, renewal.lost, sent[0]) == ({pa}, {pb}, {pc}, 1)
+    with mysql_round_trips() as sent:
+        assert ledger.start([pa, pb], now=None) == 2
+    assert sent[0] == 1
+    with mysql_round_trips() as sent:
+        won = ledger.finish(
+            [Outcome(*pa, Status.DONE), Outcome(*pb, Status.FAILED, "x")],
+            now=host_now(),
+            redispatch_timeout=TIMEOUT,
+        )
+    assert (won, sent[0]) == ({pa, pb}, 1)
+
+
+def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) -> None:
+    """The renewal names only the rows its locking read took: a skipped row keeps its
+    lease end, a renewed one gets the new one, and a heartbeat of nothing current
+    changes nothing."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    pa, pb = claim(ledger, task_id, push(ledger, task_id, 2))
+    before = {p: ledger.get(p[0]).expires_at for p in (pa, pb)}  # type: ignore[union-attr]
+    with row_locked(ledger, pb[0]):
+        renewal = within_deadline(lambda: ledger.heartbeat([pa, pb], lease=10 * LEASE), "heartbeat")
+    assert (renewal.renewed, renewal.skipped) == ({pa}, {pb})
+    after = {p: ledger.get(p[0]).expires_at for p in (pa, pb)}  # type: ignore[union-attr]
+    assert after[pb] == before[pb]
+    assert after[pa] is not None and before[pa] is not None and after[pa] > before[pa]
+    stale = [(pa[0], pa[1] + 1), (pb[0], pb[1] + 1)]
+    assert ledger.heartbeat(stale, lease=LEASE).lost == set(stale)
+    assert {p: ledger.get(p[0]).expires_at for p in (pa, pb)} == after  # type: ignore[union-attr]
