@@ -297,7 +297,9 @@ class Dispatcher:
         queues (shutdown), without counting a failure."""
         now = self.clock()
         won = self.ledger.release(
-            [(i, c) for i, c, _ in jobs], now=now, expires_at=now + self.redispatch_timeout
+            [(i, c) for i, c, _ in jobs],
+            now=now,
+            dispatch_deadline=now + self.redispatch_timeout,
         )
         prio = {i: p for i, _, p in jobs}
         sent = [Message(i, c + 1, prio[i]) for i, c in sorted(won)]

@@ -233,7 +233,7 @@ class LedgerDriver(Protocol):
         ...
 
     def mark_due(self, pairs: Sequence[Pair], never: datetime) -> None:
-        """Set the dispatch deadline of current todo rows to ``never`` (due for the
+        """Set ``dispatch_deadline`` of current todo rows to ``never`` (due for the
         dispatch sweep)."""
         ...
 
@@ -282,7 +282,8 @@ class LedgerDriver(Protocol):
 
     def lock_current(self, conn: Connection, ids: Sequence[int], status: Status) -> list[Row[Any]]:
         """Lock the rows of ``ids`` still in ``status``, skipping locked ones (FOR UPDATE
-        SKIP LOCKED by primary key); each with id, commit_id, expires_at, started_at."""
+        SKIP LOCKED by primary key); each with id, commit_id, expires_at,
+        dispatch_deadline, started_at."""
         ...
 
     def update_locked(
@@ -315,7 +316,7 @@ class LedgerDriver(Protocol):
     def todo_page(
         self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
     ) -> list[tuple[Message, datetime]]:
-        """Recovery: a page of todo rows in (expires_at, id) order after ``after``."""
+        """Recovery: a page of todo rows in (dispatch_deadline, id) order after ``after``."""
         ...
 
     # admin -------------------------------------------------------------------------------

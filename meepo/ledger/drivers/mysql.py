@@ -320,6 +320,7 @@ class MySQLDriver(PortableDriver):
             "status": Status.DOING.value,
             "updated_at": Raw("@now"),
             "expires_at": Raw(f"@now + INTERVAL {int(micros)} MICROSECOND"),
+            "dispatch_deadline": Raw("NULL"),  # a doing row has a lease, not a deadline
             "worker": worker,
             "started_at": None,  # an attempt is a run: this claim has not started
         }
