@@ -428,10 +428,10 @@ class Dispatcher:
         moved and when the next one is due (Unix seconds), if any."""
         return self.transport.promote(now)
 
-    def check_transport(self, zombie_timeout: float) -> bool:
+    def check_transport(self, redispatch_timeout: float) -> bool:
         """Warn (once per process and server) about Redis settings that lose queue keys;
         False if Redis could not be reached (try again later)."""
-        return check_redis_config(self.transport, zombie_timeout)
+        return check_redis_config(self.transport, redispatch_timeout)
 
 
 def _messages(jobs: Sequence[NewJob], inserted: Sequence[Inserted]) -> list[Message]:

@@ -127,7 +127,6 @@ class Task:
         #: The installed middleware (None without any: the runtime then skips every hook).
         self.hooks = Hooks.build(self, opts.middleware)
         self._clock_given = clock is not None
-        timeout = self.options.zombie_timeout
         prios = self.options.priorities
 
         # The stores: one table and its Redis keys, opened as Admin opens them.
@@ -146,8 +145,8 @@ class Task:
         # replaces it everywhere).
         self.clock = self.stores.clock
         self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
-        lease_timeout = timedelta(seconds=timeout)
-        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
+        redispatch_timeout = timedelta(seconds=self.options.redispatch_timeout)
+        self.dispatcher = self.stores.dispatcher(self.transport, redispatch_timeout)
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
         # task.engine connections never starve them (docs/design.md invariant 9).
@@ -157,7 +156,7 @@ class Task:
         self.service_dispatcher = (
             self.dispatcher
             if service_ledger is self.ledger
-            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
+            else self.stores.dispatcher(self.transport, redispatch_timeout, ledger=service_ledger)
         )
         self._consumer: Consumer | None = None
         self._reaper: Reaper | None = None

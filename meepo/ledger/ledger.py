@@ -174,7 +174,7 @@ class Ledger:
         task_id: str,
         job: NewJob,
         now: datetime,
-        timeout: timedelta,
+        redispatch_timeout: timedelta,
         never_dispatched: bool,
     ) -> dict[str, Any]:
         due = job.run_at or now
@@ -187,7 +187,9 @@ class Ledger:
             "created_at": now,
             "updated_at": now,
             "run_at": due,
-            "dispatch_deadline": NEVER_DISPATCHED if never_dispatched else max(due, now) + timeout,
+            "dispatch_deadline": (
+                NEVER_DISPATCHED if never_dispatched else max(due, now) + redispatch_timeout
+            ),
             "priority": job.priority,
         }
 
@@ -197,18 +199,20 @@ class Ledger:
         task_id: str,
         jobs: Sequence[NewJob],
         now: datetime,
-        timeout: timedelta,
+        redispatch_timeout: timedelta,
         never_dispatched: bool,
     ) -> list[Inserted]:
         out: list[Inserted | None] = [None] * len(jobs)
         plain = [i for i, j in enumerate(jobs) if j.key is None]
-        rows = [self._row(task_id, jobs[i], now, timeout, never_dispatched) for i in plain]
+        rows = [
+            self._row(task_id, jobs[i], now, redispatch_timeout, never_dispatched) for i in plain
+        ]
         ids = self.driver.insert_rows(conn, rows) if rows else []
         for i, job_id in zip(plain, ids, strict=True):
             out[i] = Inserted(job_id, True)
         for i, job in enumerate(jobs):
             if job.key is not None:
-                row = self._row(task_id, job, now, timeout, never_dispatched)
+                row = self._row(task_id, job, now, redispatch_timeout, never_dispatched)
                 out[i] = self._insert_keyed(conn, task_id, job, row, now)
         return [x for x in out if x is not None]
 
@@ -326,7 +330,9 @@ class Ledger:
             return 0
         return self.driver.start(want, now=now)
 
-    def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
+    def _outcome_values(
+        self, o: Outcome, now: datetime, redispatch_timeout: timedelta
+    ) -> dict[str, Any]:
         # A commit ends a run: it records the start if the consumer's mark did not.
         # It ends the lease (expires_at); a doing row has no dispatch_deadline (the
         # claim cleared it), so only a todo outcome sets one.
@@ -345,8 +351,8 @@ class Ledger:
             values["last_error"] = _error_text(o.error)
             values["run_at"] = due
             # The caller sends it (to the delayed set if due later); the sweep re-sends
-            # it if it is still unclaimed ``lease`` after it was due.
-            values["dispatch_deadline"] = max(due, now) + lease
+            # it if it is still unclaimed ``redispatch_timeout`` after it was due.
+            values["dispatch_deadline"] = max(due, now) + redispatch_timeout
         return values
 
     def finish(
