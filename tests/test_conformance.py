@@ -932,6 +932,38 @@ def _schedule(ledger: Ledger) -> tuple[Any, dict[str, Any]]:
     return rec, values
 
 
+def test_schedule_declarations_are_keyed_and_redeclared_by_compare_and_set(
+    ledger: Ledger,
+) -> None:
+    """A second declaration of one (task, name) is refused by the key; a redeclaration
+    wins only against the row as it was read (its updated_at); get, list and delete."""
+    d = ledger.driver
+    task_id = unique_task_id("cf")
+    now = host_now()
+    row = {
+        "task_id": task_id, "name": "tick", "kind": "every", "expr": "60", "tz": "UTC",
+        "payload": b"p", "priority": "default", "start_at": None, "until_at": None,
+        "misfire": "one", "next_fire_at": now, "last_fire_at": None, "created_at": now,
+        "updated_at": now,
+    }  # fmt: skip
+    assert d.insert_schedule(row) is True
+    assert d.insert_schedule({**row, "expr": "30"}) is False
+    rec = d.get_schedule(task_id, "tick")
+    assert rec is not None and (rec.expr, rec.updated_at) == ("60", now)
+    later = now + timedelta(seconds=1)
+    stale = now - timedelta(seconds=1)
+    assert d.redeclare_schedule(task_id, "tick", stale, {"expr": "5", "updated_at": later}) is False
+    assert d.redeclare_schedule(task_id, "tick", now, {"expr": "30", "updated_at": later}) is True
+    assert d.redeclare_schedule(task_id, "tick", now, {"expr": "5", "updated_at": later}) is False
+    assert d.insert_schedule({**row, "name": "tock"}) is True
+    got = [(r.name, r.expr) for r in d.list_schedules(task_id)]
+    assert got == [("tick", "30"), ("tock", "60")]
+    assert any(r.task_id == task_id for r in d.list_schedules(None))
+    assert d.delete_schedule(task_id, "tick") is True
+    assert d.delete_schedule(task_id, "tick") is False
+    assert d.get_schedule(task_id, "tick") is None
+
+
 def test_a_schedule_fire_time_is_won_once(ledger: Ledger) -> None:
     rec, values = _schedule(ledger)
     with ledger.begin() as conn:

@@ -366,3 +366,26 @@ class LedgerDriver(Protocol):
         updated_at) as ``rec`` read them, in the caller's transaction (the one that
         inserts the fired jobs); True if this call won."""
         ...
+
+    def insert_schedule(self, row: dict[str, Any]) -> bool:
+        """INSERT a schedule declaration; False when its (task_id, name) exists."""
+        ...
+
+    def redeclare_schedule(
+        self, task_id: str, name: str, updated_at: datetime, values: dict[str, Any]
+    ) -> bool:
+        """Redeclaration: compare-and-set of a schedule row on ``updated_at``; True if
+        this call won."""
+        ...
+
+    def delete_schedule(self, task_id: str, name: str) -> bool:
+        """DELETE one schedule; True if it existed."""
+        ...
+
+    def get_schedule(self, task_id: str, name: str) -> ScheduleRecord | None:
+        """One schedule, by (task_id, name)."""
+        ...
+
+    def list_schedules(self, task_id: str | None) -> list[ScheduleRecord]:
+        """Every schedule of the table, or of one task, by task and name."""
+        ...

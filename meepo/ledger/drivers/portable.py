@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Update,
     and_,
+    delete,
     func,
     insert,
     literal_column,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from ...records import Job, JobRecord, Message, Pair, ScheduleRecord, Status
@@ -864,3 +866,51 @@ class PortableDriver:
                 .values(**values)
             )
         return int(result.rowcount) == 1
+
+    def insert_schedule(self, row: dict[str, Any]) -> bool:
+        """INSERT a schedule declaration; False when ``(task_id, name)`` exists (another
+        process declared it first)."""
+        with translate_errors(self.url, self.schedules.name):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(self.schedules).values(**row))
+            except IntegrityError:
+                return False
+        return True
+
+    def redeclare_schedule(
+        self, task_id: str, name: str, updated_at: datetime, values: dict[str, Any]
+    ) -> bool:
+        """Redeclaration: compare-and-set of a schedule row on ``updated_at`` as it was
+        read; True if this call won."""
+        s = self.schedules
+        with self.begin() as conn:
+            result = conn.execute(
+                update(s)
+                .where(s.c.task_id == task_id, s.c.name == name, s.c.updated_at == updated_at)
+                .values(**values)
+            )
+        return int(result.rowcount) == 1
+
+    def delete_schedule(self, task_id: str, name: str) -> bool:
+        """DELETE one schedule; True if it existed."""
+        s = self.schedules
+        with self.begin() as conn:
+            result = conn.execute(delete(s).where(s.c.task_id == task_id, s.c.name == name))
+        return int(result.rowcount) > 0
+
+    def get_schedule(self, task_id: str, name: str) -> ScheduleRecord | None:
+        """One schedule, by its key."""
+        s = self.schedules
+        with self.begin() as conn:
+            row = conn.execute(select(s).where(s.c.task_id == task_id, s.c.name == name)).first()
+        return None if row is None else schedule_record(row)
+
+    def list_schedules(self, task_id: str | None) -> list[ScheduleRecord]:
+        """Every schedule of the table (or of one task), by task and name."""
+        s = self.schedules
+        stmt = select(s).order_by(s.c.task_id, s.c.name)
+        if task_id is not None:
+            stmt = stmt.where(s.c.task_id == task_id)
+        with self.begin() as conn:
+            return [schedule_record(r) for r in conn.execute(stmt)]
