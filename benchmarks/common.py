@@ -149,7 +149,7 @@ def analyze(engine: Engine, table: str) -> None:
     """Refresh the planner's statistics of ``table``.
 
     Without it, PostgreSQL plans the claim on a table filled since its last ANALYZE
-    with the (task_id, status, expires_at) index instead of the primary key, scanning
+    with the (task_id, status, …) task index instead of the primary key, scanning
     every todo row per statement: drains then measure autovacuum's timing."""
     with engine.begin() as conn:
         if conn.dialect.name == "mysql":

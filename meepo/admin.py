@@ -164,6 +164,7 @@ def record_dict(rec: JobRecord) -> dict[str, Any]:
         "updated_at": when(rec.updated_at),
         "run_at": when(rec.run_at),
         "expires_at": when(rec.expires_at),
+        "dispatch_deadline": when(rec.dispatch_deadline),
         "worker": rec.worker,
         "last_error": rec.last_error,
         "payload": rec.payload.decode("utf-8", errors="backslashreplace"),

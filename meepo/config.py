@@ -344,7 +344,10 @@ class Options:
     auto_commit: bool = True
     zombie_dst_status: Status = Status.TODO
     zombie_period: float = 20.0
-    zombie_timeout: float = 20.0
+    #: ``Task(zombie_timeout=)``: how long after a todo job is due its message may be
+    #: lost before the dispatch sweep sends it again (the row's dispatch_deadline), and
+    #: the default lease. One name inside meepo (docs/design.md, "Timeouts").
+    redispatch_timeout: float = 20.0
     zombie_limit: int = 1000
     lease: float = 20.0
     prefetch: int = 40  # PREFETCH_PER_THREAD x parallel_num unless given
@@ -355,6 +358,11 @@ class Options:
     priorities: tuple[str, ...] = DEFAULT_PRIORITIES
     promote_interval: float = 0.05
     job_timeout: float | None = None  # seconds a handler may run; None: no limit
+
+    @property
+    def zombie_timeout(self) -> float:
+        """:attr:`redispatch_timeout` under the name of ``Task``'s parameter."""
+        return self.redispatch_timeout
 
     @property
     def heartbeat_interval(self) -> float:

@@ -312,7 +312,9 @@ class Dispatcher:
         queues (shutdown), without counting a failure."""
         now = self.clock()
         won = self.ledger.release(
-            [(i, c) for i, c, _ in jobs], now=now, expires_at=now + self.redispatch_timeout
+            [(i, c) for i, c, _ in jobs],
+            now=now,
+            dispatch_deadline=now + self.redispatch_timeout,
         )
         prio = {i: p for i, _, p in jobs}
         sent = [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
@@ -441,10 +443,10 @@ class Dispatcher:
         moved and when the next one is due (Unix seconds), if any."""
         return self.transport.promote(now)
 
-    def check_transport(self, zombie_timeout: float) -> bool:
+    def check_transport(self, redispatch_timeout: float) -> bool:
         """Warn (once per process and server) about Redis settings that lose queue keys;
         False if Redis could not be reached (try again later)."""
-        return check_redis_config(self.transport, zombie_timeout)
+        return check_redis_config(self.transport, redispatch_timeout)
 
 
 def _messages(jobs: Sequence[NewJob], inserted: Sequence[Inserted]) -> list[Message]:

@@ -88,7 +88,7 @@ class TaskOptions:
         if dst is Status.DOING:
             raise ConfigError("zombie_dst_status must be todo, done or failed, not doing")
         parallel = config.positive_int(parallel_num, "parallel_num")
-        timeout = config.seconds(zombie_timeout, "zombie_timeout")
+        redispatch_timeout = config.seconds(zombie_timeout, "zombie_timeout")
         prios = config.check_priorities(priorities)
         if default_priority is None:
             default_priority = DEFAULT_PRIORITY if DEFAULT_PRIORITY in prios else prios[0]
@@ -105,9 +105,9 @@ class TaskOptions:
             auto_commit=bool(auto_commit),
             zombie_dst_status=dst,
             zombie_period=config.seconds(zombie_period, "zombie_period"),
-            zombie_timeout=timeout,
+            redispatch_timeout=redispatch_timeout,
             zombie_limit=config.positive_int(zombie_limit, "zombie_limit"),
-            lease=timeout if lease is None else config.seconds(lease, "lease"),
+            lease=redispatch_timeout if lease is None else config.seconds(lease, "lease"),
             prefetch=(
                 config.PREFETCH_PER_THREAD * parallel
                 if prefetch is None

@@ -74,6 +74,7 @@ class Job:
     commit_id: int
     priority: str = DEFAULT_PRIORITY
     orphaned_claims: int = 0
+    dispatch_deadline: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class JobRecord:
     ``started_at``: when the current (or last) claim's handler began; None while a
     claim has not started (or its start is not recorded yet). ``orphaned_claims``:
     claims whose lease expired before the handler started (requeued uncharged).
+    ``expires_at``: a doing job's lease end (None in other statuses).
+    ``dispatch_deadline``: a todo job's redispatch deadline, after which the dispatch
+    sweep sends its message again (None in other statuses).
     """
 
     id: int
@@ -126,6 +130,7 @@ class JobRecord:
     priority: str = DEFAULT_PRIORITY
     started_at: datetime | None = None
     orphaned_claims: int = 0
+    dispatch_deadline: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class Task:
         the transport, the dispatchers and the services' stores. ``inline``: an
         in-process transport and an inline runner; no Redis client is made."""
         prios = self.options.priorities
-        lease_timeout = timedelta(seconds=self.options.zombie_timeout)
+        redispatch_timeout = timedelta(seconds=self.options.redispatch_timeout)
         self.stores = Stores(
             db,
             redis,
@@ -192,7 +192,7 @@ class Task:
         else:
             self.stores.redis  # noqa: B018  made now: a bad URL fails here, not at a push
             self.transport = self.stores.transport(self.task_id, prios, self.default_priority)
-        self.dispatcher = self.stores.dispatcher(self.transport, lease_timeout)
+        self.dispatcher = self.stores.dispatcher(self.transport, redispatch_timeout)
         # meepo's own threads (claim, committer, heartbeat, reaper, scheduler) run on a
         # pool of their own, every wait bounded from the lease: handlers holding
         # task.engine connections never starve them (docs/design.md invariant 9).
@@ -202,7 +202,7 @@ class Task:
         self.service_dispatcher = (
             self.dispatcher
             if service_ledger is self.ledger
-            else self.stores.dispatcher(self.transport, lease_timeout, ledger=service_ledger)
+            else self.stores.dispatcher(self.transport, redispatch_timeout, ledger=service_ledger)
         )
         self._reaper: Reaper | None = None
         self._promoter: Promoter | None = None

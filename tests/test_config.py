@@ -267,7 +267,8 @@ def test_task_rejects_bad_options(kwargs: dict[str, Any]) -> None:
 
 def test_task_accepts_timedeltas_and_derives_defaults() -> None:
     task = dead(zombie_timeout=timedelta(seconds=3), parallel_num=4, zombie_dst_status="FAILED")
-    assert task.options.zombie_timeout == 3.0
+    assert task.options.redispatch_timeout == 3.0
+    assert task.options.zombie_timeout == 3.0  # the parameter's name reads it too
     assert task.options.lease == 3.0  # the lease defaults to zombie_timeout
     assert task.options.prefetch == 16  # and prefetch to 4 x parallel_num
     assert task.options.zombie_dst_status is Status.FAILED

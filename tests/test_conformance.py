@@ -311,7 +311,13 @@ def test_a_claim_repeated_after_a_lost_commit_gets_another_token(ledger: Ledger)
         conn.execute(
             update(t)
             .where(t.c.id == job_id)
-            .values(status="todo", commit_id=0, expires_at=before.expires_at, worker=None)
+            .values(
+                status="todo",
+                commit_id=0,
+                expires_at=None,
+                dispatch_deadline=before.dispatch_deadline,
+                worker=None,
+            )
         )
     ((_, second),) = claim(ledger, task_id, [job_id])
     assert first != second
@@ -362,6 +368,111 @@ def test_claim_and_heartbeat_set_the_lease_by_the_database_clock(ledger: Ledger)
     assert ledger.expired_leases(task_id, limit=10) == []
     late = rec.expires_at + timedelta(seconds=1)
     assert [z.id for z in ledger.expired_leases(task_id, limit=10, now=late)] == [job_id]
+
+
+# -- the two deadlines ---------------------------------------------------------------
+
+
+def deadlines(ledger: Ledger, job_id: int) -> tuple[Status, bool, bool]:
+    """A row's status and which deadlines it has: (lease end, dispatch deadline)."""
+    rec = ledger.get(job_id)
+    assert rec is not None
+    return rec.status, rec.expires_at is not None, rec.dispatch_deadline is not None
+
+
+#: What each status holds: a lease end while doing, a dispatch deadline while todo,
+#: neither once finished.
+HOLDS = {
+    Status.TODO: (Status.TODO, False, True),
+    Status.DOING: (Status.DOING, True, False),
+    Status.DONE: (Status.DONE, False, False),
+    Status.FAILED: (Status.FAILED, False, False),
+}
+
+
+def test_a_lease_is_held_only_while_doing_and_a_dispatch_deadline_only_while_todo(
+    ledger: Ledger,
+) -> None:
+    """Every transition leaves a row with the deadline of its new status only: push,
+    claim, heartbeat, a retry's commit, release, the reaper's requeue and close, the
+    sweep, repush, and the final commits."""
+    task_id = unique_task_id("cf")
+    a, b, c = push(ledger, task_id, 3)
+    now = host_now()
+    assert deadlines(ledger, a) == HOLDS[Status.TODO]
+    pa, pb, pc = claim(ledger, task_id, [a, b, c], now=now)
+    assert deadlines(ledger, a) == HOLDS[Status.DOING]
+    ledger.heartbeat([pa], lease=LEASE)
+    assert deadlines(ledger, a) == HOLDS[Status.DOING]
+    won = ledger.finish(
+        [Outcome(*pa, Status.TODO, "again", run_at=now)], now=now, redispatch_timeout=TIMEOUT
+    )
+    assert won == {pa} and deadlines(ledger, a) == HOLDS[Status.TODO]
+    assert ledger.release([pb], now=now, dispatch_deadline=now + TIMEOUT) == {pb}
+    assert deadlines(ledger, b) == HOLDS[Status.TODO]
+    late = now + LEASE + timedelta(seconds=1)
+    ledger.start([pc], now=now)
+    (zombie,) = ledger.expired_leases(task_id, limit=10, now=late)
+    reaped = ledger.reap(
+        [zombie], dst=Status.TODO, max_failed_times=5, redispatch_timeout=TIMEOUT, now=late
+    )
+    assert [m.job_id for m in reaped.requeued] == [c]
+    assert deadlines(ledger, c) == HOLDS[Status.TODO]
+    ledger.mark_due([(c, pc[1] + 1)])
+    swept = ledger.sweep(
+        task_id, now=late, cutoffs={"default": late}, limit=10, redispatch_timeout=TIMEOUT
+    )
+    assert [m.job_id for m in swept] == [c] and deadlines(ledger, c) == HOLDS[Status.TODO]
+    pairs = claim_current(ledger, task_id, [a, b, c], now=late)
+    ledger.start([pairs[2]], now=late)
+    later = late + LEASE + timedelta(seconds=1)
+    (zombie,) = [z for z in ledger.expired_leases(task_id, limit=10, now=later) if z.id == c]
+    reaped = ledger.reap(
+        [zombie], dst=Status.TODO, max_failed_times=1, redispatch_timeout=TIMEOUT, now=later
+    )
+    assert reaped.closed == 1 and deadlines(ledger, c) == HOLDS[Status.FAILED]
+    won = ledger.finish(
+        [Outcome(*pairs[0], Status.DONE), Outcome(*pairs[1], Status.FAILED, "x")],
+        now=later,
+        redispatch_timeout=TIMEOUT,
+    )
+    assert won == set(pairs[:2])
+    assert deadlines(ledger, a) == HOLDS[Status.DONE]
+    assert deadlines(ledger, b) == HOLDS[Status.FAILED]
+    current = [(r[0], r[2]) for r in ledger.find(task_id=task_id)]
+    moved = ledger.repush(current, now=later, redispatch_timeout=TIMEOUT)
+    assert sorted(m.job_id for m in moved) == [a, b, c]
+    assert {deadlines(ledger, i) for i in (a, b, c)} == {HOLDS[Status.TODO]}
+
+
+def claim_current(ledger: Ledger, task_id: str, ids: Sequence[int], **kw: Any) -> list[Pair]:
+    """Claim rows at their current commit_id; their new pairs, by id."""
+    pairs = [(r[0], r[2]) for r in ledger.find(task_id=task_id, ids=ids)]
+    got = ledger.claim(task_id, pairs, lease=LEASE, worker="w", **kw)
+    assert [j.id for j in got] == sorted(ids)
+    return [(j.id, j.commit_id) for j in got]
+
+
+def test_the_reaper_reads_leases_only_and_the_sweep_dispatch_deadlines_only(
+    ledger: Ledger,
+) -> None:
+    """A todo row whose dispatch deadline passed is no zombie, and a doing row whose
+    lease expired is not swept: each scan reads its own column."""
+    task_id = unique_task_id("cf")
+    todo, doing = push(ledger, task_id, 2)
+    now = host_now()
+    ledger.mark_due([(todo, 0)])  # overdue since the epoch
+    (pd,) = claim(ledger, task_id, [doing], now=now)
+    late = now + LEASE + TIMEOUT + timedelta(seconds=1)
+    assert [z.id for z in ledger.expired_leases(task_id, limit=10, now=late)] == [doing]
+    swept = ledger.sweep(
+        task_id, now=late, cutoffs={"default": late}, limit=10, redispatch_timeout=TIMEOUT
+    )
+    assert [m.job_id for m in swept] == [todo]
+    assert state(ledger, doing) == (Status.DOING, pd[1])
+    assert ledger.dispatch_deadlines([pd]) == {}
+    page = ledger.todo_page(task_id, after=None, limit=10)
+    assert [m.job_id for m, _ in page] == [todo]
 
 
 # -- heartbeat and start marks ------------------------------------------------------------
@@ -464,7 +575,7 @@ def test_group_commit_applies_exactly_the_current_outcomes(ledger: Ledger) -> No
         "again",
         retry_at,
     )
-    assert rc.expires_at == retry_at + TIMEOUT
+    assert (rc.expires_at, rc.dispatch_deadline) == (None, retry_at + TIMEOUT)
     assert (rd.status, rd.commit_id) == (Status.DOING, pd[1])
     assert (re_.status, re_.commit_id) == (Status.TODO, 0)
     # the same commit again is stale as a whole
@@ -476,7 +587,7 @@ def test_release_puts_unstarted_claims_back_uncharged(ledger: Ledger) -> None:
     a, b = push(ledger, task_id, 2)
     pa, pb = claim(ledger, task_id, [a, b])
     now = host_now()
-    won = ledger.release([pa, (b, pb[1] + 1)], now=now, expires_at=now + TIMEOUT)
+    won = ledger.release([pa, (b, pb[1] + 1)], now=now, dispatch_deadline=now + TIMEOUT)
     assert won == {pa}
     rec = ledger.get(a)
     assert rec is not None and (rec.status, rec.commit_id, rec.failed_times) == (
@@ -569,7 +680,8 @@ def test_reap_applies_the_zombie_policy(ledger: Ledger) -> None:
     assert (rs.status, rs.failed_times, rs.orphaned_claims) == (Status.TODO, 1, 0)
     assert (ru.status, ru.failed_times, ru.orphaned_claims) == (Status.TODO, 0, 1)
     assert (rl.status, rl.failed_times) == (Status.FAILED, 3)
-    assert rs.expires_at == late + TIMEOUT
+    assert (rs.expires_at, rs.dispatch_deadline) == (None, late + TIMEOUT)
+    assert (rl.expires_at, rl.dispatch_deadline) == (None, None)
 
 
 def test_reap_rechecks_the_lease_under_its_lock(ledger: Ledger) -> None:
@@ -687,7 +799,7 @@ def test_sweep_redispatches_todo_rows_past_their_deadline_only(ledger: Ledger) -
     assert state(ledger, waiting) == (Status.TODO, 0)
     assert state(ledger, later.id) == (Status.TODO, 0)
     rec = ledger.get(lost[0])
-    assert rec is not None and rec.expires_at == now + TIMEOUT
+    assert rec is not None and (rec.expires_at, rec.dispatch_deadline) == (None, now + TIMEOUT)
     # swept rows have a deadline again: a second sweep leaves them
     assert (
         ledger.sweep(
@@ -841,6 +953,38 @@ def _schedule(ledger: Ledger) -> tuple[Any, dict[str, Any]]:
     return rec, values
 
 
+def test_schedule_declarations_are_keyed_and_redeclared_by_compare_and_set(
+    ledger: Ledger,
+) -> None:
+    """A second declaration of one (task, name) is refused by the key; a redeclaration
+    wins only against the row as it was read (its updated_at); get, list and delete."""
+    d = ledger.driver
+    task_id = unique_task_id("cf")
+    now = host_now()
+    row = {
+        "task_id": task_id, "name": "tick", "kind": "every", "expr": "60", "tz": "UTC",
+        "payload": b"p", "priority": "default", "start_at": None, "until_at": None,
+        "misfire": "one", "next_fire_at": now, "last_fire_at": None, "created_at": now,
+        "updated_at": now,
+    }  # fmt: skip
+    assert d.insert_schedule(row) is True
+    assert d.insert_schedule({**row, "expr": "30"}) is False
+    rec = d.get_schedule(task_id, "tick")
+    assert rec is not None and (rec.expr, rec.updated_at) == ("60", now)
+    later = now + timedelta(seconds=1)
+    stale = now - timedelta(seconds=1)
+    assert d.redeclare_schedule(task_id, "tick", stale, {"expr": "5", "updated_at": later}) is False
+    assert d.redeclare_schedule(task_id, "tick", now, {"expr": "30", "updated_at": later}) is True
+    assert d.redeclare_schedule(task_id, "tick", now, {"expr": "5", "updated_at": later}) is False
+    assert d.insert_schedule({**row, "name": "tock"}) is True
+    got = [(r.name, r.expr) for r in d.list_schedules(task_id)]
+    assert got == [("tick", "30"), ("tock", "60")]
+    assert any(r.task_id == task_id for r in d.list_schedules(None))
+    assert d.delete_schedule(task_id, "tick") is True
+    assert d.delete_schedule(task_id, "tick") is False
+    assert d.get_schedule(task_id, "tick") is None
+
+
 def test_a_schedule_fire_time_is_won_once(ledger: Ledger) -> None:
     rec, values = _schedule(ledger)
     with ledger.begin() as conn:
@@ -900,3 +1044,74 @@ def test_each_driver_runs_its_own_claim_form(ledger: Ledger) -> None:
         assert not any("FORCE INDEX" in s or "ANY(" in s for s in seen), seen
     else:
         assert any(mark in s for s in seen), seen
+
+
+# -- round trips of the hot path (MariaDB) ----------------------------------------------
+
+
+@contextlib.contextmanager
+def mysql_round_trips() -> Iterator[list[int]]:
+    """Counts the commands PyMySQL sends (each a round trip: a query or a script,
+    COMMIT, ROLLBACK, a ping), by wrapping the method that sends them."""
+    from pymysql.connections import Connection as PyMySQLConnection
+
+    sent = [0]
+    original = PyMySQLConnection._execute_command
+
+    def counted(self: Any, command: int, sql: Any) -> Any:
+        sent[0] += 1
+        return original(self, command, sql)
+
+    PyMySQLConnection._execute_command = counted  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        PyMySQLConnection._execute_command = original  # type: ignore[method-assign]
+
+
+def test_the_mysql_drivers_hot_path_is_one_round_trip_each(sqlite_url: str) -> None:
+    """claim, heartbeat (renewed, skipped and lost leases alike), start and commit each
+    send one packet on MariaDB."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    ids = push(ledger, task_id, 4)
+    ledger.claim(task_id, [(ids[0], 0)], lease=LEASE, worker="w")  # a warm connection
+    with mysql_round_trips() as sent:
+        jobs = ledger.claim(task_id, [(i, 0) for i in ids[1:]], lease=LEASE, worker="w")
+    assert (len(jobs), sent[0]) == (3, 1)
+    pa, pb, pc = [(j.id, j.commit_id) for j in jobs]
+    ledger.finish([Outcome(*pc, Status.DONE)], now=host_now(), redispatch_timeout=TIMEOUT)
+    with row_locked(ledger, pb[0]):
+        ledger.heartbeat([pa], lease=LEASE)  # a second pooled connection, warm
+        with mysql_round_trips() as sent:
+            renewal = within_deadline(lambda: ledger.heartbeat([pa, pb, pc], lease=LEASE), "beat")
+    assert (renewal.renewed, renewal.skipped, renewal.lost, sent[0]) == ({pa}, {pb}, {pc}, 1)
+    with mysql_round_trips() as sent:
+        assert ledger.start([pa, pb], now=None) == 2
+    assert sent[0] == 1
+    with mysql_round_trips() as sent:
+        won = ledger.finish(
+            [Outcome(*pa, Status.DONE), Outcome(*pb, Status.FAILED, "x")],
+            now=host_now(),
+            redispatch_timeout=TIMEOUT,
+        )
+    assert (won, sent[0]) == ({pa, pb}, 1)
+
+
+def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) -> None:
+    """The renewal names only the rows its locking read took: a skipped row keeps its
+    lease end, a renewed one gets the new one, and a heartbeat of nothing current
+    changes nothing."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    pa, pb = claim(ledger, task_id, push(ledger, task_id, 2))
+    before = {p: ledger.get(p[0]).expires_at for p in (pa, pb)}  # type: ignore[union-attr]
+    with row_locked(ledger, pb[0]):
+        renewal = within_deadline(lambda: ledger.heartbeat([pa, pb], lease=10 * LEASE), "heartbeat")
+    assert (renewal.renewed, renewal.skipped) == ({pa}, {pb})
+    after = {p: ledger.get(p[0]).expires_at for p in (pa, pb)}  # type: ignore[union-attr]
+    assert after[pb] == before[pb]
+    assert after[pa] is not None and before[pa] is not None and after[pa] > before[pa]
+    stale = [(pa[0], pa[1] + 1), (pb[0], pb[1] + 1)]
+    assert ledger.heartbeat(stale, lease=LEASE).lost == set(stale)
+    assert {p: ledger.get(p[0]).expires_at for p in (pa, pb)} == after  # type: ignore[union-attr]

@@ -181,7 +181,7 @@ def test_postgres_autocommit_claims_leave_transactions_working(postgres_url: str
                 "created_at": t0,
                 "updated_at": t0,
                 "run_at": t0,
-                "expires_at": t0,
+                "dispatch_deadline": t0,
             },
         ).scalar_one()
         conn.rollback()

@@ -54,7 +54,8 @@ def finish(
         conn.execute(
             update(t)
             .where(t.c.id.in_(ids))
-            .values(status=status.value, expires_at=None, updated_at=when, last_error=error,
+            .values(status=status.value, expires_at=None, dispatch_deadline=None,
+                    updated_at=when, last_error=error,
                     commit_id=t.c.commit_id + 1)
         )  # fmt: skip
 

@@ -15,7 +15,7 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,10 @@ from meepo.config import DEFAULT_TABLE
 from meepo.errors import ConfigError, SchemaError
 from meepo.ledger import migrate
 from meepo.ledger.engine import make_engine
-from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
+from meepo.ledger.schema import archive_table, jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0004"
+HEAD = "0005"
 
 
 def new_table_name() -> str:
@@ -166,6 +166,14 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
 
     assert {f"{table}_retention", f"{table}_archive"} <= names
 
+    migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0004"
+    assert "dispatch_deadline" not in Table(table, MetaData(), autoload_with=engine).c
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes(table)}
+    assert indexes == {
+        f"ix_{table}_task_status_expires": ["task_id", "status", "expires_at"],
+        f"ix_{table}_finished": ["task_id", "status", "updated_at"],
+    }
     migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0003"
     assert {f"{table}_retention", f"{table}_archive"}.isdisjoint(table_names(engine))
@@ -382,7 +390,12 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}
     assert indexes == {
-        f"ix_{name}_task_status_expires": ["task_id", "status", "expires_at"],
+        f"ix_{name}_task_status_deadlines": [
+            "task_id",
+            "status",
+            "expires_at",
+            "dispatch_deadline",
+        ],
         f"ix_{name}_finished": ["task_id", "status", "updated_at"],
     }
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_unique")}
@@ -397,7 +410,7 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(f"{name}_schedules")}
     assert indexes == {f"ix_{name}_schedules_due": ["task_id", "next_fire_at"]}
     dialect = engine.dialect.name
-    for col in ("created_at", "updated_at", "run_at", "expires_at"):
+    for col in ("created_at", "updated_at", "run_at", "expires_at", "dispatch_deadline"):
         typ = cols[col]["type"]
         if dialect == "mysql":
             assert isinstance(typ, mysql.DATETIME) and typ.fsp == 6, (col, typ)
@@ -486,3 +499,93 @@ def test_0004_keeps_rows_and_sqlite_never_reuses_a_deleted_id(engine: Engine, ta
         conn.execute(t.delete().where(t.c.id == ids[-1]))
         new = conn.execute(t.insert().values(**row)).inserted_primary_key[0]
     assert new > ids[-1]
+
+
+def test_0005_moves_todo_deadlines_out_of_expires_at_and_back(engine: Engine, table: str) -> None:
+    """0005 on a populated ledger: each todo row's redispatch deadline (the epoch for
+    one never dispatched) moves from expires_at to dispatch_deadline, doing rows keep
+    their leases, finished rows keep neither; the migrated rows then behave (sweep,
+    reaper, cleaner's finished rows), and the downgrade moves the deadlines back."""
+    from meepo.ledger import NEVER_DISPATCHED, Ledger
+    from meepo.ledger.retention import Retention
+    from meepo.records import Status
+
+    migrate.upgrade(engine, table, "0004")
+    old = Table(table, MetaData(), autoload_with=engine)
+    archive = Table(f"{table}_archive", MetaData(), autoload_with=engine)
+    assert "dispatch_deadline" not in old.c
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    deadline = datetime(2026, 1, 1, 0, 1, tzinfo=timezone.utc)
+    lease_end = datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc)
+    spec = [
+        ("todo", deadline),
+        ("todo", NEVER_DISPATCHED),
+        ("doing", lease_end),
+        ("done", None),
+        ("failed", None),
+    ]
+    base = {
+        "task_id": "t", "payload": b"x", "failed_times": 0, "commit_id": 2,
+        "created_at": when, "updated_at": when, "run_at": when, "priority": "default",
+        "orphaned_claims": 0,
+    }  # fmt: skip
+    with engine.begin() as conn:
+        for status, expires in spec:
+            conn.execute(old.insert().values(**base, status=status, expires_at=expires))
+        conn.execute(
+            archive.insert().values(
+                **base, id=10_000, status="todo", expires_at=deadline, archived_at=when
+            )
+        )
+    migrate.upgrade(engine, table)
+    assert migrate.current(engine, table) == HEAD
+    t = jobs_table(table)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(t.c.id, t.c.status, t.c.expires_at, t.c.dispatch_deadline).order_by(t.c.id)
+        ).all()
+        a = archive_table(table)
+        moved = conn.execute(select(a.c.expires_at, a.c.dispatch_deadline)).one()
+    got = [(r.status, r.expires_at, r.dispatch_deadline) for r in rows]
+    assert got == [
+        ("todo", None, deadline),
+        ("todo", None, NEVER_DISPATCHED),
+        ("doing", lease_end, None),
+        ("done", None, None),
+        ("failed", None, None),
+    ]
+    assert tuple(moved) == (None, deadline)
+    ids = {r.status: r.id for r in rows}
+
+    ledger = Ledger(engine, table)
+    after = datetime(2026, 1, 1, 0, 2, tzinfo=timezone.utc)
+    zombies = ledger.expired_leases("t", limit=10, now=after)
+    assert [z.id for z in zombies] == [ids["doing"]]
+    swept = ledger.sweep(
+        "t", now=after, cutoffs={"default": after}, limit=10, redispatch_timeout=timedelta(1)
+    )
+    assert len(swept) == 2
+    never_only = NEVER_DISPATCHED + timedelta(microseconds=1)
+    page = ledger.todo_page("t", after=None, limit=10)
+    assert sorted(m.job_id for m, _ in page) == [rows[0].id, rows[1].id]
+    assert (
+        ledger.sweep(
+            "t",
+            now=after,
+            cutoffs={"default": never_only},
+            limit=10,
+            redispatch_timeout=timedelta(1),
+        )
+        == []
+    )
+    cleaner = Retention(engine, table)
+    assert cleaner.count_older("t", Status.DONE, after) == 1
+    assert cleaner.count_older("t", Status.FAILED, after) == 1
+
+    migrate.downgrade(engine, table, "0004")
+    assert "dispatch_deadline" not in Table(table, MetaData(), autoload_with=engine).c
+    with engine.connect() as conn:
+        back = conn.execute(select(t.c.status, t.c.expires_at).order_by(t.c.id)).all()
+    assert [r.status for r in back] == ["todo", "todo", "doing", "done", "failed"]
+    assert back[2].expires_at == lease_end and back[3].expires_at is None
+    assert all(r.expires_at is not None and r.expires_at > after for r in back[:2])

@@ -115,7 +115,9 @@ class JobModel:
     commit_id: int
     failed_times: int
     run_at: datetime
-    expires_at: datetime | None  # lease end (doing) or dispatch deadline (todo)
+    # lease end (doing: the ledger's expires_at) or dispatch deadline (todo: its
+    # dispatch_deadline)
+    expires_at: datetime | None
     updated_at: datetime
     transitions: int = 0  # accepted transitions so far
     started: datetime | None = None  # started_at: cleared by a claim, set by a commit
@@ -879,9 +881,14 @@ class LedgerMachine(RuleBasedStateMachine):
                 rec,
                 m,
             )
-            assert (rec.run_at, rec.expires_at, rec.updated_at) == (
+            # the model's one deadline is the ledger's lease end while doing, its
+            # dispatch deadline while todo; the other column is empty
+            lease = m.expires_at if m.status is Status.DOING else None
+            dispatch = m.expires_at if m.status is Status.TODO else None
+            assert (rec.run_at, rec.expires_at, rec.dispatch_deadline, rec.updated_at) == (
                 m.run_at,
-                m.expires_at,
+                lease,
+                dispatch,
                 m.updated_at,
             ), (job_id, rec, m)
             # commit_id only grows, at least by one per accepted transition.

@@ -79,9 +79,10 @@ def test_push_commits_todo_row_then_dispatches(make_task: TaskFactory) -> None:
     assert rec.last_error is None
     for when in (rec.created_at, rec.updated_at, rec.run_at):
         assert_utc(when)
-    assert rec.expires_at is not None
-    assert_utc(rec.expires_at)
-    assert rec.run_at <= rec.expires_at
+    assert rec.expires_at is None  # no lease: not claimed
+    assert rec.dispatch_deadline is not None
+    assert_utc(rec.dispatch_deadline)
+    assert rec.run_at <= rec.dispatch_deadline
     assert queued(task) == [(job_id, 0)]
     assert task.depth() == 1
 

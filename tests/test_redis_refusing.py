@@ -86,7 +86,7 @@ def test_reaper_reaps_while_redis_refuses_writes(
     assert "epoch" in report.errors
     rec = record(task, dead)
     assert (rec.status, rec.failed_times) == (Status.TODO, 1)
-    assert rec.expires_at == NEVER_DISPATCHED  # its message could not be sent: swept later
+    assert rec.dispatch_deadline == NEVER_DISPATCHED  # its message could not be sent: swept later
     lines = [r.getMessage() for r in caplog.records]
     assert any("reaper step 'epoch' failed" in m for m in lines)
 

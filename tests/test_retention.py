@@ -28,7 +28,7 @@ def store(db_url: str) -> Retention:
 
 def add_rows(store: Retention, task_id: str, n: int, status: Status, age: timedelta) -> list[int]:
     """``n`` rows of ``task_id`` in ``status``, last changed ``age`` ago (finished rows
-    have no expires_at, as the ledger leaves them)."""
+    have neither deadline, as the ledger leaves them)."""
     t = store.jobs
     now = store.db_now()
     when = now - age
@@ -36,7 +36,8 @@ def add_rows(store: Retention, task_id: str, n: int, status: Status, age: timede
         {
             "task_id": task_id, "status": status.value, "payload": b"p%d" % i,
             "failed_times": 0, "commit_id": 1, "created_at": when, "updated_at": when,
-            "run_at": when, "expires_at": None if status.terminal else now + OLD,
+            "run_at": when, "expires_at": now + OLD if status is Status.DOING else None,
+            "dispatch_deadline": now + OLD if status is Status.TODO else None,
             "priority": "default",
         }
         for i in range(n)
@@ -218,7 +219,12 @@ def test_a_job_holding_its_unique_key_is_kept_until_the_hold_ends(
         conn.execute(
             update(t)
             .where(t.c.id.in_([held, free]))
-            .values(status="done", expires_at=None, updated_at=now - timedelta(hours=2))
+            .values(
+                status="done",
+                expires_at=None,
+                dispatch_deadline=None,
+                updated_at=now - timedelta(hours=2),
+            )
         )
     removed, kept, _ = purge_all(store, task.task_id, Status.DONE, timedelta(hours=1))
     assert (removed, kept) == (1, 1)

@@ -8,7 +8,9 @@ recorded SELECT/UPDATE is then EXPLAINed (EXPLAIN QUERY PLAN on SQLite) after AN
   row locks the reaper and the sweep take on their candidates) use the primary key;
 * the reaper's expired-lease SELECT, the sweep SELECT (one cutoff, or one per
   priority) and the recovery's todo_page use the
-  ``(task_id, status, expires_at)`` index - a range that never reads finished rows.
+  ``(task_id, status, expires_at, dispatch_deadline)`` index - a range that never reads
+  finished rows (the reaper's over the lease ends of doing rows, the others over the
+  dispatch deadlines of todo rows).
 
 None may scan the table (or a whole index).
 """
@@ -39,7 +41,8 @@ LEASE = timedelta(seconds=20)
 REDISPATCH = timedelta(seconds=60)
 NOW = datetime.now(UTC).replace(microsecond=0)
 
-#: (task, status, rows, expires_at, run_at): finished rows dominate, as in production.
+#: (task, status, rows, deadline, run_at): finished rows dominate, as in production. The
+#: deadline is a todo row's dispatch_deadline, a doing row's lease end (expires_at).
 ROWS: list[tuple[str, Status, int, datetime | None, datetime]] = [
     (TASK, Status.DONE, 18_000, None, NOW - timedelta(hours=1)),
     (TASK, Status.FAILED, 2_000, None, NOW - timedelta(hours=1)),
@@ -70,8 +73,9 @@ def fill(
 ) -> None:
     payload = b"x" * 200
     rows: list[dict[str, Any]] = []
-    for task_id, status, n, expires_at, run_at in rows_spec:
-        commit_id = 0 if status is Status.TODO and expires_at is not None else 2
+    for task_id, status, n, deadline, run_at in rows_spec:
+        commit_id = 0 if status is Status.TODO and deadline is not None else 2
+        todo = status is Status.TODO
         rows.extend(
             {
                 "task_id": task_id,
@@ -82,7 +86,8 @@ def fill(
                 "created_at": run_at,
                 "updated_at": run_at,
                 "run_at": run_at,
-                "expires_at": expires_at,
+                "expires_at": None if todo else deadline,
+                "dispatch_deadline": deadline if todo else None,
                 "worker": None if status is Status.TODO else "host:1",
             }
             for _ in range(n)
@@ -125,7 +130,7 @@ def record_statements(engine: Engine, table: str) -> dict[str, list[tuple[str, A
         queued = conn.execute(
             t.select()
             .with_only_columns(t.c.id, t.c.commit_id)
-            .where(t.c.task_id == TASK, t.c.status == "todo", t.c.expires_at > NOW)
+            .where(t.c.task_id == TASK, t.c.status == "todo", t.c.dispatch_deadline > NOW)
             .order_by(t.c.id)
             .limit(10)
         ).all()
@@ -305,7 +310,7 @@ def expected_index(table: str, label: str, sql: str) -> str:
     by_pk = sql.lstrip().upper().startswith(("UPDATE", "WITH"))
     if by_pk or label in ID_SELECTS or BY_ID.search(sql):
         return "pk"
-    return f"ix_{table}_task_status_expires"
+    return f"ix_{table}_task_status_deadlines"
 
 
 STATEMENTS = [
@@ -353,7 +358,7 @@ def test_claim_uses_the_primary_key_when_statistics_say_there_is_no_todo_row(
 ) -> None:
     """Statistics taken when the task had no todo row (a drained queue), then a backlog
     arrives: the claim still finds its rows by primary key, never by walking the task's
-    todo rows in the (task_id, status, expires_at) index."""
+    todo rows in the task index."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     migrate.upgrade(plan_engine, name)
     table = jobs_table(name)

@@ -233,7 +233,7 @@ class LedgerDriver(Protocol):
         ...
 
     def mark_due(self, pairs: Sequence[Pair], never: datetime) -> None:
-        """Set the dispatch deadline of current todo rows to ``never`` (due for the
+        """Set ``dispatch_deadline`` of current todo rows to ``never`` (due for the
         dispatch sweep)."""
         ...
 
@@ -282,7 +282,8 @@ class LedgerDriver(Protocol):
 
     def lock_current(self, conn: Connection, ids: Sequence[int], status: Status) -> list[Row[Any]]:
         """Lock the rows of ``ids`` still in ``status``, skipping locked ones (FOR UPDATE
-        SKIP LOCKED by primary key); each with id, commit_id, expires_at, started_at."""
+        SKIP LOCKED by primary key); each with id, commit_id, expires_at,
+        dispatch_deadline, started_at."""
         ...
 
     def update_locked(
@@ -315,7 +316,7 @@ class LedgerDriver(Protocol):
     def todo_page(
         self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
     ) -> list[tuple[Message, datetime]]:
-        """Recovery: a page of todo rows in (expires_at, id) order after ``after``."""
+        """Recovery: a page of todo rows in (dispatch_deadline, id) order after ``after``."""
         ...
 
     # admin -------------------------------------------------------------------------------
@@ -368,4 +369,27 @@ class LedgerDriver(Protocol):
         """Schedule fire: compare-and-set of a schedule row on (next_fire_at,
         updated_at) as ``rec`` read them, in the caller's transaction (the one that
         inserts the fired jobs); True if this call won."""
+        ...
+
+    def insert_schedule(self, row: dict[str, Any]) -> bool:
+        """INSERT a schedule declaration; False when its (task_id, name) exists."""
+        ...
+
+    def redeclare_schedule(
+        self, task_id: str, name: str, updated_at: datetime, values: dict[str, Any]
+    ) -> bool:
+        """Redeclaration: compare-and-set of a schedule row on ``updated_at``; True if
+        this call won."""
+        ...
+
+    def delete_schedule(self, task_id: str, name: str) -> bool:
+        """DELETE one schedule; True if it existed."""
+        ...
+
+    def get_schedule(self, task_id: str, name: str) -> ScheduleRecord | None:
+        """One schedule, by (task_id, name)."""
+        ...
+
+    def list_schedules(self, task_id: str | None) -> list[ScheduleRecord]:
+        """Every schedule of the table, or of one task, by task and name."""
         ...

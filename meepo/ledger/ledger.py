@@ -73,7 +73,8 @@ __all__ = [
     "claim_step",
 ]
 
-#: ``expires_at`` of a todo row whose message was never sent: before any cutoff.
+#: ``dispatch_deadline`` of a todo row whose message was never sent (the epoch: before
+#: any cutoff, so the next dispatch sweep sends it, whatever its queue holds).
 NEVER_DISPATCHED = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: A claim adds a random step of 1 to CLAIM_STEP to commit_id (other transitions add 1).
@@ -145,7 +146,7 @@ class Ledger:
     ) -> list[Inserted]:
         """INSERT todo rows (commit_id 0), in ``jobs`` order.
 
-        A row's dispatch deadline (``expires_at``) is ``redispatch_timeout`` after it is
+        A row's ``dispatch_deadline`` is ``redispatch_timeout`` after it is
         due; ``never_dispatched`` makes it due for the dispatch sweep instead (for rows
         whose commit meepo cannot observe). A job with a ``key`` whose key is held by an
         unfinished job (or one finished less than ``unique_for`` ago) writes nothing and
@@ -174,7 +175,7 @@ class Ledger:
         task_id: str,
         job: NewJob,
         now: datetime,
-        timeout: timedelta,
+        redispatch_timeout: timedelta,
         never_dispatched: bool,
     ) -> dict[str, Any]:
         due = job.run_at or now
@@ -187,7 +188,9 @@ class Ledger:
             "created_at": now,
             "updated_at": now,
             "run_at": due,
-            "expires_at": NEVER_DISPATCHED if never_dispatched else max(due, now) + timeout,
+            "dispatch_deadline": (
+                NEVER_DISPATCHED if never_dispatched else max(due, now) + redispatch_timeout
+            ),
             "priority": job.priority,
         }
 
@@ -197,18 +200,20 @@ class Ledger:
         task_id: str,
         jobs: Sequence[NewJob],
         now: datetime,
-        timeout: timedelta,
+        redispatch_timeout: timedelta,
         never_dispatched: bool,
     ) -> list[Inserted]:
         out: list[Inserted | None] = [None] * len(jobs)
         plain = [i for i, j in enumerate(jobs) if j.key is None]
-        rows = [self._row(task_id, jobs[i], now, timeout, never_dispatched) for i in plain]
+        rows = [
+            self._row(task_id, jobs[i], now, redispatch_timeout, never_dispatched) for i in plain
+        ]
         ids = self.driver.insert_rows(conn, rows) if rows else []
         for i, job_id in zip(plain, ids, strict=True):
             out[i] = Inserted(job_id, True)
         for i, job in enumerate(jobs):
             if job.key is not None:
-                row = self._row(task_id, job, now, timeout, never_dispatched)
+                row = self._row(task_id, job, now, redispatch_timeout, never_dispatched)
                 out[i] = self._insert_keyed(conn, task_id, job, row, now)
         return [x for x in out if x is not None]
 
@@ -326,27 +331,29 @@ class Ledger:
             return 0
         return self.driver.start(want, now=now)
 
-    def _outcome_values(self, o: Outcome, now: datetime, lease: timedelta) -> dict[str, Any]:
+    def _outcome_values(
+        self, o: Outcome, now: datetime, redispatch_timeout: timedelta
+    ) -> dict[str, Any]:
         # A commit ends a run: it records the start if the consumer's mark did not.
+        # It ends the lease (expires_at); a doing row has no dispatch_deadline (the
+        # claim cleared it), so only a todo outcome sets one.
         values: dict[str, Any] = {
             "status": o.status.value,
             "updated_at": now,
             "started_at": Coalesce(now),
+            "expires_at": None,
         }
-        if o.status is Status.DONE:
-            values["expires_at"] = None
-        elif o.status is Status.FAILED:
-            values["expires_at"] = None
+        if o.status is Status.FAILED:
             values["failed_times"] = PLUS_ONE
             values["last_error"] = _error_text(o.error)
-        else:  # TODO: back on the queue, due at run_at
+        elif o.status is Status.TODO:  # back on the queue, due at run_at
             due = o.run_at or now
             values["failed_times"] = PLUS_ONE
             values["last_error"] = _error_text(o.error)
             values["run_at"] = due
             # The caller sends it (to the delayed set if due later); the sweep re-sends
-            # it if it is still unclaimed ``lease`` after it was due.
-            values["expires_at"] = max(due, now) + lease
+            # it if it is still unclaimed ``redispatch_timeout`` after it was due.
+            values["dispatch_deadline"] = max(due, now) + redispatch_timeout
         return values
 
     def finish(
@@ -371,10 +378,17 @@ class Ledger:
             groups[key][0].append((o.job_id, o.commit_id))
         return self._transition([(p, [Status.DOING], v) for p, v in groups.values()])
 
-    def release(self, pairs: Sequence[Pair], *, now: datetime, expires_at: datetime) -> set[Pair]:
+    def release(
+        self, pairs: Sequence[Pair], *, now: datetime, dispatch_deadline: datetime
+    ) -> set[Pair]:
         """doing → todo without counting a failure: claimed jobs that never started
         (the consumer is shutting down). Returns the pairs that took effect."""
-        values = {"status": Status.TODO.value, "updated_at": now, "expires_at": expires_at}
+        values = {
+            "status": Status.TODO.value,
+            "updated_at": now,
+            "expires_at": None,
+            "dispatch_deadline": dispatch_deadline,
+        }
         return self._transition([(pairs, [Status.DOING], values)])
 
     # -- reaper -----------------------------------------------------------------------
@@ -436,7 +450,8 @@ class Ledger:
                             "status": Status.TODO.value,
                             "orphaned_claims": PLUS_ONE,
                             "updated_at": now,
-                            "expires_at": now + redispatch_timeout,
+                            "expires_at": None,
+                            "dispatch_deadline": now + redispatch_timeout,
                         },
                     )
                 )
@@ -450,7 +465,8 @@ class Ledger:
                             "failed_times": PLUS_ONE,
                             "last_error": error,
                             "updated_at": now,
-                            "expires_at": now + redispatch_timeout,
+                            "expires_at": None,
+                            "dispatch_deadline": now + redispatch_timeout,
                         },
                     )
                 )
@@ -509,7 +525,7 @@ class Ledger:
         condition the locked rows must still meet (the reaper: the lease is still
         expired), checked on the locked read (in Python: the statement, and its plan by
         primary key, stay as they are); ``recheck`` gets the locked row (``id``,
-        ``commit_id``, ``expires_at``, ``started_at``).
+        ``commit_id``, ``expires_at``, ``dispatch_deadline``, ``started_at``).
         """
         first = _normal(build(host_now()))
         if not first:
@@ -564,14 +580,16 @@ class Ledger:
         )
         pairs = [(i, c) for i, c, _ in rows]
         prio = {i: p for i, _, p in rows}
-        values = {"updated_at": now, "expires_at": now + redispatch_timeout}
+        values = {"updated_at": now, "dispatch_deadline": now + redispatch_timeout}
         latest = max(cutoffs.values())
         won = self._transition_unlocked(
             lambda _: [(pairs, [Status.TODO], values)],
             Status.TODO,
             now=now,
             # not dispatched since the scan
-            recheck=lambda row, _: row.expires_at is not None and row.expires_at < latest,
+            recheck=lambda row, _: (
+                row.dispatch_deadline is not None and row.dispatch_deadline < latest
+            ),
         )
         return [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
 
@@ -579,7 +597,7 @@ class Ledger:
         self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
     ) -> list[tuple[Message, datetime]]:
         """A page of todo rows (due or not) in index order, as messages with their due
-        time, each with its ``expires_at`` (the page cursor), for re-dispatch after Redis
+        time, each with its ``dispatch_deadline`` (the page cursor), for re-dispatch after Redis
         lost its data. Read-only: a message carrying the current commit_id is always
         safe to send again."""
         return self.driver.todo_page(task_id, after=after, limit=limit)
@@ -660,7 +678,8 @@ class Ledger:
             "failed_times": 0,
             "updated_at": now,
             "run_at": now,
-            "expires_at": now + redispatch_timeout,
+            "expires_at": None,
+            "dispatch_deadline": now + redispatch_timeout,
         }
         won = self._transition([(pairs, list(Status), values)])
         prio = self.priorities([i for i, _ in won])

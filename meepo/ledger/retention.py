@@ -14,8 +14,8 @@ Statements, by caller:
   :meth:`Retention.count_older`
 
 A purge chunk is one short transaction of at most :data:`CHUNK` rows: it reads the
-candidates by the task index (``task_id, status, expires_at IS NULL, updated_at <
-cutoff``, finished rows have no ``expires_at``) in ``(updated_at, id)`` order, locking
+candidates by the task index (``task_id, status``, both deadlines NULL, ``updated_at
+< cutoff``) in ``(updated_at, id)`` order, locking
 them ``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB/MySQL (so racing cleaners
 take different rows and none waits on another), leaves out every row that still holds
 a unique key (finished less than its ``unique_for`` ago), optionally copies the rest
@@ -304,7 +304,8 @@ class Retention:
         return [
             t.c.task_id == task_id,
             t.c.status == status.value,
-            t.c.expires_at.is_(None),
+            t.c.expires_at.is_(None),  # the partial index's predicate (schema.FINISHED)
+            t.c.dispatch_deadline.is_(None),
             t.c.updated_at < cutoff,
         ]
 

@@ -1,6 +1,8 @@
-"""The schedules table (``<table>_schedules``): declarations, and the scheduler's
-statements (the due scan and the fire), which are the ledger driver's
-(:mod:`meepo.ledger.drivers`).
+"""The schedules table (``<table>_schedules``): the rules of declarations and fires.
+Every statement is the ledger driver's (:mod:`meepo.ledger.driver`: ``insert_schedule``,
+``redeclare_schedule``, ``delete_schedule``, ``get_schedule``, ``list_schedules``,
+``due_schedules``, ``next_schedule_due``, ``fire_schedule``); this module decides what
+they check and write.
 
 * :meth:`Schedules.declare` - insert or update a declaration. Declaring the same
   settings again writes nothing (``next_fire_at`` is kept); changed timing (kind,
@@ -26,20 +28,15 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Table
 
 from ..records import ScheduleRecord
 from ..schedule import Spec
 from .drivers import driver_for
-from .drivers.portable import schedule_record
 from .engine import translate_errors
 from .schema import schedules_table
 
 _US = timedelta(microseconds=1)
-
-
-_record = schedule_record
 
 
 def spec_of(rec: ScheduleRecord) -> Spec:
@@ -77,7 +74,7 @@ class Schedules:
         self.table: Table = schedules_table(table_name)
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
-        #: The scheduler's statements (the due scan, the fire) are the ledger driver's.
+        #: Every statement on the schedules table is the ledger driver's.
         self.driver = driver_for(engine, table_name)
 
     @contextlib.contextmanager
@@ -109,26 +106,18 @@ class Schedules:
         raise RuntimeError(f"schedule {spec.name!r} kept changing while being declared")
 
     def _insert(self, task_id: str, spec: Spec, now: datetime) -> bool:
-        t = self.table
-        with translate_errors(self.url, self.table.name):
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        insert(t).values(
-                            task_id=task_id,
-                            **_settings(spec),
-                            next_fire_at=spec.first_at_or_after(now),
-                            last_fire_at=None,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
-            except IntegrityError:
-                return False  # the primary key: another process declared it first
-        return True
+        return self.driver.insert_schedule(
+            {
+                "task_id": task_id,
+                **_settings(spec),
+                "next_fire_at": spec.first_at_or_after(now),
+                "last_fire_at": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
 
     def _update(self, task_id: str, found: ScheduleRecord, spec: Spec, now: datetime) -> bool:
-        t = self.table
         values: dict[str, Any] = {**_settings(spec), "updated_at": max(now, found.updated_at + _US)}
         if not spec_of(found).same_timing(spec):
             # The new timing starts now, and never re-fires a time already fired.
@@ -136,40 +125,19 @@ class Schedules:
             if found.last_fire_at is not None and found.last_fire_at >= now:
                 after = found.last_fire_at + _US
             values["next_fire_at"] = spec.first_at_or_after(after)
-        with self.begin() as conn:
-            result = conn.execute(
-                update(t)
-                .where(
-                    t.c.task_id == task_id,
-                    t.c.name == found.name,
-                    t.c.updated_at == found.updated_at,
-                )
-                .values(**values)
-            )
-            return int(result.rowcount) == 1
+        return self.driver.redeclare_schedule(task_id, found.name, found.updated_at, values)
 
     def remove(self, task_id: str, name: str) -> bool:
-        t = self.table
-        with self.begin() as conn:
-            result = conn.execute(delete(t).where(t.c.task_id == task_id, t.c.name == name))
-            return int(result.rowcount) > 0
+        return self.driver.delete_schedule(task_id, name)
 
     # -- reads ------------------------------------------------------------------------
 
     def get(self, task_id: str, name: str) -> ScheduleRecord | None:
-        t = self.table
-        with self.begin() as conn:
-            row = conn.execute(select(t).where(t.c.task_id == task_id, t.c.name == name)).first()
-        return None if row is None else _record(row)
+        return self.driver.get_schedule(task_id, name)
 
     def all(self, task_id: str | None = None) -> list[ScheduleRecord]:
         """Every schedule of the table (or of one task), by task and name."""
-        t = self.table
-        stmt = select(t).order_by(t.c.task_id, t.c.name)
-        if task_id is not None:
-            stmt = stmt.where(t.c.task_id == task_id)
-        with self.begin() as conn:
-            return [_record(r) for r in conn.execute(stmt)]
+        return self.driver.list_schedules(task_id)
 
     def due(self, task_id: str, now: datetime, limit: int = 100) -> list[ScheduleRecord]:
         """Schedules of ``task_id`` whose next fire is at or before ``now``, earliest

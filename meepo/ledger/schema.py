@@ -36,6 +36,10 @@ RETENTION_SUFFIX = "_retention"
 ARCHIVE_SUFFIX = "_archive"
 
 
+#: The predicate of the finished rows' partial index (and of the cleaner's scan).
+FINISHED = "expires_at IS NULL AND dispatch_deadline IS NULL"
+
+
 def version_table_name(table_name: str) -> str:
     return f"{table_name}{VERSION_TABLE_SUFFIX}"
 
@@ -43,17 +47,29 @@ def version_table_name(table_name: str) -> str:
 def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
     """The jobs table called ``name``.
 
+    Two deadlines, one per status that has one (both NULL once the job is finished):
+
+    * ``expires_at`` - a ``doing`` job's lease end (set by the claim, moved by each
+      heartbeat); NULL in every other status. The reaper acts on it.
+    * ``dispatch_deadline`` - a ``todo`` job's redispatch deadline: if the job is still
+      unclaimed then, its message was lost and the dispatch sweep sends it again; NULL
+      in every other status. :data:`~meepo.ledger.ledger.NEVER_DISPATCHED` (the epoch,
+      before any cutoff) marks a todo job whose message was never sent.
+
     Indexes, and the statement each one serves:
 
     * primary key ``id`` - claim, commit, heartbeat, repush: single-row or ``id IN (…)``.
-    * ``(task_id, status, expires_at)`` - the reaper and dispatch sweep
-      (``status IN ('todo','doing') AND expires_at <= now``), recovery of due ``todo``
-      rows, and ``stats`` counts: a range scan that never touches finished rows.
-    * ``(task_id, status, updated_at)`` over finished rows only (``expires_at IS
-      NULL``; a partial index on PostgreSQL and SQLite, a full one on MariaDB/MySQL,
-      which has no partial indexes) - the cleaner's ``status = 'done' AND expires_at IS
-      NULL AND updated_at < cutoff``. Partial, it costs a transition nothing until the
-      job finishes.
+    * ``(task_id, status, expires_at, dispatch_deadline)`` - a range scan that never
+      touches finished rows: the reaper (``status = 'doing' AND expires_at < now``),
+      the dispatch sweep and recovery (``status = 'todo' AND expires_at IS NULL AND
+      dispatch_deadline < cutoff``: a todo row has no lease, so the deadline is the
+      next key part), and ``stats`` counts. One index for both deadlines: a second one
+      would cost every push and claim another entry.
+    * ``(task_id, status, updated_at)`` over finished rows only (both deadlines NULL; a
+      partial index on PostgreSQL and SQLite, a full one on MariaDB/MySQL, which has no
+      partial indexes) - the cleaner's ``status = 'done' AND expires_at IS NULL AND
+      dispatch_deadline IS NULL AND updated_at < cutoff``. Partial, it costs a
+      transition nothing until the job finishes.
     """
     md = metadata if metadata is not None else MetaData()
     return Table(
@@ -69,9 +85,7 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("updated_at", UTCDateTime, nullable=False),
         # When the job is (or was) due to run.
         Column("run_at", UTCDateTime, nullable=False),
-        # When the reaper may act on the row: a doing job's lease end, or the time by
-        # which a todo job must have been claimed before it is dispatched again.
-        # NULL once the job is finished.
+        # A doing job's lease end (the reaper's); NULL unless doing.
         Column("expires_at", UTCDateTime, nullable=True),
         # The process that made the latest claim ("host:pid").
         Column("worker", String(128), nullable=True),
@@ -85,14 +99,22 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # Claims of this job whose lease expired before its handler started (requeued
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
-        Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+        # A todo job's redispatch deadline (the dispatch sweep's); NULL unless todo.
+        Column("dispatch_deadline", UTCDateTime, nullable=True),
+        Index(
+            f"ix_{name}_task_status_deadlines",
+            "task_id",
+            "status",
+            "expires_at",
+            "dispatch_deadline",
+        ),
         Index(
             f"ix_{name}_finished",
             "task_id",
             "status",
             "updated_at",
-            postgresql_where=text("expires_at IS NULL"),
-            sqlite_where=text("expires_at IS NULL"),
+            postgresql_where=text(FINISHED),
+            sqlite_where=text(FINISHED),
         ),
         # SQLite: never hand out a deleted row's id again (purges delete the newest too).
         sqlite_autoincrement=True,

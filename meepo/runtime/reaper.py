@@ -166,7 +166,7 @@ class Reaper(Service):
 
     def tick(self) -> float:
         if not self._redis_checked:  # once Redis answers (it may be down at start)
-            self._redis_checked = self.d.check_transport(self.opts.zombie_timeout)
+            self._redis_checked = self.d.check_transport(self.opts.redispatch_timeout)
         report = self.run_once()
         if not report.errors:
             self._failing = 0

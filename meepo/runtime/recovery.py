@@ -51,7 +51,7 @@ class Recovery:
         self._owed: tuple[bytes, bool] | None = None  # (epoch, lost): recovery to run
         self._last_recovery: datetime | None = None  # when this process last ran one
         self._deferred = False  # the storm window's line was logged
-        self._timeout = timedelta(seconds=options.zombie_timeout)
+        self._redispatch_timeout = timedelta(seconds=options.redispatch_timeout)
 
     def run_once(self) -> int:
         """Detect that Redis lost its data (or went back in time); returns the number of
@@ -84,14 +84,14 @@ class Recovery:
             return 0
         owed_epoch, lost = self._owed
         now = self.clock()
-        if self._last_recovery is not None and now - self._last_recovery < self._timeout:
+        if self._last_recovery is not None and now - self._last_recovery < self._redispatch_timeout:
             if not self._deferred:
                 log.warning(
                     "task %s: another re-dispatch of every todo job is owed, but this "
                     "process ran one less than zombie_timeout=%gs ago: it waits for the "
                     "window's end (the sweep re-sends lost messages meanwhile)",
                     self.task_id,
-                    self.opts.zombie_timeout,
+                    self.opts.redispatch_timeout,
                 )
                 self._deferred = True
             return 0

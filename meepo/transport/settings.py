@@ -29,7 +29,7 @@ _lock = threading.Lock()
 _checked: set[str] = set()
 
 
-def check_redis_config(transport: Transport, zombie_timeout: float) -> bool:
+def check_redis_config(transport: Transport, redispatch_timeout: float) -> bool:
     """Warn about eviction and persistence settings of ``transport``'s server, once per
     process and server; False if Redis could not be reached (try again later)."""
     where = transport.where
@@ -56,7 +56,7 @@ def check_redis_config(transport: Transport, zombie_timeout: float) -> bool:
             "(zombie_timeout=%gs). Use maxmemory-policy noeviction for meepo's Redis.",
             where,
             policy,
-            zombie_timeout,
+            redispatch_timeout,
         )
     save = settings.get("save", "").strip()
     aof = settings.get("appendonly", "no").strip().lower()

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Update,
     and_,
+    delete,
     func,
     insert,
     literal_column,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from ...records import Job, JobRecord, Message, Pair, ScheduleRecord, Status
@@ -77,6 +79,7 @@ def job_record(r: Row[Any]) -> JobRecord:
         priority=r.priority,
         started_at=r.started_at,
         orphaned_claims=r.orphaned_claims,
+        dispatch_deadline=r.dispatch_deadline,
     )
 
 
@@ -298,7 +301,7 @@ class PortableDriver:
         return None if got is None else int(got)
 
     def mark_due(self, pairs: Sequence[Pair], never: datetime) -> None:
-        """Set the dispatch deadline of current todo rows to ``never``."""
+        """Set ``dispatch_deadline`` of current todo rows to ``never``."""
         t = self.table
         with self.begin() as conn:
             for i in range(0, len(pairs), ROWS_PER_STATEMENT):
@@ -306,7 +309,7 @@ class PortableDriver:
                 conn.execute(
                     update(t)
                     .where(self.pairs_where(chunk), t.c.status == Status.TODO.value)
-                    .values(expires_at=never)
+                    .values(dispatch_deadline=never)
                 )
 
     # -- consumer -----------------------------------------------------------------------
@@ -332,6 +335,7 @@ class PortableDriver:
                 "commit_id": t.c.commit_id + step,
                 "updated_at": at,
                 "expires_at": at + lease,
+                "dispatch_deadline": None,  # a doing row has a lease, not a deadline
                 "worker": worker,
                 "started_at": None,  # an attempt is a run: this claim has not started
             }
@@ -595,7 +599,13 @@ class PortableDriver:
             out.extend(
                 conn.execute(
                     self.by_primary_key(
-                        select(t.c.id, t.c.commit_id, t.c.expires_at, t.c.started_at)
+                        select(
+                            t.c.id,
+                            t.c.commit_id,
+                            t.c.expires_at,
+                            t.c.dispatch_deadline,
+                            t.c.started_at,
+                        )
                         .where(
                             t.c.id.in_(ids[i : i + ROWS_PER_STATEMENT]), t.c.status == status.value
                         )
@@ -638,18 +648,21 @@ class PortableDriver:
         default_priority: str,
         limit: int,
     ) -> list[tuple[int, int, str]]:
-        """Due todo rows past their priority's cutoff, earliest deadline first."""
+        """Due todo rows past their priority's cutoff, earliest deadline first (a todo
+        row has no lease: ``expires_at IS NULL`` puts the deadline next in the task
+        index)."""
         t = self.table
+        deadline = t.c.dispatch_deadline
         cond: ColumnElement[bool]
         if len(set(cutoffs.values())) == 1:
-            cond = t.c.expires_at < next(iter(cutoffs.values()))
+            cond = deadline < next(iter(cutoffs.values()))
         else:
             others = [p for p in cutoffs if p != default_priority]
             cond = or_(
-                *(and_(t.c.priority == p, t.c.expires_at < cutoffs[p]) for p in others),
+                *(and_(t.c.priority == p, deadline < cutoffs[p]) for p in others),
                 and_(
                     t.c.priority.not_in(others),
-                    t.c.expires_at < cutoffs[default_priority],
+                    deadline < cutoffs[default_priority],
                 ),
             )
         with self.begin() as conn:
@@ -658,11 +671,12 @@ class PortableDriver:
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.TODO.value,
-                    t.c.expires_at < max(cutoffs.values()),
+                    t.c.expires_at.is_(None),
+                    deadline < max(cutoffs.values()),
                     cond,
                     t.c.run_at <= now,
                 )
-                .order_by(t.c.expires_at)
+                .order_by(deadline)
                 .limit(limit)
             ).all()
         return [(int(r.id), int(r.commit_id), str(r.priority)) for r in rows]
@@ -672,33 +686,41 @@ class PortableDriver:
         t = self.table
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.expires_at).where(
+                select(t.c.id, t.c.commit_id, t.c.dispatch_deadline).where(
                     self.pairs_where(pairs), t.c.status == Status.TODO.value
                 )
             ).all()
-        return {(r.id, r.commit_id): r.expires_at for r in rows if r.expires_at is not None}
+        return {
+            (r.id, r.commit_id): r.dispatch_deadline
+            for r in rows
+            if r.dispatch_deadline is not None
+        }
 
     def todo_page(
         self, task_id: str, *, after: tuple[datetime, int] | None, limit: int
     ) -> list[tuple[Message, datetime]]:
-        """Recovery: a page of todo rows in (expires_at, id) order, read-only."""
+        """Recovery: a page of todo rows in (dispatch_deadline, id) order, read-only."""
         t = self.table
+        deadline = t.c.dispatch_deadline
         cond = [
             t.c.task_id == task_id,
             t.c.status == Status.TODO.value,
-            t.c.expires_at.is_not(None),
+            t.c.expires_at.is_(None),
+            deadline.is_not(None),
         ]
         if after is not None:
-            exp, last_id = after
-            cond.append(or_(t.c.expires_at > exp, and_(t.c.expires_at == exp, t.c.id > last_id)))
+            last, last_id = after
+            cond.append(or_(deadline > last, and_(deadline == last, t.c.id > last_id)))
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at, t.c.expires_at)
+                select(t.c.id, t.c.commit_id, t.c.priority, t.c.run_at, deadline)
                 .where(*cond)
-                .order_by(t.c.expires_at, t.c.id)
+                .order_by(deadline, t.c.id)
                 .limit(limit)
             ).all()
-        return [(Message(r.id, r.commit_id, r.priority, r.run_at), r.expires_at) for r in rows]
+        return [
+            (Message(r.id, r.commit_id, r.priority, r.run_at), r.dispatch_deadline) for r in rows
+        ]
 
     # -- admin --------------------------------------------------------------------------
 
@@ -853,3 +875,51 @@ class PortableDriver:
                 .values(**values)
             )
         return int(result.rowcount) == 1
+
+    def insert_schedule(self, row: dict[str, Any]) -> bool:
+        """INSERT a schedule declaration; False when ``(task_id, name)`` exists (another
+        process declared it first)."""
+        with translate_errors(self.url, self.schedules.name):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(self.schedules).values(**row))
+            except IntegrityError:
+                return False
+        return True
+
+    def redeclare_schedule(
+        self, task_id: str, name: str, updated_at: datetime, values: dict[str, Any]
+    ) -> bool:
+        """Redeclaration: compare-and-set of a schedule row on ``updated_at`` as it was
+        read; True if this call won."""
+        s = self.schedules
+        with self.begin() as conn:
+            result = conn.execute(
+                update(s)
+                .where(s.c.task_id == task_id, s.c.name == name, s.c.updated_at == updated_at)
+                .values(**values)
+            )
+        return int(result.rowcount) == 1
+
+    def delete_schedule(self, task_id: str, name: str) -> bool:
+        """DELETE one schedule; True if it existed."""
+        s = self.schedules
+        with self.begin() as conn:
+            result = conn.execute(delete(s).where(s.c.task_id == task_id, s.c.name == name))
+        return int(result.rowcount) > 0
+
+    def get_schedule(self, task_id: str, name: str) -> ScheduleRecord | None:
+        """One schedule, by its key."""
+        s = self.schedules
+        with self.begin() as conn:
+            row = conn.execute(select(s).where(s.c.task_id == task_id, s.c.name == name)).first()
+        return None if row is None else schedule_record(row)
+
+    def list_schedules(self, task_id: str | None) -> list[ScheduleRecord]:
+        """Every schedule of the table (or of one task), by task and name."""
+        s = self.schedules
+        stmt = select(s).order_by(s.c.task_id, s.c.name)
+        if task_id is not None:
+            stmt = stmt.where(s.c.task_id == task_id)
+        with self.begin() as conn:
+            return [schedule_record(r) for r in conn.execute(stmt)]
