@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Engine, Select, Update, literal_column
 
 from ...errors import PayloadError
 from ...records import Job, Message, Pair, Status
-from ..driver import ROWS_PER_STATEMENT, Claimed, Group
+from ..driver import ROWS_PER_STATEMENT, Claimed, Group, from_statuses
 from ..engine import translate_errors
 from ..types import UTC
 from .portable import PortableDriver
@@ -184,6 +184,7 @@ class MySQLDriver(PortableDriver):
         *,
         step: int = 1,
         where: str = "",
+        flag: bool | None = None,
     ) -> tuple[str, list[Any]]:
         sets, named = set_clause(self.table, values, named=False, step=step)
         args: list[Any] = list(named.values())
@@ -194,6 +195,8 @@ class MySQLDriver(PortableDriver):
             f"AND status IN ({_marks(len(statuses))})"
         )
         args += statuses
+        if flag is not None:  # LIVE or CANCEL_REQUESTED
+            sql += " AND cancel_requested" if flag else " AND NOT cancel_requested"
         if task_id is not None:
             sql += " AND task_id = %s"
             args.append(task_id)
@@ -320,6 +323,8 @@ class MySQLDriver(PortableDriver):
             "expires_at": Raw(f"@now + INTERVAL {int(micros)} MICROSECOND"),
             "worker": worker,
             "started_at": None,  # an attempt is a run: this claim has not started
+            "progress": None,  # a run reports its own progress
+            "progress_note": None,
         }
         _, locked, n = self.run(
             conn,
@@ -386,18 +391,27 @@ class MySQLDriver(PortableDriver):
         that a group moved has a new commit_id, so no later group matches it): under
         those locks each UPDATE changes exactly those rows, which its count confirms."""
         ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
-        parts = [self._lock(ids, "id, commit_id, status", None)]
-        named = [(list(pairs), [s.value for s in statuses], v) for pairs, statuses, v in groups]
-        parts += [self._update(p, s, v) for p, s, v in named]
+        parts = [self._lock(ids, "id, commit_id, status, cancel_requested", None)]
+        named = [(list(pairs), *from_statuses(statuses), v) for pairs, statuses, v in groups]
+        parts += [self._update(p, s, v, flag=flag) for p, s, flag, v in named]
         locked, *counts = self.run(conn, parts)
         state = {(int(r[0]), int(r[1])): str(r[2]) for r in locked}
+        flagged = {(int(r[0]), int(r[1])) for r in locked if r[3]}
         won: set[Pair] = set()
-        for (pairs, statuses, values), n in zip(named, counts, strict=True):
-            mine = {p for p in pairs if state.get(p) in statuses}
+        for (pairs, statuses, flag, values), n in zip(named, counts, strict=True):
+            mine = {
+                p
+                for p in pairs
+                if state.get(p) in statuses and (flag is None or (p in flagged) == flag)
+            }
             if n != len(mine):  # the rows were locked: cannot happen
                 raise RuntimeError(f"transition: {n} rows changed under lock, {len(mine)} expected")
             for i, c in mine:
                 status = state.pop((i, c))
                 state[(i, c + 1)] = str(values.get("status", status))
+                if (i, c) in flagged:
+                    flagged.discard((i, c))
+                    if values.get("cancel_requested", True):
+                        flagged.add((i, c + 1))
             won |= mine
         return won
