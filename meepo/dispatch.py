@@ -316,15 +316,17 @@ class Dispatcher:
 
     def release(self, jobs: Sequence[tuple[int, int, str]]) -> Moved:
         """Give claimed-but-unstarted jobs ``(id, commit_id, priority)`` back to their
-        queues (shutdown), without counting a failure."""
+        queues (shutdown), without counting a failure; those cancelled meanwhile are
+        closed as cancelled instead (``closed``)."""
         now = self.clock()
-        won = self.ledger.release(
-            [(i, c) for i, c, _ in jobs], now=now, expires_at=now + self.redispatch_timeout
-        )
+        pairs = [(i, c) for i, c, _ in jobs]
+        won = self.ledger.release(pairs, now=now, expires_at=now + self.redispatch_timeout)
         prio = {i: p for i, _, p in jobs}
         sent = [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
         self.send(sent)
-        return Moved(won, sent)
+        lost = [p for p in pairs if p not in won]
+        closed = self.ledger.close_cancelled(lost, now=now) if lost else set()
+        return Moved(won | closed, sent, len(closed))
 
     # -- maintenance ------------------------------------------------------------------
 

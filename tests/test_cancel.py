@@ -321,3 +321,21 @@ def test_meepo_cancel_by_id_and_by_status(
     got = _meepo("stats", "--task", task.task_id, "--json", *conn, cwd=tmp_path)
     assert got.returncode == 0, got.stderr
     assert '"cancelled": 3' in got.stdout
+
+
+def test_a_claimed_job_cancelled_before_it_started_is_closed_when_given_back(
+    make_task: TaskFactory,
+) -> None:
+    """A stopping worker gives back the jobs it claimed but never started: one that was
+    cancelled meanwhile is closed as cancelled, not put back on the queue."""
+    clock = Clock()
+    task = make_task(clock=clock)
+    job_id = task.push(b"prefetched")
+    ((_, _, commit_id, _),) = task.ledger.find(task_id=task.task_id, ids=[job_id])
+    (job,) = task.ledger.claim(
+        task.task_id, [(job_id, commit_id)], lease=timedelta(seconds=30), worker="w"
+    )
+    assert task.cancel(job_id) is True
+    moved = task.dispatcher.release([(job.id, job.commit_id, job.priority)])
+    assert (moved.sent, moved.closed) == ([], 1)
+    assert record(task, job_id).status is Status.CANCELLED
