@@ -78,6 +78,33 @@ class RepushResult:
 
 
 @dataclass(frozen=True)
+class CancelledJob:
+    """One job a cancel acted on (or, in a dry run, would act on): ``outcome`` is
+    ``cancelled`` (it was todo), ``requested`` (it was doing: it ends as cancelled when
+    its handler does) or ``already`` (doing, cancelled before); in a dry run
+    ``cancelled`` or ``requested``."""
+
+    id: int
+    task_id: str
+    previous: Status
+    outcome: str
+
+
+@dataclass
+class CancelResult:
+    dry_run: bool
+    jobs: list[CancelledJob] = field(default_factory=list)
+    #: Jobs that kept changing under the cancel; left as they were.
+    skipped: list[int] = field(default_factory=list)
+    #: Jobs given by id that had finished already (left as they were).
+    finished: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(1 for j in self.jobs if j.outcome != client.ALREADY)
+
+
+@dataclass(frozen=True)
 class TaskSummary:
     """One task's line in ``meepo stats``."""
 
@@ -167,6 +194,9 @@ def record_dict(rec: JobRecord) -> dict[str, Any]:
         "dispatch_deadline": when(rec.dispatch_deadline),
         "worker": rec.worker,
         "last_error": rec.last_error,
+        "cancel_requested": rec.cancel_requested,
+        "progress": rec.progress,
+        "progress_note": rec.progress_note,
         "payload": rec.payload.decode("utf-8", errors="backslashreplace"),
         "payload_size": len(rec.payload),
     }
@@ -272,13 +302,69 @@ class Admin:
             self._repush_filter(st, since, until, limit, task_id, result, progress)
         return result
 
+    def cancel(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        status: Status | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+        task_id: str | None = None,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> CancelResult:
+        """Cancel jobs: todo ones at once, doing ones when their handler ends (see
+        ``Task.cancel``); finished ones are left as they are.
+
+        Either ``ids`` (each job's task is read from its row; an id that does not exist
+        is a JobNotFoundError and nothing changes) or a filter: ``status`` (todo or
+        doing) with optional ``since``/``until`` (bounds on ``updated_at``), ``limit``
+        and ``task_id``, as for :meth:`repush`. ``dry_run`` reads only."""
+        if (ids is None) == (status is None):
+            raise ConfigError("cancel takes either job ids or a status filter")
+        if task_id is not None:
+            self.require_task(task_id)
+        result = CancelResult(dry_run=dry_run)
+
+        def apply(rows: Sequence[Row], _: Any, reread: Callable[[list[int]], list[Row]]) -> None:
+            live = [r for r in rows if not r[3].terminal]
+            result.finished.extend(r[0] for r in rows if r[3].terminal)
+            if dry_run:
+                result.jobs.extend(
+                    CancelledJob(
+                        i, t, s, client.CANCELLED if s is Status.TODO else client.REQUESTED
+                    )
+                    for i, t, _, s in live
+                )
+                return
+            done, skipped = client.cancel(live, self.dispatcher, reread)
+            result.jobs.extend(CancelledJob(r[0], r[1], r[3], what) for r, what in done)
+            result.skipped.extend(skipped)
+
+        if ids is not None:
+            if since is not None or until is not None or limit is not None:
+                raise ConfigError("since, until and limit filter by status, not by ids")
+            self._repush_ids(list(dict.fromkeys(ids)), task_id, None, progress, apply, "cancelled")
+        else:
+            st = Status.parse(status) if status is not None else None
+            if st is None or st.terminal:
+                raise ConfigError(f"cancel takes todo or doing jobs, not {st}")
+            if limit is not None:
+                positive_int(limit, "limit")
+            self._repush_filter(st, since, until, limit, task_id, None, progress, apply)
+        return result
+
     def _repush_ids(
         self,
         ids: list[int],
         task_id: str | None,
-        result: RepushResult,
+        result: RepushResult | None,
         progress: Progress | None,
+        apply: Callable[[Sequence[Row], Any, Callable[[list[int]], list[Row]]], None] | None = None,
+        verb: str = "repushed",
     ) -> None:
+        apply = apply or self._apply
         rows: list[Row] = []
         for i in range(0, len(ids), ROWS_PER_STATEMENT):
             rows.extend(self.ledger.find(task_id=task_id, ids=ids[i : i + ROWS_PER_STATEMENT]))
@@ -289,14 +375,14 @@ class Admin:
             where = f"task {task_id!r} in table" if task_id is not None else "table"
             noun = "job" if len(missing) == 1 else "jobs"
             raise JobNotFoundError(
-                f"no {noun} {shown}{more} in {where} {self.table!r}; nothing was repushed"
+                f"no {noun} {shown}{more} in {where} {self.table!r}; nothing was {verb}"
             )
         order = {job_id: n for n, job_id in enumerate(ids)}
         rows.sort(key=lambda r: order[r[0]])
         done = 0
         for i in range(0, len(rows), ROWS_PER_STATEMENT):
             chunk = rows[i : i + ROWS_PER_STATEMENT]
-            self._apply(chunk, result, lambda lost: self.ledger.find(task_id=task_id, ids=lost))
+            apply(chunk, result, lambda lost: self.ledger.find(task_id=task_id, ids=lost))
             done += len(chunk)
             if progress is not None:
                 progress(done, len(rows))
@@ -308,9 +394,12 @@ class Admin:
         until: datetime | None,
         limit: int | None,
         task_id: str | None,
-        result: RepushResult,
+        result: RepushResult | None,
         progress: Progress | None,
+        apply: Callable[[Sequence[Row], Any, Callable[[list[int]], list[Row]]], None] | None = None,
     ) -> None:
+        apply = apply or self._apply
+
         def find(**kwargs: Any) -> list[Row]:
             return self.ledger.find(
                 task_id=task_id, status=status, since=since, until=until, **kwargs
@@ -324,7 +413,7 @@ class Admin:
             if not rows:
                 break
             after = rows[-1][0]
-            self._apply(rows, result, lambda lost: find(ids=lost))
+            apply(rows, result, lambda lost: find(ids=lost))
             done += len(rows)
             if progress is not None:
                 progress(done, limit)
@@ -334,11 +423,12 @@ class Admin:
     def _apply(
         self,
         rows: Sequence[Row],
-        result: RepushResult,
+        result: Any,
         reread: Callable[[list[int]], list[Row]],
     ) -> None:
         """Repush ``rows`` task by task; a job that moved meanwhile is re-read (it must
         still match) and tried again (:func:`meepo.client.repush`)."""
+        assert isinstance(result, RepushResult)
         if result.dry_run:
             result.jobs.extend(RepushedJob(i, t, s, c) for i, t, c, s in rows)
             return

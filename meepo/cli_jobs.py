@@ -7,7 +7,7 @@
     meepo jobs delete --id ID [ID ...] | FILTERS [--dry-run] [--yes] [--force]
     meepo push TASK --payload TEXT | --payload-file F | --json VALUE
                [--delay S] [--priority P] [--key K] [--unique-for S]
-    meepo purge --task T [--status done|failed] [--older-than 7d] [--dry-run] [--archive]
+    meepo purge --task T [--status done|failed|cancelled] [--older-than 7d] [--dry-run] [--archive]
     meepo stats [--task T] [--json] [--watch [--interval S]]
 
 FILTERS: ``--task``, ``--status`` (repeatable), ``--priority``, ``--key``,
@@ -76,7 +76,7 @@ def _status(text: str) -> Status:
 def _finished(text: str) -> Status:
     status = _status(text)
     if not status.terminal:
-        raise ValueError(f"only finished jobs are purged: done or failed, not {status}")
+        raise ValueError(f"only finished jobs are purged: done, failed or cancelled, not {status}")
     return status
 
 
@@ -102,7 +102,7 @@ def filter_options(f: Any) -> Any:
             type=STATUS,
             multiple=True,
             metavar="STATUS",
-            help="Only jobs in this status (todo, doing, done, failed); repeatable.",
+            help="Only jobs in this status (todo, doing, done, failed, cancelled); repeatable.",
         ),
         click.option("--priority", metavar="P", help="Only jobs of this priority queue."),
         click.option("--key", metavar="K", help="Only the job holding this unique key."),
@@ -463,7 +463,7 @@ def _payload(text: str | None, path: str | None, value: str | None) -> bytes:
 @click.command(
     "purge",
     short_help="Remove a task's old finished jobs (or archive them).",
-    help="Remove a task's finished jobs (done, failed) whose last change is older than "
+    help="Remove a task's finished jobs (done, failed, cancelled) whose last change is older than "
     "--older-than (default: the task's stored retention), in chunks of at most 1,000 rows "
     "(racing workers' cleaners is safe). Jobs still holding a unique key are kept. "
     "--archive moves them into <table>_archive instead.",
@@ -475,7 +475,8 @@ def _payload(text: str | None, path: str | None, value: str | None) -> bytes:
     type=FINISHED,
     multiple=True,
     metavar="STATUS",
-    help="done or failed (repeatable; default: those the retention names, else both).",
+    help="done, failed or cancelled (repeatable; default: those the retention names, "
+    "else all three).",
 )
 @click.option("--older-than", type=DURATION, metavar="DURATION", help="90s, 30m, 12h, 7d, 2w.")
 @click.option("--dry-run", is_flag=True, help="Count what would be removed.")
@@ -495,7 +496,8 @@ def purge(
     check_task_id(task)
     st = store(ctx, table)
     if older_than is not None:
-        keep = {s: older_than for s in (statuses or (Status.DONE, Status.FAILED))}
+        finished = (Status.DONE, Status.FAILED, Status.CANCELLED)
+        keep = {s: older_than for s in (statuses or finished)}
     else:
         stored = st.policy(task)
         keep = {s: v for s, v in stored.items() if not statuses or s in statuses}

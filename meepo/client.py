@@ -144,6 +144,50 @@ def repush(
     return done, sorted(r[0] for r in pending)
 
 
+#: What a cancel did to one job: ``cancelled`` (it was todo), ``requested`` (it was
+#: doing: it ends as cancelled), ``already`` (doing, its cancel requested before).
+CANCELLED, REQUESTED, ALREADY = "cancelled", "requested", "already"
+
+
+def cancel(
+    rows: Sequence[Row],
+    dispatcher: Callable[[str], Dispatcher],
+    reread: Callable[[list[int]], list[Row]],
+    retries: int = REPUSH_RETRIES,
+) -> tuple[list[tuple[Row, str]], list[int]]:
+    """Cancel ``rows``, each task's through its ``dispatcher(task_id)``: todo ones at
+    once, doing ones flagged; finished ones are left as they are (not in the result).
+
+    A job that moved since it was read is re-read with ``reread(ids)`` and tried again,
+    up to ``retries`` times, as for :func:`repush`. Returns each job acted on (as read,
+    last) with what was done (CANCELLED, REQUESTED or ALREADY), and the ids of the jobs
+    that kept changing."""
+    done: list[tuple[Row, str]] = []
+    pending = [r for r in rows if not r[3].terminal]
+    for _ in range(retries):
+        lost: list[int] = []
+        for task_id, group in _by_task(pending).items():
+            todo = [(r[0], r[2]) for r in group if r[3] is Status.TODO]
+            doing = [(r[0], r[2]) for r in group if r[3] is Status.DOING]
+            got = dispatcher(task_id).cancel(todo, doing)
+            for r in group:
+                pair = (r[0], r[2])
+                if pair in got.cancelled:
+                    done.append((r, CANCELLED))
+                elif pair in got.requested:
+                    done.append((r, REQUESTED))
+                elif pair in got.already:
+                    done.append((r, ALREADY))
+                else:
+                    lost.append(r[0])
+        if not lost:
+            return done, []
+        pending = [r for r in reread(sorted(lost)) if not r[3].terminal]
+        if not pending:
+            return done, []
+    return done, sorted(r[0] for r in pending)
+
+
 def _by_task(rows: Sequence[Row]) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = {}
     for r in rows:

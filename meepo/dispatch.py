@@ -13,11 +13,14 @@ pairs whose compare-and-set took effect) and the messages it sent for the rows i
 * producer side: :meth:`~Dispatcher.insert`, :meth:`~Dispatcher.push`,
   :meth:`~Dispatcher.send`, :meth:`~Dispatcher.fire` (a schedule's jobs);
 * consumer side: :meth:`~Dispatcher.pop_and_claim`, :meth:`~Dispatcher.renew`,
-  :meth:`~Dispatcher.start`, :meth:`~Dispatcher.finish`,
-  :meth:`~Dispatcher.commit_one`, :meth:`~Dispatcher.release`;
+  :meth:`~Dispatcher.start`, :meth:`~Dispatcher.progress`, :meth:`~Dispatcher.finish`,
+  :meth:`~Dispatcher.close_cancelled`, :meth:`~Dispatcher.commit_one`,
+  :meth:`~Dispatcher.release`;
 * maintenance: :meth:`~Dispatcher.reap`, :meth:`~Dispatcher.sweep`,
   :meth:`~Dispatcher.ensure_epoch` / :meth:`~Dispatcher.take_recovery` /
-  :meth:`~Dispatcher.recover`, :meth:`~Dispatcher.promote`, :meth:`~Dispatcher.repush`.
+  :meth:`~Dispatcher.recover`, :meth:`~Dispatcher.promote`, :meth:`~Dispatcher.repush`,
+  :meth:`~Dispatcher.cancel` (ledger only: a cancelled job's message is dropped when
+  popped, as a stale one).
 
 If Redis fails after a commit the rows are marked due for the dispatch sweep (and even
 if that fails, their dispatch deadline brings them back): a committed job is never lost.
@@ -38,6 +41,7 @@ from .errors import LedgerUnavailableError, MeepoError, TransportUnavailableErro
 from .ledger import (
     NEVER_DISPATCHED,
     ROWS_PER_STATEMENT,
+    Cancelled,
     Claimed,
     Inserted,
     Ledger,
@@ -45,6 +49,7 @@ from .ledger import (
     Pair,
     Renewal,
 )
+from .ledger.driver import Progress
 from .ledger.schedules import Schedules
 from .records import Message, NewJob, ScheduleRecord, Status
 from .transport import Transport, decode
@@ -282,6 +287,23 @@ class Dispatcher:
         claim's expiry as a failed attempt); returns how many claims were current."""
         return self.ledger.start(pairs, now=self.ledger_now())
 
+    def progress(self, reports: Sequence[Progress]) -> set[Pair]:
+        """Write running jobs' latest progress, fenced by their claims' commit_id (not
+        a transition); the claims written."""
+        return self.ledger.progress(reports)
+
+    def close_cancelled(self, pairs: Sequence[Pair]) -> set[Pair]:
+        """doing → cancelled for claims whose job someone cancelled while it ran (the
+        handler ended, or its commit lost to the cancel); the claims closed."""
+        if not pairs:
+            return set()
+        return self.ledger.close_cancelled(pairs, now=self.clock())
+
+    def cancel(self, todo: Sequence[Pair], doing: Sequence[Pair]) -> Cancelled:
+        """Cancel todo jobs at once and flag doing ones (see :meth:`Ledger.cancel`).
+        Nothing is sent: a cancelled job's message is stale, dropped when popped."""
+        return self.ledger.cancel(todo, doing, now=self.clock())
+
     def finish(self, outcomes: Sequence[Outcome]) -> Moved:
         """Group commit, then re-dispatch the todo outcomes that won."""
         won = self.ledger.finish(
@@ -309,17 +331,17 @@ class Dispatcher:
 
     def release(self, jobs: Sequence[tuple[int, int, str]]) -> Moved:
         """Give claimed-but-unstarted jobs ``(id, commit_id, priority)`` back to their
-        queues (shutdown), without counting a failure."""
+        queues (shutdown), without counting a failure; those cancelled meanwhile are
+        closed as cancelled instead (``closed``)."""
         now = self.clock()
-        won = self.ledger.release(
-            [(i, c) for i, c, _ in jobs],
-            now=now,
-            dispatch_deadline=now + self.redispatch_timeout,
-        )
+        pairs = [(i, c) for i, c, _ in jobs]
+        won = self.ledger.release(pairs, now=now, dispatch_deadline=now + self.redispatch_timeout)
         prio = {i: p for i, _, p in jobs}
         sent = [Message(i, c + 1, prio[i]) for i, c in sorted(won)]
         self.send(sent)
-        return Moved(won, sent)
+        lost = [p for p in pairs if p not in won]
+        closed = self.ledger.close_cancelled(lost, now=now) if lost else set()
+        return Moved(won | closed, sent, len(closed))
 
     # -- maintenance ------------------------------------------------------------------
 

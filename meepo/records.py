@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -28,19 +30,23 @@ class Status(str, enum.Enum):
     * ``done``   - finished. Terminal; left only by an admin repush.
     * ``failed`` - gave up (max_failed_times reached, or committed failed). Terminal;
       left only by an admin repush.
+    * ``cancelled`` - cancelled (``Task.cancel``): at once if it was todo, when its
+      handler ended if it was doing. Terminal, never retried; left only by an admin
+      repush.
     """
 
     TODO = "todo"
     DOING = "doing"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def terminal(self) -> bool:
-        return self in (Status.DONE, Status.FAILED)
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
 
     @classmethod
     def parse(cls, value: str | Status) -> Status:
@@ -54,6 +60,66 @@ class Status(str, enum.Enum):
             raise ValueError(f"unknown status {value!r}: expected one of {choices}") from None
 
 
+#: The longest ``note`` of ``Job.progress`` (characters; the column is VARCHAR(255)).
+MAX_PROGRESS_NOTE = 255
+
+
+def check_progress(fraction: float, note: str | None) -> tuple[float, str | None]:
+    """``fraction`` as a float in [0, 1] and ``note`` as text of at most
+    MAX_PROGRESS_NOTE characters, or a ValueError naming the problem."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(
+            f"progress fraction must be a number from 0 to 1, not {type(fraction).__name__}"
+        )
+    value = float(fraction)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"progress fraction must be from 0 to 1, not {fraction!r}")
+    if note is not None:
+        if not isinstance(note, str):
+            raise ValueError(f"progress note must be a str or None, not {type(note).__name__}")
+        if len(note) > MAX_PROGRESS_NOTE:
+            raise ValueError(
+                f"progress note has {len(note)} characters, more than {MAX_PROGRESS_NOTE}"
+            )
+    return value, note
+
+
+class RunControl:
+    """The live side of one claimed run, shared by its handler and its consumer.
+
+    The consumer's heartbeat sets :attr:`cancel_requested` when the ledger says someone
+    cancelled the job; the handler's :meth:`Job.progress` leaves its latest report in
+    :attr:`latest` and marks it :attr:`dirty`, and the consumer writes it with its next
+    heartbeat (or after a short delay, see ``meepo.runtime.heartbeat``), so a handler
+    reporting in a tight loop costs no round trip per call. Plain attribute writes: a
+    report is one tuple, replaced whole.
+    """
+
+    __slots__ = ("cancel_requested", "dirty", "latest", "notify")
+
+    def __init__(self) -> None:
+        self.cancel_requested = False
+        self.dirty = False
+        self.latest: tuple[float, str | None] | None = None
+        #: Called once when a report arrives with none pending (the consumer's wake-up).
+        self.notify: Callable[[], None] | None = None
+
+    def report(self, fraction: float, note: str | None) -> None:
+        self.latest = (fraction, note)
+        if not self.dirty:
+            self.dirty = True
+            notify = self.notify
+            if notify is not None:
+                notify()
+
+    def take(self) -> tuple[float, str | None] | None:
+        """The latest report not written yet (None: nothing new); marks it written."""
+        if not self.dirty:
+            return None
+        self.dirty = False
+        return self.latest
+
+
 @dataclass(frozen=True)
 class Job:
     """What a handler receives: one claimed run of a job.
@@ -65,6 +131,10 @@ class Job:
     ``orphaned_claims`` counts earlier claims of the job whose lease expired before its
     handler started (their worker died or lost them): they were requeued without
     counting a failed attempt.
+
+    ``cancel_requested`` turns True (within one heartbeat interval) once someone
+    cancelled the running job: the handler may stop early; however it ends, the job
+    becomes ``cancelled``. ``progress(fraction, note)`` reports how far it got.
     """
 
     id: int
@@ -75,6 +145,20 @@ class Job:
     priority: str = DEFAULT_PRIORITY
     orphaned_claims: int = 0
     dispatch_deadline: datetime | None = None
+    control: RunControl = field(default_factory=RunControl, repr=False, compare=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the job was cancelled while it runs (seen by the last heartbeat)."""
+        return self.control.cancel_requested
+
+    def progress(self, fraction: float, note: str | None = None) -> None:
+        """Report how far the run got: ``0 <= fraction <= 1`` (else ValueError) and an
+        optional ``note`` (at most 255 characters). Cheap: the latest report is written
+        to the ledger with the consumer's next heartbeat (or within about a second),
+        fenced by this claim's commit_id, and read back as ``JobRecord.progress``."""
+        value, text = check_progress(fraction, note)
+        self.control.report(value, text)
 
 
 @dataclass(frozen=True)
@@ -113,6 +197,9 @@ class JobRecord:
     ``expires_at``: a doing job's lease end (None in other statuses).
     ``dispatch_deadline``: a todo job's redispatch deadline, after which the dispatch
     sweep sends its message again (None in other statuses).
+    ``cancel_requested``: someone cancelled the job while it ran (it becomes
+    ``cancelled`` when its handler ends). ``progress``, ``progress_note``: the latest
+    ``Job.progress`` report of the current (or last) run; None when never reported.
     """
 
     id: int
@@ -131,6 +218,9 @@ class JobRecord:
     started_at: datetime | None = None
     orphaned_claims: int = 0
     dispatch_deadline: datetime | None = None
+    cancel_requested: bool = False
+    progress: float | None = None
+    progress_note: str | None = None
 
 
 @dataclass(frozen=True)

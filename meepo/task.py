@@ -547,7 +547,7 @@ class Task:
             )
         st = Status.parse(status)
         if st is Status.DOING:
-            raise ValueError("commit status must be done, failed or todo, not doing")
+            raise ValueError("commit status must be done, failed, todo or cancelled, not doing")
         consumer = self._consumer
         if consumer is None and self._inline is not None:
             consumer = self._inline.consumer
@@ -595,6 +595,28 @@ class Task:
         if not skipped:  # deleted meanwhile
             raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
         raise StaleCommitError(job_id, rows[0][2], f"job {job_id} kept changing; try again")
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a job; True if that changed anything.
+
+        A todo job (due or delayed) becomes ``cancelled`` at once; its message is
+        dropped when popped. A doing job is flagged: its handler sees
+        ``job.cancel_requested`` turn True within a heartbeat interval, and the job
+        becomes ``cancelled`` when the handler ends (returns, raises or commits; a
+        manual commit then raises StaleCommitError), or when the reaper finds its worker
+        dead. A finished job (done, failed, cancelled), or a running one already
+        cancelled, is left as it is: False. JobNotFoundError for an unknown id."""
+
+        def read(ids: list[int]) -> list[Row]:
+            return self.ledger.find(task_id=self.task_id, ids=ids)
+
+        rows = read([job_id])
+        if not rows:
+            raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+        done, skipped = client.cancel(rows, lambda _: self.dispatcher, read)
+        if skipped:
+            raise StaleCommitError(job_id, rows[0][2], f"job {job_id} kept changing; try again")
+        return any(what != client.ALREADY for _, what in done)
 
     # -- reading ----------------------------------------------------------------------
 

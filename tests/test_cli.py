@@ -438,7 +438,7 @@ def test_stats_lists_every_task(
         (b, 1, {"default": 1}, 0),
     ):
         row = tasks[task.task_id]
-        assert row["counts"] == {"todo": n, "doing": 0, "done": 0, "failed": 0}
+        assert row["counts"] == {"todo": n, "doing": 0, "done": 0, "failed": 0, "cancelled": 0}
         assert row["queue_depth"] == sum(queues.values())
         assert row["queues"] == queues
         assert row["delayed"] == delayed
@@ -453,6 +453,7 @@ def test_stats_lists_every_task(
         "DOING",
         "DONE",
         "FAILED",
+        "CANCELLED",
         "OLDEST",
         "TODO",
         "QUEUE",
@@ -460,9 +461,9 @@ def test_stats_lists_every_task(
         "QUEUES",
     ]
     mine = {line.split()[0]: line.split() for line in lines[1:]}
-    assert mine[a.task_id][1:5] == ["4", "0", "0", "0"]
+    assert mine[a.task_id][1:6] == ["4", "0", "0", "0", "0"]
     assert mine[a.task_id][-4:] == ["3", "1", "default=2", "high=1"]
-    assert mine[b.task_id][1:5] == ["1", "0", "0", "0"]
+    assert mine[b.task_id][1:6] == ["1", "0", "0", "0", "0"]
     assert mine[b.task_id][-3:] == ["1", "0", "default=1"]
 
     code, out, _ = run(capsys, "stats", "--task", a.task_id, *conn)

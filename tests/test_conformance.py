@@ -1115,3 +1115,160 @@ def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) ->
     stale = [(pa[0], pa[1] + 1), (pb[0], pb[1] + 1)]
     assert ledger.heartbeat(stale, lease=LEASE).lost == set(stale)
     assert {p: ledger.get(p[0]).expires_at for p in (pa, pb)} == after  # type: ignore[union-attr]
+
+
+# -- cancellation and progress ------------------------------------------------------------
+
+
+def test_cancel_closes_a_todo_job_and_its_old_message_is_not_claimed(ledger: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    got = ledger.cancel([(a, 0)], [], now=host_now())
+    assert (got.cancelled, got.requested, got.already) == ({(a, 0)}, set(), set())
+    rec = ledger.get(a)
+    assert rec is not None
+    assert (rec.status, rec.commit_id, rec.cancel_requested) == (Status.CANCELLED, 1, True)
+    assert rec.expires_at is None and rec.failed_times == 0
+    claimed = ledger.claim(task_id, [(a, 0), (a, 1), (b, 0)], lease=LEASE, worker="w")
+    assert [j.id for j in claimed] == [b]
+    # a second cancel of the same claim loses (it moved), and changes nothing
+    again = ledger.cancel([(a, 0)], [], now=host_now())
+    assert again.cancelled == set() and state(ledger, a) == (Status.CANCELLED, 1)
+
+
+def test_cancel_of_a_doing_job_flags_it_and_only_cancelled_ends_it(ledger: Ledger) -> None:
+    """The flag is no transition (the claim stays current, the heartbeat reports it);
+    the run's done outcome and a release lose to it; closing it makes it cancelled."""
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    pa, pb = claim(ledger, task_id, [a, b])
+    got = ledger.cancel([], [pa], now=host_now())
+    assert (got.cancelled, got.requested) == (set(), {pa})
+    assert ledger.cancel([], [pa], now=host_now()).already == {pa}
+    assert state(ledger, a) == (Status.DOING, pa[1])
+    renewal = ledger.heartbeat([pa, pb], lease=LEASE)
+    assert renewal.renewed == {pa, pb} and renewal.cancel == {pa}
+    now = host_now()
+    outcomes = [Outcome(*pa, Status.DONE), Outcome(*pb, Status.DONE)]
+    assert ledger.finish(outcomes, now=now, redispatch_timeout=TIMEOUT) == {pb}
+    assert ledger.release([pa], now=now, dispatch_deadline=now + TIMEOUT) == set()
+    assert ledger.close_cancelled([pa, (b, pb[1] + 1)], now=now) == {pa}
+    rec = ledger.get(a)
+    assert rec is not None
+    assert (rec.status, rec.commit_id, rec.failed_times) == (Status.CANCELLED, pa[1] + 1, 0)
+    assert rec.expires_at is None
+
+
+def test_a_cancelled_outcome_wins_and_a_todo_outcome_of_a_flagged_job_loses(
+    ledger: Ledger,
+) -> None:
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    pa, pb = claim(ledger, task_id, [a, b])
+    ledger.cancel([], [pa, pb], now=host_now())
+    now = host_now()
+    outcomes = [
+        Outcome(*pa, Status.CANCELLED, "ValueError: stopped early"),
+        Outcome(*pb, Status.TODO, "RuntimeError: boom"),
+    ]
+    assert ledger.finish(outcomes, now=now, redispatch_timeout=TIMEOUT) == {pa}
+    rec = ledger.get(a)
+    assert rec is not None and rec.status is Status.CANCELLED and rec.failed_times == 0
+    assert rec.last_error == "ValueError: stopped early"
+    assert state(ledger, b) == (Status.DOING, pb[1])
+
+
+def test_a_manual_commit_racing_a_cancel_exactly_one_wins(ledger: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    pa, pb = claim(ledger, task_id, [a, b])
+    now = host_now()
+    # cancel first: the commit raises and the job is cancelled
+    assert ledger.cancel([], [pa], now=now).requested == {pa}
+    with pytest.raises(StaleCommitError, match="cancelled"):
+        ledger.commit_one(task_id, Outcome(*pa, Status.DONE), now=now, redispatch_timeout=TIMEOUT)
+    assert state(ledger, a) == (Status.CANCELLED, pa[1] + 1)
+    # commit first: the cancel finds nothing to do
+    ledger.commit_one(task_id, Outcome(*pb, Status.DONE), now=now, redispatch_timeout=TIMEOUT)
+    got = ledger.cancel([], [pb], now=now)
+    assert (got.cancelled, got.requested, got.already) == (set(), set(), set())
+    assert state(ledger, b) == (Status.DONE, pb[1] + 1)
+
+
+def test_reap_closes_a_cancel_requested_zombie_as_cancelled(ledger: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    t0 = host_now()
+    pa, pb = claim(ledger, task_id, [a, b], now=t0)
+    assert ledger.start([pa, pb], now=t0) == 2
+    ledger.cancel([], [pa], now=t0)
+    late = t0 + LEASE + timedelta(seconds=1)
+    zombies = ledger.expired_leases(task_id, limit=10, now=late)
+    assert {z.id: z.cancel_requested for z in zombies} == {a: True, b: False}
+    reaped = ledger.reap(
+        zombies, dst=Status.TODO, max_failed_times=3, redispatch_timeout=TIMEOUT, now=late
+    )
+    assert [m.job_id for m in reaped.requeued] == [b] and reaped.closed == 1
+    rec = ledger.get(a)
+    assert rec is not None
+    assert (rec.status, rec.failed_times) == (Status.CANCELLED, 0)
+
+
+def test_reap_leaves_a_zombie_cancelled_since_the_scan_for_the_next_tick(ledger: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    (a,) = push(ledger, task_id)
+    t0 = host_now()
+    (pa,) = claim(ledger, task_id, [a], now=t0)
+    late = t0 + LEASE + timedelta(seconds=1)
+    zombies = ledger.expired_leases(task_id, limit=10, now=late)
+    ledger.cancel([], [pa], now=t0)
+    reaped = ledger.reap(
+        zombies, dst=Status.TODO, max_failed_times=3, redispatch_timeout=TIMEOUT, now=late
+    )
+    assert (reaped.requeued, reaped.closed) == ([], 0)
+    zombies = ledger.expired_leases(task_id, limit=10, now=late)
+    reaped = ledger.reap(
+        zombies, dst=Status.TODO, max_failed_times=3, redispatch_timeout=TIMEOUT, now=late
+    )
+    assert reaped.closed == 1 and state(ledger, a) == (Status.CANCELLED, pa[1] + 1)
+
+
+def test_repush_of_a_cancelled_job_clears_the_cancel_and_the_progress(ledger: Ledger) -> None:
+    task_id = unique_task_id("cf")
+    (a,) = push(ledger, task_id)
+    (pa,) = claim(ledger, task_id, [a])
+    assert ledger.progress([(pa, 0.5, "half")]) == {pa}
+    ledger.cancel([], [pa], now=host_now())
+    ledger.close_cancelled([pa], now=host_now())
+    (msg,) = ledger.repush([(a, pa[1] + 1)], now=host_now(), redispatch_timeout=TIMEOUT)
+    rec = ledger.get(a)
+    assert rec is not None
+    assert (rec.status, rec.commit_id, rec.cancel_requested) == (Status.TODO, msg.commit_id, False)
+    assert (rec.progress, rec.progress_note) == (None, None)
+    assert [j.id for j in ledger.claim(task_id, [(a, msg.commit_id)], lease=LEASE, worker="w")] == [
+        a
+    ]
+
+
+def test_progress_is_fenced_by_the_claim(ledger: Ledger) -> None:
+    """A current claim's report is written; a stale claim's changes nothing; a new claim
+    starts with no progress."""
+    task_id = unique_task_id("cf")
+    a, b = push(ledger, task_id, 2)
+    pa, pb = claim(ledger, task_id, [a, b])
+    rec = ledger.get(a)
+    assert rec is not None and (rec.progress, rec.progress_note) == (None, None)
+    stale = (b, pb[1] - 1)
+    assert ledger.progress([(pa, 0.25, "a quarter"), (stale, 0.9, "stale")]) == {pa}
+    rec, other = ledger.get(a), ledger.get(b)
+    assert rec is not None and other is not None
+    assert (rec.progress, rec.progress_note) == (0.25, "a quarter")
+    assert (other.progress, other.progress_note) == (None, None)
+    assert state(ledger, a) == (Status.DOING, pa[1])  # not a transition
+    now = host_now()
+    ledger.finish([Outcome(*pa, Status.TODO, "E: again")], now=now, redispatch_timeout=TIMEOUT)
+    assert ledger.progress([(pa, 1.0, None)]) == set()  # finished: stale
+    ledger.claim(task_id, [(a, pa[1] + 1)], lease=LEASE, worker="w")
+    rec = ledger.get(a)
+    assert rec is not None and rec.status is Status.DOING
+    assert (rec.progress, rec.progress_note) == (None, None)

@@ -68,7 +68,7 @@ def finish(
     [
         (["jobs", "list", "--status", "bogus"],
          "Invalid value for '--status': unknown status 'bogus': expected one of todo, doing, "
-         "done, failed (see `meepo jobs list --help`)"),
+         "done, failed, cancelled (see `meepo jobs list --help`)"),
         (["jobs", "list", "--limit", "0"],
          "Invalid value for '--limit': expected a positive integer, not '0' "
          "(see `meepo jobs list --help`)"),
@@ -88,8 +88,8 @@ def finish(
          "--payload-file /nonexistent/f: No such file or directory"),
         (["purge"], "Missing option '--task' (see `meepo purge --help`)"),
         (["purge", "--task", "t", "--status", "todo"],
-         "Invalid value for '--status': only finished jobs are purged: done or failed, not "
-         "todo (see `meepo purge --help`)"),
+         "Invalid value for '--status': only finished jobs are purged: done, failed or "
+         "cancelled, not todo (see `meepo purge --help`)"),
         (["purge", "--task", "t", "--older-than", "7 days"],
          "Invalid value for '--older-than': invalid duration '7 days': use seconds, a "
          "timedelta, or a number with a unit s, m, h, d or w (90s, 30m, 12h, 7d, 2w) "
@@ -316,7 +316,8 @@ def test_stats_without_redis_shows_the_ledger_counts(
     assert code == 0, err
     header, row = out.splitlines()
     assert header.split()[:5] == ["TASK", "TODO", "DOING", "DONE", "FAILED"]
-    assert row.split() == [task.task_id, "2", "0", "1", "0", row.split()[5], *["unavailable"] * 3]
+    cols = row.split()
+    assert cols == [task.task_id, "2", "0", "1", "0", "0", cols[6], *["unavailable"] * 3]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meepo: warning: queue depths unavailable: ")
     code, out, err = meepo("stats", "--task", task.task_id, "--json", cwd=tmp_path, db=db_url,
@@ -324,7 +325,7 @@ def test_stats_without_redis_shows_the_ledger_counts(
     data = json.loads(out)
     assert data["redis"].startswith("unavailable: ")
     [summary] = data["tasks"]
-    assert summary["counts"] == {"todo": 2, "doing": 0, "done": 1, "failed": 0}
+    assert summary["counts"] == {"todo": 2, "doing": 0, "done": 1, "failed": 0, "cancelled": 0}
     assert summary["queue_depth"] is None
 
 

@@ -37,7 +37,7 @@ from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import archive_table, jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0005"
+HEAD = "0007"
 
 
 def new_table_name() -> str:
@@ -166,6 +166,11 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
 
     assert {f"{table}_retention", f"{table}_archive"} <= names
 
+    migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0005"
+    assert {"cancel_requested", "progress", "progress_note"}.isdisjoint(
+        Table(table, MetaData(), autoload_with=engine).c.keys()
+    )
     migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0004"
     assert "dispatch_deadline" not in Table(table, MetaData(), autoload_with=engine).c
@@ -386,6 +391,7 @@ def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str
     assert [c for c in cols if not cols[c]["nullable"]] == [
         "id", "task_id", "status", "payload", "failed_times", "commit_id",
         "created_at", "updated_at", "run_at", "priority", "orphaned_claims",
+        "cancel_requested",
     ]  # fmt: skip
     assert insp.get_pk_constraint(name)["constrained_columns"] == ["id"]
     indexes = {i["name"]: i["column_names"] for i in insp.get_indexes(name)}

@@ -100,7 +100,10 @@ def test_durations(value: object, seconds: float) -> None:
         ({"done": timedelta(0)}, "must be positive"),
         ({"done": True}, "not bool"),
         ({"done": None}, "not NoneType"),
-        ({"todo": "1d"}, "retention: 'todo' is not a finished status: use 'done' or 'failed'"),
+        (
+            {"todo": "1d"},
+            "retention: 'todo' is not a finished status: use 'done', 'failed' or 'cancelled'",
+        ),
         ({"doing": "1d"}, "'doing' is not a finished status"),
         ({"finished": "1d"}, "'finished' is not a finished status"),
         (["done", "7d"], "retention must be a mapping such as {'done': '7d'"),

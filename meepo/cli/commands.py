@@ -1,4 +1,5 @@
-"""The commands over a ledger table: ``repush``, ``stats``, ``jobs``, ``schedules``, ``db``.
+"""The commands over a ledger table: ``repush``, ``cancel``, ``stats``, ``jobs``,
+``schedules``, ``db``.
 
 Thin: each reads its options, calls :mod:`meepo.admin` and prints."""
 
@@ -12,11 +13,21 @@ from typing import Any
 
 import click
 
-from ..admin import Admin, DbState, RepushResult, TaskSummary, record_dict, schedule_dict
+from ..admin import (
+    Admin,
+    CancelResult,
+    DbState,
+    RepushResult,
+    TaskSummary,
+    record_dict,
+    schedule_dict,
+)
+from ..client import ALREADY, CANCELLED
 from ..config import DEFAULT_TABLE, check_prefix, check_table_name, check_task_id
 from ..errors import JobNotFoundError, TaskNotFoundError
 from ..records import Status
 from .common import (
+    CANCEL_STATUS,
     JOB_ID,
     POSITIVE,
     REPUSH_STATUS,
@@ -163,6 +174,104 @@ def repush(
         )
         return 1
     return 0
+
+
+# -- cancel -----------------------------------------------------------------------------
+
+
+@click.command(
+    "cancel",
+    short_help="Cancel jobs: todo at once, doing when their handler ends.",
+    help="Cancel jobs. A todo job (due or delayed) becomes cancelled at once; a doing job "
+    "is flagged, its handler sees job.cancel_requested, and it becomes cancelled when the "
+    "handler ends. Finished jobs are left as they are. By --id (the task is read from each "
+    "row) or by --status todo|doing, where --since/--until bound the time of the job's "
+    "last change.",
+)
+@click.option("--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5.")
+@click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]...")
+@click.option(
+    "--status",
+    type=CANCEL_STATUS,
+    metavar="{todo,doing}",
+    help="Jobs in this status (with --since, --until, --limit).",
+)
+@click.option("--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h).")
+@click.option("--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h).")
+@click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs.")
+@click.option("--task", metavar="TASK", help="Only jobs of this task.")
+@click.option("--dry-run", is_flag=True, help="Show what would be cancelled.")
+@table_option
+@prefix_option
+@common_options
+@click.pass_context
+def cancel(
+    ctx: click.Context,
+    first_id: int | None,
+    more_ids: tuple[int, ...],
+    status: Status | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+    task: str | None,
+    dry_run: bool,
+    table: str | None,
+    prefix: str | None,
+) -> int:
+    ids = job_ids(first_id, more_ids)
+    if ids is not None and status is not None:
+        raise UsageError("--status is not allowed with --id")
+    if ids is None and status is None:
+        raise UsageError("one of --id or --status is required")
+    if ids is not None and (since or until or limit):
+        raise UsageError("--since, --until and --limit go with --status, not --id")
+    if since and until and since >= until:
+        raise UsageError("--since must be before --until")
+    admin = admin_for(ctx, table, prefix)
+    bar = ProgressBar(sys.stderr, "would cancel" if dry_run else "cancelling")
+    try:
+        result = admin.cancel(
+            ids,
+            status=status,
+            since=since,
+            until=until,
+            limit=limit,
+            task_id=task,
+            dry_run=dry_run,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    _print_cancel(result)
+    if result.skipped:
+        shown = ", ".join(str(i) for i in result.skipped[:10])
+        more = " …" if len(result.skipped) > 10 else ""
+        stderr(
+            f"warning: {len(result.skipped)} job(s) kept changing while being cancelled and "
+            f"were left as they are: {shown}{more}"
+        )
+        return 1
+    return 0
+
+
+def _print_cancel(result: CancelResult) -> None:
+    would = "would " if result.dry_run else ""
+    if len(result.jobs) <= LIST_LIMIT:
+        for j in result.jobs:
+            if j.outcome == CANCELLED:
+                click.echo(f"{would}cancel job {j.id} (task {j.task_id}, was todo)")
+            elif j.outcome == ALREADY:
+                click.echo(f"job {j.id} (task {j.task_id}, doing) was being cancelled already")
+            else:
+                click.echo(
+                    f"{would}request cancel of job {j.id} (task {j.task_id}, doing: it ends "
+                    "as cancelled when its handler does)"
+                )
+    for i in result.finished[:LIST_LIMIT]:
+        click.echo(f"job {i} has finished; left as it is")
+    tail = " (dry run: nothing changed)" if result.dry_run else ""
+    verb = "would cancel" if result.dry_run else "cancelled"
+    click.echo(f"{verb} {result.count} job(s){tail}")
 
 
 def job_ids(first: int | None, more: tuple[int, ...]) -> list[int] | None:
@@ -515,4 +624,4 @@ def _print_migration(before: str | None, after: DbState, verb: str) -> None:
         )
 
 
-COMMANDS = [repush, stats, jobs, schedules, db]
+COMMANDS = [repush, cancel, stats, jobs, schedules, db]

@@ -26,7 +26,9 @@ from ..config import (
 from ..records import Status
 
 PROG = "meepo"
-REPUSH_STATUSES = (Status.FAILED, Status.TODO, Status.DOING)
+REPUSH_STATUSES = (Status.FAILED, Status.TODO, Status.DOING, Status.CANCELLED)
+#: The statuses ``meepo cancel --status`` takes: the jobs that have not finished.
+CANCEL_STATUSES = (Status.TODO, Status.DOING)
 #: ``--log-level`` names, quietest last; ``-v`` is ``--log-level info``.
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -78,12 +80,19 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _repush_status(text: str) -> Status:
-    for status in REPUSH_STATUSES:
-        if text.strip().lower() == status.value:
-            return status
-    choices = ", ".join(s.value for s in REPUSH_STATUSES)
-    raise ValueError(f"unknown status {text!r}: expected one of {choices}")
+def _one_of(statuses: tuple[Status, ...]) -> Callable[[str], Status]:
+    def parse(text: str) -> Status:
+        for status in statuses:
+            if text.strip().lower() == status.value:
+                return status
+        choices = ", ".join(s.value for s in statuses)
+        raise ValueError(f"unknown status {text!r}: expected one of {choices}")
+
+    return parse
+
+
+_repush_status = _one_of(REPUSH_STATUSES)
+_cancel_status = _one_of(CANCEL_STATUSES)
 
 
 _AGE_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -119,6 +128,7 @@ JOB_ID = _Type("ID", _job_id)
 POSITIVE = _Type("N", _positive)
 SECONDS = _Type("S", _seconds)
 REPUSH_STATUS = _Type("STATUS", _repush_status)
+CANCEL_STATUS = _Type("STATUS", _cancel_status)
 TIME = _Type("T", parse_time)
 SCHEDULE_NAME = _Type("NAME", _schedule_name)
 

@@ -6,6 +6,7 @@ from .driver import ROWS_PER_STATEMENT, LedgerDriver
 from .engine import make_engine
 from .ledger import (
     NEVER_DISPATCHED,
+    Cancelled,
     Claimed,
     Inserted,
     Ledger,
@@ -19,6 +20,7 @@ from .ledger import (
 __all__ = [
     "NEVER_DISPATCHED",
     "ROWS_PER_STATEMENT",
+    "Cancelled",
     "Claimed",
     "Inserted",
     "Ledger",

@@ -33,9 +33,43 @@ from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, Pair, ScheduleR
 #: ``meepo.transport.MESSAGES_PER_CALL``.
 ROWS_PER_STATEMENT = 1000
 
-Group = tuple[Sequence[Pair], Iterable[Status], dict[str, Any]]
-"""One compare-and-set group: the claims, the statuses they may be in, the values to
-write (``commit_id`` + 1 is implied)."""
+
+class Doing:
+    """A from-status of a compare-and-set: ``doing`` with ``cancel_requested`` as
+    given. The transitions that end a run as its consumer or the zombie policy decides
+    (the group commit, a manual commit, release, reaping) start from ``LIVE`` (no cancel
+    requested), so that a job cancelled while it runs leaves ``doing`` only from
+    ``CANCEL_REQUESTED``, as ``cancelled`` (or by an admin's repush, from any status).
+    It stands alone in a group's statuses."""
+
+    value = Status.DOING.value
+
+    def __init__(self, cancel_requested: bool) -> None:
+        self.cancel_requested = cancel_requested
+
+    def __repr__(self) -> str:
+        return "CANCEL_REQUESTED" if self.cancel_requested else "LIVE"
+
+
+LIVE = Doing(False)
+CANCEL_REQUESTED = Doing(True)
+
+FromStatus = Status | Doing
+
+Group = tuple[Sequence[Pair], Iterable[FromStatus], dict[str, Any]]
+"""One compare-and-set group: the claims, the statuses they may be in (``LIVE``:
+doing, no cancel requested), the values to write (``commit_id`` + 1 is implied)."""
+
+
+def from_statuses(statuses: Iterable[FromStatus]) -> tuple[list[str], bool | None]:
+    """A group's statuses as the strings to match, and the value ``cancel_requested``
+    must have (None: any; a group from ``LIVE`` or ``CANCEL_REQUESTED``)."""
+    given = list(statuses)
+    names = [s.value for s in given]
+    flags = [s.cancel_requested for s in given if isinstance(s, Doing)]
+    if flags and len(given) != 1:
+        raise ValueError("LIVE and CANCEL_REQUESTED stand alone in a group's statuses")
+    return names, flags[0] if flags else None
 
 
 class PlusOne:
@@ -98,6 +132,8 @@ class Zombie:
     failed_times: int
     priority: str = DEFAULT_PRIORITY
     started: bool = True
+    #: Someone cancelled the job while it ran: it is closed as cancelled.
+    cancel_requested: bool = False
 
 
 class Reaped(NamedTuple):
@@ -146,6 +182,13 @@ class Renewal:
     renewed: set[Pair] = field(default_factory=set)
     skipped: set[Pair] = field(default_factory=set)
     lost: set[Pair] = field(default_factory=set)
+    #: Renewed or skipped leases whose job someone cancelled (``cancel_requested``),
+    #: read by the same statement: the consumer tells their handlers.
+    cancel: set[Pair] = field(default_factory=set)
+
+
+Progress = tuple[Pair, float, "str | None"]
+"""One claim's latest progress report: ``((id, commit_id), fraction, note)``."""
 
 
 @dataclass
@@ -163,6 +206,8 @@ class CommitOne(NamedTuple):
     priority: str | None
     status: str | None
     commit_id: int | None
+    #: lost: the job is doing under that commit_id, but someone cancelled it
+    cancel_requested: bool = False
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -265,6 +310,16 @@ class LedgerDriver(Protocol):
         how many were marked."""
         ...
 
+    def progress(self, reports: Sequence[Progress]) -> set[Pair]:
+        """Write each claim's progress and note on its row if still doing under that
+        commit_id (not a transition); the pairs written."""
+        ...
+
+    def request_cancel(self, pairs: Sequence[Pair]) -> set[Pair]:
+        """Set ``cancel_requested`` of doing rows under these commit_ids not flagged
+        yet (not a transition: the runner's claim stays current); the pairs flagged."""
+        ...
+
     def transition(self, groups: Sequence[Group]) -> set[Pair]:
         """Every group's compare-and-set (commit_id + 1) in one transaction (the group
         commit, release, repush); the pairs that won, exactly."""
@@ -282,15 +337,15 @@ class LedgerDriver(Protocol):
 
     def lock_current(self, conn: Connection, ids: Sequence[int], status: Status) -> list[Row[Any]]:
         """Lock the rows of ``ids`` still in ``status``, skipping locked ones (FOR UPDATE
-        SKIP LOCKED by primary key); each with id, commit_id, expires_at,
-        dispatch_deadline, started_at."""
+        SKIP LOCKED by primary key); each with id, commit_id, expires_at, started_at,
+        dispatch_deadline, cancel_requested."""
         ...
 
     def update_locked(
         self,
         conn: Connection,
         pairs: Sequence[Pair],
-        statuses: Iterable[Status],
+        statuses: Iterable[FromStatus],
         values: dict[str, Any],
     ) -> int:
         """The compare-and-set of rows this transaction holds locked; rows changed."""
@@ -329,6 +384,10 @@ class LedgerDriver(Protocol):
         """One row."""
         ...
 
+    def cancel_states(self, pairs: Sequence[Pair]) -> dict[Pair, tuple[Status, bool]]:
+        """Status and ``cancel_requested`` of the rows still at these commit_ids."""
+        ...
+
     def find(
         self,
         *,
@@ -352,7 +411,8 @@ class LedgerDriver(Protocol):
         ...
 
     def commit_one(self, task_id: str, pair: Pair, values: dict[str, Any]) -> CommitOne:
-        """One fenced doing → outcome commit from outside the consumer."""
+        """One fenced doing → outcome commit from outside the consumer (doing, no cancel
+        requested)."""
         ...
 
     # schedules ---------------------------------------------------------------------------

@@ -23,8 +23,17 @@ Statements, by caller:
 * reaper: :meth:`expired_leases` + :meth:`reap` (doing → todo | done | failed),
   :meth:`sweep` (todo past its dispatch deadline → todo with a new commit_id),
   :meth:`todo_page` (read-only, for re-dispatch after Redis lost its data)
-* admin: :meth:`commit_one`, :meth:`repush`, :meth:`get`, :meth:`stats`, :meth:`find`
+* admin: :meth:`commit_one`, :meth:`repush`, :meth:`cancel`, :meth:`get`, :meth:`stats`,
+  :meth:`find`
 * burst workers: :meth:`outstanding` (read-only)
+
+Cancellation: a todo job is cancelled at once (todo → cancelled); a doing job is only
+flagged (``cancel_requested``, not a transition: its runner's claim stays current). The
+transitions that end a run as its consumer or the zombie policy decides (commit,
+release, reaping) start from ``LIVE`` (doing, no cancel requested), so a flagged job
+leaves ``doing`` only by :meth:`close_cancelled` (doing → cancelled, when its handler
+ended, or by the reaper) or a repush: a cancel racing a commit is decided by the
+row, exactly one of them wins.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,6 +52,8 @@ from ..errors import JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from ..records import DEFAULT_PRIORITY, JobRecord, Message, NewJob, Pair, Status
 from .clock import ServerClock, host_now
 from .driver import (
+    CANCEL_REQUESTED,
+    LIVE,
     PLUS_ONE,
     Claimed,
     Coalesce,
@@ -49,6 +61,7 @@ from .driver import (
     Inserted,
     LedgerDriver,
     Outcome,
+    Progress,
     Reaped,
     Renewal,
     TaskStats,
@@ -61,6 +74,7 @@ from .types import UTC
 __all__ = [
     "CLAIM_STEP",
     "NEVER_DISPATCHED",
+    "Cancelled",
     "Claimed",
     "Inserted",
     "Ledger",
@@ -95,6 +109,16 @@ def _error_text(error: str | None) -> str | None:
     if error is None:
         return None
     return error if len(error) <= 4000 else error[:3997] + "..."
+
+
+@dataclass
+class Cancelled:
+    """What :meth:`Ledger.cancel` did: todo jobs it ``cancelled``, doing jobs whose
+    cancel it ``requested``, doing jobs whose cancel was requested ``already``."""
+
+    cancelled: set[Pair] = field(default_factory=set)
+    requested: set[Pair] = field(default_factory=set)
+    already: set[Pair] = field(default_factory=set)
 
 
 def _normal(groups: Sequence[Group]) -> list[Group]:
@@ -346,6 +370,9 @@ class Ledger:
         if o.status is Status.FAILED:
             values["failed_times"] = PLUS_ONE
             values["last_error"] = _error_text(o.error)
+        elif o.status is Status.CANCELLED:  # no attempt charged: it will not run again
+            if o.error is not None:
+                values["last_error"] = _error_text(o.error)
         elif o.status is Status.TODO:  # back on the queue, due at run_at
             due = o.run_at or now
             values["failed_times"] = PLUS_ONE
@@ -368,6 +395,10 @@ class Ledger:
 
         ``todo`` and ``failed`` count a failed attempt (failed_times + 1); a todo row is
         due again at ``run_at`` and expires for re-dispatch ``redispatch_timeout`` later.
+
+        A job someone cancelled while it ran (``cancel_requested``) matches only a
+        ``cancelled`` outcome: any other is lost here, and the caller closes such jobs
+        with :meth:`close_cancelled`.
         """
         groups: dict[tuple[Any, ...], tuple[list[Pair], dict[str, Any]]] = {}
         # Outcomes of one status, error and due time share an UPDATE.
@@ -376,7 +407,26 @@ class Ledger:
             if key not in groups:
                 groups[key] = ([], self._outcome_values(o, now, redispatch_timeout))
             groups[key][0].append((o.job_id, o.commit_id))
-        return self._transition([(p, [Status.DOING], v) for p, v in groups.values()])
+        return self._transition(
+            [
+                (p, [Status.DOING] if v["status"] == Status.CANCELLED.value else [LIVE], v)
+                for p, v in groups.values()
+            ]
+        )
+
+    def close_cancelled(self, pairs: Sequence[Pair], *, now: datetime) -> set[Pair]:
+        """doing → cancelled for the claims whose job someone cancelled while it ran
+        (its handler ended, or its commit lost to the cancel); the pairs closed."""
+        values = {"status": Status.CANCELLED.value, "updated_at": now, "expires_at": None}
+        return self._transition([(pairs, [CANCEL_REQUESTED], values)])
+
+    def progress(self, reports: Sequence[Progress]) -> set[Pair]:
+        """Write the latest progress of running jobs, each fenced by its claim's
+        commit_id (not a transition: the commit_id is checked, not changed); a stale
+        claim's report changes nothing. Returns the pairs written."""
+        if not reports:
+            return set()
+        return self.driver.progress(sorted(reports, key=lambda r: r[0]))
 
     def release(
         self, pairs: Sequence[Pair], *, now: datetime, dispatch_deadline: datetime
@@ -389,7 +439,7 @@ class Ledger:
             "expires_at": None,
             "dispatch_deadline": dispatch_deadline,
         }
-        return self._transition([(pairs, [Status.DOING], values)])
+        return self._transition([(pairs, [LIVE], values)])
 
     # -- reaper -----------------------------------------------------------------------
 
@@ -423,15 +473,20 @@ class Ledger:
         started (its worker died with it prefetched, or lost the claim's reply, or could
         not release it at shutdown) goes back to ``todo`` whatever ``dst``, failed_times
         unchanged, ``orphaned_claims`` + 1. (A start mark is never written once the lease
-        has expired, so an unstarted zombie stays unstarted.) Returns a :class:`Reaped`.
+        has expired, so an unstarted zombie stays unstarted.) A lease whose job someone
+        cancelled is closed as ``cancelled`` (no attempt charged), whatever ``dst``.
+        Returns a :class:`Reaped`.
         """
         error = "lease expired: the consumer stopped heartbeating (died, froze or lost)"
         requeue: list[Pair] = []
         orphans: list[Pair] = []
         close: dict[Status, list[Pair]] = {}
+        cancelled: list[Pair] = []
         final: Status
         for z in zombies:
-            if not z.started:
+            if z.cancel_requested:
+                cancelled.append((z.id, z.commit_id))
+            elif not z.started:
                 orphans.append((z.id, z.commit_id))
             elif dst is Status.TODO and z.failed_times + 1 < max_failed_times:
                 requeue.append((z.id, z.commit_id))
@@ -441,11 +496,23 @@ class Ledger:
 
         def build(now: datetime) -> list[Group]:
             groups: list[Group] = []
+            if cancelled:
+                groups.append(
+                    (
+                        cancelled,
+                        [CANCEL_REQUESTED],
+                        {
+                            "status": Status.CANCELLED.value,
+                            "updated_at": now,
+                            "expires_at": None,
+                        },
+                    )
+                )
             if orphans:
                 groups.append(
                     (
                         orphans,
-                        [Status.DOING],
+                        [LIVE],
                         {
                             "status": Status.TODO.value,
                             "orphaned_claims": PLUS_ONE,
@@ -459,7 +526,7 @@ class Ledger:
                 groups.append(
                     (
                         requeue,
-                        [Status.DOING],
+                        [LIVE],
                         {
                             "status": Status.TODO.value,
                             "failed_times": PLUS_ONE,
@@ -474,7 +541,7 @@ class Ledger:
                 groups.append(
                     (
                         pairs,
-                        [Status.DOING],
+                        [LIVE],
                         {
                             "status": final.value,
                             "failed_times": PLUS_ONE,
@@ -487,12 +554,16 @@ class Ledger:
             return groups
 
         started = {z.id: z.started for z in zombies}
+        flagged = {z.id: z.cancel_requested for z in zombies}
 
         def recheck(row: Any, at: datetime) -> bool:
-            # still expired, and started as the scan saw it (a lease renewed since the
-            # scan may have been marked started, and then have expired again)
+            # still expired, and started and cancel-requested as the scan saw it (a lease
+            # renewed since the scan may have been marked started, and then have expired
+            # again; a cancel may have come meanwhile: left for the next tick)
             expires = row.expires_at
-            same = (row.started_at is not None) == started.get(row.id)
+            same = (row.started_at is not None) == started.get(row.id) and bool(
+                row.cancel_requested
+            ) == flagged.get(row.id)
             return expires is not None and expires < at and same
 
         won = self._transition_unlocked(build, Status.DOING, now=now, recheck=recheck)
@@ -626,11 +697,24 @@ class Ledger:
         is not the current claim's (nothing is changed then).
         """
         values = self._outcome_values(outcome, now, redispatch_timeout)
-        got = self.driver.commit_one(task_id, (outcome.job_id, outcome.commit_id), values)
+        pair = (outcome.job_id, outcome.commit_id)
+        got = self.driver.commit_one(task_id, pair, values)
         if got.won:
             return outcome.commit_id + 1, str(got.priority)
         if got.status is None:
             raise JobNotFoundError(f"task {task_id!r} has no job {outcome.job_id}")
+        if (
+            got.cancel_requested
+            and got.status == Status.DOING.value
+            and got.commit_id == outcome.commit_id
+            and self.close_cancelled([pair], now=now)
+        ):
+            raise StaleCommitError(
+                outcome.job_id,
+                outcome.commit_id,
+                f"job {outcome.job_id} was cancelled while it ran: it is now cancelled, "
+                f"this commit ({outcome.status}) is ignored",
+            )
         raise StaleCommitError(
             outcome.job_id,
             outcome.commit_id,
@@ -680,10 +764,38 @@ class Ledger:
             "run_at": now,
             "expires_at": None,
             "dispatch_deadline": now + redispatch_timeout,
+            "cancel_requested": False,
+            "progress": None,
+            "progress_note": None,
         }
         won = self._transition([(pairs, list(Status), values)])
         prio = self.priorities([i for i, _ in won])
         return [Message(i, c + 1, prio.get(i, DEFAULT_PRIORITY)) for i, c in sorted(won)]
+
+    def cancel(self, todo: Sequence[Pair], doing: Sequence[Pair], *, now: datetime) -> Cancelled:
+        """Cancel jobs as they were read: ``todo`` claims become ``cancelled`` at once
+        (a compare-and-set; their messages are then stale, dropped when popped);
+        ``doing`` claims are flagged (``cancel_requested``; not a transition, the
+        runner's claim stays current), and become cancelled when their handler ends.
+        A pair that moved since it was read is in neither set of the result (read it
+        again and retry); a doing one already flagged is in ``already``."""
+        values = {
+            "status": Status.CANCELLED.value,
+            "cancel_requested": True,
+            "updated_at": now,
+            "expires_at": None,
+            "dispatch_deadline": None,  # finished: neither deadline (the finished index)
+        }
+        out = Cancelled()
+        out.cancelled = self._transition([(todo, [Status.TODO], values)])
+        want = sorted(set(doing))
+        if want:
+            out.requested = self.driver.request_cancel(want)
+            rest = [p for p in want if p not in out.requested]
+            if rest:
+                states = self.driver.cancel_states(rest)
+                out.already = {p for p, (st, flag) in states.items() if st is Status.DOING and flag}
+        return out
 
     def stats(self, task_id: str | None = None) -> list[TaskStats]:
         """Counts by status and the oldest due todo, per task."""

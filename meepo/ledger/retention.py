@@ -335,7 +335,9 @@ class Retention:
         are skipped, rows still holding a unique key are kept. ``archive`` copies them
         into ``<table>_archive`` first, in the same transaction."""
         if not status.terminal:
-            raise ValueError(f"only finished jobs are purged (done, failed), not {status}")
+            raise ValueError(
+                f"only finished jobs are purged (done, failed, cancelled), not {status}"
+            )
         t, u = self.jobs, self.unique
         limit = max(1, min(limit, CHUNK))
         cond = self._older(task_id, status, cutoff)

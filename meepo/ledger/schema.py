@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -25,13 +27,15 @@ from sqlalchemy import (
     text,
 )
 
-from ..records import DEFAULT_PRIORITY
+from ..records import DEFAULT_PRIORITY, MAX_PROGRESS_NOTE
 from .types import JobId, Payload, UTCDateTime
 
 #: Alembic's bookkeeping table for a ledger table named ``name``.
 VERSION_TABLE_SUFFIX = "_version"
 UNIQUE_SUFFIX = "_unique"
 SCHEDULES_SUFFIX = "_schedules"
+#: The width of every ``status`` column (``cancelled`` has 9 characters).
+STATUS_LENGTH = 16
 RETENTION_SUFFIX = "_retention"
 ARCHIVE_SUFFIX = "_archive"
 
@@ -77,7 +81,7 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         md,
         Column("id", JobId, primary_key=True, autoincrement=True),
         Column("task_id", String(64), nullable=False),
-        Column("status", String(8), nullable=False),
+        Column("status", String(STATUS_LENGTH), nullable=False),
         Column("payload", Payload, nullable=False),
         Column("failed_times", Integer, nullable=False, default=0),
         Column("commit_id", BigInteger, nullable=False, default=0),
@@ -108,6 +112,13 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
             "expires_at",
             "dispatch_deadline",
         ),
+        # Someone cancelled the job while it was doing: its handler's end (or the
+        # reaper) makes it cancelled; a commit, release or requeue no longer matches it.
+        Column("cancel_requested", Boolean, nullable=False, server_default="0"),
+        # The latest Job.progress report of the current (or last) run, written by the
+        # consumer's heartbeat under the claim's commit_id; NULL when never reported.
+        Column("progress", Float, nullable=True),
+        Column("progress_note", String(MAX_PROGRESS_NOTE), nullable=True),
         Index(
             f"ix_{name}_finished",
             "task_id",
@@ -148,7 +159,7 @@ def retention_table(name: str, metadata: MetaData | None = None) -> Table:
         f"{name}{RETENTION_SUFFIX}",
         md,
         Column("task_id", String(64), nullable=False),
-        Column("status", String(8), nullable=False),
+        Column("status", String(STATUS_LENGTH), nullable=False),
         Column("keep_ms", BigInteger, nullable=False),
         Column("updated_at", UTCDateTime, nullable=False),
         PrimaryKeyConstraint("task_id", "status", name=f"pk_{name}{RETENTION_SUFFIX}"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..config import AUTO_PREFETCH_MAX_PER_THREAD, AUTO_PREFETCH_SECONDS, Options
 from ..ledger import Pair
-from ..records import Job
+from ..records import Job, RunControl
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Counters:
     failed: int = 0
     stale: int = 0
     dropped: int = 0
+    cancelled: int = 0  # jobs closed as cancelled (cancelled while they ran)
     finished: int = 0  # handler runs that ended: returned, raised or timed out
     timed_out: int = 0  # handler runs that outlived job_timeout (their threads abandoned)
 
@@ -34,11 +35,13 @@ class Counters:
 class Claim:
     """One claim this process holds: its commit_id, the job's priority, and when its
     lease ends as far as this process knows (monotonic seconds: set by the claim, pushed
-    back by every heartbeat that renews it)."""
+    back by every heartbeat that renews it), and the run's live side (cancel flag,
+    progress) that the heartbeat reads and sets."""
 
     commit_id: int
     priority: str
     lease_end: float
+    control: RunControl | None = None
 
 
 class Claims:
@@ -75,6 +78,9 @@ class Claims:
         self.not_started: list[Job] = []
         self.timed_out: set[Pair] = set()
         self.intake_closed = threading.Event()  # executors start nothing new
+        #: Called when a run reports progress with none pending (the heartbeat's
+        #: wake-up: it writes the reports within PROGRESS_DELAY).
+        self.progress_wake: Callable[[], None] | None = None
 
     def current_capacity(self) -> int:
         """How many claims the fetcher may hold unstarted or running: ``parallel_num +

@@ -89,7 +89,7 @@ def check_retention(value: Any) -> dict[Status, float] | None:
             status = None
         if status is None or not status.terminal:
             raise ConfigError(
-                f"retention: {key!r} is not a finished status: use 'done' or 'failed'"
+                f"retention: {key!r} is not a finished status: use 'done', 'failed' or 'cancelled'"
             )
         out[status] = parse_duration(duration, f"retention[{status.value!r}]")
     return out

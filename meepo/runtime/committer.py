@@ -8,6 +8,12 @@ commit whose claim is no longer current (reaped, repushed, or committed twice) i
 and rejected, alone: the rest of the batch goes through. While the database is down it
 retries the batch with backoff; at shutdown it gives up when told to (:attr:`abandon`),
 leaving the jobs to the reaper.
+
+A job someone cancelled while it ran ends as ``cancelled``: its outcome is
+``cancelled`` when the heartbeat told its run so; otherwise its commit loses (the
+ledger's compare-and-set skips a cancel-requested row) and the committer closes it as
+cancelled right after (:meth:`Dispatcher.close_cancelled`: a round trip only when a
+commit lost). A manual commit that lost so raises StaleCommitError.
 """
 
 from __future__ import annotations
@@ -130,9 +136,17 @@ class Committer(Service):
         outcomes = [c.outcome for c in batch]
         backoff = Backoff()
         won: set[Pair] | None = None
+        closed: set[Pair] = set()
         while won is None:
             try:
                 won = self.d.finish(outcomes).won
+                lost = [
+                    (o.job_id, o.commit_id)
+                    for o in outcomes
+                    if o.status is not Status.CANCELLED and (o.job_id, o.commit_id) not in won
+                ]
+                if lost:  # cancelled while they ran, or stale
+                    closed = self.d.close_cancelled(lost)
             except MeepoError as exc:
                 if self.abandon.is_set():
                     log.error(
@@ -149,9 +163,34 @@ class Committer(Service):
         self.claims.forget([(o.job_id, o.commit_id) for o in outcomes])
         for c in batch:
             o = c.outcome
-            ok = (o.job_id, o.commit_id) in won
+            pair = (o.job_id, o.commit_id)
+            ok = pair in won
+            if pair in closed:
+                counters.cancelled += 1
+                log.info(
+                    "task %s: job %d cancelled while it ran: closed as cancelled (its %s "
+                    "is ignored)",
+                    self.task_id,
+                    o.job_id,
+                    o.status.value,
+                )
+                cancelled = Outcome(o.job_id, o.commit_id, Status.CANCELLED, o.error)
+                if self.hooks is not None:  # middleware: after_commit
+                    self.hooks.after_commit(cancelled, True)
+                if c.future is not None:
+                    c.future.set_exception(
+                        StaleCommitError(
+                            o.job_id,
+                            o.commit_id,
+                            f"job {o.job_id} was cancelled while it ran: it is now "
+                            f"cancelled, this commit ({o.status.value}) is ignored",
+                        )
+                    )
+                continue
             if ok:
-                if o.status is Status.DONE:
+                if o.status is Status.CANCELLED:
+                    counters.cancelled += 1
+                elif o.status is Status.DONE:
                     counters.done += 1
                 elif o.status is Status.FAILED:
                     counters.failed += 1
@@ -178,7 +217,10 @@ class Committer(Service):
 
     def outcome(self, job: Job, error: str | None) -> Outcome:
         """The automatic outcome of a run: done, or a failed attempt (retried, after
-        ``retry_delay``, until max_failed_times)."""
+        ``retry_delay``, until max_failed_times); cancelled if someone cancelled it
+        while it ran (as the heartbeat last told)."""
+        if job.control.cancel_requested:
+            return Outcome(job.id, job.commit_id, Status.CANCELLED, error)
         if error is None:
             return Outcome(job.id, job.commit_id, Status.DONE)
         if job.failed_times + 1 >= self.opts.max_failed_times:
@@ -193,6 +235,17 @@ class Committer(Service):
             if delay > 0:
                 run_at = self.clock() + timedelta(seconds=delay)
         return Outcome(job.id, job.commit_id, Status.TODO, error, run_at, job.priority)
+
+    def write_progress(self, job: Job) -> None:
+        """Write the run's last progress report if it is not written yet (before its
+        commit, which ends the claim that fences it)."""
+        got = job.control.take()
+        if got is None:
+            return
+        try:
+            self.d.progress([((job.id, job.commit_id), got[0], got[1])])
+        except MeepoError as exc:
+            log.warning("task %s: job %d: could not write progress: %s", self.task_id, job.id, exc)
 
     def fail_now(self, job: Job, error: str) -> bool:
         """Commit a failed attempt (retry or fail per max_failed_times) for a claim this

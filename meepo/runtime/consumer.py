@@ -260,6 +260,9 @@ class Consumer:
         Raises StaleCommitError if the claim is no longer current."""
         if not self.running:
             raise NotRunningHereError("the consumer is not running")
+        job = self.current_job()
+        if job is not None and job.id == outcome.job_id and job.control.dirty:
+            self.committer.write_progress(job)  # before the commit ends its claim
         self.committer.commit(outcome)
 
     async def commit_async(self, outcome: Outcome) -> None:

@@ -244,6 +244,8 @@ class Executor(abc.ABC):
                 self.opts.job_timeout,
             )
             return False
+        if job.control.dirty:  # its last report, before the commit ends the claim
+            self.committer.write_progress(job)
         if self.opts.auto_commit:
             self.committer.submit(Commit(self.committer.outcome(job, error)))
             return True
@@ -260,6 +262,15 @@ class Executor(abc.ABC):
                 log.warning(
                     "task %s: job %d: could not record its start: %s", self.task_id, job.id, exc
                 )
+        if job.control.cancel_requested:  # cancelled, and it did not commit: closed
+            with claims.slot:
+                uncommitted = claims.holds(job.id, job.commit_id)
+                if uncommitted:
+                    claims.drop(job.id)
+                    claims.slot.notify_all()
+            if uncommitted:
+                self.committer.submit(Commit(self.committer.outcome(job, error)))
+            return True
         with claims.slot:  # manual mode: a handler that did not commit leaves it to the reaper
             if claims.holds(job.id, job.commit_id):
                 claims.drop(job.id)

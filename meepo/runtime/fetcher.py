@@ -133,11 +133,13 @@ class Fetcher(Service):
         if self.hooks is not None:  # middleware: after_claim
             self.hooks.after_claim(jobs)
         lease_end = popped.claimed_at + self.opts.lease
+        wake = claims.progress_wake
         with claims.lock:
             claims.busy += len(jobs)
             held = claims.held
             for j in jobs:
-                held[j.id] = Claim(j.commit_id, j.priority, lease_end)
+                j.control.notify = wake
+                held[j.id] = Claim(j.commit_id, j.priority, lease_end, j.control)
         submit = self.submit
         for j in jobs:
             log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)

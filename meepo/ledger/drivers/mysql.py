@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, Select, Update, literal_column
 
 from ...errors import PayloadError
 from ...records import Job, Message, Pair, Status
-from ..driver import ROWS_PER_STATEMENT, Claimed, Group, Renewal
+from ..driver import ROWS_PER_STATEMENT, Claimed, Group, Renewal, from_statuses
 from ..engine import translate_errors
 from ..types import UTC
 from .portable import PortableDriver
@@ -186,6 +186,7 @@ class MySQLDriver(PortableDriver):
         *,
         step: int = 1,
         where: str = "",
+        flag: bool | None = None,
     ) -> tuple[str, list[Any]]:
         sets, named = set_clause(self.table, values, named=False, step=step)
         args: list[Any] = list(named.values())
@@ -196,6 +197,8 @@ class MySQLDriver(PortableDriver):
             f"AND status IN ({_marks(len(statuses))})"
         )
         args += statuses
+        if flag is not None:  # LIVE or CANCEL_REQUESTED
+            sql += " AND cancel_requested" if flag else " AND NOT cancel_requested"
         if task_id is not None:
             sql += " AND task_id = %s"
             args.append(task_id)
@@ -323,6 +326,8 @@ class MySQLDriver(PortableDriver):
             "dispatch_deadline": Raw("NULL"),  # a doing row has a lease, not a deadline
             "worker": worker,
             "started_at": None,  # an attempt is a run: this claim has not started
+            "progress": None,  # a run reports its own progress
+            "progress_note": None,
         }
         _, locked, n = self.run(
             conn,
@@ -378,7 +383,8 @@ class MySQLDriver(PortableDriver):
            ``@meepo_mine`` (an UPDATE cannot skip locked rows, and one that named a
            locked row would wait on it: it names only the rows this script holds);
         3. a plain read of the pairs still doing (it waits on no lock), each flagged
-           renewed or not: renewed; current but not renewed is skipped; absent is lost.
+           renewed or not: renewed; current but not renewed is skipped; absent is lost;
+           with its ``cancel_requested`` (the running handler is told of a cancel).
 
         ``group_concat_max_len`` is raised for the session (MySQL's default, 1024
         bytes, holds about a hundred ids; a chunk has up to a thousand).
@@ -412,18 +418,20 @@ class MySQLDriver(PortableDriver):
                 ("EXECUTE meepo_renew", []),
                 ("DEALLOCATE PREPARE meepo_renew", []),
                 (
-                    f"SELECT id, commit_id, FIND_IN_SET(id, COALESCE(@meepo_mine, '')) > 0 "
-                    f"FROM {self.qname} {PK} {where}",
+                    f"SELECT id, commit_id, FIND_IN_SET(id, COALESCE(@meepo_mine, '')) > 0, "
+                    f"cancel_requested FROM {self.qname} {PK} {where}",
                     [],
                 ),
             ],
         )
         out = Renewal()
         current: set[Pair] = set()
-        for i, c, renewed in rows:
+        for i, c, renewed, flagged in rows:
             pair = (int(i), int(c))
             current.add(pair)
             (out.renewed if renewed else out.skipped).add(pair)
+            if flagged:  # someone cancelled the running job: its handler is told
+                out.cancel.add(pair)
         out.lost.update(p for p in pairs if p not in current)
         return out
 
@@ -460,18 +468,27 @@ class MySQLDriver(PortableDriver):
         that a group moved has a new commit_id, so no later group matches it): under
         those locks each UPDATE changes exactly those rows, which its count confirms."""
         ids = sorted({i for pairs, _, _ in groups for i, _ in pairs})
-        parts = [self._lock(ids, "id, commit_id, status", None)]
-        named = [(list(pairs), [s.value for s in statuses], v) for pairs, statuses, v in groups]
-        parts += [self._update(p, s, v) for p, s, v in named]
+        parts = [self._lock(ids, "id, commit_id, status, cancel_requested", None)]
+        named = [(list(pairs), *from_statuses(statuses), v) for pairs, statuses, v in groups]
+        parts += [self._update(p, s, v, flag=flag) for p, s, flag, v in named]
         locked, *counts = self.run(conn, parts)
         state = {(int(r[0]), int(r[1])): str(r[2]) for r in locked}
+        flagged = {(int(r[0]), int(r[1])) for r in locked if r[3]}
         won: set[Pair] = set()
-        for (pairs, statuses, values), n in zip(named, counts, strict=True):
-            mine = {p for p in pairs if state.get(p) in statuses}
+        for (pairs, statuses, flag, values), n in zip(named, counts, strict=True):
+            mine = {
+                p
+                for p in pairs
+                if state.get(p) in statuses and (flag is None or (p in flagged) == flag)
+            }
             if n != len(mine):  # the rows were locked: cannot happen
                 raise RuntimeError(f"transition: {n} rows changed under lock, {len(mine)} expected")
             for i, c in mine:
                 status = state.pop((i, c))
                 state[(i, c + 1)] = str(values.get("status", status))
+                if (i, c) in flagged:
+                    flagged.discard((i, c))
+                    if values.get("cancel_requested", True):
+                        flagged.add((i, c + 1))
             won |= mine
         return won

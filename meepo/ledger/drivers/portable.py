@@ -23,12 +23,15 @@ from sqlalchemy import (
     Table,
     Update,
     and_,
+    bindparam,
     delete,
+    false,
     func,
     insert,
     literal_column,
     or_,
     select,
+    true,
     tuple_,
     update,
 )
@@ -41,10 +44,13 @@ from ..driver import (
     ROWS_PER_STATEMENT,
     Claimed,
     CommitOne,
+    FromStatus,
     Group,
+    Progress,
     Renewal,
     TaskStats,
     Zombie,
+    from_statuses,
     sa_values,
 )
 from ..engine import translate_errors
@@ -80,6 +86,9 @@ def job_record(r: Row[Any]) -> JobRecord:
         started_at=r.started_at,
         orphaned_claims=r.orphaned_claims,
         dispatch_deadline=r.dispatch_deadline,
+        cancel_requested=bool(r.cancel_requested),
+        progress=r.progress,
+        progress_note=r.progress_note,
     )
 
 
@@ -182,17 +191,26 @@ class PortableDriver:
         """The database's current time, read in ``conn``."""
         return read_db_now(conn)
 
+    def status_cond(self, from_status: Iterable[FromStatus]) -> ColumnElement[bool]:
+        """``status IN (…)``, and ``cancel_requested`` as ``LIVE`` or
+        ``CANCEL_REQUESTED`` say."""
+        t = self.table
+        statuses, flag = from_statuses(from_status)
+        cond = t.c.status == statuses[0] if len(statuses) == 1 else t.c.status.in_(statuses)
+        if flag is None:
+            return cond
+        return and_(cond, t.c.cancel_requested == (true() if flag else false()))
+
     def cas(
         self,
         conn: Connection,
         pairs: Sequence[Pair],
-        from_status: Iterable[Status],
+        from_status: Iterable[FromStatus],
         values: dict[str, Any],
     ) -> int:
         """One compare-and-set UPDATE (commit_id + 1); rows changed."""
         t = self.table
-        statuses = [s.value for s in from_status]
-        cond = t.c.status == statuses[0] if len(statuses) == 1 else t.c.status.in_(statuses)
+        cond = self.status_cond(from_status)
         stmt = (
             update(t)
             .where(self.pairs_where(pairs), cond)
@@ -338,6 +356,8 @@ class PortableDriver:
                 "dispatch_deadline": None,  # a doing row has a lease, not a deadline
                 "worker": worker,
                 "started_at": None,  # an attempt is a run: this claim has not started
+                "progress": None,  # a run reports its own progress
+                "progress_note": None,
             }
             if self.update_returning:
                 return self._claim_returning(conn, task_id, pairs, at, values)
@@ -475,27 +495,44 @@ class PortableDriver:
             for i in range(0, len(pairs), ROWS_PER_STATEMENT):
                 chunk = pairs[i : i + ROWS_PER_STATEMENT]
                 mine = chunk
-                if locks:
+                if locks:  # the locked read tells the cancel requests too
                     got = {
-                        (r.id, r.commit_id)
+                        (r.id, r.commit_id): bool(r.cancel_requested)
                         for r in conn.execute(
                             self.by_primary_key(
-                                select(t.c.id, t.c.commit_id)
+                                select(t.c.id, t.c.commit_id, t.c.cancel_requested)
                                 .where(self.pairs_where(chunk), t.c.status == Status.DOING.value)
                                 .with_for_update(skip_locked=True)
                             )
                         )
                     }
                     mine = [p for p in chunk if p in got]
+                    out.cancel.update(p for p, flagged in got.items() if flagged)
                 n = 0
                 if mine:
-                    n = conn.execute(
-                        self.update_by_primary_key(
-                            update(t)
-                            .where(self.pairs_where(mine), t.c.status == Status.DOING.value)
-                            .values(expires_at=end)
+                    renew = self.update_by_primary_key(
+                        update(t)
+                        .where(self.pairs_where(mine), t.c.status == Status.DOING.value)
+                        .values(expires_at=end)
+                    )
+                    if locks:
+                        n = conn.execute(renew).rowcount
+                    elif self.update_returning:  # SQLite: the flags come back with it
+                        rows = conn.execute(
+                            renew.returning(t.c.id, t.c.commit_id, t.c.cancel_requested)
+                        ).all()
+                        n = len(rows)
+                        out.cancel.update((r.id, r.commit_id) for r in rows if r.cancel_requested)
+                    else:
+                        n = conn.execute(renew).rowcount
+                        out.cancel.update(
+                            (r.id, r.commit_id)
+                            for r in conn.execute(
+                                select(t.c.id, t.c.commit_id).where(
+                                    self.pairs_where(mine), t.c.cancel_requested == true()
+                                )
+                            )
                         )
-                    ).rowcount
                 if n == len(chunk):
                     out.renewed.update(chunk)
                     continue
@@ -505,9 +542,9 @@ class PortableDriver:
                     held = set(mine)
                     rest = [p for p in chunk if p not in held]
                 current = {
-                    (r.id, r.commit_id)
+                    (r.id, r.commit_id): bool(r.cancel_requested)
                     for r in conn.execute(  # a plain read: it waits on no lock
-                        select(t.c.id, t.c.commit_id).where(
+                        select(t.c.id, t.c.commit_id, t.c.cancel_requested).where(
                             t.c.id.in_([p[0] for p in rest]), t.c.status == Status.DOING.value
                         )
                     )
@@ -515,7 +552,10 @@ class PortableDriver:
                 for p in rest:
                     if p not in current:
                         out.lost.add(p)
-                    elif locks:
+                        continue
+                    if current[p]:
+                        out.cancel.add(p)
+                    if locks:
                         out.skipped.add(p)
                     else:
                         out.renewed.add(p)
@@ -543,6 +583,65 @@ class PortableDriver:
                     ).rowcount
                 )
         return marked
+
+    def progress(self, reports: Sequence[Progress]) -> set[Pair]:
+        """One UPDATE per report (the reports of one consumer's running jobs since its
+        last write), in one transaction (a single one in one statement)."""
+        t = self.table
+        stmt = update(t).where(
+            t.c.id == bindparam("b_id"),
+            t.c.commit_id == bindparam("b_commit_id"),
+            t.c.status == Status.DOING.value,
+        )
+        stmt = self.update_by_primary_key(
+            stmt.values(progress=bindparam("b_progress"), progress_note=bindparam("b_note"))
+        )
+        written: set[Pair] = set()
+        with self.one_statement() if len(reports) == 1 else self.begin() as conn:
+            for (job_id, commit_id), fraction, note in reports:
+                n = conn.execute(
+                    stmt,
+                    {
+                        "b_id": job_id,
+                        "b_commit_id": commit_id,
+                        "b_progress": fraction,
+                        "b_note": note,
+                    },
+                ).rowcount
+                if n == 1:
+                    written.add((job_id, commit_id))
+        return written
+
+    def request_cancel(self, pairs: Sequence[Pair]) -> set[Pair]:
+        """``cancel_requested`` = true for doing rows under these commit_ids not flagged
+        yet: one UPDATE per chunk; if some did not match, redone row by row."""
+        t = self.table
+
+        def flag(conn: Connection, chunk: Sequence[Pair]) -> int:
+            return int(
+                conn.execute(
+                    self.update_by_primary_key(
+                        update(t)
+                        .where(
+                            self.pairs_where(chunk),
+                            t.c.status == Status.DOING.value,
+                            t.c.cancel_requested == false(),
+                        )
+                        .values(cancel_requested=True)
+                    )
+                ).rowcount
+            )
+
+        try:
+            with self.begin() as conn:
+                for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                    chunk = pairs[i : i + ROWS_PER_STATEMENT]
+                    if flag(conn, chunk) != len(chunk):
+                        raise _Mismatch
+        except _Mismatch:
+            with self.begin() as conn:
+                return {p for p in pairs if flag(conn, [p]) == 1}
+        return set(pairs)
 
     def transition(self, groups: Sequence[Group]) -> set[Pair]:
         """One UPDATE per group chunk in one transaction; when every row matched, all
@@ -576,7 +675,14 @@ class PortableDriver:
         t = self.table
         with self.begin() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.commit_id, t.c.failed_times, t.c.priority, t.c.started_at)
+                select(
+                    t.c.id,
+                    t.c.commit_id,
+                    t.c.failed_times,
+                    t.c.priority,
+                    t.c.started_at,
+                    t.c.cancel_requested,
+                )
                 .where(
                     t.c.task_id == task_id,
                     t.c.status == Status.DOING.value,
@@ -586,7 +692,14 @@ class PortableDriver:
                 .limit(limit)
             ).all()
         return [
-            Zombie(r.id, r.commit_id, r.failed_times, r.priority, r.started_at is not None)
+            Zombie(
+                r.id,
+                r.commit_id,
+                r.failed_times,
+                r.priority,
+                r.started_at is not None,
+                bool(r.cancel_requested),
+            )
             for r in rows
         ]
 
@@ -605,6 +718,8 @@ class PortableDriver:
                             t.c.expires_at,
                             t.c.dispatch_deadline,
                             t.c.started_at,
+                            t.c.started_at,
+                            t.c.cancel_requested,
                         )
                         .where(
                             t.c.id.in_(ids[i : i + ROWS_PER_STATEMENT]), t.c.status == status.value
@@ -619,12 +734,12 @@ class PortableDriver:
         self,
         conn: Connection,
         pairs: Sequence[Pair],
-        statuses: Iterable[Status],
+        statuses: Iterable[FromStatus],
         values: dict[str, Any],
     ) -> int:
         """The compare-and-set of locked rows, by primary key; rows changed."""
         t = self.table
-        cond = t.c.status.in_([s.value for s in statuses])
+        cond = self.status_cond(statuses)
         n = 0
         for i in range(0, len(pairs), ROWS_PER_STATEMENT):
             chunk = pairs[i : i + ROWS_PER_STATEMENT]
@@ -745,6 +860,21 @@ class PortableDriver:
             row = conn.execute(stmt).first()
         return None if row is None else job_record(row)
 
+    def cancel_states(self, pairs: Sequence[Pair]) -> dict[Pair, tuple[Status, bool]]:
+        """Status and ``cancel_requested`` of the rows still at these commit_ids."""
+        t = self.table
+        out: dict[Pair, tuple[Status, bool]] = {}
+        with self.begin() as conn:
+            for i in range(0, len(pairs), ROWS_PER_STATEMENT):
+                chunk = pairs[i : i + ROWS_PER_STATEMENT]
+                for r in conn.execute(
+                    select(t.c.id, t.c.commit_id, t.c.status, t.c.cancel_requested).where(
+                        self.pairs_where(chunk)
+                    )
+                ):
+                    out[(r.id, r.commit_id)] = (Status(r.status), bool(r.cancel_requested))
+        return out
+
     def find(
         self,
         *,
@@ -807,7 +937,8 @@ class PortableDriver:
             return int(conn.execute(query).scalar() or 0)
 
     def commit_one(self, task_id: str, pair: Pair, values: dict[str, Any]) -> CommitOne:
-        """The fenced UPDATE; then the job's priority (won) or its state (lost)."""
+        """The fenced UPDATE (doing, no cancel requested); then the job's priority (won)
+        or its state (lost)."""
         t = self.table
         job_id = pair[0]
         with self.begin() as conn:
@@ -816,6 +947,7 @@ class PortableDriver:
                 .where(
                     self.pairs_where([pair]),
                     t.c.status == Status.DOING.value,
+                    t.c.cancel_requested == false(),
                     t.c.task_id == task_id,
                 )
                 .values(commit_id=t.c.commit_id + 1, **sa_values(t, values))
@@ -824,11 +956,15 @@ class PortableDriver:
                 prio = conn.execute(select(t.c.priority).where(t.c.id == job_id)).scalar()
                 return CommitOne(True, str(prio), None, None)
             row = conn.execute(
-                select(t.c.status, t.c.commit_id).where(t.c.id == job_id, t.c.task_id == task_id)
+                select(t.c.status, t.c.commit_id, t.c.cancel_requested).where(
+                    t.c.id == job_id, t.c.task_id == task_id
+                )
             ).first()
         if row is None:
             return CommitOne(False, None, None, None)
-        return CommitOne(False, None, str(row.status), int(row.commit_id))
+        return CommitOne(
+            False, None, str(row.status), int(row.commit_id), bool(row.cancel_requested)
+        )
 
     # -- schedules ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ...records import Job, Message, Pair, Status
-from ..driver import ROWS_PER_STATEMENT, Claimed, Group, Renewal
+from ..driver import ROWS_PER_STATEMENT, Claimed, FromStatus, Group, Renewal, from_statuses
 from ..engine import translate_errors
 from .portable import PortableDriver
 from .raw import bind, driver_cursor, set_clause
@@ -87,7 +87,7 @@ class PostgresDriver(PortableDriver):
             "commit_id = commit_id + %(step)s, updated_at = c.db_now, "
             "expires_at = c.db_now + %(lease)s::interval, dispatch_deadline = NULL, "
             "worker = %(worker)s, "
-            "started_at = NULL FROM c "
+            "started_at = NULL, progress = NULL, progress_note = NULL FROM c "
             f"WHERE {self.by_pair} AND {todo} AND run_at <= c.db_now "
             "RETURNING id, commit_id, failed_times, payload, priority, orphaned_claims) "
             "SELECT id, commit_id, failed_times, payload, priority, NULL::timestamptz, "
@@ -99,16 +99,17 @@ class PostgresDriver(PortableDriver):
         )
         #: heartbeat: renew the leases whose rows can be locked now (SKIP LOCKED); a
         #: plain read of the same snapshot tells skipped (still doing under our
-        #: commit_id, locked) from lost (absent).
+        #: commit_id, locked) from lost (absent), and which jobs someone cancelled.
         self.heartbeat_sql = (
-            f"WITH cur AS (SELECT id, commit_id FROM {name} "
+            f"WITH cur AS (SELECT id, commit_id, cancel_requested FROM {name} "
             f"WHERE {self.by_pair} AND status = '{Status.DOING.value}'), "
             f"mine AS (SELECT id FROM {name} WHERE {self.by_pair} "
             f"AND status = '{Status.DOING.value}' FOR UPDATE SKIP LOCKED), "
             f"u AS (UPDATE {name} SET expires_at = "
             "coalesce(%(now)s::timestamptz, statement_timestamp()) + %(lease)s::interval "
             f"WHERE id IN (SELECT id FROM mine) RETURNING id) "
-            "SELECT cur.id, cur.commit_id, u.id IS NOT NULL FROM cur LEFT JOIN u ON u.id = cur.id"
+            "SELECT cur.id, cur.commit_id, u.id IS NOT NULL, cur.cancel_requested "
+            "FROM cur LEFT JOIN u ON u.id = cur.id"
         )
         #: start marks: started_at = the database's time (or ``now``) for doing rows
         #: under these commit_ids, not marked yet, whose lease has not expired.
@@ -223,7 +224,10 @@ class PostgresDriver(PortableDriver):
                 renewed: set[Pair] = set()
                 skipped: set[Pair] = set()
                 for r in _run(conn, self.heartbeat_sql, params):
-                    (renewed if r[2] else skipped).add((int(r[0]), int(r[1])))
+                    pair = (int(r[0]), int(r[1]))
+                    (renewed if r[2] else skipped).add(pair)
+                    if r[3]:
+                        out.cancel.add(pair)
                 out.renewed |= renewed
                 out.skipped |= skipped
                 out.lost.update(p for p in chunk if p not in renewed and p not in skipped)
@@ -254,16 +258,19 @@ class PostgresDriver(PortableDriver):
         self,
         conn: Connection,
         pairs: Sequence[Pair],
-        statuses: Iterable[Status],
+        statuses: Iterable[FromStatus],
         values: dict[str, Any],
     ) -> set[Pair]:
         """One group's compare-and-set; the ``(id, old commit_id)`` that won."""
         sets, args = set_clause(self.table, values, named=True)
-        names = [s.value for s in statuses]
+        names, flag = from_statuses(statuses)
         marks = ", ".join(f"%(s{i})s" for i in range(len(names)))
+        guard = (
+            "" if flag is None else " AND cancel_requested" if flag else " AND NOT cancel_requested"
+        )
         sql = (
-            f"UPDATE {self.qname} SET {sets} WHERE {self.by_pair} AND status IN ({marks}) "
-            "RETURNING id, commit_id"
+            f"UPDATE {self.qname} SET {sets} WHERE {self.by_pair} AND status IN ({marks})"
+            f"{guard} RETURNING id, commit_id"
         )
         params = _pair_params(pairs)
         params.update(args)
