@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
 
 #: The priority of a job pushed without one; its queue is the task's classic queue key.
 DEFAULT_PRIORITY = "default"
@@ -65,6 +67,9 @@ class Job:
     ``orphaned_claims`` counts earlier claims of the job whose lease expired before its
     handler started (their worker died or lost them): they were requeued without
     counting a failed attempt.
+
+    ``payload`` is the stored bytes; ``data`` the value the task's serializer reads
+    from them (the payload itself for the default ``bytes`` serializer).
     """
 
     id: int
@@ -74,6 +79,14 @@ class Job:
     commit_id: int
     priority: str = DEFAULT_PRIORITY
     orphaned_claims: int = 0
+    #: The task's serializer (set by the consumer; None: bytes).
+    serializer: Any = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def data(self) -> Any:
+        """The payload decoded by the task's serializer (decoded once, on first use)."""
+        s = self.serializer
+        return self.payload if s is None else s.loads(self.payload)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,12 @@ class JobRecord:
     ``started_at``: when the current (or last) claim's handler began; None while a
     claim has not started (or its start is not recorded yet). ``orphaned_claims``:
     claims whose lease expired before the handler started (requeued uncharged).
+
+    ``result``: what the job's handler returned (``store_results=True``) or its manual
+    commit stored, None if nothing was stored. ``Task.get`` and ``Task.wait`` decode it
+    with the task's serializer; read elsewhere (``Admin``, the CLI) it is the stored
+    bytes. ``data``: the payload decoded the same way (``Task.get``; the payload bytes
+    elsewhere).
     """
 
     id: int
@@ -126,6 +145,8 @@ class JobRecord:
     priority: str = DEFAULT_PRIORITY
     started_at: datetime | None = None
     orphaned_claims: int = 0
+    result: Any = field(default=None, repr=False)
+    data: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0004"
+HEAD = "0006"
 
 
 def new_table_name() -> str:

@@ -18,13 +18,13 @@ special SET values and the size of a statement's batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import Connection, Row, Table, func
+from sqlalchemy import Connection, Row, Table, case, func, literal, null
 
 from ..records import DEFAULT_PRIORITY, Job, JobRecord, Message, Pair, ScheduleRecord, Status
 
@@ -59,15 +59,35 @@ class Coalesce:
         return f"Coalesce({self.value!r})"
 
 
+class PerRow:
+    """A SET value that differs from row to row: ``values[id]`` for each row it names
+    and NULL for the others (the results a group commit carries). Every driver writes
+    it into the group's one statement: ``CASE id WHEN … THEN … END`` (portable,
+    MariaDB/MySQL) or an array lookup (PostgreSQL). Binary columns only."""
+
+    def __init__(self, values: Mapping[int, Any]) -> None:
+        self.values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"PerRow({len(self.values)} rows)"
+
+
 def sa_values(table: Table, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` for a SQLAlchemy UPDATE: PLUS_ONE becomes ``column + 1``, Coalesce
-    ``coalesce(column, value)``."""
+    ``coalesce(column, value)``, PerRow ``CASE id WHEN … THEN … END``."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         if v is PLUS_ONE:
             out[k] = table.c[k] + 1
         elif isinstance(v, Coalesce):
             out[k] = func.coalesce(table.c[k], v.value)
+        elif isinstance(v, PerRow):
+            col = table.c[k]
+            out[k] = case(
+                {i: literal(r, col.type) for i, r in sorted(v.values.items())},
+                value=table.c.id,
+                else_=null(),
+            )
         else:
             out[k] = v
     return out
@@ -86,6 +106,7 @@ class Outcome:
     error: str | None = None
     run_at: datetime | None = None  # when a todo outcome is due again (backoff)
     priority: str = DEFAULT_PRIORITY  # where a todo outcome is re-dispatched
+    result: bytes | None = field(default=None, repr=False)  # a done outcome's stored result
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from .driver import (
     Inserted,
     LedgerDriver,
     Outcome,
+    PerRow,
     Reaped,
     Renewal,
     TaskStats,
@@ -360,14 +361,22 @@ class Ledger:
 
         ``todo`` and ``failed`` count a failed attempt (failed_times + 1); a todo row is
         due again at ``run_at`` and expires for re-dispatch ``redispatch_timeout`` later.
+        A done outcome's ``result`` is written by the same UPDATE (a per-row value, see
+        :class:`~meepo.ledger.driver.PerRow`); outcomes without one leave the column
+        alone, and a batch without any writes the statement it always did.
         """
         groups: dict[tuple[Any, ...], tuple[list[Pair], dict[str, Any]]] = {}
+        results: dict[tuple[Any, ...], dict[int, bytes]] = {}
         # Outcomes of one status, error and due time share an UPDATE.
         for o in outcomes:
             key = (o.status, o.error, o.run_at)
             if key not in groups:
                 groups[key] = ([], self._outcome_values(o, now, redispatch_timeout))
             groups[key][0].append((o.job_id, o.commit_id))
+            if o.result is not None:
+                results.setdefault(key, {})[o.job_id] = o.result
+        for key, per_row in results.items():
+            groups[key][1]["result"] = PerRow(per_row)
         return self._transition([(p, [Status.DOING], v) for p, v in groups.values()])
 
     def release(self, pairs: Sequence[Pair], *, now: datetime, expires_at: datetime) -> set[Pair]:
@@ -607,6 +616,8 @@ class Ledger:
         is not the current claim's (nothing is changed then).
         """
         values = self._outcome_values(outcome, now, redispatch_timeout)
+        if outcome.result is not None:
+            values["result"] = outcome.result
         got = self.driver.commit_one(task_id, (outcome.job_id, outcome.commit_id), values)
         if got.won:
             return outcome.commit_id + 1, str(got.priority)
@@ -660,6 +671,7 @@ class Ledger:
             "updated_at": now,
             "run_at": now,
             "expires_at": now + redispatch_timeout,
+            "result": None,  # a fresh start: the last run's result goes
         }
         won = self._transition([(pairs, list(Status), values)])
         prio = self.priorities([i for i, _ in won])

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 
 from ..records import DEFAULT_PRIORITY
-from .types import JobId, Payload, UTCDateTime
+from .types import JobId, Payload, Result, UTCDateTime
 
 #: Alembic's bookkeeping table for a ledger table named ``name``.
 VERSION_TABLE_SUFFIX = "_version"
@@ -85,6 +85,9 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # Claims of this job whose lease expired before its handler started (requeued
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
+        # What the handler returned (store_results) or its manual commit stored, through
+        # the task's serializer; NULL: nothing stored.
+        Column("result", Result, nullable=True),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
         Index(
             f"ix_{name}_finished",

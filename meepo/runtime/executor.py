@@ -195,10 +195,13 @@ class Executor(abc.ABC):
             slot.job, slot.started = job, claims.monotonic()
         return True
 
-    def ended(self, slot: Slot, job: Job, error: str | None, took: float) -> bool:
+    def ended(
+        self, slot: Slot, job: Job, error: str | None, took: float, result: Any = None
+    ) -> bool:
         """Account for the end of a run (``error``: None, or why it failed; ``took``:
-        seconds) and hand its outcome to the committer. False if the run outlived
-        job_timeout (its outcome is ignored: the watchdog failed it already)."""
+        seconds; ``result``: what the handler returned, stored with the done commit when
+        the task stores results) and hand its outcome to the committer. False if the run
+        outlived job_timeout (its outcome is ignored: the watchdog failed it already)."""
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -228,7 +231,7 @@ class Executor(abc.ABC):
             )
             return False
         if self.opts.auto_commit:
-            self.committer.submit(Commit(self.committer.outcome(job, error)))
+            self.committer.submit(Commit(self.committer.outcome(job, error, result)))
             return True
         if error is not None and error.startswith("HandlerError:"):
             self.committer.fail_now(job, error)  # it cannot have committed: it never ran
@@ -359,6 +362,7 @@ class ThreadExecutor(Executor):
         self._local.job = job
         error: str | None = None
         failure: BaseException | None = None
+        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         try:
@@ -372,6 +376,7 @@ class ThreadExecutor(Executor):
             self._exit_if_forked(None)
             error = did_no_work(result)
             if error is not None:
+                result = None
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
             error = error_summary(exc)
@@ -382,7 +387,7 @@ class ThreadExecutor(Executor):
         took = time.perf_counter() - began
         if hooks is not None:  # middleware: after_run
             hooks.after_run(job, took, error, failure)
-        return self.ended(slot, job, error, took)
+        return self.ended(slot, job, error, took, result)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must

@@ -28,6 +28,9 @@ tag, so all of a task's keys share one slot):
 ``P{task}:recovery:<epoch>``  STRING with a TTL: taken (NX) by the one process that
                       runs the re-dispatch for that epoch, renewed page by page, released
                       if it fails, ``done`` once finished.
+``P{task}:done``      pub/sub CHANNEL: after each group commit that finished jobs, one
+                      PUBLISH of their ids (``b"12,13,20"``), for ``Task.wait``
+                      (:mod:`meepo.transport.notify`).
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -48,6 +52,7 @@ from redis.retry import Retry
 from ..config import PRIORITY_RE, mask_url
 from ..errors import ConfigError, TransportUnavailableError
 from ..records import DEFAULT_PRIORITY, Message, Pair
+from .notify import Listener, encode_ids
 
 #: Messages per RPUSH / LPOP call (a Redis command's size; the ledger's statements have
 #: their own, ``meepo.ledger.ROWS_PER_STATEMENT``).
@@ -209,6 +214,9 @@ class Transport:
         self.epoch_key = f"{base}:epoch"
         self.counter_key = f"{base}:epoch:counter"
         self._recovery_base = f"{base}:recovery:"
+        self.done_channel = f"{base}:done"
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()
         self._promote = client.register_script(_PROMOTE_LUA)
         self._rotate = client.register_script(_ROTATE_LUA)
         self._swap = client.register_script(_SWAP_LUA)
@@ -247,11 +255,16 @@ class Transport:
                 f"{what} failed on {self.where}: {mask_url(str(exc))}"
             ) from exc
 
-    def send(self, messages: Sequence[Message], now: datetime | None = None) -> None:
+    def send(
+        self, messages: Sequence[Message], now: datetime | None = None, notify: Sequence[int] = ()
+    ) -> None:
         """RPUSH due messages to their priority queues, ZADD later ones (``run_at`` after
         ``now``) to the delayed set, and make sure the epoch key exists: one round trip
-        (a non-transactional pipeline)."""
+        (a non-transactional pipeline). ``notify``: ids of jobs just finished, PUBLISHed
+        on :attr:`done_channel` in the same round trip."""
         if not messages:
+            if notify:
+                self.publish_done(notify)
             return
         queues: dict[str, list[bytes]] = {}
         delayed: dict[bytes, float] = {}
@@ -271,7 +284,23 @@ class Transport:
             if delayed:
                 pipe.zadd(self.delayed_key, delayed)
             pipe.set(self.epoch_key, new_epoch(), nx=True)
+            if notify:
+                pipe.publish(self.done_channel, encode_ids(list(notify)))
             pipe.execute()
+
+    def publish_done(self, ids: Sequence[int]) -> int:
+        """One PUBLISH of finished jobs' ids on :attr:`done_channel`; returns how many
+        subscribers (processes with waiters) received it."""
+        with self._errors("finish notice"):
+            return int(self.client.publish(self.done_channel, encode_ids(list(ids))))
+
+    @property
+    def listener(self) -> Listener:
+        """This transport's shared subscription for waiters (made on first use)."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = Listener(self.client, self.where)
+            return self._listener
 
     def send_pairs(self, pairs: Sequence[Pair]) -> None:
         """Messages for ``pairs`` to the default queue (tests and tools)."""
@@ -484,4 +513,6 @@ class Transport:
             return dict(self.client.info())
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self.client.close()

@@ -77,6 +77,8 @@ def job_record(r: Row[Any]) -> JobRecord:
         priority=r.priority,
         started_at=r.started_at,
         orphaned_claims=r.orphaned_claims,
+        result=None if r.result is None else bytes(r.result),
+        data=bytes(r.payload),
     )
 
 
