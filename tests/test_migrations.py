@@ -166,6 +166,11 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
 
     assert {f"{table}_retention", f"{table}_archive"} <= names
 
+    assert "result" in Table(table, MetaData(), autoload_with=engine).c
+    migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0004"
+    assert "result" not in Table(table, MetaData(), autoload_with=engine).c
+    assert "result" not in Table(f"{table}_archive", MetaData(), autoload_with=engine).c
     migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0003"
     assert {f"{table}_retention", f"{table}_archive"}.isdisjoint(table_names(engine))
