@@ -158,18 +158,14 @@ class Dispatcher:
         self.send(messages)
         return ids
 
-    def send(self, messages: Sequence[Message], notify: Sequence[int] = ()) -> bool:
+    def send(self, messages: Sequence[Message]) -> bool:
         """Dispatch messages of committed todo rows (due ones to their queues, later ones
         to the delayed set); on a Redis failure, make the rows due for the sweep
-        instead. Returns whether Redis took them. ``notify``: ids of jobs a commit just
-        finished, announced to waiters in the same round trip (a lost notice costs a
-        waiter its polling interval, nothing else)."""
+        instead. Returns whether Redis took them."""
         if not messages:
-            if notify:
-                self.notify(notify)
             return True
         try:
-            self.transport.send(messages, self.clock(), notify)
+            self.transport.send(messages, self.clock())
             return True
         except TransportUnavailableError as exc:
             log.warning(
@@ -191,12 +187,12 @@ class Dispatcher:
             return False
 
     def notify(self, finished: Sequence[int]) -> None:
-        """Tell waiters (``Task.wait``) that these jobs are finished: one PUBLISH.
-        Redis failing is only logged: waiters read the ledger on their own too."""
-        try:
-            self.transport.publish_done(finished)
-        except TransportUnavailableError as exc:
-            log.debug("task %s: finish notice not sent: %s", self.task_id, exc)
+        """Tell waiters (``Task.wait``) that these committed jobs are finished: handed
+        to the transport's notice thread (no round trip here), which PUBLISHes them,
+        coalesced with whatever else queued meanwhile. Redis failing is only logged:
+        waiters read the ledger on their own too."""
+        if finished:
+            self.transport.notices.submit(list(finished))
 
     def wait(self, job_id: int, timeout: float | None) -> JobRecord:
         """The job's record once it is terminal (``Status.terminal``), read from the
@@ -344,10 +340,10 @@ class Dispatcher:
             for o in outcomes
             if o.status is Status.TODO and (o.job_id, o.commit_id) in won
         ]
-        finished = [
-            o.job_id for o in outcomes if o.status.terminal and (o.job_id, o.commit_id) in won
-        ]
-        self.send(sent, finished)
+        self.notify(
+            [o.job_id for o in outcomes if o.status.terminal and (o.job_id, o.commit_id) in won]
+        )
+        self.send(sent)
         return Moved(won, sent)
 
     def commit_one(self, outcome: Outcome) -> Moved:

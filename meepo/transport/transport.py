@@ -52,7 +52,7 @@ from redis.retry import Retry
 from ..config import PRIORITY_RE, mask_url
 from ..errors import ConfigError, TransportUnavailableError
 from ..records import DEFAULT_PRIORITY, Message, Pair
-from .notify import Listener, encode_ids
+from .notify import Listener, Publisher, encode_ids
 
 #: Messages per RPUSH / LPOP call (a Redis command's size; the ledger's statements have
 #: their own, ``meepo.ledger.ROWS_PER_STATEMENT``).
@@ -217,6 +217,8 @@ class Transport:
         self.done_channel = f"{base}:done"
         self._listener: Listener | None = None
         self._listener_lock = threading.Lock()
+        #: Finish notices, sent off the committer's thread (see notify.Publisher).
+        self.notices = Publisher(self.publish_done, task_id)
         self._promote = client.register_script(_PROMOTE_LUA)
         self._rotate = client.register_script(_ROTATE_LUA)
         self._swap = client.register_script(_SWAP_LUA)
@@ -255,16 +257,11 @@ class Transport:
                 f"{what} failed on {self.where}: {mask_url(str(exc))}"
             ) from exc
 
-    def send(
-        self, messages: Sequence[Message], now: datetime | None = None, notify: Sequence[int] = ()
-    ) -> None:
+    def send(self, messages: Sequence[Message], now: datetime | None = None) -> None:
         """RPUSH due messages to their priority queues, ZADD later ones (``run_at`` after
         ``now``) to the delayed set, and make sure the epoch key exists: one round trip
-        (a non-transactional pipeline). ``notify``: ids of jobs just finished, PUBLISHed
-        on :attr:`done_channel` in the same round trip."""
+        (a non-transactional pipeline)."""
         if not messages:
-            if notify:
-                self.publish_done(notify)
             return
         queues: dict[str, list[bytes]] = {}
         delayed: dict[bytes, float] = {}
@@ -284,8 +281,6 @@ class Transport:
             if delayed:
                 pipe.zadd(self.delayed_key, delayed)
             pipe.set(self.epoch_key, new_epoch(), nx=True)
-            if notify:
-                pipe.publish(self.done_channel, encode_ids(list(notify)))
             pipe.execute()
 
     def publish_done(self, ids: Sequence[int]) -> int:
