@@ -37,6 +37,8 @@ log = logging.getLogger("meepo.transport")
 LINGER = 10.0
 #: How long the listener's read waits for a message before it looks at its state.
 READ_TIMEOUT = 0.5
+#: How long the notice thread gathers notices while nobody is subscribed (seconds).
+QUIET_GATHER = 0.005
 #: Backoff between reconnection attempts after the pubsub connection failed (seconds).
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 
@@ -234,8 +236,10 @@ class Publisher:
     commit; a waiter's wake-up pays one thread hand-over. The thread ends after
     :data:`LINGER` seconds with nothing to send and starts again on the next notice."""
 
-    def __init__(self, publish: Callable[[list[int]], object], task_id: str) -> None:
+    def __init__(self, publish: Callable[[list[int]], int], task_id: str) -> None:
         self._publish = publish
+        #: The last notice reached no subscriber (no process is waiting on this task).
+        self._quiet = False
         self.task_id = task_id
         self._queue: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -270,12 +274,17 @@ class Publisher:
                         self._thread = None
                         return
                 continue
+            if self._quiet:
+                # Nobody was listening last time (PUBLISH says how many did): gather
+                # the notices of a few more batches into one message. A waiter that has
+                # just subscribed pays this once, then notices go out at once again.
+                time.sleep(QUIET_GATHER)
             while True:  # coalesce what queued meanwhile
                 try:
                     ids = ids + self._queue.get_nowait()
                 except queue.Empty:
                     break
             try:
-                self._publish(ids)
+                self._quiet = self._publish(ids) == 0
             except Exception as exc:  # a notice is a hint: waiters also read the ledger
                 log.debug("task %s: finish notice not sent: %s", self.task_id, exc)
