@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Table
 from sqlalchemy.exc import DBAPIError
 
-from ..driver import PLUS_ONE, Coalesce, PerRow
+from ..driver import PLUS_ONE, Coalesce, PerRow, case_text
 from ..types import UTC
 
 
@@ -64,9 +64,8 @@ def set_clause(
                 )
                 args[f"v_{col}_vals"] = [r for _, r in rows]
                 args[f"v_{col}_ids"] = [i for i, _ in rows]
-            else:  # MariaDB/MySQL: the ids written as integers, the values bound
-                whens = " ".join(f"WHEN {int(i)} THEN %s" for i, _ in rows)
-                sets.append(f"{col} = CASE id {whens} ELSE NULL END")
+            else:  # MariaDB/MySQL: a search tree of CASEs, the values bound in id order
+                sets.append(f"{col} = {case_text('id', [i for i, _ in rows], lambda _: '%s')}")
                 for n, (_, r) in enumerate(rows):
                     args[f"v_{col}_{n}"] = r
         else:
