@@ -15,6 +15,7 @@ from .errors import (
     TransportUnavailableError,
     UnavailableError,
     UnsupportedServerError,
+    WaitTimeoutError,
 )
 from .middleware import Middleware, MiddlewareError, RunInfo
 from .records import Job, JobRecord, ScheduleRecord, Status
@@ -45,5 +46,6 @@ __all__ = [
     "TransportUnavailableError",
     "UnavailableError",
     "UnsupportedServerError",
+    "WaitTimeoutError",
     "__version__",
 ]

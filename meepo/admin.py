@@ -17,6 +17,7 @@ Redis is only contacted by the operations that need it (repush, stats), so
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -173,9 +174,28 @@ def schedule_dict(rec: ScheduleRecord) -> dict[str, Any]:
     }
 
 
+def json_view(raw: bytes | None) -> tuple[bool, Any]:
+    """``(True, value)`` when ``raw`` is a JSON text (what ``serializer="json"`` and
+    ``meepo push --json`` write), else ``(False, None)``.
+
+    The CLI and the admin views do not know a task's serializer (a Task object is not
+    at hand, and none is stored): the stored bytes say it themselves. A JSON task's
+    payloads and results always parse; a bytes payload that happens to be JSON text
+    (hand-encoded JSON) is shown as the value it spells, which is what it means.
+    """
+    if raw is None:
+        return False, None
+    try:
+        return True, json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return False, None
+
+
 def record_dict(rec: JobRecord) -> dict[str, Any]:
-    """A JSON-ready view of a ledger row (payload as UTF-8 text, undecodable bytes
-    escaped, and its size)."""
+    """A JSON-ready view of a ledger row: the payload as UTF-8 text (undecodable bytes
+    escaped) and its size, and ``data``, the payload as a JSON value when it is JSON
+    (else None); the stored ``result`` likewise (as a JSON value when it is JSON, else
+    as text; None when nothing is stored) and its size."""
 
     def when(d: datetime | None) -> str | None:
         return None if d is None else d.isoformat()
@@ -199,7 +219,18 @@ def record_dict(rec: JobRecord) -> dict[str, Any]:
         "progress_note": rec.progress_note,
         "payload": rec.payload.decode("utf-8", errors="backslashreplace"),
         "payload_size": len(rec.payload),
+        "data": json_view(rec.payload)[1],
+        "payload_is_json": json_view(rec.payload)[0],
+        "result": _result_view(rec.result),
+        "result_size": None if not isinstance(rec.result, bytes) else len(rec.result),
     }
+
+
+def _result_view(raw: Any) -> Any:
+    if not isinstance(raw, bytes):
+        return raw
+    is_json, value = json_view(raw)
+    return value if is_json else raw.decode("utf-8", errors="backslashreplace")
 
 
 class Admin:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ class Producer(Protocol):
 
     def new_job(
         self,
-        payload: bytes,
+        payload: Any,
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -58,7 +59,7 @@ class Batch:
 
     def push(
         self,
-        payload: bytes,
+        payload: Any,
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -81,7 +82,7 @@ class Batch:
 
     def push_many(
         self,
-        payloads: list[bytes],
+        payloads: Sequence[Any],
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,

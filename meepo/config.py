@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .records import DEFAULT_PRIORITY, Status
@@ -358,6 +359,10 @@ class Options:
     priorities: tuple[str, ...] = DEFAULT_PRIORITIES
     promote_interval: float = 0.05
     job_timeout: float | None = None  # seconds a handler may run; None: no limit
+    store_results: bool = False  # the handler's return value goes into the ledger
+    max_result_bytes: int = 64 * 1024  # a larger result fails the job (not retried)
+    #: The task's serializer (meepo.serializers; None: bytes).
+    serializer: Any = None
 
     @property
     def zombie_timeout(self) -> float:

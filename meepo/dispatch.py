@@ -37,7 +37,14 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection
 
-from .errors import LedgerUnavailableError, MeepoError, TransportUnavailableError, UnavailableError
+from .errors import (
+    JobNotFoundError,
+    LedgerUnavailableError,
+    MeepoError,
+    TransportUnavailableError,
+    UnavailableError,
+    WaitTimeoutError,
+)
 from .ledger import (
     NEVER_DISPATCHED,
     ROWS_PER_STATEMENT,
@@ -51,7 +58,7 @@ from .ledger import (
 )
 from .ledger.driver import Progress
 from .ledger.schedules import Schedules
-from .records import Message, NewJob, ScheduleRecord, Status
+from .records import JobRecord, Message, NewJob, ScheduleRecord, Status
 from .transport import Transport, decode
 from .transport.settings import check_redis_config
 from .transport.transport import RECOVERY_LOCK_TTL
@@ -60,6 +67,13 @@ log = logging.getLogger("meepo.dispatch")
 
 #: A message claimed before its run_at is delayed at least this long (seconds).
 EARLY_MARGIN = 0.05
+#: ``wait``: how long it waits for Redis to confirm its subscription before its first
+#: read (then it reads anyway, and polls until the subscription is confirmed).
+WAIT_CONFIRM = 2.0
+#: ``wait``: seconds between reads of the ledger while subscribed (a notice lost to a
+#: Redis blip costs at most this) and while not (Redis down).
+WAIT_SAFETY_POLL = 2.0
+WAIT_FALLBACK_POLL = 0.5
 
 
 @dataclass(slots=True)
@@ -99,6 +113,9 @@ _NOTHING = Claimed()
 
 
 class Dispatcher:
+    #: Tests: called by :meth:`wait` between its subscription and its first read.
+    after_subscribe: Callable[[int], None] | None = None
+
     def __init__(
         self,
         ledger: Ledger,
@@ -173,6 +190,52 @@ class Dispatcher:
                     exc2,
                 )
             return False
+
+    def notify(self, finished: Sequence[int]) -> None:
+        """Tell waiters (``Task.wait``) that these committed jobs are finished: handed
+        to the transport's notice thread (no round trip here), which PUBLISHes them,
+        coalesced with whatever else queued meanwhile. Redis failing is only logged:
+        waiters read the ledger on their own too."""
+        if finished:
+            self.transport.notices.submit(list(finished))
+
+    def wait(self, job_id: int, timeout: float | None) -> JobRecord:
+        """The job's record once it is terminal (``Status.terminal``), read from the
+        ledger; WaitTimeoutError after ``timeout`` seconds (None: no limit);
+        JobNotFoundError at once for an id the task does not have.
+
+        The waiter watches the task's notice channel *before* each read of the ledger
+        (a commit between the read and the sleep sets the watch's event, so the sleep
+        ends at once): no wake-up can be lost. Between notices it reads the ledger every
+        WAIT_SAFETY_POLL seconds, and every WAIT_FALLBACK_POLL while the subscription is
+        not confirmed (Redis down)."""
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        listener = self.transport.listener
+        channel = self.transport.done_channel
+        confirm = WAIT_CONFIRM if timeout is None else min(WAIT_CONFIRM, timeout)
+        watch, _ = listener.watch(channel, job_id, confirm)
+        try:
+            hook = self.after_subscribe
+            if hook is not None:
+                hook(job_id)
+            while True:
+                watch.event.clear()
+                rec = self.ledger.get(job_id, self.task_id)
+                if rec is None:
+                    raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+                if rec.status.terminal:
+                    return rec
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WaitTimeoutError(
+                        f"job {job_id} of task {self.task_id!r} is still {rec.status.value} "
+                        f"after {time.monotonic() - began:.3g}s"
+                    )
+                poll = WAIT_SAFETY_POLL if listener.confirmed(channel) else WAIT_FALLBACK_POLL
+                watch.event.wait(poll if left is None else min(left, poll))
+        finally:
+            listener.unwatch(watch)
 
     def fire(
         self,
@@ -314,6 +377,9 @@ class Dispatcher:
             for o in outcomes
             if o.status is Status.TODO and (o.job_id, o.commit_id) in won
         ]
+        self.notify(
+            [o.job_id for o in outcomes if o.status.terminal and (o.job_id, o.commit_id) in won]
+        )
         self.send(sent)
         return Moved(won, sent)
 
@@ -327,6 +393,8 @@ class Dispatcher:
         if outcome.status is Status.TODO:
             sent = [Message(outcome.job_id, new, priority, outcome.run_at)]
             self.send(sent)
+        elif outcome.status.terminal:
+            self.notify([outcome.job_id])
         return Moved({(outcome.job_id, outcome.commit_id)}, sent)
 
     def release(self, jobs: Sequence[tuple[int, int, str]]) -> Moved:

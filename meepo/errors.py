@@ -17,7 +17,8 @@ class ConfigError(MeepoError, ValueError):
 
 
 class PayloadError(MeepoError, ValueError):
-    """A payload is too large to be stored."""
+    """A payload or a result cannot be stored: too large, or not a value the task's
+    serializer writes (the message names the type and where the bad value is)."""
 
 
 class JobNotFoundError(MeepoError, LookupError):
@@ -75,3 +76,8 @@ class TransportUnavailableError(UnavailableError):
 
 class ScheduleNotFoundError(MeepoError, LookupError):
     """No schedule with this name is declared for the task."""
+
+
+class WaitTimeoutError(MeepoError, TimeoutError):
+    """``Task.wait`` gave up: the job was not finished (done, failed) within its
+    timeout. The job itself is unaffected."""

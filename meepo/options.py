@@ -22,6 +22,10 @@ from .errors import ConfigError
 from .middleware import Middleware
 from .records import DEFAULT_PRIORITY, Job, Status
 from .runtime.cleaner import check_retention
+from .serializers import Serializer, serializer_for
+
+#: The largest ``max_result_bytes`` (the result column is a MEDIUMBLOB on MySQL).
+MAX_RESULT_BYTES = 16 * 1024 * 1024 - 1
 
 JobFunc = Callable[[Job], Any]
 
@@ -43,6 +47,8 @@ class TaskOptions:
     middleware: tuple[Middleware, ...]
     #: Seconds to keep finished jobs, per status (None: keep the stored policy).
     retention: dict[Status, float] | None
+    #: How payloads and results become bytes (meepo.serializers).
+    serializer: Serializer
     #: Push runs the jobs in the pushing thread, with no Redis (meepo.testing).
     inline: bool = False
 
@@ -76,6 +82,9 @@ class TaskOptions:
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
         inline: bool = False,
+        serializer: Any = "bytes",
+        store_results: bool = False,
+        max_result_bytes: int = 64 * 1024,
     ) -> TaskOptions:
         """Check ``Task``'s parameters; a ConfigError names the first bad one."""
         task_id = config.check_task_id(task_id)
@@ -97,6 +106,13 @@ class TaskOptions:
         except ValueError as exc:
             raise ConfigError(f"default_priority: {exc}") from None
         backoff = config.retry_policy(retry_backoff)
+        codec = serializer_for(serializer)
+        result_limit = config.positive_int(max_result_bytes, "max_result_bytes")
+        if result_limit > MAX_RESULT_BYTES:
+            raise ConfigError(
+                f"max_result_bytes must be at most {MAX_RESULT_BYTES} (16 MiB - 1), "
+                f"not {result_limit}"
+            )
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be callable, not {type(clock).__name__}")
         runtime = Options(
@@ -120,6 +136,9 @@ class TaskOptions:
             priorities=prios,
             promote_interval=config.seconds(promote_interval, "promote_interval"),
             job_timeout=None if job_timeout is None else config.seconds(job_timeout, "job_timeout"),
+            store_results=bool(store_results),
+            max_result_bytes=result_limit,
+            serializer=codec,
         )
         table = _named(table_name, "table_name", config.check_table_name, DEFAULT_TABLE)
         prefix = _named(
@@ -138,6 +157,7 @@ class TaskOptions:
             middleware=_middleware(middleware),
             inline=bool(inline),
             retention=check_retention(retention),
+            serializer=codec,
         )
 
 

@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
 
 #: The priority of a job pushed without one; its queue is the task's classic queue key.
 DEFAULT_PRIORITY = "default"
@@ -135,6 +137,9 @@ class Job:
     ``cancel_requested`` turns True (within one heartbeat interval) once someone
     cancelled the running job: the handler may stop early; however it ends, the job
     becomes ``cancelled``. ``progress(fraction, note)`` reports how far it got.
+
+    ``payload`` is the stored bytes; ``data`` the value the task's serializer reads
+    from them (the payload itself for the default ``bytes`` serializer).
     """
 
     id: int
@@ -145,6 +150,8 @@ class Job:
     priority: str = DEFAULT_PRIORITY
     orphaned_claims: int = 0
     dispatch_deadline: datetime | None = None
+    #: The task's serializer (set by the consumer; None: bytes).
+    serializer: Any = field(default=None, repr=False, compare=False)
     control: RunControl = field(default_factory=RunControl, repr=False, compare=False)
 
     @property
@@ -159,6 +166,12 @@ class Job:
         fenced by this claim's commit_id, and read back as ``JobRecord.progress``."""
         value, text = check_progress(fraction, note)
         self.control.report(value, text)
+
+    @cached_property
+    def data(self) -> Any:
+        """The payload decoded by the task's serializer (decoded once, on first use)."""
+        s = self.serializer
+        return self.payload if s is None else s.loads(self.payload)
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,12 @@ class JobRecord:
     ``cancel_requested``: someone cancelled the job while it ran (it becomes
     ``cancelled`` when its handler ends). ``progress``, ``progress_note``: the latest
     ``Job.progress`` report of the current (or last) run; None when never reported.
+
+    ``result``: what the job's handler returned (``store_results=True``) or its manual
+    commit stored, None if nothing was stored. ``Task.get`` and ``Task.wait`` decode it
+    with the task's serializer; read elsewhere (``Admin``, the CLI) it is the stored
+    bytes. ``data``: the payload decoded the same way (``Task.get``; the payload bytes
+    elsewhere).
     """
 
     id: int
@@ -221,6 +240,8 @@ class JobRecord:
     cancel_requested: bool = False
     progress: float | None = None
     progress_note: str | None = None
+    result: Any = field(default=None, repr=False)
+    data: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import redis as redis_lib
 from sqlalchemy import Connection, Engine, event
 
-from . import client, config
+from . import client, config, serializers
 from .batch import Batch
 from .client import Row, Stores
 from .config import mask_url
@@ -93,6 +93,9 @@ class Task:
         clock: Callable[[], datetime] | None = None,
         middleware: Sequence[Middleware] = (),
         inline: bool = False,
+        serializer: Any = "bytes",
+        store_results: bool = False,
+        max_result_bytes: int = 64 * 1024,
     ) -> None:
         # Every parameter is checked first (meepo.options), before any connection.
         opts = TaskOptions.from_kwargs(
@@ -122,8 +125,13 @@ class Task:
             clock=clock,
             middleware=middleware,
             inline=inline,
+            serializer=serializer,
+            store_results=store_results,
+            max_result_bytes=max_result_bytes,
         )
         self.retention = opts.retention
+        #: How payloads and results become bytes (see meepo.serializers).
+        self.serializer = opts.serializer
         self.task_id = opts.task_id
         self.options = opts.runtime
         self.default_priority = opts.default_priority
@@ -289,25 +297,26 @@ class Task:
 
     # -- producing --------------------------------------------------------------------
 
-    def _check_payloads(self, payloads: Sequence[bytes]) -> list[bytes]:
+    def _check_payloads(self, payloads: Sequence[Any], many: bool = False) -> list[bytes]:
+        """Payloads through the task's serializer, each checked against
+        max_payload_bytes; a bad one is an error naming it, and nothing is written."""
         out: list[bytes] = []
         limit = self.options.max_payload_bytes
+        codec = self.serializer
         for i, p in enumerate(payloads):
-            if not isinstance(p, (bytes, bytearray, memoryview)):
-                where = "payload" if len(payloads) == 1 else f"payload #{i}"
-                raise TypeError(
-                    f"{where} must be bytes, not {type(p).__name__} "
-                    "(encode it first, e.g. json.dumps(obj).encode())"
-                )
-            b = bytes(p)
+            if serializers.is_bytes(codec):
+                where = f"payload #{i}" if many and len(payloads) > 1 else "payload"
+            else:
+                where = f"payloads[{i}]" if many else "payload"
+            b = serializers.encode(codec, p, where)
             if len(b) > limit:
-                raise PayloadError(f"payload of {len(b)} bytes exceeds max_payload_bytes={limit}")
+                raise PayloadError(f"{where} of {len(b)} bytes exceeds max_payload_bytes={limit}")
             out.append(b)
         return out
 
     def new_job(
         self,
-        payload: bytes,
+        payload: Any,
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -316,8 +325,27 @@ class Task:
         unique_for: float | timedelta | None = None,
     ) -> NewJob:
         """One job, validated (nothing is written): what :meth:`push` would write. Part
-        of the producer interface :class:`~meepo.batch.Batch` builds on."""
-        checked = self._check_payloads([payload])[0]
+        of the producer interface :class:`~meepo.batch.Batch` builds on. ``payload``
+        goes through the task's serializer (bytes by default)."""
+        return self._new_job(
+            self._check_payloads([payload])[0],
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            key=key,
+            unique_for=unique_for,
+        )
+
+    def _new_job(
+        self,
+        checked: bytes,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        priority: str | None = None,
+        key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> NewJob:
         prio = (
             self.default_priority
             if priority is None
@@ -329,7 +357,7 @@ class Task:
 
     def push(
         self,
-        payload: bytes,
+        payload: Any,
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -361,7 +389,7 @@ class Task:
 
     def push_many(
         self,
-        payloads: Sequence[bytes],
+        payloads: Sequence[Any],
         *,
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
@@ -371,11 +399,15 @@ class Task:
         """Store many jobs in one INSERT and dispatch them in one pipelined round trip;
         ``delay``/``run_at``/``priority`` apply to all of them."""
         if isinstance(payloads, (bytes, bytearray, str)):
-            raise TypeError("push_many takes a sequence of bytes payloads, not one payload")
-        checked = self._check_payloads(list(payloads))
+            raise TypeError("push_many takes a sequence of payloads, not one payload")
+        if not isinstance(payloads, Sequence):
+            raise TypeError(
+                f"push_many takes a sequence (a list) of payloads, not {type(payloads).__name__}"
+            )
+        checked = self._check_payloads(list(payloads), many=True)
         if not checked:
             return []
-        first = self.new_job(checked[0], delay=delay, run_at=run_at, priority=priority)
+        first = self._new_job(checked[0], delay=delay, run_at=run_at, priority=priority)
         jobs = [NewJob(p, first.run_at, first.priority) for p in checked]
         return self.push_jobs(jobs, connection)
 
@@ -493,6 +525,7 @@ class Task:
         commit_id: int | None = None,
         delay: float | timedelta | None = None,
         error: str | None = None,
+        result: Any = None,
     ) -> None:
         """Finish a job in manual-commit mode: ``done``, ``failed`` or ``todo`` (run it
         again, after ``delay`` seconds if given).
@@ -500,8 +533,12 @@ class Task:
         Inside the handler the claim is known; from elsewhere pass ``commit_id`` (the
         ``Job.commit_id`` the handler received). A stale commit_id raises
         StaleCommitError and changes nothing.
+
+        ``result`` (``done`` only) is stored with the commit, through the task's
+        serializer, whatever ``store_results``; one the serializer cannot write, or
+        larger than ``max_result_bytes``, is a PayloadError and nothing is committed.
         """
-        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error)
+        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error, result)
         if mine is not None:
             # This process's claim: through the consumer's committer (its round trips
             # are shared), unless the consumer has stopped meanwhile.
@@ -518,11 +555,12 @@ class Task:
         commit_id: int | None = None,
         delay: float | timedelta | None = None,
         error: str | None = None,
+        result: Any = None,
     ) -> None:
         """:meth:`commit`, awaited: from an ``async def`` handler, the wait for the
         group commit does not hold the event loop (the other handlers go on meanwhile);
         from elsewhere the commit runs in the offload pool. Same arguments and errors."""
-        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error)
+        mine, outcome = self._manual_outcome(job_id, status, commit_id, delay, error, result)
         if mine is not None:
             with contextlib.suppress(NotRunningHereError):
                 await mine.commit_async(outcome)
@@ -536,6 +574,7 @@ class Task:
         commit_id: int | None,
         delay: float | timedelta | None,
         error: str | None,
+        result: Any = None,
     ) -> tuple[Consumer | None, Outcome]:
         """The checked outcome of a manual commit, and the consumer holding its claim
         (None: commit it elsewhere, through the ledger)."""
@@ -548,6 +587,11 @@ class Task:
         st = Status.parse(status)
         if st is Status.DOING:
             raise ValueError("commit status must be done, failed, todo or cancelled, not doing")
+        raw = None
+        if result is not None:
+            if st is not Status.DONE:
+                raise ValueError(f"a result goes with a done commit, not {st.value}")
+            raw = serializers.check_result(self.serializer, result, self.options.max_result_bytes)
         consumer = self._consumer
         if consumer is None and self._inline is not None:
             consumer = self._inline.consumer
@@ -565,8 +609,8 @@ class Task:
                 seconds=config.seconds(delay, "delay", allow_zero=True)
             )
         if consumer is not None and held is not None and held[0] == commit_id:
-            return consumer, Outcome(job_id, commit_id, st, error, run_at, held[1])
-        return None, Outcome(job_id, commit_id, st, error, run_at)
+            return consumer, Outcome(job_id, commit_id, st, error, run_at, held[1], raw)
+        return None, Outcome(job_id, commit_id, st, error, run_at, result=raw)
 
     def _commit_elsewhere(self, outcome: Outcome) -> None:
         """A manual commit of a claim this process's consumer does not hold."""
@@ -621,8 +665,29 @@ class Task:
     # -- reading ----------------------------------------------------------------------
 
     def get(self, job_id: int) -> JobRecord | None:
-        """The job's ledger row, or None if this task has no such job."""
-        return self.ledger.get(job_id, self.task_id)
+        """The job's ledger row, or None if this task has no such job; its ``result``
+        and ``data`` decoded by the task's serializer."""
+        return self._decoded(self.ledger.get(job_id, self.task_id))
+
+    def _decoded(self, rec: JobRecord | None) -> JobRecord | None:
+        if rec is None:
+            return None
+        return serializers.decode_record(self.serializer, rec)
+
+    def wait(self, job_id: int, timeout: float | timedelta | None = 30.0) -> JobRecord:
+        """Wait until the job is finished (done or failed) and return its record
+        (``result`` decoded, as :meth:`get`).
+
+        Raises WaitTimeoutError (a TimeoutError) if it is not finished within
+        ``timeout`` seconds (None: no limit), JobNotFoundError at once if this task has
+        no such job. Wakes up on the committer's notice through Redis (one subscription
+        per process, shared by every waiter); with Redis unreachable it reads the
+        ledger every half second instead."""
+        limit = None if timeout is None else config.seconds(timeout, "timeout", allow_zero=True)
+        rec = self.dispatcher.wait(job_id, limit)
+        out = self._decoded(rec)
+        assert out is not None
+        return out
 
     def depth(self) -> int:
         """Messages waiting in Redis for this task (all priority queues; delayed jobs

@@ -28,6 +28,7 @@ KEY_LINES = {
     "manual_commit": "manual_commit: 100 jobs finished",
     "transactional_push": "transactional_push: 3 committed jobs ran, rolled-back jobs ran: 0",
     "testing_handlers": "testing_handlers: 6 tests passed, no Redis used",
+    "results_and_wait": "results_and_wait: results stored, waits woken, bad values refused",
 }
 
 pytestmark = pytest.mark.timeout(2 * TIMEOUT)
@@ -143,6 +144,14 @@ def test_async_handler_on_the_embedded_default(tmp_path: Path) -> None:
 def test_cron_on_the_embedded_default(tmp_path: Path) -> None:
     out = run_example("cron", tmp_path)
     assert "schedule heartbeat: every '2'" in out
+
+
+@needs_redis_server
+def test_results_and_wait_on_the_embedded_default(tmp_path: Path) -> None:
+    out = run_example("results_and_wait", tmp_path)
+    assert "result {'words': 4, 'first': 'the'}" in out
+    assert 'payload["tags"]: set is not JSON' in out
+    assert "result of 5014 bytes exceeds max_result_bytes=1024" in out
 
 
 @pytest.mark.parametrize("name", sorted(KEY_LINES))

@@ -166,11 +166,16 @@ def test_programmatic_upgrade_check_downgrade(engine: Engine, table: str) -> Non
 
     assert {f"{table}_retention", f"{table}_archive"} <= names
 
+    assert "result" in Table(table, MetaData(), autoload_with=engine).c
     migrate.downgrade(engine, table)
-    assert migrate.current(engine, table) == "0005"
+    assert migrate.current(engine, table) == "0006"
     assert {"cancel_requested", "progress", "progress_note"}.isdisjoint(
         Table(table, MetaData(), autoload_with=engine).c.keys()
     )
+    migrate.downgrade(engine, table)
+    assert migrate.current(engine, table) == "0005"
+    assert "result" not in Table(table, MetaData(), autoload_with=engine).c
+    assert "result" not in Table(f"{table}_archive", MetaData(), autoload_with=engine).c
     migrate.downgrade(engine, table)
     assert migrate.current(engine, table) == "0004"
     assert "dispatch_deadline" not in Table(table, MetaData(), autoload_with=engine).c

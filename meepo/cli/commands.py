@@ -19,6 +19,7 @@ from ..admin import (
     DbState,
     RepushResult,
     TaskSummary,
+    json_view,
     record_dict,
     schedule_dict,
 )
@@ -391,16 +392,27 @@ def jobs_show(
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return 0
-    payload = data.pop("payload")
-    size = data.pop("payload_size")
-    if len(payload) > 1000:
-        payload = payload[:1000] + "…"
-    data["payload"] = f"{payload!r} ({size} bytes)"
+    for key in ("payload", "payload_size", "data", "payload_is_json", "result", "result_size"):
+        del data[key]
+    data["payload"] = _bytes_view(rec.payload)
+    data["result"] = _bytes_view(rec.result) if isinstance(rec.result, bytes) else None
     width = max(len(k) for k in data) + 1
     for key, value in data.items():
         shown = "-" if value is None else str(value)
         click.echo(f"{key + ':':<{width}} {shown}")
     return 0
+
+
+def _clip(text: str, width: int = 1000) -> str:
+    return text if len(text) <= width else text[:width] + "…"
+
+
+def _bytes_view(raw: bytes) -> str:
+    """Stored bytes for the eye: as JSON when they are JSON, else as (escaped) text."""
+    is_json, value = json_view(raw)
+    if is_json:
+        return f"{_clip(json.dumps(value, ensure_ascii=False))} ({len(raw)} bytes, JSON)"
+    return f"{_clip(repr(raw.decode('utf-8', errors='backslashreplace')))} ({len(raw)} bytes)"
 
 
 # -- schedules --------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from .driver import (
     Inserted,
     LedgerDriver,
     Outcome,
+    PerRow,
     Progress,
     Reaped,
     Renewal,
@@ -399,14 +400,23 @@ class Ledger:
         A job someone cancelled while it ran (``cancel_requested``) matches only a
         ``cancelled`` outcome: any other is lost here, and the caller closes such jobs
         with :meth:`close_cancelled`.
+
+        A done outcome's ``result`` is written by the same UPDATE (a per-row value, see
+        :class:`~meepo.ledger.driver.PerRow`); outcomes without one leave the column
+        alone, and a batch without any writes the statement it always did.
         """
         groups: dict[tuple[Any, ...], tuple[list[Pair], dict[str, Any]]] = {}
+        results: dict[tuple[Any, ...], dict[int, bytes]] = {}
         # Outcomes of one status, error and due time share an UPDATE.
         for o in outcomes:
             key = (o.status, o.error, o.run_at)
             if key not in groups:
                 groups[key] = ([], self._outcome_values(o, now, redispatch_timeout))
             groups[key][0].append((o.job_id, o.commit_id))
+            if o.result is not None:
+                results.setdefault(key, {})[o.job_id] = o.result
+        for key, per_row in results.items():
+            groups[key][1]["result"] = PerRow(per_row)
         return self._transition(
             [
                 (p, [Status.DOING] if v["status"] == Status.CANCELLED.value else [LIVE], v)
@@ -697,6 +707,8 @@ class Ledger:
         is not the current claim's (nothing is changed then).
         """
         values = self._outcome_values(outcome, now, redispatch_timeout)
+        if outcome.result is not None:
+            values["result"] = outcome.result
         pair = (outcome.job_id, outcome.commit_id)
         got = self.driver.commit_one(task_id, pair, values)
         if got.won:
@@ -767,6 +779,7 @@ class Ledger:
             "cancel_requested": False,
             "progress": None,
             "progress_note": None,
+            "result": None,  # a fresh start: the last run's result goes
         }
         won = self._transition([(pairs, list(Status), values)])
         prio = self.priorities([i for i, _ in won])

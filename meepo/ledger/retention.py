@@ -393,7 +393,12 @@ class Retention:
 
 
 def _record(m: Any) -> JobRecord:
-    return JobRecord(**{c: m[c] for c in _FIELDS}, status=Status(m["status"]))
+    values = {c: m[c] for c in _FIELDS}
+    values["payload"] = bytes(values["payload"])
+    if values["result"] is not None:
+        values["result"] = bytes(values["result"])
+    return JobRecord(**values, status=Status(m["status"]), data=values["payload"])
 
 
-_FIELDS = [f for f in JobRecord.__dataclass_fields__ if f != "status"]
+#: The JobRecord fields read from their columns (``data`` is the payload, undecoded).
+_FIELDS = [f for f in JobRecord.__dataclass_fields__ if f not in ("status", "data")]

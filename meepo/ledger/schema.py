@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 from ..records import DEFAULT_PRIORITY, MAX_PROGRESS_NOTE
-from .types import JobId, Payload, UTCDateTime
+from .types import JobId, Payload, Result, UTCDateTime
 
 #: Alembic's bookkeeping table for a ledger table named ``name``.
 VERSION_TABLE_SUFFIX = "_version"
@@ -105,6 +105,9 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
         # A todo job's redispatch deadline (the dispatch sweep's); NULL unless todo.
         Column("dispatch_deadline", UTCDateTime, nullable=True),
+        # What the handler returned (store_results) or its manual commit stored, through
+        # the task's serializer; NULL: nothing stored.
+        Column("result", Result, nullable=True),
         Index(
             f"ix_{name}_task_status_deadlines",
             "task_id",

@@ -17,6 +17,9 @@ JobId = BigInteger().with_variant(Integer(), "sqlite")
 
 #: Payload bytes: MySQL's BLOB stops at 64 KiB, so use LONGBLOB there.
 Payload = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+#: A stored result (max_result_bytes is at most 16 MiB - 1): MEDIUMBLOB on MySQL, BYTEA
+#: on PostgreSQL, BLOB on SQLite.
+Result = LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -231,12 +231,13 @@ class AsyncioExecutor(Executor):
         _running_job.set((self, job))  # this asyncio Task's own context
         error: str | None = None
         failure: BaseException | None = None
+        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         try:
             if hooks is not None:  # middleware: before_run (raising fails the attempt)
                 hooks.before_run(job)
-            await self.handler(job)
+            result = await self.handler(job)
         except asyncio.CancelledError as exc:
             error = "CancelledError: the handler was cancelled"
             failure = exc
@@ -251,7 +252,7 @@ class AsyncioExecutor(Executor):
             hooks.after_run(job, took, error, failure)
         # A coroutine cancelled by job_timeout ended as asked: no warning about it.
         quiet = slot.abandoned and isinstance(failure, asyncio.CancelledError)
-        return self.ended(slot, job, error, took, quiet=quiet)
+        return self.ended(slot, job, error, took, result, quiet=quiet)
 
 
 class LoopMonitor:

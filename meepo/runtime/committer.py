@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from ..config import Options
 from ..dispatch import Dispatcher
@@ -33,6 +34,7 @@ from ..errors import MeepoError, StaleCommitError
 from ..ledger import ROWS_PER_STATEMENT, Outcome, Pair
 from ..middleware import Hooks
 from ..records import Job, Status
+from ..serializers import BYTES, check_result
 from .claims import Claims
 from .service import Backoff, Service
 
@@ -40,6 +42,15 @@ log = logging.getLogger("meepo.consumer")
 
 #: How often a handler waiting for its commit checks that the committer is still there.
 COMMIT_WAIT_CHECK = 0.5
+#: A group commit takes no more outcomes once its results add up to this many bytes:
+#: the batch's one UPDATE carries them (as hex on MariaDB/MySQL, whose default
+#: max_allowed_packet is 16 MiB).
+RESULT_BYTES_PER_BATCH = 1024 * 1024
+
+
+def _result_size(c: Commit) -> int:
+    r = c.outcome.result
+    return 0 if r is None else len(r)
 
 
 @dataclass
@@ -98,9 +109,11 @@ class Committer(Service):
             return 0
         batch: list[Commit] = []
         last = first is None
+        size = 0  # result bytes in the batch: its one statement stays well under a packet
         if first is not None:
             batch.append(first)
-        while not last and len(batch) < ROWS_PER_STATEMENT:
+            size = _result_size(first)
+        while not last and len(batch) < ROWS_PER_STATEMENT and size < RESULT_BYTES_PER_BATCH:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
@@ -109,6 +122,7 @@ class Committer(Service):
                 last = True
             else:
                 batch.append(item)
+                size += _result_size(item)
         if batch:
             self.commit_batch(batch)
         if last:
@@ -215,14 +229,26 @@ class Committer(Service):
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def outcome(self, job: Job, error: str | None) -> Outcome:
-        """The automatic outcome of a run: done, or a failed attempt (retried, after
-        ``retry_delay``, until max_failed_times); cancelled if someone cancelled it
-        while it ran (as the heartbeat last told)."""
+    def outcome(self, job: Job, error: str | None, result: Any = None) -> Outcome:
+        """The automatic outcome of a run: done (with ``result``, encoded, when the task
+        stores results), or a failed attempt (retried, after ``retry_delay``, until
+        max_failed_times); cancelled if someone cancelled it while it ran (as the
+        heartbeat last told). A result the serializer cannot write, or larger than
+        max_result_bytes, fails the job at once: running it again would return the same."""
         if job.control.cancel_requested:
             return Outcome(job.id, job.commit_id, Status.CANCELLED, error)
         if error is None:
-            return Outcome(job.id, job.commit_id, Status.DONE)
+            if result is None or not self.opts.store_results:
+                return Outcome(job.id, job.commit_id, Status.DONE)
+            try:
+                raw = check_result(
+                    self.opts.serializer or BYTES, result, self.opts.max_result_bytes
+                )
+            except Exception as exc:  # PayloadError, or a custom serializer's surprise
+                why = f"{type(exc).__name__}: {exc} (not retried)"
+                log.warning("task %s: job %d failed: %s", self.task_id, job.id, why)
+                return Outcome(job.id, job.commit_id, Status.FAILED, why)
+            return Outcome(job.id, job.commit_id, Status.DONE, result=raw)
         if job.failed_times + 1 >= self.opts.max_failed_times:
             return Outcome(job.id, job.commit_id, Status.FAILED, error)
         run_at = None

@@ -208,12 +208,21 @@ class Executor(abc.ABC):
         return True
 
     def ended(
-        self, slot: Slot, job: Job, error: str | None, took: float, *, quiet: bool = False
+        self,
+        slot: Slot,
+        job: Job,
+        error: str | None,
+        took: float,
+        result: Any = None,
+        *,
+        quiet: bool = False,
     ) -> bool:
         """Account for the end of a run (``error``: None, or why it failed; ``took``:
-        seconds) and hand its outcome to the committer. False if the run outlived
-        job_timeout (its outcome is ignored: the watchdog failed it already; logged
-        unless ``quiet``, for a handler that ended because the timeout cancelled it)."""
+        seconds; ``result``: what the handler returned, stored with the done commit when
+        the task stores results) and hand its outcome to the committer. False if the run
+        outlived job_timeout (its outcome is ignored: the watchdog failed it already;
+        logged unless ``quiet``, for a handler that ended because the timeout cancelled
+        it)."""
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -247,7 +256,7 @@ class Executor(abc.ABC):
         if job.control.dirty:  # its last report, before the commit ends the claim
             self.committer.write_progress(job)
         if self.opts.auto_commit:
-            self.committer.submit(Commit(self.committer.outcome(job, error)))
+            self.committer.submit(Commit(self.committer.outcome(job, error, result)))
             return True
         if error is not None and error.startswith("HandlerError:"):
             self.committer.fail_now(job, error)  # it cannot have committed: it never ran
@@ -381,6 +390,7 @@ class ThreadExecutor(Executor):
         self._local.job = job
         error: str | None = None
         failure: BaseException | None = None
+        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         try:
@@ -394,6 +404,7 @@ class ThreadExecutor(Executor):
             self._exit_if_forked(None)
             error = did_no_work(result)
             if error is not None:
+                result = None
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
         except BaseException as exc:  # any handler failure is the job's, never the worker's
             error = error_summary(exc)
@@ -404,7 +415,7 @@ class ThreadExecutor(Executor):
         took = time.perf_counter() - began
         if hooks is not None:  # middleware: after_run
             hooks.after_run(job, took, error, failure)
-        return self.ended(slot, job, error, took)
+        return self.ended(slot, job, error, took, result)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must

@@ -22,6 +22,7 @@ from ..dispatch import Dispatcher, Popped
 from ..errors import MeepoError, TransportUnavailableError
 from ..middleware import Hooks
 from ..records import Job
+from ..serializers import is_bytes
 from ..transport import MESSAGES_PER_CALL
 from .claims import Claim, Claims
 from .service import Service
@@ -130,6 +131,12 @@ class Fetcher(Service):
         if not jobs:
             return popped
         counters.claimed += len(jobs)
+        codec = self.opts.serializer
+        if codec is not None and not is_bytes(codec):
+            for j in jobs:
+                # The claim just made these (no one else holds them yet): the serializer
+                # rides on the frozen Job so that ``job.data`` can decode its payload.
+                object.__setattr__(j, "serializer", codec)
         if self.hooks is not None:  # middleware: after_claim
             self.hooks.after_claim(jobs)
         lease_end = popped.claimed_at + self.opts.lease

@@ -30,6 +30,9 @@ tag, so all of a task's keys share one slot):
                       if it fails, ``done`` once finished.
 ``P{task}:wake:<worker>:<token>``  LIST with a TTL: one consumer's blocking pops watch it
                       after the queues; its stop RPUSHes to it, so the pop ends at once.
+``P{task}:done``      pub/sub CHANNEL: after each group commit that finished jobs, one
+                      PUBLISH of their ids (``b"12,13,20"``), for ``Task.wait``
+                      (:mod:`meepo.transport.notify`).
 
 Nothing here is durable state: everything can be rebuilt from the ledger.
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -50,6 +54,7 @@ from redis.retry import Retry
 from ..config import PRIORITY_RE, mask_url
 from ..errors import ConfigError, TransportUnavailableError
 from ..records import DEFAULT_PRIORITY, Message, Pair
+from .notify import Listener, Publisher, encode_ids
 
 #: Messages per RPUSH / LPOP call (a Redis command's size; the ledger's statements have
 #: their own, ``meepo.ledger.ROWS_PER_STATEMENT``).
@@ -217,6 +222,11 @@ class Transport:
         self.epoch_key = f"{base}:epoch"
         self.counter_key = f"{base}:epoch:counter"
         self._recovery_base = f"{base}:recovery:"
+        self.done_channel = f"{base}:done"
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()
+        #: Finish notices, sent off the committer's thread (see notify.Publisher).
+        self.notices = Publisher(self.publish_done, task_id)
         self._promote = client.register_script(_PROMOTE_LUA)
         self._rotate = client.register_script(_ROTATE_LUA)
         self._swap = client.register_script(_SWAP_LUA)
@@ -280,6 +290,20 @@ class Transport:
                 pipe.zadd(self.delayed_key, delayed)
             pipe.set(self.epoch_key, new_epoch(), nx=True)
             pipe.execute()
+
+    def publish_done(self, ids: Sequence[int]) -> int:
+        """One PUBLISH of finished jobs' ids on :attr:`done_channel`; returns how many
+        subscribers (processes with waiters) received it."""
+        with self._errors("finish notice"):
+            return int(self.client.publish(self.done_channel, encode_ids(list(ids))))
+
+    @property
+    def listener(self) -> Listener:
+        """This transport's shared subscription for waiters (made on first use)."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = Listener(self.client, self.where)
+            return self._listener
 
     def send_pairs(self, pairs: Sequence[Pair]) -> None:
         """Messages for ``pairs`` to the default queue (tests and tools)."""
@@ -513,4 +537,6 @@ class Transport:
             return dict(self.client.info())
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self.client.close()

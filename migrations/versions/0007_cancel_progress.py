@@ -12,7 +12,7 @@ room for the ``cancelled`` status.
   mode refuse a longer value; on both, widening a VARCHAR is a change of the catalogue
   only, no table rewrite). Statuses are plain strings, with no CHECK constraint or
   enum type, so the new value needs nothing else. SQLite rebuilds the three tables (it
-  cannot alter a column's type), from their shape at 0004 (no reflection: ``--sql``
+  cannot alter a column's type), from their shape at 0006 (no reflection: ``--sql``
   works offline too), keeping ``AUTOINCREMENT``.
 
 The archive table (``meepo purge --archive``) gets the same three columns.
@@ -21,7 +21,7 @@ The downgrade turns cancelled jobs into failed ones (``last_error`` says so) and
 the retention policies of ``cancelled``, so that the narrower column fits.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-03
 """
 
@@ -34,10 +34,10 @@ import sqlalchemy as sa
 from alembic import op
 
 from meepo.ledger.migrate import table_name
-from meepo.ledger.types import JobId, Payload, UTCDateTime
+from meepo.ledger.types import JobId, Payload, Result, UTCDateTime
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -57,7 +57,8 @@ def _sqlite() -> bool:
 
 
 def _job_columns(status: int) -> list[sa.Column[Any]]:
-    """The jobs table's columns as 0004 left them, ``status`` ``status`` wide."""
+    """The jobs table's columns as 0004 left them, ``status`` ``status`` wide (0005 and
+    0006 add theirs after these: :func:`_later_columns`)."""
     return [
         sa.Column("task_id", sa.String(64), nullable=False),
         sa.Column("status", sa.String(status), nullable=False),
@@ -76,20 +77,35 @@ def _job_columns(status: int) -> list[sa.Column[Any]]:
     ]
 
 
+def _later_columns() -> list[sa.Column[Any]]:
+    """The columns 0005 (``dispatch_deadline``) and 0006 (``result``) added."""
+    return [
+        sa.Column("dispatch_deadline", UTCDateTime, nullable=True),
+        sa.Column("result", Result, nullable=True),
+    ]
+
+
 def _jobs(name: str, status: int, new: bool) -> sa.Table:
     return sa.Table(
         name,
         sa.MetaData(),
         sa.Column("id", JobId, primary_key=True, autoincrement=True),
         *_job_columns(status),
+        *_later_columns(),
         *(_columns() if new else []),
-        sa.Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
+        sa.Index(
+            f"ix_{name}_task_status_deadlines",
+            "task_id",
+            "status",
+            "expires_at",
+            "dispatch_deadline",
+        ),
         sa.Index(
             f"ix_{name}_finished",
             "task_id",
             "status",
             "updated_at",
-            sqlite_where=sa.text("expires_at IS NULL"),
+            sqlite_where=sa.text("expires_at IS NULL AND dispatch_deadline IS NULL"),
         ),
         sqlite_autoincrement=True,
     )
@@ -102,6 +118,7 @@ def _archive(name: str, status: int, new: bool) -> sa.Table:
         sa.Column("id", JobId, primary_key=True, autoincrement=False),
         *_job_columns(status),
         sa.Column("archived_at", UTCDateTime, nullable=False),
+        *_later_columns(),
         *(_columns() if new else []),
     )
 

@@ -89,6 +89,8 @@ def job_record(r: Row[Any]) -> JobRecord:
         cancel_requested=bool(r.cancel_requested),
         progress=r.progress,
         progress_note=r.progress_note,
+        result=None if r.result is None else bytes(r.result),
+        data=bytes(r.payload),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Table
 from sqlalchemy.exc import DBAPIError
 
-from ..driver import PLUS_ONE, Coalesce
+from ..driver import PLUS_ONE, Coalesce, PerRow, case_text
 from ..types import UTC
 
 
@@ -55,6 +55,19 @@ def set_clause(
             mark = f"%(v_{col})s" if named else "%s"
             sets.append(f"{col} = COALESCE({col}, {mark})")
             args[f"v_{col}"] = v.value
+        elif isinstance(v, PerRow):
+            rows = sorted(v.values.items())
+            if named:  # PostgreSQL: two arrays; the text does not depend on the batch size
+                sets.append(
+                    f"{col} = (%(v_{col}_vals)s::bytea[])"
+                    f"[array_position(%(v_{col}_ids)s::bigint[], id)]"
+                )
+                args[f"v_{col}_vals"] = [r for _, r in rows]
+                args[f"v_{col}_ids"] = [i for i, _ in rows]
+            else:  # MariaDB/MySQL: a search tree of CASEs, the values bound in id order
+                sets.append(f"{col} = {case_text('id', [i for i, _ in rows], lambda _: '%s')}")
+                for n, (_, r) in enumerate(rows):
+                    args[f"v_{col}_{n}"] = r
         else:
             sets.append(f"{col} = %(v_{col})s" if named else f"{col} = %s")
             args[f"v_{col}"] = v
