@@ -1,5 +1,7 @@
 """meepo: a reliable distributed task queue with a SQL ledger and a Redis transport."""
 
+# First, before anything imports redis: meepo's code is sync, redis.asyncio waits.
+from . import _lazy_redis  # noqa: F401
 from .errors import (
     CommitModeError,
     ConfigError,

@@ -12,6 +12,8 @@ periodic schedules).
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -24,6 +26,7 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.schema import SchemaItem
 
 from ..records import DEFAULT_PRIORITY
 from .types import JobId, Payload, UTCDateTime
@@ -40,8 +43,13 @@ def version_table_name(table_name: str) -> str:
     return f"{table_name}{VERSION_TABLE_SUFFIX}"
 
 
-def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
+def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False) -> Table:
     """The jobs table called ``name``.
+
+    ``ddl``: with the partial index of the finished rows too, whose dialect options load
+    the PostgreSQL and SQLite dialects (:func:`ledger_metadata`, which the migrations
+    are compared with); the runtime's statements never need it, and a worker on
+    MariaDB then loads neither dialect.
 
     Indexes, and the statement each one serves:
 
@@ -56,6 +64,21 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
       job finishes.
     """
     md = metadata if metadata is not None else MetaData()
+    ddl_only: list[SchemaItem] = []
+    options: dict[str, Any] = {}
+    if ddl:
+        ddl_only.append(
+            Index(
+                f"ix_{name}_finished",
+                "task_id",
+                "status",
+                "updated_at",
+                postgresql_where=text("expires_at IS NULL"),
+                sqlite_where=text("expires_at IS NULL"),
+            )
+        )
+        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
+        options["sqlite_autoincrement"] = True
     return Table(
         name,
         md,
@@ -86,16 +109,8 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # uncharged). Non-zero: the consumer records the next start before running it.
         Column("orphaned_claims", Integer, nullable=False, server_default="0"),
         Index(f"ix_{name}_task_status_expires", "task_id", "status", "expires_at"),
-        Index(
-            f"ix_{name}_finished",
-            "task_id",
-            "status",
-            "updated_at",
-            postgresql_where=text("expires_at IS NULL"),
-            sqlite_where=text("expires_at IS NULL"),
-        ),
-        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
-        sqlite_autoincrement=True,
+        *ddl_only,
+        **options,
     )
 
 
@@ -192,7 +207,7 @@ def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
 def ledger_metadata(name: str) -> MetaData:
     """All the tables of the ledger called ``name``."""
     md = MetaData()
-    jobs_table(name, md)
+    jobs_table(name, md, ddl=True)
     unique_table(name, md)
     schedules_table(name, md)
     retention_table(name, md)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -105,7 +106,11 @@ class Consumer:
         if self.running:
             return
         self.running = True
-        self._measure_skew()
+        # In the background: nothing on the way to the first claim waits on it (the claim
+        # judges time by the database's clock in SQL).
+        threading.Thread(
+            target=self._measure_skew, name=f"meepo-{self.task_id}-clock", daemon=True
+        ).start()
         self.executor.start()
         self.committer.start()
         self.heartbeat.start()
@@ -117,7 +122,8 @@ class Consumer:
     def _measure_skew(self) -> None:
         """Measure this host's clock against the database's (the ledger's clock warns
         when they differ by more than a second): leases and due times are judged by the
-        database's, but this host's estimate of it promotes delayed jobs."""
+        database's, but this host's estimate of it promotes delayed jobs. Runs on a
+        thread of its own at start."""
         try:
             offset = self.d.measure_clock()
         except Exception as exc:  # the database may be down at start: measured later
