@@ -608,10 +608,10 @@ class Task:
             self.hooks.on_start()
         self._consumer.start()
         if self._own_services:
-            self.reaper.start()
-            self.promoter.start()
-            self.scheduler.start()
-            self.cleaner.start()
+            # They begin once the first claim is done (at most SETTLE_CAP later).
+            for service in (self.reaper, self.promoter, self.scheduler, self.cleaner):
+                service.not_before = self._consumer.settled
+                service.start()
         log.info(
             "task %s: %d consumer(s) started on %s and %s",
             self.task_id,

@@ -12,6 +12,7 @@ for a slot to free up. Redis or the database down: logged, retried with backoff.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -51,13 +52,19 @@ class Fetcher(Service):
         self.opts = options
         self.worker = worker
         self._lease = timedelta(seconds=options.lease)
+        #: Set once the first round (pop and claim) has ended, whatever its outcome:
+        #: the process's other duties wait for it at start (see Consumer.settled).
+        self.first_round = threading.Event()
 
     def wake(self) -> None:
         with self.claims.slot:
             self.claims.slot.notify_all()
 
     def tick(self) -> float:
-        self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
+        try:
+            self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
+        finally:
+            self.first_round.set()
         return 0.0
 
     def failed(self, exc: Exception) -> None:

@@ -15,6 +15,9 @@ a foreground worker needs around that:
   ``max_memory_mb`` after a job, the Runner stops the Tasks gracefully and
   :meth:`Runner.run` returns ``"recycle"``; the caller then replaces the process image
   with a fresh one running the same command line (:func:`exec_again`).
+* **Shared duties**: Tasks on the same database and Redis get one reaper, one promoter,
+  one scheduler and one cleaner thread between them (:mod:`meepo.runtime.shared`);
+  each keeps its own consumer.
 * **Two log lines** on the ``meepo.worker`` logger: one at start (the tasks, their
   parallel_num, the masked database and Redis URLs, meepo's version) and one at
   shutdown (what was finished, what was handed back).
@@ -478,8 +481,13 @@ def _service(task: Runnable, kind: str) -> Service:
 
 def _active(task: Runnable) -> Callable[[], bool]:
     """Whether the Task's duties run: while its consumer does (not before a delayed
-    start, not after a stop)."""
-    return lambda: task.consumer is not None
+    start, not after a stop), once it has settled (its first claim done)."""
+
+    def active() -> bool:
+        consumer = task.consumer
+        return consumer is not None and consumer.settled()
+
+    return active
 
 
 class _RunCounter(Middleware):
