@@ -175,7 +175,9 @@ def report(result: dict[str, Any]) -> None:
 
 
 class Child:
-    """A worker process (``python -m <module> <args>``) driven by the line protocol."""
+    """A worker process (``python -m <module> <args>``) driven by the line protocol, or
+    (``protocol=False``) a program that does not speak it, such as ``meepo worker``
+    itself, watched through :meth:`wait_until` and ended by :meth:`terminate`."""
 
     def __init__(
         self,
@@ -185,21 +187,30 @@ class Child:
         wrap: Sequence[str] = (),
         env: dict[str, str] | None = None,
         group: bool = False,
+        *,
+        cwd: Path = REPO,
+        protocol: bool = True,
+        drop_env: Sequence[str] = (),
     ) -> None:
         """``wrap`` prefixes the command (a profiler: ``py-spy record -o … --``);
-        ``env`` adds to the environment; ``group``: the child leads a process group
-        of its own (a peer worker that forks a pool), ended with :meth:`stop_group`."""
+        ``env`` adds to the environment and ``drop_env`` removes from it; ``group``:
+        the child leads a process group of its own (a peer worker that forks a pool),
+        ended with :meth:`stop_group`; ``protocol=False``: stdout goes to the log too
+        and stdin is not a pipe."""
         self.module = module
         self.log_path = log_path
         self.group = group
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        environ = {**os.environ, **(env or {})}
+        for name in drop_env:
+            environ.pop(name, None)
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", module, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE if protocol else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if protocol else self._log,
             stderr=self._log,
-            cwd=REPO,
-            env={**os.environ, **env} if env else None,
+            cwd=cwd,
+            env=environ,
             start_new_session=group,
         )
         self._buf = b""
@@ -264,6 +275,25 @@ class Child:
         if self.proc.poll() is not None:
             raise self._fail(f"exited with status {self.proc.returncode}")
 
+    def wait_until(
+        self, condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.002
+    ) -> None:
+        """Poll ``condition`` every ``poll`` seconds until it holds; raise (with the log's
+        tail) if the process exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise self._fail(f"{what}: not within {timeout:.0f}s")
+            time.sleep(poll)
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a graceful stop), then :meth:`close`: killed after ``timeout``."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        self.close(timeout)
+
     def stop_group(self, timeout: float = 10.0) -> None:
         """SIGTERM the child's process group (its pid, it is ours), SIGKILL what is left
         after ``timeout``; then close."""
@@ -290,7 +320,20 @@ class Child:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         self._log.close()
+
+
+def compile_package(package: str = "meepo") -> None:
+    """Write the bytecode cache of ``package``'s modules, as pip does when it installs a
+    package (an editable install and ``PYTHONDONTWRITEBYTECODE`` leave none)."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    for where in (spec.submodule_search_locations or []) if spec is not None else []:
+        compileall.compile_dir(where, quiet=1)
 
 
 def py_spy(out: Path, *options: str) -> list[str]:

@@ -21,10 +21,11 @@ excepted: it creates the embedded ledger, as a Task does).
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,11 +50,20 @@ from .cli.common import (
     _Type,
     common_options,
     connections,
+    missing_sqlite_file,
     stderr,
 )
 from .cli.output import ProgressBar, age, when
 from .cli.output import table as format_table
-from .config import DEFAULT_TABLE, check_prefix, check_table_name, check_task_id, default_db_url
+from .config import (
+    DEFAULT_TABLE,
+    check_prefix,
+    check_table_name,
+    check_task_id,
+    default_db_url,
+    default_redis_url,
+    home_dir,
+)
 from .errors import JobNotFoundError, MeepoError, TaskNotFoundError
 from .ledger.retention import CHUNK, Found, JobFilter, Retention
 from .records import Status
@@ -92,8 +102,52 @@ FINISHED = _Type("STATUS", _finished)
 DURATION = _Type("DURATION", _duration)
 
 
+#: The keyword arguments :func:`filter_options` adds and gathers into one
+#: :class:`Filters`.
+FILTER_PARAMS = ("task", "statuses", "priority", "key", "since", "until", "error_contains")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The filter options of ``jobs list`` and ``jobs delete``, as given."""
+
+    task: str | None = None
+    statuses: tuple[Status, ...] = ()
+    priority: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    error_contains: str | None = None
+
+    def job_filter(self, ids: list[int] | None = None) -> JobFilter:
+        """The checked filter (with ``--id``'s ``ids``); UsageError naming a bad one."""
+        if self.task is not None:
+            check_task_id(self.task)
+        if self.since and self.until and self.since >= self.until:
+            raise UsageError("--since must be before --until")
+        if self.error_contains is not None and not self.error_contains:
+            raise UsageError("--error-contains needs some text")
+        return JobFilter(
+            task_id=self.task,
+            statuses=tuple(dict.fromkeys(self.statuses)),
+            priority=self.priority,
+            key=self.key,
+            since=self.since,
+            until=self.until,
+            error_contains=self.error_contains,
+            ids=None if ids is None else tuple(ids),
+        )
+
+
 def filter_options(f: Any) -> Any:
-    """The filters ``jobs list`` and ``jobs delete`` share."""
+    """The filters ``jobs list`` and ``jobs delete`` share, and ``--table``: the command
+    receives them as one ``filters`` argument (:class:`Filters`) and ``table``."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        filters = Filters(**{name: kwargs.pop(name) for name in FILTER_PARAMS})
+        return f(*args, filters=filters, **kwargs)
+
     opts = [
         click.option("--task", metavar="TASK", help="Only jobs of this task."),
         click.option(
@@ -115,36 +169,8 @@ def filter_options(f: Any) -> Any:
         ),
     ]
     for opt in reversed(opts):
-        f = opt(f)
-    return table_option(f)
-
-
-def make_filter(
-    task: str | None,
-    statuses: tuple[Status, ...],
-    priority: str | None,
-    key: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    error_contains: str | None,
-    ids: list[int] | None = None,
-) -> JobFilter:
-    if task is not None:
-        check_task_id(task)
-    if since and until and since >= until:
-        raise UsageError("--since must be before --until")
-    if error_contains is not None and not error_contains:
-        raise UsageError("--error-contains needs some text")
-    return JobFilter(
-        task_id=task,
-        statuses=tuple(dict.fromkeys(statuses)),
-        priority=priority,
-        key=key,
-        since=since,
-        until=until,
-        error_contains=error_contains,
-        ids=None if ids is None else tuple(ids),
-    )
+        command = opt(command)
+    return table_option(command)
 
 
 def store(ctx: click.Context, table: str | None) -> Retention:
@@ -160,23 +186,10 @@ def store(ctx: click.Context, table: str | None) -> Retention:
 
 
 def _require_sqlite_file(url: str) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from .urls import check_db_url
-
-    check_db_url(url)  # a bad URL is named first, with its fix
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return  # engine_for names the problem
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
-        return
-    if path.startswith("file:"):
-        path = path[5:].split("?", 1)[0]
-    if not os.path.exists(path):
+    """A query of rows on an SQLite ledger that does not exist: exit 1, nothing
+    created (``stats`` reads the same as an empty overview, see missing_ledger)."""
+    path = missing_sqlite_file(url)  # a bad URL is named first, with its fix
+    if path is not None:
         raise MeepoError(
             f"no ledger database at {path}: nothing to read (a worker or `meepo db "
             "upgrade` creates it)"
@@ -200,19 +213,13 @@ def _require_sqlite_file(url: str) -> None:
 @click.pass_context
 def jobs_list(
     ctx: click.Context,
-    task: str | None,
-    statuses: tuple[Status, ...],
-    priority: str | None,
-    key: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    error_contains: str | None,
+    filters: Filters,
     table: str | None,
     limit: int,
     after_id: int | None,
     as_json: bool,
 ) -> int:
-    flt = make_filter(task, statuses, priority, key, since, until, error_contains)
+    flt = filters.job_filter()
     found = store(ctx, table).list_jobs(flt, limit=limit, after_id=after_id)
     next_id = found[-1].id if len(found) == limit else None
     if as_json:
@@ -279,20 +286,14 @@ def jobs_delete(
     ctx: click.Context,
     first_id: int | None,
     more_ids: tuple[int, ...],
-    task: str | None,
-    statuses: tuple[Status, ...],
-    priority: str | None,
-    key: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    error_contains: str | None,
+    filters: Filters,
     table: str | None,
     dry_run: bool,
     yes: bool,
     force: bool,
 ) -> int:
     ids = job_ids(first_id, more_ids)
-    flt = make_filter(task, statuses, priority, key, since, until, error_contains, ids)
+    flt = filters.job_filter(ids)
     if ids is None and flt.empty:
         raise UsageError("give --id or at least one filter (--task, --status, ...)")
     st = store(ctx, table)
@@ -605,9 +606,21 @@ def stats(
         else:
             click.echo(f"no jobs in table {name}: {no_ledger(path)}")
         return 0
+    no_redis: str | None = None
+    if redis is None and default_redis_url() is None:
+        # The embedded default: read its queues if a worker started the server, never
+        # start one to read it (a read-only command starts and creates nothing).
+        from .transport.embedded import running_embedded_url
+
+        redis = running_embedded_url(home_dir() / "redis")
+        if redis is None:
+            no_redis = (
+                "no embedded Redis server is running (meepo stats does not start one; "
+                "a worker does, or set MEEPO_REDIS_URL / --redis)"
+            )
     admin = Admin(db, redis, table=table, prefix=prefix)
     if not watch:
-        return _stats_once(admin, task, as_json)
+        return _stats_once(admin, task, as_json, no_redis)
     clear = sys.stdout.isatty() and not as_json
     stop = threading.Event()
     try:
@@ -615,24 +628,30 @@ def stats(
             if clear:
                 click.echo("\x1b[H\x1b[2J", nl=False)
             click.echo(f"every {interval:g}s, {when(datetime.now(timezone.utc))} (Ctrl-C ends)")
-            _stats_once(admin, task, as_json)
+            _stats_once(admin, task, as_json, no_redis)
             sys.stdout.flush()
             stop.wait(interval)
     except KeyboardInterrupt:
         return 0
 
 
-def _stats_once(admin: Admin, task: str | None, as_json: bool) -> int:
+def _stats_once(admin: Admin, task: str | None, as_json: bool, no_redis: str | None = None) -> int:
+    """One table of stats; ``no_redis``: why Redis is not asked at all (the ledger's
+    counts only, the queue columns unavailable)."""
     from redis import RedisError
 
     from .errors import TransportUnavailableError
 
-    redis_error: str | None = None
-    try:
-        found = admin.stats(task)
-    except (TransportUnavailableError, RedisError) as exc:
-        redis_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    redis_error: str | None = no_redis
+    if no_redis is not None:
         found = _ledger_stats(admin, task)
+    else:
+        try:
+            found = admin.stats(task)
+        except (TransportUnavailableError, RedisError) as exc:
+            text = str(exc).strip()
+            redis_error = text.splitlines()[0] if text else type(exc).__name__
+            found = _ledger_stats(admin, task)
     if as_json:
         data: dict[str, Any] = {"table": admin.table, "tasks": [s.to_dict() for s in found]}
         data["redis"] = "ok" if redis_error is None else f"{UNAVAILABLE}: {redis_error}"

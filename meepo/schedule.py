@@ -37,9 +37,11 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+if TYPE_CHECKING:
+    from croniter import croniter as Croniter
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,6 +56,14 @@ MAX_FIRES_PER_PASS = 100
 NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 MAX_EXPR_LENGTH = 255
 _US = timedelta(microseconds=1)
+
+
+def _croniter(expr: str, start: datetime) -> Croniter:
+    """croniter, imported when a cron expression is first read: a worker without cron
+    schedules never loads it (start-up time)."""
+    from croniter import croniter
+
+    return croniter(expr, start)
 
 
 def check_name(name: object) -> str:
@@ -96,7 +106,7 @@ def check_cron(expr: object, tz: str = "UTC") -> str:
             f"weekday) or 6 (the sixth is the second), not {fields}"
         )
     try:
-        croniter(text, datetime(2000, 1, 1, tzinfo=zone(tz))).get_next(datetime)
+        _croniter(text, datetime(2000, 1, 1, tzinfo=zone(tz))).get_next(datetime)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"invalid cron expression {expr!r}: {exc}") from None
     return text
@@ -259,7 +269,7 @@ class Spec:
             anchor = self.start_at or EPOCH
             k = (t - anchor) // _US // step + 1
             return anchor + timedelta(microseconds=k * step)
-        it = croniter(self.expr, t.astimezone(zone(self.tz)))
+        it = _croniter(self.expr, t.astimezone(zone(self.tz)))
         nxt: datetime = it.get_next(datetime)
         return nxt.astimezone(UTC)
 
@@ -291,7 +301,7 @@ class Spec:
             k = ((t - _US) - anchor) // _US // step
             last = anchor + timedelta(microseconds=k * step)
         else:
-            it = croniter(self.expr, t.astimezone(zone(self.tz)))
+            it = _croniter(self.expr, t.astimezone(zone(self.tz)))
             last = it.get_prev(datetime).astimezone(UTC)  # strictly before t
         if last < not_before or (self.start_at is not None and last < self.start_at):
             return None

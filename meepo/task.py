@@ -33,7 +33,6 @@ from .errors import (
 from .ledger import Outcome
 from .ledger import migrate as migrations
 from .ledger.bounds import Bounds
-from .ledger.engine import check_server
 from .ledger.retention import Retention
 from .ledger.schedules import Schedules, next_fires
 from .middleware import Hooks, Middleware
@@ -159,6 +158,7 @@ class Task:
         self._hooks_started = False  # on_start ran, on_stop is owed
         #: The threads that run the async producer API's calls (started on first use).
         self.offload = Offload(f"meepo-{self.task_id}-push")
+        self._own_services = True  # start() runs the reaper, promoter, scheduler, cleaner
         if opts.init_db:
             try:
                 self.migrate()
@@ -814,9 +814,11 @@ class Task:
             )
         return self._scheduler
 
-    def start(self) -> None:
-        """Start the consumers, the reaper, the promoter and the scheduler in background
-        threads."""
+    def start(self, services: bool = True) -> None:
+        """Start the consumers, the reaper, the promoter, the scheduler and the cleaner
+        in background threads. ``services=False``: the consumers only; the caller runs
+        the other four (a multi-task worker's :class:`~meepo.runtime.shared.SharedLoop`,
+        one thread per duty for every Task)."""
         if self.job_func is None:
             raise ConfigError(f"task {self.task_id!r} has no job_func: it can push but not consume")
         if self.inline:
@@ -832,6 +834,7 @@ class Task:
             self._stopped.clear()
             self._stop_requested.clear()
             self._start_error = None
+            self._own_services = services
             try:
                 self._check_ledger()
             except UnavailableError as exc:
@@ -850,8 +853,10 @@ class Task:
         if self._migrate_at_start:
             self.migrate()
             self._migrate_at_start = False
-        migrations.check(self.engine, self.table_name)
-        check_server(self.engine)
+        # One connection of the services' pool (the fetcher's first claim reuses it), one
+        # statement: the schema's revision; the server's version comes with the
+        # connection.
+        migrations.check(self.service_engine, self.table_name)
 
     def _start_later(self, first: UnavailableError) -> None:
         try:
@@ -881,10 +886,11 @@ class Task:
             self._hooks_started = True
             self.hooks.on_start()
         self._consumer.start()
-        self.reaper.start()
-        self.promoter.start()
-        self.scheduler.start()
-        self.cleaner.start()
+        if self._own_services:
+            # They begin once the first claim is done (at most SETTLE_CAP later).
+            for service in (self.reaper, self.promoter, self.scheduler, self.cleaner):
+                service.not_before = self._consumer.settled
+                service.start()
         log.info(
             "task %s: %d consumer(s) started on %s and %s",
             self.task_id,

@@ -601,6 +601,38 @@ def test_shell_completion(tmp_path: Path, shell: str) -> None:
         assert got.returncode == 0 and "plain,schedules" in got.stdout
 
 
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_the_console_script_prints_a_completion_script_and_completes_subcommands(
+    tmp_path: Path, shell: str
+) -> None:
+    """``_MEEPO_COMPLETE={shell}_source meepo`` (the installed console script, as
+    docs/cli.md says to run it) prints the shell's script; completing ``meepo jobs l``
+    and ``meepo jobs list --st`` finds the subcommand and its option, which a worker's
+    start-up does not import."""
+    script = Path(sys.executable).with_name("meepo")
+    if not script.exists():
+        pytest.skip("no meepo console script beside this interpreter")
+    got = subprocess.run(
+        [str(script)], cwd=tmp_path, env=child_env(_MEEPO_COMPLETE=f"{shell}_source"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (got.returncode, got.stderr) == (0, "")
+    marker = {"bash": "complete -o nosort -F _meepo_completion meepo",
+              "zsh": "compdef _meepo_completion meepo",
+              "fish": "complete --no-files --command meepo"}[shell]  # fmt: skip
+    assert marker in got.stdout
+    for words, cword, want in (
+        ("meepo jobs l", "2", "plain,list"),
+        ("meepo jobs list --st", "3", "plain,--status"),
+    ):
+        got = subprocess.run(
+            [str(script)], cwd=tmp_path,
+            env=child_env(_MEEPO_COMPLETE="bash_complete", COMP_WORDS=words, COMP_CWORD=cword),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert got.returncode == 0 and want in got.stdout.splitlines(), (words, got.stdout)
+
+
 def test_docs_cli_md_names_every_command_and_option() -> None:
     """docs/cli.md is the reference: every command, subcommand and option is in it."""
     import click
@@ -620,5 +652,6 @@ def test_docs_cli_md_names_every_command_and_option() -> None:
             for name, sub in command.commands.items():
                 walk(sub, f"{path} {name}".strip())
 
+    cli.load_all()  # the commands a worker's start-up does not import
     walk(cli, "")
     assert not missing, missing

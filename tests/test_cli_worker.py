@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,136 @@ def test_runner_recycles_after_max_jobs_without_touching_the_handler(
     assert task.job_func is handle and task.hooks is hooks_before
     assert len(ran) == 2 and set(ran) <= set(ids)
     assert sorted(record(task, i).status.value for i in ids) == ["done", "done", "todo", "todo"]
+
+
+# -- several Tasks, one thread per duty ---------------------------------------------------
+
+
+class _Counting:
+    """A service whose ticks are counted; it raises while ``failing``."""
+
+    def __init__(self, wait: float, failing: bool = False) -> None:
+        import logging
+
+        from meepo.runtime.service import Backoff
+
+        self.wait, self.failing, self.ticks, self.failures = wait, failing, 0, 0
+        self.backoff = Backoff(first=0.05, cap=0.2)
+        self.log = logging.getLogger("test")
+
+    def tick(self) -> float:
+        self.ticks += 1
+        if self.failing:
+            raise RuntimeError("down")
+        return self.wait
+
+    def failed(self, exc: Exception) -> None:
+        self.failures += 1
+
+
+def test_a_shared_loop_runs_each_member_on_its_own_schedule_and_isolates_failures() -> None:
+    """One pass ticks every due member once (a member with more to do at once, wait 0,
+    takes turns with the others); a failing member backs off alone, doubling its wait;
+    an inactive member is skipped."""
+    from typing import Any, cast
+
+    from meepo.runtime.shared import IDLE, SharedLoop
+
+    busy, slow, failing, idle = _Counting(0.0), _Counting(10.0), _Counting(0.0, True), _Counting(0)
+    members: list[tuple[Any, Any]] = [
+        (busy, lambda: True), (slow, lambda: True), (failing, lambda: True), (idle, lambda: False),
+    ]  # fmt: skip
+    loop = SharedLoop("test", cast(Any, members))
+    due = [0.0] * 4
+    loop.run_once(time.monotonic(), due)  # every active member is due at first
+    assert (busy.ticks, slow.ticks, failing.failures, idle.ticks) == (1, 1, 1, 0)
+    loop.run_once(time.monotonic(), due)  # only the busy one is due again at once
+    assert (busy.ticks, slow.ticks, failing.failures) == (2, 1, 1)
+    now = time.monotonic() + 0.06  # the failing one's first backoff (0.05 s) is over
+    loop.run_once(now, due)
+    assert (busy.ticks, slow.ticks, failing.failures) == (3, 1, 2)
+    assert failing.backoff.next == 0.2  # 0.05, then 0.1: doubling, capped at 0.2
+    assert due[1] - now > 9.0  # the slow one waits its 10 s
+    assert due[3] >= now + IDLE - 0.07  # the inactive one is looked at again later
+
+
+MANY_APP = """
+import os
+from meepo import Task
+
+a = Task(os.environ["TASK_A"], job_func=lambda job: None, parallel_num=1)
+b = Task(os.environ["TASK_B"], job_func=lambda job: None, parallel_num=1)
+"""
+
+
+def test_tasks_on_the_same_servers_share_one_thread_per_duty(
+    make_task: TaskFactory, db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Two Tasks on one database and Redis run by one Runner: one reaper, promoter,
+    scheduler and cleaner thread for both (none of their own), and each duty works for
+    each Task: delayed jobs are promoted and run, schedules fire, every reaper and
+    cleaner ticks; after the stop no shared thread is left."""
+    from meepo.runtime.runner import Runner
+
+    a, b = (
+        make_task(unique_task_id("a"), job_func=lambda job: None, parallel_num=1),
+        make_task(unique_task_id("b"), job_func=lambda job: None, parallel_num=1),
+    )
+    runner = Runner([a, b])
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run()))
+    thread.start()  # not the main thread: no signal handlers
+    try:
+        wait_for(lambda: a.consumer is not None and b.consumer is not None, timeout=60,
+                 message="both consumers")  # fmt: skip
+        delayed = [a.push(b"d", delay=0.3), b.push(b"d", delay=0.3)]
+        a.schedule_every("tick", 1, b"s")
+        b.schedule_every("tick", 1, b"s")
+        wait_for(
+            lambda: all(
+                record(t, i).status is Status.DONE for t, i in zip((a, b), delayed, strict=True)
+            ),
+            timeout=60,
+            message="both tasks' delayed jobs done",
+        )
+        wait_for(lambda: a.scheduler.fired > 0 and b.scheduler.fired > 0, timeout=60,
+                 message="both tasks' schedules fired")  # fmt: skip
+        names = {t.name for t in threading.enumerate()}
+        for kind in ("reaper", "promoter", "scheduler", "cleaner"):
+            assert f"meepo-shared0-{kind}" in names, names
+            assert not any(n.endswith(f"-{kind}") and "shared" not in n for n in names), names
+        for task in (a, b):
+            assert not task.reaper.running and not task.promoter.running
+        loops, shared = runner.shared_loops()
+        assert shared == {a, b} and len(loops) == 4
+    finally:
+        runner.stop()
+        thread.join(60)
+    assert outcome == ["stopped"]
+    assert not any("shared" in t.name for t in threading.enumerate())
+    assert [loop.kind for loop in runner.loops] == ["reaper", "promoter", "scheduler", "cleaner"]
+    assert all(n > 0 for loop in runner.loops for n in loop.ticks)  # every Task's duty ran
+
+
+def test_a_multi_task_worker_process_runs_one_thread_per_duty(
+    make_task: TaskFactory, db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """``meepo worker app:a app:b`` on one database and Redis: the two Tasks' delayed
+    jobs run (one promoter thread serves both), and the process has one reaper,
+    promoter, scheduler and cleaner thread in all (`-v` names them at start)."""
+    ta, tb = unique_task_id("a"), unique_task_id("b")
+    (tmp_path / "many_app.py").write_text(MANY_APP)
+    (tmp_path / "ids").write_text(f"TASK_A={ta}\nTASK_B={tb}\n")
+    a, b = make_task(ta), make_task(tb)
+    proc = start_worker(tmp_path, db_url, redis_url, "many_app:a", "many_app:b", "-v")
+    jobs = [a.push(b"x", delay=0.3), b.push(b"y", delay=0.3)]
+    wait_for(
+        lambda: (
+            proc.poll() is not None
+            or all(record(t, i).status is Status.DONE for t, i in zip((a, b), jobs, strict=True))
+        ),
+        timeout=60,
+        message="both delayed jobs done",
+    )
+    err = stop(proc)
+    assert "shared reaper, promoter, scheduler and cleaner threads for 2 tasks" in err, err

@@ -5,6 +5,7 @@ Database cases run on SQLite, MariaDB and PostgreSQL (``db_url``)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TaskFactory
-from helpers import child_env
+from helpers import child_env, wait_for
 from sqlalchemy import func, select, update
 
 from meepo import Status, Task
@@ -360,3 +361,59 @@ def test_stats_watch_redraws_until_ctrl_c(
             proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and err == ""
+
+
+OWNER = """
+import sys
+from meepo import Task
+
+Task("embedded_stats", init_db=True).push(b"x")
+print("pushed", flush=True)
+sys.stdin.readline()  # the embedded redis-server lives as long as this process
+"""
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server to embed")
+def test_stats_on_the_embedded_default_reads_a_running_server_and_never_starts_one(
+    tmp_path: Path,
+) -> None:
+    """On the embedded default (SQLite ledger, embedded Redis), ``meepo stats`` reads the
+    queue of a server a running process started; once that process has gone (and its
+    server with it), it shows the ledger's counts with the queue depths unavailable,
+    and starts no redis-server and writes nothing to do it."""
+    from meepo.transport.embedded import running_embedded_url
+
+    env = child_env(MEEPO_HOME=str(tmp_path / "home"))
+    env.pop("MEEPO_DB_URL", None)
+    env.pop("MEEPO_REDIS_URL", None)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "pushed\n"
+        code, out, err = meepo("stats", "--task", "embedded_stats", cwd=tmp_path)
+        assert (code, err) == (0, "")
+        _header, row = out.splitlines()
+        assert row.split()[:5] == ["embedded_stats", "1", "0", "0", "0"]
+        assert row.split()[6:8] == ["1", "0"]  # QUEUE, DELAYED: read from the server
+    finally:
+        owner.communicate("\n", timeout=60)
+    assert owner.returncode == 0
+    redis_dir = tmp_path / "home" / "redis"
+    wait_for(lambda: running_embedded_url(redis_dir) is None, timeout=30,
+             message="the owner's redis-server to stop")  # fmt: skip
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in redis_dir.iterdir())
+    code, out, err = meepo("stats", "--task", "embedded_stats", cwd=tmp_path)
+    assert code == 0, err
+    _header, row = out.splitlines()
+    assert row.split()[:5] == ["embedded_stats", "1", "0", "0", "0"]
+    assert row.split()[6:] == ["unavailable"] * 3
+    assert err == (
+        "meepo: warning: queue depths unavailable: no embedded Redis server is running "
+        "(meepo stats does not start one; a worker does, or set MEEPO_REDIS_URL / --redis)\n"
+    )
+    code, out, err = meepo("stats", "--json", cwd=tmp_path)
+    assert code == 0 and json.loads(out)["redis"].startswith("unavailable: no embedded Redis")
+    assert running_embedded_url(redis_dir) is None
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in redis_dir.iterdir()) == before

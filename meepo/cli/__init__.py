@@ -22,6 +22,10 @@ masked), and a non-zero exit status: 2 for bad input (arguments, names, URLs,
 MODULE:ATTR), 1 for everything else (a server down, an unknown job or task, a schema
 that needs ``meepo db upgrade``), 130 when interrupted. Never a traceback from meepo.
 Shell completion: click's, through ``_MEEPO_COMPLETE`` (docs/cli.md).
+
+``meepo worker`` imports only what a worker runs: the other commands (and the admin
+layer, retention and output helpers they use) are imported when one of them is named,
+or when help or completion lists them (:class:`MeepoGroup`).
 """
 
 from __future__ import annotations
@@ -32,9 +36,7 @@ from collections.abc import Sequence
 import click
 
 from .. import __version__
-from ..cli_jobs import register as _register_jobs
 from ..errors import ConfigError, MeepoError
-from .commands import COMMANDS
 from .common import (
     PROG,
     UsageError,
@@ -52,8 +54,37 @@ from .worker import UserCodeError, load_task, worker
 __all__ = ["ProgressBar", "UsageError", "cli", "load_task", "main", "parse_time"]
 
 
+class MeepoGroup(click.Group):
+    """The ``meepo`` group: ``worker`` is registered at once, every other command on the
+    first lookup of a name other than ``worker`` (or a listing), so that a worker's
+    start-up does not import them."""
+
+    _loaded = False
+
+    def load_all(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from ..cli_jobs import register
+        from .commands import COMMANDS
+
+        for command in COMMANDS:
+            self.add_command(command)
+        register(self)  # jobs list/delete, push, purge, stats (meepo/cli_jobs.py)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name != "worker":
+            self.load_all()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_all()
+        return super().list_commands(ctx)
+
+
 @click.group(
     PROG,
+    cls=MeepoGroup,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -67,9 +98,6 @@ def cli(ctx: click.Context) -> None:
 
 
 cli.add_command(worker)
-for _command in COMMANDS:
-    cli.add_command(_command)
-_register_jobs(cli)  # jobs list/delete, push, purge (meepo/cli_jobs.py)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,6 @@ Thin: each reads its options, calls :mod:`meepo.admin` and prints."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime
 from typing import Any
@@ -37,6 +36,7 @@ from .common import (
     UsageError,
     common_options,
     connections,
+    missing_sqlite_file,
     stderr,
 )
 from .output import ProgressBar, age, when
@@ -74,27 +74,15 @@ def admin_for(ctx: click.Context, table: str | None, prefix: str | None = None) 
 
 def missing_ledger(ctx: click.Context) -> str | None:
     """For a read-only command, which creates no file: the path of a SQLite ledger
-    that does not exist yet (opening it would create it and its directory), or None."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
+    that does not exist yet (opening it would create it and its directory), or None.
+    A bad --redis URL is named too, even with nothing to read."""
     from ..config import default_db_url
-    from ..urls import check_db_url, check_redis_url
+    from ..urls import check_redis_url
 
     db, redis = connections(ctx)
     if redis is not None:
-        check_redis_url(redis)  # bad input is named even with nothing to read
-    url = db or default_db_url()
-    if not url.lower().startswith("sqlite"):
-        return None
-    check_db_url(url)
-    try:
-        path = make_url(url).database
-    except ArgumentError:
-        return None
-    if not path or path.startswith("file:") or os.path.exists(path):
-        return None
-    return os.path.abspath(path)
+        check_redis_url(redis)
+    return missing_sqlite_file(db or default_db_url())
 
 
 def no_ledger(path: str) -> str:

@@ -275,6 +275,32 @@ def _connection(opts: dict[str, Any], name: str, env: str) -> str | None:
 # -- output -----------------------------------------------------------------------------
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file a ledger URL names when that file does not
+    exist yet (opening it would create it, and its directory), or None: a server, an
+    in-memory database, or a file that is there. A bad URL is named first (the error of
+    :func:`meepo.urls.check_db_url`). Read-only commands call it before they open
+    anything: ``stats`` then shows an empty overview, the row queries exit 1."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from ..urls import check_db_url
+
+    check_db_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # the engine names the problem
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return None
+    if path.startswith("file:"):  # an SQLite URI filename
+        path = path[len("file:") :].split("?", 1)[0]
+        if not path or path == ":memory:":
+            return None
+    return None if os.path.exists(path) else os.path.abspath(path)
+
+
 def stderr(message: str) -> None:
     """One line on stderr, prefixed ``meepo:``, passwords masked."""
     lines = [line.strip() for line in mask_url(message).splitlines() if line.strip()]

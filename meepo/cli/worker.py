@@ -2,9 +2,10 @@
 
 A TARGET is ``MODULE:ATTR`` (a Task, or a zero-argument callable returning one; ATTR
 may be dotted) or ``MODULE`` alone (every Task with a job_func among the module's
-attributes). Several Tasks run in one process, each with its own consumers, reaper,
-promoter and scheduler; :class:`meepo.runtime.runner.Runner` owns the run loop, the
-signals and recycling."""
+attributes). Several Tasks run in one process, each with its own consumers; those on
+the same database and Redis share one reaper, promoter, scheduler and cleaner thread.
+:class:`meepo.runtime.runner.Runner` owns the run loop, the signals, the shared threads
+and recycling."""
 
 from __future__ import annotations
 

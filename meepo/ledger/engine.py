@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
@@ -147,9 +147,30 @@ def check_server(engine: Engine) -> None:
         return
     url = engine.url.render_as_string(hide_password=True)
     with translate_errors(url), engine.connect() as conn:
-        version = str(conn.exec_driver_sql("SELECT VERSION()").scalar())
-    problem = skip_locked_problem(version)
+        check_connection_server(conn)
+
+
+def server_version(conn: Connection) -> str:
+    """A MariaDB/MySQL server's version as ``SELECT VERSION()`` reports it, read from
+    the connection's handshake when the driver keeps it (PyMySQL, mysqlclient: no round
+    trip). MariaDB's handshake prefixes ``5.5.5-`` for old clients; it is dropped."""
+    get = getattr(conn.connection.dbapi_connection, "get_server_info", None)
+    if get is None:
+        return str(conn.exec_driver_sql("SELECT VERSION()").scalar())
+    version = get()
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    if version.startswith("5.5.5-") and "mariadb" in version.lower():
+        version = version[len("5.5.5-") :]
+    return version
+
+
+def check_connection_server(conn: Connection) -> None:
+    """:func:`check_server` on a connection already open."""
+    if conn.dialect.name != "mysql":
+        return
+    problem = skip_locked_problem(server_version(conn))
     if problem is not None:
+        url = conn.engine.url.render_as_string(hide_password=True)
         raise UnsupportedServerError(f"{mask_url(url)}: {problem}")
 
 
@@ -159,6 +180,14 @@ _MISSING_TABLE_MARKERS = (
     "does not exist",  # PostgreSQL (42P01)
     "undefinedtable",
 )
+
+
+def is_missing_table(exc: DBAPIError) -> bool:
+    """Whether a driver error says a table does not exist (not a missing database)."""
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    if _missing_database(text) is not None:
+        return False
+    return any(m in text.lower() for m in _MISSING_TABLE_MARKERS)
 
 
 _MISSING_DATABASE = (

@@ -27,15 +27,15 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    inspect,
     pool,
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 
 from ..config import DEFAULT_TABLE, check_table_name, default_db_url, mask_url
 from ..errors import SchemaError
-from .engine import make_engine, translate_errors
+from .engine import check_connection_server, is_missing_table, make_engine, translate_errors
 from .schema import version_table_name
 
 if TYPE_CHECKING:
@@ -226,25 +226,41 @@ def downgrade(engine: Engine, table: str = DEFAULT_TABLE, revision: str = "-1") 
         command.downgrade(alembic_config(table, conn), revision)
 
 
-def current(engine: Engine, table: str = DEFAULT_TABLE) -> str | None:
-    """The revision ``table`` is at, or None when it was never migrated."""
-    check_table_name(table)
+def _revision(conn: Connection, table: str) -> str | None:
+    """The revision in ``table``'s version table (None: no table, or no row), in one
+    statement: a missing version table is the statement's error, not a catalog query."""
     name = version_table_name(table)
     versions = Table(name, MetaData(), Column("version_num", String(32), nullable=False))
-    with translate_errors(str(engine.url)), engine.connect() as conn:
-        rows: list[str] = []
-        if inspect(conn).has_table(name):
-            rows = [str(r) for r in conn.execute(select(versions.c.version_num)).scalars()]
-        if conn.in_transaction():
-            conn.commit()
+    try:
+        rows = [str(r) for r in conn.execute(select(versions.c.version_num)).scalars()]
+    except DBAPIError as exc:
+        if not is_missing_table(exc):
+            raise
+        conn.rollback()
+        return None
+    if conn.in_transaction():
+        conn.commit()
     if len(rows) > 1:
         raise SchemaError(f"the ledger table {table!r} has several heads {sorted(rows)}")
     return rows[0] if rows else None
 
 
+def current(engine: Engine, table: str = DEFAULT_TABLE) -> str | None:
+    """The revision ``table`` is at, or None when it was never migrated."""
+    check_table_name(table)
+    with translate_errors(str(engine.url)), engine.connect() as conn:
+        return _revision(conn, table)
+
+
 def check(engine: Engine, table: str = DEFAULT_TABLE) -> None:
-    """Raise SchemaError unless ``table`` is at the head revision."""
-    rev = current(engine, table)
+    """Raise SchemaError unless ``table`` is at the head revision, and
+    UnsupportedServerError on a MariaDB/MySQL server meepo cannot run on: a worker's
+    start-up check, one connection and one statement (the server's version comes with
+    the connection's handshake)."""
+    check_table_name(table)
+    with translate_errors(str(engine.url)), engine.connect() as conn:
+        check_connection_server(conn)
+        rev = _revision(conn, table)
     want = head()
     if rev != want:
         where = mask_url(str(engine.url.render_as_string(hide_password=True)))

@@ -12,6 +12,8 @@ periodic schedules).
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.schema import SchemaItem
 
 from ..records import DEFAULT_PRIORITY, MAX_PROGRESS_NOTE
 from .types import JobId, Payload, Result, UTCDateTime
@@ -48,7 +51,7 @@ def version_table_name(table_name: str) -> str:
     return f"{table_name}{VERSION_TABLE_SUFFIX}"
 
 
-def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
+def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False) -> Table:
     """The jobs table called ``name``.
 
     Two deadlines, one per status that has one (both NULL once the job is finished):
@@ -59,6 +62,11 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
       unclaimed then, its message was lost and the dispatch sweep sends it again; NULL
       in every other status. :data:`~meepo.ledger.ledger.NEVER_DISPATCHED` (the epoch,
       before any cutoff) marks a todo job whose message was never sent.
+
+    ``ddl``: with the partial index of the finished rows too, whose dialect options load
+    the PostgreSQL and SQLite dialects (:func:`ledger_metadata`, which the migrations
+    are compared with); the runtime's statements never need it, and a worker on
+    MariaDB then loads neither dialect.
 
     Indexes, and the statement each one serves:
 
@@ -76,6 +84,21 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
       transition nothing until the job finishes.
     """
     md = metadata if metadata is not None else MetaData()
+    ddl_only: list[SchemaItem] = []
+    options: dict[str, Any] = {}
+    if ddl:
+        ddl_only.append(
+            Index(
+                f"ix_{name}_finished",
+                "task_id",
+                "status",
+                "updated_at",
+                postgresql_where=text(FINISHED),
+                sqlite_where=text(FINISHED),
+            )
+        )
+        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
+        options["sqlite_autoincrement"] = True
     return Table(
         name,
         md,
@@ -122,16 +145,8 @@ def jobs_table(name: str, metadata: MetaData | None = None) -> Table:
         # consumer's heartbeat under the claim's commit_id; NULL when never reported.
         Column("progress", Float, nullable=True),
         Column("progress_note", String(MAX_PROGRESS_NOTE), nullable=True),
-        Index(
-            f"ix_{name}_finished",
-            "task_id",
-            "status",
-            "updated_at",
-            postgresql_where=text(FINISHED),
-            sqlite_where=text(FINISHED),
-        ),
-        # SQLite: never hand out a deleted row's id again (purges delete the newest too).
-        sqlite_autoincrement=True,
+        *ddl_only,
+        **options,
     )
 
 
@@ -228,7 +243,7 @@ def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
 def ledger_metadata(name: str) -> MetaData:
     """All the tables of the ledger called ``name``."""
     md = MetaData()
-    jobs_table(name, md)
+    jobs_table(name, md, ddl=True)
     unique_table(name, md)
     schedules_table(name, md)
     retention_table(name, md)

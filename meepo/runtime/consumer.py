@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -47,6 +48,10 @@ from .starter import START_RECORD_DELAY, Starter, error_summary
 from .watchdog import Watchdog
 
 log = logging.getLogger("meepo.consumer")
+
+#: The longest the process's other duties wait at start for the fetcher's first round
+#: (seconds; see Consumer.settled), and how often they look.
+SETTLE_CAP, SETTLE_POLL = 0.2, 0.005
 
 __all__ = [
     "COMMIT_WAIT_CHECK",
@@ -112,6 +117,8 @@ class Consumer:
         self.heartbeat = Heartbeat(dispatcher, self.claims, options)
         self.watchdog = Watchdog(self.claims, self.executor, self.committer, options)
         self.running = False
+        self._started_at: float | None = None  # monotonic, at start()
+        self._settle_stop = threading.Event()  # ends a wait for settled() at stop
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -119,7 +126,12 @@ class Consumer:
         if self.running:
             return
         self.running = True
-        self._measure_skew()
+        self._started_at = time.monotonic()
+        # In the background: nothing on the way to the first claim waits on it (the claim
+        # judges time by the database's clock in SQL).
+        threading.Thread(
+            target=self._measure_skew, name=f"meepo-{self.task_id}-clock", daemon=True
+        ).start()
         self.executor.start()
         self.committer.start()
         self.heartbeat.start()
@@ -128,10 +140,29 @@ class Consumer:
         if self.opts.job_timeout is not None:
             self.watchdog.start()
 
+    def settled(self) -> bool:
+        """Whether the process's other duties (the clock measurement, the reaper, the
+        promoter, the scheduler, the cleaner) may begin: once the fetcher's first round
+        has ended, or SETTLE_CAP seconds after start (a first pop that blocks on an
+        empty queue). At start they would otherwise compete with the first claim for the
+        CPU and the service pool's connections (start-up time); nothing they do is due
+        that soon."""
+        if self.fetcher.first_round.is_set():
+            return True
+        started = self._started_at
+        return started is not None and time.monotonic() - started >= SETTLE_CAP
+
+    def wait_settled(self, stop: threading.Event) -> None:
+        """Block until :meth:`settled` (or ``stop`` is set)."""
+        while not self.settled() and not stop.is_set():
+            stop.wait(SETTLE_POLL)
+
     def _measure_skew(self) -> None:
         """Measure this host's clock against the database's (the ledger's clock warns
         when they differ by more than a second): leases and due times are judged by the
-        database's, but this host's estimate of it promotes delayed jobs."""
+        database's, but this host's estimate of it promotes delayed jobs. Runs on a
+        thread of its own at start, once the consumer has settled."""
+        self.wait_settled(self._settle_stop)
         try:
             offset = self.d.measure_clock()
         except Exception as exc:  # the database may be down at start: measured later
@@ -152,6 +183,7 @@ class Consumer:
             return True
         grace = self.opts.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
+        self._settle_stop.set()
         self.fetcher.request_stop()
         # Take the claimed-but-unstarted jobs from the executor now, not only after the
         # fetcher's blocking pop returns: a stopping consumer starts nothing new.

@@ -58,6 +58,9 @@ class Fetcher(Service):
         #: to it (:meth:`request_stop`), so the pop ends at once, not at POP_TIMEOUT.
         self.wake_key = dispatcher.wake_key(f"{worker}:{os.urandom(6).hex()}")
         self._blocking = False  # a pop that may block is under way
+        #: Set once the first round (pop and claim) has ended, whatever its outcome:
+        #: the process's other duties wait for it at start (see Consumer.settled).
+        self.first_round = threading.Event()
 
     def wake(self) -> None:
         with self.claims.slot:
@@ -79,7 +82,10 @@ class Fetcher(Service):
             log.debug("task %s: could not wake the fetcher: %s", self.task_id, exc)
 
     def tick(self) -> float:
-        self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
+        try:
+            self.run_once(timeout=POP_TIMEOUT, full_wait=FULL_WAIT)
+        finally:
+            self.first_round.set()
         return 0.0
 
     def failed(self, exc: Exception) -> None:

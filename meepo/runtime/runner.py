@@ -24,6 +24,9 @@ a foreground worker needs around that:
   doing until its commit, a delayed one counts from its due time, so no state of a job
   slips between two reads. Jobs not due yet (delayed, or a retry waiting out its
   backoff) do not keep a burst worker running.
+* **Shared duties**: Tasks on the same database and Redis get one reaper, one promoter,
+  one scheduler and one cleaner thread between them (:mod:`meepo.runtime.shared`);
+  each keeps its own consumer.
 * **Two log lines** on the ``meepo.worker`` logger: one at start (the tasks, their
   parallel_num, the masked database and Redis URLs, meepo's version) and one at
   shutdown (what was finished, what was handed back).
@@ -46,7 +49,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, Protocol
@@ -56,6 +59,8 @@ from ..errors import MeepoError
 from ..middleware import Hooks, Middleware, RunInfo
 from ..records import Job
 from .consumer import Consumer
+from .service import Service
+from .shared import SharedLoop
 
 log = logging.getLogger("meepo")
 #: The start and shutdown lines: the CLI shows this logger at INFO by default.
@@ -103,7 +108,19 @@ class Runnable(Protocol):
     @property
     def consumer(self) -> Consumer | None: ...
 
-    def start(self) -> None: ...
+    @property
+    def reaper(self) -> Service: ...
+
+    @property
+    def promoter(self) -> Service: ...
+
+    @property
+    def scheduler(self) -> Service: ...
+
+    @property
+    def cleaner(self) -> Service: ...
+
+    def start(self, services: bool = True) -> None: ...
 
     def stop(self, wait: bool = True, grace: float | None = None) -> bool: ...
 
@@ -200,6 +217,8 @@ class Runner:
         self._stop_thread: threading.Thread | None = None
         self._consumers: dict[str, Consumer] = {}
         self._clean = True
+        #: The shared threads of the last run (see :meth:`shared_loops`).
+        self.loops: list[SharedLoop] = []
 
     @property
     def recycling(self) -> bool:
@@ -214,19 +233,32 @@ class Runner:
         raised."""
         restore = self._install_signals()  # before start: a signal is never missed
         originals = self._count_jobs() if self.recycling else {}
+        loops, shared = self.shared_loops()
+        self.loops = loops
         try:
             self._announce_start()
             started: list[Runnable] = []
             try:
                 for task in self.tasks:
-                    task.start()
+                    task.start(services=task not in shared)
                     started.append(task)
+                for loop in loops:
+                    loop.start()
+                if loops:
+                    log.info(
+                        "task(s) %s: shared reaper, promoter, scheduler and cleaner threads "
+                        "for %d tasks",
+                        ", ".join(t.task_id for t in self.tasks if t in shared),
+                        len(shared),
+                    )
             except BaseException:
                 for task in started:
                     task.stop(wait=True)
                 raise
             error = self._wait()
         finally:
+            for loop in loops:
+                loop.stop()
             for task, hooks in originals.items():
                 task.hooks = hooks
             for sig, old in restore.items():
@@ -239,6 +271,23 @@ class Runner:
         if self.reason is not None:
             return "recycle"
         return "drained" if self.drained else "stopped"
+
+    def shared_loops(self) -> tuple[list[SharedLoop], set[Runnable]]:
+        """The shared threads of the Tasks on the same database and Redis (two or more):
+        one reaper, one promoter, one scheduler and one cleaner thread serve them all
+        (:mod:`meepo.runtime.shared`); and those Tasks. A Task alone on its servers
+        keeps its own threads."""
+        groups: dict[tuple[str, str], list[Runnable]] = {}
+        for task in self.tasks:
+            groups.setdefault((task.ledger.url, task.transport.where), []).append(task)
+        loops: list[SharedLoop] = []
+        shared: set[Runnable] = set()
+        for n, tasks in enumerate(g for g in groups.values() if len(g) > 1):
+            shared.update(tasks)
+            for kind in ("reaper", "promoter", "scheduler", "cleaner"):
+                members = [(_service(t, kind), _active(t)) for t in tasks]
+                loops.append(SharedLoop(kind, members, name=f"meepo-shared{n}-{kind}"))
+        return loops, shared
 
     def _wait(self) -> MeepoError | None:
         while True:
@@ -459,6 +508,22 @@ class Runner:
             tally.retried,
             back,
         )
+
+
+def _service(task: Runnable, kind: str) -> Service:
+    service: Service = getattr(task, kind)
+    return service
+
+
+def _active(task: Runnable) -> Callable[[], bool]:
+    """Whether the Task's duties run: while its consumer does (not before a delayed
+    start, not after a stop), once it has settled (its first claim done)."""
+
+    def active() -> bool:
+        consumer = task.consumer
+        return consumer is not None and consumer.settled()
+
+    return active
 
 
 class _RunCounter(Middleware):

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from ..errors import MeepoError
+
+#: How often a service waiting for ``not_before`` looks again (seconds).
+READY_POLL = 0.005
 
 
 class Backoff:
@@ -48,6 +52,9 @@ class Service:
         self.backoff = Backoff(first=first_backoff, cap=cap)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: If set, the thread's first tick waits until it returns True (Task sets the
+        #: consumer's ``settled``: the duties begin after the first claim).
+        self.not_before: Callable[[], bool] | None = None
 
     def tick(self) -> float:
         """One round of work; returns how long to wait before the next one (seconds)."""
@@ -104,6 +111,9 @@ class Service:
 
     def _loop(self) -> None:
         backoff = self.backoff
+        ready = self.not_before
+        while ready is not None and not ready() and not self._stop.is_set():
+            self._stop.wait(READY_POLL)
         while not self._stop.is_set():
             try:
                 wait = self.tick()

@@ -66,7 +66,7 @@ from redis.retry import Retry
 
 from meepo.errors import ConfigError, TransportUnavailableError
 
-__all__ = ["embedded_redis_url", "stop_embedded"]
+__all__ = ["embedded_redis_url", "running_embedded_url", "stop_embedded"]
 
 SOCKET_NAME = "redis.sock"
 PID_NAME = "redis.pid"
@@ -141,6 +141,15 @@ def embedded_redis_url(data_dir: pathlib.Path) -> str:
             _forget_dead(directory)
             _start(directory, sock)
     return url
+
+
+def running_embedded_url(data_dir: pathlib.Path) -> str | None:
+    """The ``unix://`` URL of an embedded server answering on ``<data_dir>/redis.sock``
+    now, or None: starts nothing and creates nothing (read-only commands)."""
+    sock = _resolve(data_dir) / SOCKET_NAME
+    if len(os.fsencode(sock)) > _MAX_SOCKET_PATH:
+        return None
+    return _url(sock) if _ping(sock) else None
 
 
 def stop_embedded(data_dir: pathlib.Path) -> None:
