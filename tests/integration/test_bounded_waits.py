@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import pytest
-from conftest import SERVERS, backend_url
-from helpers import TcpProxy, record, wait_for
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from support.backends import SERVERS, backend_url
+from support.helpers import TcpProxy, record, wait_for
 
 from meepo import Job, Status, Task, UnsupportedServerError
 from meepo import connect as meepo_connect

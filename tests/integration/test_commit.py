@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from helpers import Clock, record, wait_for, wait_status
+from support.helpers import Clock, record, wait_for, wait_status
 
 from meepo import (
     CommitModeError,

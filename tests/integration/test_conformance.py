@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from conftest import backend_url, unique_task_id
 from sqlalchemy import Engine, event, update
+from support.backends import backend_url, unique_task_id
 
 from meepo.connect import engine_for
 from meepo.errors import ConfigError, JobNotFoundError, LedgerUnavailableError, StaleCommitError

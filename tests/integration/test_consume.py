@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from conftest import unique_task_id
-from helpers import Clock, record, wait_for
+from support.backends import unique_task_id
+from support.helpers import Clock, record, wait_for
 
 from meepo import Job, Status, Task
 

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import backend_url, unique_task_id
-from helpers import record, wait_for
 from sqlalchemy import create_engine, event, insert, select
+from support.backends import backend_url, unique_task_id
+from support.helpers import record, wait_for
 
 from meepo import Job, LedgerUnavailableError, Status, Task
 from meepo.ledger import Ledger, make_engine

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import record, wait_for, wait_status
+from support.helpers import record, wait_for, wait_status
 
 from meepo import ConfigError, Job, StaleCommitError, Status, Task
 

@@ -10,11 +10,11 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Clock, record, wait_for, wait_status
+from support import ROOT
+from support.helpers import Clock, record, wait_for, wait_status
 
 from meepo import ConfigError, Job, Middleware, MiddlewareError, RunInfo, Status, Task
 from meepo.batch import Batch
@@ -405,7 +405,7 @@ def test_task_takes_exactly_the_options_it_validates() -> None:
 
 
 def _documented_example() -> dict[str, Any]:
-    text = (Path(__file__).parent.parent / "docs" / "middleware.md").read_text()
+    text = (ROOT / "docs" / "middleware.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class Counter" in b]
     namespace: dict[str, Any] = {}
     exec(compile(block, "docs/middleware.md", "exec"), namespace)

@@ -23,11 +23,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from conftest import TaskFactory
-from helpers import child_env, wait_for
 from sqlalchemy import Engine, MetaData, Table, inspect, pool, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.schema import DropTable
+from support import ROOT
+from support.backends import TaskFactory
+from support.helpers import child_env, wait_for
 
 from meepo import Task
 from meepo.config import DEFAULT_TABLE
@@ -36,7 +37,6 @@ from meepo.ledger import migrate
 from meepo.ledger.engine import make_engine
 from meepo.ledger.schema import jobs_table, ledger_metadata, version_table_name
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAD = "0004"
 
 
@@ -348,7 +348,7 @@ def test_concurrent_upgrades(db_url: str, engine: Engine, table: str, tmp_path: 
 
 @pytest.mark.parametrize("which", ["custom", "default"])
 def test_migrated_schema_matches_metadata(engine: Engine, table: str, which: str) -> None:
-    name = table if which == "custom" else DEFAULT_TABLE  # the default: migrated by conftest
+    name = table if which == "custom" else DEFAULT_TABLE  # the default: db_url migrated it
     if which == "custom":
         migrate.upgrade(engine, name)
     metadata = ledger_metadata(name)

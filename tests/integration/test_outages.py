@@ -11,11 +11,11 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import SERVERS, backend_url, unique_task_id
-from helpers import TcpProxy, record, wait_for
 from sqlalchemy.engine import make_url
+from support.backends import SERVERS, backend_url, unique_task_id
+from support.helpers import Runs, TcpProxy, messages, record, wait_for
 
-from meepo import Job, LedgerUnavailableError, SchemaError, Status, Task
+from meepo import LedgerUnavailableError, SchemaError, Status, Task
 from meepo.connect import engine_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -34,28 +34,6 @@ def proxy(db_url: str) -> Iterator[TcpProxy]:
     yield p
     p.stop()
     engine_for(p.url(db_url)).dispose()
-
-
-class Runs:
-    def __init__(self, delay: float = 0.0) -> None:
-        self.lock = threading.Lock()
-        self.jobs: list[Job] = []
-        self.delay = delay
-        self.stop = threading.Event()
-
-    def __call__(self, job: Job) -> None:
-        if self.delay:
-            self.stop.wait(self.delay)
-        with self.lock:
-            self.jobs.append(job)
-
-    def claims(self) -> set[tuple[int, int]]:
-        with self.lock:
-            return {(j.id, j.commit_id) for j in self.jobs}
-
-
-def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 def test_worker_started_with_the_database_down_starts_when_it_returns(

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import unique_task_id
-from helpers import free_port, record, wait_for
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+from support.backends import unique_task_id
+from support.helpers import free_port, record, wait_for
 
 from meepo import (
     ConfigError,

@@ -14,41 +14,14 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from helpers import Clock, record, wait_for
+from support.helpers import Clock, claim_and_die, queued, record, wait_for
 
 from meepo import Job, JobNotFoundError, Status, Task
 from meepo.runtime.reaper import ReapReport
-from meepo.transport.transport import decode
 
 pytestmark = pytest.mark.timeout(120)
 
 TaskFactory = Callable[..., Task]
-
-
-def queued(task: Task) -> Counter[tuple[int, int]]:
-    raw: list[bytes] = task.redis.lrange(task.transport.queue_key, 0, -1)  # type: ignore[assignment]
-    return Counter(p for p in (decode(bytes(m)) for m in raw) if p is not None)
-
-
-def claim_and_die(
-    task: Task, ids: list[int], lease: float = 5.0, *, started: bool = True
-) -> list[Job]:
-    """What a consumer does before it is SIGKILLed: pop the messages, claim the jobs,
-    and (``started``) record that their handlers began."""
-    task.redis.delete(task.transport.queue_key)
-    rows = {r[0]: r[2] for r in task.ledger.find(task_id=task.task_id, ids=ids)}
-    now = task.clock()
-    jobs = task.ledger.claim(
-        task.task_id,
-        [(i, rows[i]) for i in ids],
-        now=now,
-        lease=timedelta(seconds=lease),
-        worker="dead-host:1",
-    )
-    assert sorted(j.id for j in jobs) == sorted(ids)
-    if started:
-        assert task.ledger.start([(j.id, j.commit_id) for j in jobs], now=now) == len(jobs)
-    return jobs
 
 
 # -- expired leases --------------------------------------------------------------------

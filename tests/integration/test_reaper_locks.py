@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import SERVERS, backend_url
-from helpers import Clock, record, wait_for
 from sqlalchemy import select
-from test_reaper import claim_and_die
+from support.backends import SERVERS, backend_url
+from support.helpers import Clock, claim_and_die, record, wait_for
 
 from meepo import Status, Task
 from meepo.runtime.reaper import ReapReport

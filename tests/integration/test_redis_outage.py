@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import RedisServer, record, wait_for
-from test_outages import Runs, messages
+from support.helpers import RedisServer, Runs, messages, record, wait_for
 
 from meepo import Status, Task
 

@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from helpers import Clock, RedisServer, TcpProxy, record, wait_for
-from test_reaper import claim_and_die, queued
+from support.helpers import Clock, RedisServer, TcpProxy, claim_and_die, queued, record, wait_for
 
 from meepo import Status, Task, TransportUnavailableError
 from meepo.ledger import NEVER_DISPATCHED

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 import pytest
-from helpers import RedisServer, wait_for
+from support.helpers import RedisServer, wait_for
 
 from meepo import Task
 from meepo.runtime import redis_check

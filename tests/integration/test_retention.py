@@ -8,8 +8,8 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import TaskFactory, unique_task_id
 from sqlalchemy import func, insert, select, update
+from support.backends import TaskFactory, unique_task_id
 
 from meepo import Status, Task
 from meepo.connect import engine_for

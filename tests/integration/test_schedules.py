@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TaskFactory, unique_task_id
-from helpers import child_env, record, wait_for
+from support.backends import TaskFactory, unique_task_id
+from support.helpers import child_env, record, wait_for
 
 from meepo import JobRecord, ScheduleNotFoundError, Status, Task
 from meepo.ledger import make_engine

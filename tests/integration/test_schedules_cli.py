@@ -7,8 +7,8 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import TaskFactory
-from test_cli import after_argv_warning, assert_one_error_line, run
+from support.backends import TaskFactory
+from support.cli import after_argv_warning, assert_one_error_line, run
 
 UTC = timezone.utc
 

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import TaskFactory, unique_task_id
-from helpers import Clock, record, wait_for, wait_status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from support.backends import TaskFactory, unique_task_id
+from support.helpers import Clock, record, wait_for, wait_status
 
 from meepo import ConfigError, Job, Status, Task
 from meepo.config import retry_policy

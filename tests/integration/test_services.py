@@ -16,8 +16,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import TaskFactory
-from helpers import Clock, record
+from support.backends import TaskFactory
+from support.helpers import Clock, record
 
 from meepo import Status, Task
 from meepo.dispatch import Moved

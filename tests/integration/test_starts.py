@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TaskFactory
-from helpers import Clock, record, wait_for
+from support.backends import TaskFactory
+from support.helpers import Clock, record, wait_for
 
 from meepo import Job, Status, Task
 from meepo.errors import LedgerUnavailableError

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from conftest import MARIADB_URL, POSTGRES_URL, unique_task_id, unreachable
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -54,12 +53,11 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import delete, text
+from sqlalchemy import delete
+from support.backends import MARIADB_URL, POSTGRES_URL, prepare, unique_task_id, unreachable
 
 from meepo import JobNotFoundError, StaleCommitError, Status, Task, TransportUnavailableError
-from meepo.connect import engine_for
 from meepo.ledger import NEVER_DISPATCHED, Outcome
-from meepo.ledger import migrate as migrations
 from meepo.records import Pair
 from meepo.runtime import recovery as recovery_module
 from meepo.runtime.reaper import ReapReport
@@ -912,10 +910,7 @@ def _ledger_url(backend: str, tmp_path: Path) -> str:
         "mariadb": MARIADB_URL,
     }[backend]
     try:
-        engine = engine_for(url)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        migrations.upgrade(engine)
+        prepare(url)  # this xdist worker's database is created when missing
     except Exception as exc:
         unreachable(backend, str(exc).splitlines()[0])
     return url

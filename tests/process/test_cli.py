@@ -12,40 +12,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TaskFactory, unique_task_id
-from helpers import child_env, wait_for
 from sqlalchemy import MetaData, Table
+from support import ROOT
+from support.backends import TaskFactory, unique_task_id
+from support.cli import after_argv_warning, assert_one_error_line, run
+from support.helpers import child_env, wait_for
 
 from meepo import JobRecord, Status, Task
 from meepo.admin import Admin
-from meepo.cli import ProgressBar, load_task, main, parse_time
+from meepo.cli import ProgressBar, load_task, parse_time
 from meepo.config import default_prefix
 from meepo.connect import engine_for
 from meepo.ledger import migrate
 from meepo.transport import encode
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("meepo: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def after_argv_warning(err: str, option: str) -> str:
-    """``err`` without its first line, the warning about a password in ``option``."""
-    first, _, rest = err.partition("\n")
-    assert first.startswith(f"meepo: warning: the {option} URL holds a password"), err
-    return rest
 
 
 def queue(task: Task) -> list[bytes]:
@@ -606,7 +587,7 @@ def test_docs_cli_md_names_every_command_and_option() -> None:
 
     from meepo.cli import cli
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    text = (ROOT / "docs" / "cli.md").read_text()
     missing: list[str] = []
 
     def walk(command: click.Command, path: str) -> None:

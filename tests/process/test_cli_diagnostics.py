@@ -11,11 +11,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import SERVERS, backend_url
-from helpers import child_env
 from sqlalchemy.engine import make_url
+from support import ROOT
+from support.backends import SERVERS, backend_url
+from support.helpers import child_env
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "versions"
+MIGRATIONS = ROOT / "migrations" / "versions"
 SECRET_PART = "Zq9"  # in every password below: it must never show
 
 

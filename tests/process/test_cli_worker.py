@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TaskFactory, unique_task_id
-from helpers import child_env, record, wait_for
+from support.backends import TaskFactory, unique_task_id
+from support.helpers import child_env, record, wait_for
 
 from meepo import Job, Status
 

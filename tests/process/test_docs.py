@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import child_env
+from support import ROOT
+from support.helpers import child_env
 
 from meepo import Task
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 #: The pages whose runnable blocks are run (contributing.md documents the marker).

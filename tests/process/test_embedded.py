@@ -18,6 +18,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support import ROOT
 
 from meepo.errors import ConfigError
 from meepo.transport.embedded import embedded_redis_url, stop_embedded
@@ -34,7 +35,7 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:

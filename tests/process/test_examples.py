@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import child_env
+from support import ROOT
+from support.helpers import child_env
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 TIMEOUT = 180
 
 #: The line each example prints when everything it checks held.

@@ -1,4 +1,4 @@
-"""Real-process fault tests: workers are subprocesses (tests/fault_app.py) that get
+"""Real-process fault tests: workers are subprocesses (tests/support/fault_app.py) that get
 killed, signalled, and have their Redis flushed or restarted under them.
 
 Each worker appends ``start``/``end`` lines (job id, commit_id, pid, failed_times) to
@@ -21,15 +21,16 @@ from typing import TypeVar
 
 import pytest
 import redis
-from conftest import TaskFactory
-from helpers import RedisServer, child_env, wait_for
+from support import SUPPORT
+from support.backends import TaskFactory
+from support.helpers import RedisServer, child_env, wait_for
 
 from meepo import Status, Task
 from meepo.records import JobRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
-APP = Path(__file__).resolve().parent / "fault_app.py"
+APP = SUPPORT / "fault_app.py"
 T = TypeVar("T")
 
 

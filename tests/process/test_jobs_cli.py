@@ -11,9 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import TaskFactory
-from helpers import child_env
 from sqlalchemy import func, select, update
+from support.backends import TaskFactory
+from support.helpers import child_env
 
 from meepo import Status, Task
 from meepo.connect import engine_for

@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unique_task_id
-from helpers import child_env, record, wait_for
+from support import TESTS
+from support.backends import unique_task_id
+from support.helpers import child_env, record, wait_for
 
 from meepo import Status, Task
 
 pytestmark = pytest.mark.timeout(180)
 
 TaskFactory = Callable[..., Task]
-TESTS = Path(__file__).resolve().parent
 
 
 class Worker:
@@ -31,7 +31,7 @@ class Worker:
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "meepo", "worker", "recycle_app:task",
+                    sys.executable, "-m", "meepo", "worker", "support.recycle_app:task",
                     "--db", db_url, "--redis", redis_url, "-v", *opts,
                 ],
                 cwd=TESTS,

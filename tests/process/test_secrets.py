@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import SERVERS, backend_url, unique_task_id
-from helpers import RedisServer, child_env, free_port, record, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from support import TESTS
+from support.backends import SERVERS, backend_url, unique_task_id
+from support.helpers import RedisServer, child_env, free_port, record, wait_for
 
 from meepo import Status, Task
 from meepo.cli import main
@@ -27,7 +28,6 @@ from meepo.runtime.recycle import without_secrets
 pytestmark = pytest.mark.timeout(180)
 
 SECRET = "Zq7sekritPw"
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(params=SERVERS)
@@ -224,7 +224,7 @@ def test_worker_argv_shows_no_password_and_recycles(
         env.pop(name, None)
     with open(stderr, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meepo", "worker", "recycle_app:task", *conn, "-v",
+            [sys.executable, "-m", "meepo", "worker", "support.recycle_app:task", *conn, "-v",
              "--parallel", "1", "--max-jobs", "2"],
             cwd=TESTS, env=env, stderr=err, stdout=subprocess.DEVNULL,
         )  # fmt: skip

@@ -1,6 +1,6 @@
-"""A worker process for the fault tests (tests/test_faults.py); not a test module.
+"""A worker process for the fault tests (tests/process/test_faults.py); not a test module.
 
-    python tests/fault_app.py --db URL --redis URL --task ID --log FILE [options]
+    python tests/support/fault_app.py --db URL --redis URL --task ID --log FILE [options]
 
 It builds a ``meepo.Task`` whose handler appends one line to the append-only ``--log``
 file when a run starts and one when it ends::

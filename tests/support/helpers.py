@@ -9,14 +9,18 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import redis
 
-from meepo import JobRecord, Status, Task
+from meepo import Job, JobRecord, Status, Task
+from meepo.transport.transport import decode
+from support import ROOT, TESTS
 
 T = TypeVar("T")
 
@@ -277,8 +281,65 @@ def _ping(client: redis.Redis) -> bool:
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's, plus ``extra``, with the
+    repository and ``tests/`` (for ``support.*``) on its PYTHONPATH."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    paths = (str(ROOT), str(TESTS), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(extra)
     return env
+
+
+# -- jobs in flight, as the integration tests drive them -----------------------------
+
+
+def queued(task: Task) -> Counter[tuple[int, int]]:
+    """The (job id, commit id) pairs waiting in a task's Redis queue, with counts."""
+    raw: list[bytes] = task.redis.lrange(task.transport.queue_key, 0, -1)  # type: ignore[assignment]
+    return Counter(p for p in (decode(bytes(m)) for m in raw) if p is not None)
+
+
+def claim_and_die(
+    task: Task, ids: list[int], lease: float = 5.0, *, started: bool = True
+) -> list[Job]:
+    """What a consumer does before it is SIGKILLed: pop the messages, claim the jobs,
+    and (``started``) record that their handlers began."""
+    task.redis.delete(task.transport.queue_key)
+    rows = {r[0]: r[2] for r in task.ledger.find(task_id=task.task_id, ids=ids)}
+    now = task.clock()
+    jobs = task.ledger.claim(
+        task.task_id,
+        [(i, rows[i]) for i in ids],
+        now=now,
+        lease=timedelta(seconds=lease),
+        worker="dead-host:1",
+    )
+    assert sorted(j.id for j in jobs) == sorted(ids)
+    if started:
+        assert task.ledger.start([(j.id, j.commit_id) for j in jobs], now=now) == len(jobs)
+    return jobs
+
+
+class Runs:
+    """A handler that records the jobs it ran (after ``delay`` seconds each)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.lock = threading.Lock()
+        self.jobs: list[Job] = []
+        self.delay = delay
+        self.stop = threading.Event()
+
+    def __call__(self, job: Job) -> None:
+        if self.delay:
+            self.stop.wait(self.delay)
+        with self.lock:
+            self.jobs.append(job)
+
+    def claims(self) -> set[tuple[int, int]]:
+        with self.lock:
+            return {(j.id, j.commit_id) for j in self.jobs}
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The log messages captured so far that contain ``text``."""
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]

@@ -1,6 +1,6 @@
-"""A worker module for tests/test_recycle.py (not a test module)::
+"""A worker module for tests/process/test_recycle.py (not a test module)::
 
-    meepo worker recycle_app:task --db URL --redis URL --max-jobs N
+    meepo worker support.recycle_app:task --db URL --redis URL --max-jobs N
 
 Its Task (id from ``RECYCLE_TASK``, ledger and Redis from the ``--db``/``--redis`` the
 worker exports) appends ``<job id> <commit_id> <pid> <generation>`` to the file
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 
-from fault_app import append_line
-
 from meepo import Job, Task
+from support.fault_app import append_line
 
 _leaked: list[bytes] = []
 

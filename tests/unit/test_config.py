@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port
+from support.helpers import free_port
 
 from meepo import (
     CommitModeError,
