@@ -23,8 +23,6 @@ from meepo import Job, Status, Task, UnsupportedServerError
 from meepo import connect as meepo_connect
 from meepo.ledger import engine as ledger_engine
 from meepo.ledger import make_engine
-from meepo.ledger.bounds import Bounds
-from meepo.ledger.engine import skip_locked_problem
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,34 +62,6 @@ def small_pool(db_url: str) -> Iterator[Callable[[int], str]]:
     yield build
     for url in made:
         meepo_connect._engines.pop(url).dispose()
-
-
-def test_bounds_derive_from_the_lease() -> None:
-    b = Bounds.from_lease(20.0)
-    assert b.lock_wait < 20.0 / 3 and b.statement < 20.0 / 3 and b.network <= 20.0 / 3
-    assert b.mysql_session(True) == [
-        "SET SESSION innodb_lock_wait_timeout = 3, max_statement_time = 5.000"
-    ]
-    assert "SET lock_timeout = 3333" in b.postgres_session()
-    assert Bounds.from_lease(0.3).lock_wait == 0.5  # floors for very short leases
-
-
-@pytest.mark.parametrize(
-    ("version", "ok"),
-    [
-        ("10.11.6-MariaDB-0+deb12u1", True),
-        ("10.6.0-MariaDB", True),
-        ("10.5.23-MariaDB-log", False),
-        ("8.0.36", True),
-        ("5.7.44-log", False),
-    ],
-)
-def test_skip_locked_version_check_names_the_version(version: str, ok: bool) -> None:
-    problem = skip_locked_problem(version)
-    if ok:
-        assert problem is None
-    else:
-        assert problem is not None and version in problem and "SKIP LOCKED" in problem
 
 
 def test_a_consumer_on_a_server_without_skip_locked_fails_at_start(

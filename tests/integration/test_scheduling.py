@@ -15,7 +15,6 @@ from support.backends import TaskFactory, unique_task_id
 from support.helpers import Clock, record, wait_for, wait_status
 
 from meepo import ConfigError, Job, Status, Task
-from meepo.config import retry_policy
 from meepo.transport.transport import decode
 
 
@@ -127,23 +126,6 @@ def test_recovery_puts_delayed_jobs_back_in_the_delayed_set(make_task: TaskFacto
 
 
 # -- retry backoff ---------------------------------------------------------------------
-
-
-def test_retry_policies() -> None:
-    listed = retry_policy([2, 4, 8])
-    assert listed is not None and [listed(n) for n in (1, 2, 3, 4, 9)] == [2, 4, 8, 8, 8]
-    assert retry_policy(0) is None and retry_policy([]) is None and retry_policy(None) is None
-    expo = retry_policy(1.5)
-    assert expo is not None
-    for n in range(1, 8):
-        full = 1.5 * 2 ** (n - 1)
-        assert full / 2 <= expo(n) <= full
-    assert expo(100) <= 3600
-    func_ = retry_policy(lambda n: n * 10.0)
-    assert func_ is not None and func_(3) == 30.0
-    for bad in ("5", [1, -1], [True], -2, float("inf"), {"a": 1}):
-        with pytest.raises(ConfigError, match="retry_backoff"):
-            retry_policy(bad)
 
 
 def test_retries_wait_for_their_backoff(make_task: TaskFactory) -> None:
