@@ -291,7 +291,7 @@ def test_a_pass_stops_after_max_chunks_and_the_next_tick_goes_on(make_task: Task
 
 
 def test_a_worker_runs_its_cleaner(make_task: TaskFactory) -> None:
-    from helpers import wait_for
+    from support.helpers import wait_for
 
     task = make_task(job_func=lambda job: None, retention={"done": "1h"})
     add_rows(Retention(task.engine, task.table_name), task.task_id, 5, Status.DONE, OLD)
@@ -365,7 +365,7 @@ def test_deleting_a_running_job_fences_its_consumer(make_task: TaskFactory) -> N
 def test_a_consumer_whose_running_job_is_deleted_goes_on(make_task: TaskFactory) -> None:
     """``jobs delete --force`` on a running job: its handler finishes, its commit changes
     nothing (the row stays gone), and the consumer runs the next job."""
-    from helpers import wait_for
+    from support.helpers import wait_for
 
     started, release = threading.Event(), threading.Event()
     ran: list[bytes] = []

@@ -305,7 +305,7 @@ def test_purge_dry_run_then_archive(tmp_path: Path, make_task: TaskFactory, db_u
 def test_stats_without_redis_shows_the_ledger_counts(
     tmp_path: Path, make_task: TaskFactory, db_url: str
 ) -> None:
-    from helpers import free_port
+    from support.helpers import free_port
 
     task = make_task()
     ids = [task.push(b"x") for _ in range(3)]

@@ -101,7 +101,7 @@ def ensure_database(url: str) -> None:
     u = make_url(url)
     name = u.database
     if u.get_backend_name() == "mysql":
-        engine = create_engine(u.set(database=None))
+        engine = create_engine(u.set(database="information_schema"))
         try:
             with engine.begin() as conn:
                 conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}`"))
