@@ -3,6 +3,9 @@
 What the fixtures use (server URLs from the environment, one database and Redis db per
 xdist worker, skip or fail when a server is unreachable) lives in the ``support``
 package; test modules import from there, never from this file.
+
+The unit tier runs with no server and no redis-server binary (``make test-fast``): a
+test under tests/unit that asks for a server's fixture is a collection error, not a skip.
 """
 
 from __future__ import annotations
@@ -13,11 +16,23 @@ from typing import Any
 
 import pytest
 import redis
-from support import backends
+from support import TESTS, backends
 from support.backends import BACKENDS, TaskFactory, backend_url, unique_task_id, unreachable
 from support.helpers import RedisServer
 
 from meepo import Task
+
+
+@pytest.fixture(autouse=True)
+def _close_idle_connections() -> Iterator[None]:
+    """Under xdist, close the idle pooled connections of every engine after each test
+    (torn down last, after the Tasks stopped). A process keeps one pool per URL and
+    lease (up to 20 + 6 per lease idle connections): N workers would hold N times what a
+    serial run holds, past PostgreSQL's default 100 clients. A serial run keeps its
+    pools, as before."""
+    yield
+    if backends.WORKER is not None:
+        backends.close_idle_connections()
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +105,17 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+UNIT = TESTS / "unit"
+SERVER_FIXTURES = {"db_url", "sqlite_url", "redis_url", "make_task", "servers"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        wanted = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if wanted and item.path.is_relative_to(UNIT):
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {', '.join(sorted(wanted))}: a test that needs a "
+                "server belongs in tests/integration or tests/process, not tests/unit"
+            )

@@ -246,7 +246,8 @@ def test_returned_jobs_free_their_slot_but_stay_leased_until_committed(
     assert consumer.heartbeat_once() == set()  # awaiting commit: still heartbeated
     for i in ids:
         after = record(task, i).expires_at
-        assert after is not None and before[i] is not None and after > before[i]
+        earlier = before[i]
+        assert after is not None and earlier is not None and after > earlier
     result: list[bool] = []
     stopper = threading.Thread(target=lambda: result.append(task.stop(wait=True, grace=30)))
     stopper.start()

@@ -484,5 +484,7 @@ def test_0004_keeps_rows_and_sqlite_never_reuses_a_deleted_id(engine: Engine, ta
         ids = list(conn.execute(select(t.c.id).order_by(t.c.id)).scalars())
         assert len(ids) == 2
         conn.execute(t.delete().where(t.c.id == ids[-1]))
-        new = conn.execute(t.insert().values(**row)).inserted_primary_key[0]
+        key = conn.execute(t.insert().values(**row)).inserted_primary_key
+        assert key is not None
+        new = key[0]
     assert new > ids[-1]

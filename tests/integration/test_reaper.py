@@ -212,7 +212,10 @@ def test_redis_data_loss_redispatches_due_todo_jobs_at_once(make_task: TaskFacto
     assert b.reaper.run_once().recovered == 0  # one process re-dispatches per epoch
     assert queued(a) == Counter({(i, 0): 1 for i in todo})
     # the job due later is back in the delayed set, due when it was
-    (member, score) = a.redis.zrange(a.transport.delayed_key, 0, -1, withscores=True)[0]
+    delayed_set: list[tuple[bytes, float]] = a.redis.zrange(  # type: ignore[assignment]
+        a.transport.delayed_key, 0, -1, withscores=True
+    )
+    member, score = delayed_set[0]
     assert member == b"%d:%d:default" % (later, delayed.commit_id + 1)
     assert score == record(a, later).run_at.timestamp()
     assert record(a, running).commit_id == claimed.commit_id  # untouched

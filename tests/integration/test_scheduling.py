@@ -21,7 +21,9 @@ from meepo.transport.transport import decode
 def rows(task: Task) -> int:
     t = task.ledger.table
     with task.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).where(t.c.task_id == task.task_id)).scalar())
+        return int(
+            conn.execute(select(func.count()).where(t.c.task_id == task.task_id)).scalar_one()
+        )
 
 
 def queue(task: Task, priority: str = "default") -> list[tuple[int, int]]:

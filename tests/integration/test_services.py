@@ -25,7 +25,7 @@ from meepo.ledger import Outcome
 from meepo.records import Job
 from meepo.runtime.committer import Commit
 from meepo.runtime.consumer import Consumer
-from meepo.runtime.executor import Slot
+from meepo.runtime.executor import Slot, ThreadExecutor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,7 +100,9 @@ def test_fetcher_claims_up_to_its_capacity_then_pops_nothing(rig: Rig) -> None:
     assert rig.task.depth() == 2
     jobs = rig.consumer.executor.drain()
     slot = rig.admit(jobs[0])
-    assert rig.consumer.executor.run(slot, jobs[0])  # its slot is free again
+    executor = rig.consumer.executor
+    assert isinstance(executor, ThreadExecutor)
+    assert executor.run(slot, jobs[0])  # its slot is free again
     assert rig.claims.busy == 2
     popped = rig.consumer.fetcher.run_once()
     assert popped is not None and [j.id for j in popped.jobs] == [ids[3]]
@@ -156,7 +158,9 @@ def test_executor_run_hands_the_outcome_to_the_committer(rig: Rig) -> None:
     (job_id,) = rig.task.push_many([b"run"])
     (job,) = rig.claim(1)
     slot = rig.admit(job)
-    assert rig.consumer.executor.run(slot, job)
+    executor = rig.consumer.executor
+    assert isinstance(executor, ThreadExecutor)
+    assert executor.run(slot, job)
     assert rig.ran == [job] and slot.job is None
     assert rig.consumer.counters.finished == 1 and rig.claims.busy == 0
     assert rig.consumer.held == {job_id: job.commit_id}  # held until committed

@@ -15,6 +15,7 @@ import threading
 import warnings
 from collections import Counter
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ pytestmark = pytest.mark.timeout(120)
 
 LEASE = timedelta(seconds=5)
 TIMEOUT = timedelta(seconds=5)
+
+
+def started(task: Task, job_id: int) -> bool:
+    return record(task, job_id).started_at is not None
+
+
+def done(task: Task, job_id: int) -> bool:
+    return record(task, job_id).status is Status.DONE
 
 
 def claim(task: Task, ids: list[int], lease: float = 5.0) -> list[Job]:
@@ -130,12 +139,12 @@ def test_running_jobs_are_marked_started(make_task: TaskFactory) -> None:
     task.start()
     try:
         for i in ids:
-            wait_for(lambda i=i: record(task, i).started_at is not None, message="start marks")
+            wait_for(partial(started, task, i), message="start marks")
         assert all(record(task, i).status is Status.DOING for i in ids)
     finally:
         go.set()
     for i in ids:
-        wait_for(lambda i=i: record(task, i).status is Status.DONE, message="the commits")
+        wait_for(partial(done, task, i), message="the commits")
 
 
 def test_release_failing_at_shutdown_leaves_unstarted_jobs_uncharged(
@@ -227,7 +236,7 @@ def test_a_handler_that_forks_runs_each_job_once(make_task: TaskFactory, tmp_pat
     ids = task.push_many([b"exit", b"plain", b"return", b"plain", b"raise", b"plain"])
     task.start()
     for i in ids:
-        wait_for(lambda i=i: record(task, i).status is Status.DONE, message=f"job {i} done")
+        wait_for(partial(done, task, i), message=f"job {i} done")
     statuses: dict[int, int] = {}
 
     def reaped() -> bool:

@@ -352,6 +352,7 @@ class LedgerMachine(RuleBasedStateMachine):
         created = self.epoch is None
         if created:
             self.epoch = self._new_token()
+        assert self.epoch is not None
         previous, self.reaper_epoch = self.reaper_epoch, self.epoch
         if previous != self.epoch and not (previous is None and not created):
             lost = previous is not None or (self.owed is not None and self.owed[1])
@@ -539,7 +540,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def pop(self, count: int, data: st.DataObject) -> None:
         """Pop a batch; most often claim it at once, as the consumer's fetcher does."""
         self._pop(count)
-        if self.inbox and data.draw(st.integers(0, 3), label="claim now (unless 0)"):
+        if self.inbox and data.draw(st.integers(0, 3), label="claim now (unless 0)") != 0:
             self.claim(data)
 
     @precondition(lambda self: self.queue)
@@ -818,8 +819,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise TransportUnavailableError("dispatch failed: OOM (the model's fault)")
             real_send(messages, now)
 
-        chunk = recovery_module.ROWS_PER_STATEMENT
-        recovery_module.ROWS_PER_STATEMENT = 2
+        chunk = recovery_module.ROWS_PER_STATEMENT  # type: ignore[attr-defined]
+        recovery_module.ROWS_PER_STATEMENT = 2  # type: ignore[attr-defined]
         self.t.transport.send = send  # type: ignore[method-assign]
         try:
             if fail is None:
@@ -830,7 +831,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     self.t.reaper.check_epoch()
                 self._model_epoch_check(fail_page=fail)
         finally:
-            recovery_module.ROWS_PER_STATEMENT = chunk
+            recovery_module.ROWS_PER_STATEMENT = chunk  # type: ignore[attr-defined]
             del self.t.transport.send
 
     @precondition(lambda self: self.delayed)

@@ -55,7 +55,8 @@ def split(page: Path) -> tuple[list[Block], list[tuple[int, str]]]:
     blocks: list[Block] = []
     prose: list[tuple[int, str]] = []
     fence: str | None = None
-    start, info, body = 0, "", []
+    body: list[str] = []
+    start, info = 0, ""
     for n, text in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
         m = FENCE.match(text)
         if fence is None:
@@ -99,7 +100,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[tuple[int, str]]:
-    found = []
+    found: list[tuple[int, str]] = []
     for n, text in split(page)[1]:
         text = re.sub(r"`[^`]*`", "", text)  # inline code is not a link
         found.extend((n, m.group(1)) for m in LINK.finditer(text))

@@ -547,7 +547,7 @@ def test_reaper_host_ahead_does_not_reap_a_healthy_job(
     )
     starts = log.starts(job_id)
     assert len(starts) == 1, f"the job ran {len(starts)} times: {starts}"
-    assert rec.status is Status.DONE and rec.failed_times == 0
+    assert rec is not None and rec.status is Status.DONE and rec.failed_times == 0
 
 
 def db_start_times(log: ExecLog) -> dict[int, datetime]:
@@ -581,6 +581,7 @@ def test_delayed_job_never_starts_before_its_run_at_under_skew(
         message="the delayed job to start",
         detail=progress(producer, log),
     )
+    assert started is not None and run_at is not None
     assert started >= run_at, f"started at {started}, before its run_at {run_at}"
     until(lambda: status_is(producer, job_id, Status.DONE), workers=[worker], message="done")
     assert len(log.starts(job_id)) == 1

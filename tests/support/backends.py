@@ -146,3 +146,15 @@ def backend_url(backend: str, sqlite_url: str) -> str:
 
 def unique_task_id(prefix: str = "t") -> str:
     return f"{prefix}_{os.getpid()}_{int(time.time() * 1000) % 10**9}_{next(_counter)}"
+
+
+def close_idle_connections() -> None:
+    """Close the pooled, checked-in connections of every engine meepo built in this
+    process (``Engine.dispose()``: the engines stay usable and reconnect on demand;
+    connections checked out now are left alone)."""
+    from meepo import connect
+
+    with connect._lock:
+        engines = [*connect._engines.values(), *connect._service_engines.values()]
+    for engine in engines:
+        engine.dispose(close=True)
