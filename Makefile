@@ -32,6 +32,7 @@ lint: venv
 	$(VENV)/bin/ruff check meepo tests examples benchmarks migrations chaos
 	$(VENV)/bin/ruff format --check meepo tests examples benchmarks migrations chaos
 	$(VENV)/bin/mypy --strict meepo
+	$(VENV)/bin/mypy --strict tests
 	$(VENV)/bin/lint-imports
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of
