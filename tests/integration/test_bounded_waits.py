@@ -1,4 +1,4 @@
-"""Bounded waits (issue 11, findings 4 and 5; docs/design.md invariant 9): meepo's own
+"""Bounded waits (docs/design.md invariant 9): meepo's own
 threads run on a pool of their own, their lock waits are bounded from the lease, and a
 connection that goes silent (a blackholing proxy, no reset) is given up within about a
 third of the lease, then the worker recovers when the network heals.

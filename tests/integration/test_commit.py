@@ -1,4 +1,4 @@
-"""Auto and manual commit (issue 2, semantics 5 and 6) on SQLite, MariaDB, PostgreSQL."""
+"""Auto and manual commit, and their fencing, on SQLite, MariaDB, PostgreSQL."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Consuming: claims, duplicate/stale messages, heartbeats and graceful stop (issue 2,
-semantics 3, 4 and 8), on SQLite, MariaDB and PostgreSQL."""
+"""Consuming: claims, duplicate/stale messages, heartbeats and graceful stop, on
+SQLite, MariaDB and PostgreSQL."""
 
 from __future__ import annotations
 

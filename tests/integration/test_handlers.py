@@ -1,4 +1,4 @@
-"""Handlers that misbehave (issue 4): hang past job_timeout, return a coroutine or a
+"""Handlers that misbehave: hang past job_timeout, return a coroutine or a
 generator, raise KeyboardInterrupt. Each is a failed attempt under the normal retry
 policy and the worker keeps consuming. On SQLite, MariaDB and PostgreSQL."""
 

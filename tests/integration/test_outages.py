@@ -1,4 +1,4 @@
-"""Servers down at worker start, and going away mid-run (issue 4), with real servers
+"""Servers down at worker start, and going away mid-run, with real servers
 behind a TCP proxy that the test closes and reopens (MariaDB, PostgreSQL) and a
 throwaway redis-server started late (test_redis_outage.py). SQLite has no server to
 lose: these tests run on the servers only (``db_url`` over ``SERVERS``)."""

@@ -1,4 +1,4 @@
-"""Producing jobs: ledger first, then Redis (issue 2, semantics 1 and 2).
+"""Producing jobs: ledger first, then Redis.
 
 Every test runs on SQLite, MariaDB and PostgreSQL (the ``db_url`` fixture).
 """

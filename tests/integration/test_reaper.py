@@ -1,5 +1,5 @@
-"""The reaper: expired leases, lost messages, Redis data loss, repush (issue 2, semantics
-4 and 7), on SQLite, MariaDB and PostgreSQL.
+"""The reaper: expired leases, lost messages, Redis data loss, repush, on
+SQLite, MariaDB and PostgreSQL.
 
 Dead consumers are simulated in-process: a job is claimed through the ledger directly
 (as a consumer would) and then nobody heartbeats it; the test moves a ``clock=`` past

@@ -1,4 +1,4 @@
-"""The reaper and the sweep skip rows another transaction holds locked (issue 4).
+"""The reaper and the sweep skip rows another transaction holds locked.
 
 Row locks are a server's: these tests run on MariaDB and PostgreSQL (SQLite's write
 lock covers the whole file, so nothing can hold one row).

@@ -1,4 +1,4 @@
-"""A worker started while Redis is down consumes once Redis starts (issue 4), against a
+"""A worker started while Redis is down consumes once Redis starts, against a
 throwaway redis-server started late; on every database."""
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Redis refusing writes, losing replies, going back in time (issue 11, findings 9 and 10
-and the argued Redis items), against throwaway redis-servers and a TCP proxy; on every
-database.
+"""Redis refusing writes, losing replies, going back in time, against throwaway
+redis-servers and a TCP proxy; on every database.
 
 * the reaper's epoch check, sweep and reap are independent: a Redis out of memory under
   ``noeviction``, a read-only replica or a Redis that is down does not stop the
@@ -52,7 +51,7 @@ def in_thread(fn: Callable[[], ReapReport], timeout: float = 30) -> ReapReport:
     return out[0]
 
 
-# -- finding 9: the reaper keeps reaping while Redis refuses writes ----------------------
+# -- the reaper keeps reaping while Redis refuses writes ----------------------
 
 
 @pytest.mark.parametrize("fault", ["out of memory", "read-only replica", "down"])
@@ -104,7 +103,7 @@ def test_reaper_reaps_while_redis_refuses_writes(
     assert sorted(set(runs)) == sorted([dead, waiting])
 
 
-# -- finding 10: a failed recovery is retried, a dead one taken over ---------------------
+# -- a failed recovery is retried, a dead one taken over ---------------------
 
 
 def test_recovery_that_fails_half_way_is_retried(

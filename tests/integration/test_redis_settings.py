@@ -1,4 +1,4 @@
-"""The start-up warnings about Redis settings that make it lose queue keys (issue 4),
+"""The start-up warnings about Redis settings that make it lose queue keys,
 against throwaway redis-servers configured each way."""
 
 from __future__ import annotations

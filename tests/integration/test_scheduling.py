@@ -1,4 +1,4 @@
-"""Delayed jobs, retry backoff, unique keys, priorities and batches (issue 3), on every
+"""Delayed jobs, retry backoff, unique keys, priorities and batches, on every
 backend with the real Redis."""
 
 from __future__ import annotations

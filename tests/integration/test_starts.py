@@ -1,4 +1,4 @@
-"""Start marks (issue 11, findings #1 and #14), on SQLite, MariaDB and PostgreSQL.
+"""Start marks, on SQLite, MariaDB and PostgreSQL.
 
 An attempt is a run, not a claim: a claim clears ``started_at``, the consumer's start
 mark or the commit sets it, and the reaper charges an expired lease only when the job
@@ -202,7 +202,7 @@ def test_release_failing_at_shutdown_leaves_unstarted_jobs_uncharged(
 
 
 def test_a_handler_that_forks_runs_each_job_once(make_task: TaskFactory, tmp_path: Path) -> None:
-    """#14: the child of a handler that forks returns (or exits) through meepo's
+    """The child of a handler that forks returns (or exits) through meepo's
     executor; it must exit there, never run the parent's prefetched jobs or commit."""
     log = tmp_path / "runs.log"
     children: list[int] = []

@@ -1,4 +1,4 @@
-"""A model-based test of the job life cycle (issue 4): Hypothesis drives meepo's real
+"""A model-based test of the job life cycle: Hypothesis drives meepo's real
 ledger, transport, dispatcher and reaper with random sequences of push (plain, batched,
 transactional), pop, claim (with stale, duplicate and foreign messages), heartbeat,
 commit (group and manual, fresh and stale commit_id), release, clock moves, reaps,
@@ -808,7 +808,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def recovery_fails_half_way(self) -> None:
         """An epoch check whose recovery (pages of 2 rows) fails on its 2nd page (Redis
         refuses writes): the first page was sent, and the recovery stays owed, to be
-        retried by the next epoch check (issue 11, finding 10)."""
+        retried by the next epoch check."""
         fail = self._recovery_fails_at()
         real_send = self.t.transport.send
         calls: list[int] = []

@@ -1,4 +1,4 @@
-"""``meepo worker --max-jobs/--max-memory`` recycles the worker process (issue 4): a
+"""``meepo worker --max-jobs/--max-memory`` recycles the worker process: a
 real worker subprocess finishes and commits its jobs, replaces its process image (same
 pid, next generation) and keeps consuming; no job is lost or run twice."""
 

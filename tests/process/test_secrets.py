@@ -1,4 +1,4 @@
-"""Passwords in URLs never show (issue 11, #13): not in reprs, errors or log lines
+"""Passwords in URLs never show: not in reprs, errors or log lines
 (userinfo and ``?password=`` alike), not in ``repr(task.engine)``, and not on the argv of
 a worker started from files, before or after it recycles."""
 
