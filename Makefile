@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: demo test lint bench chaos venv clean
+.PHONY: demo test test-fast lint bench chaos venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,22 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/quickstart.py
 
+# `make test` runs every tier (tests/unit, integration, process, model) on SQLite, MariaDB
+# and PostgreSQL, in TEST_WORKERS pytest-xdist workers; each worker has databases and a
+# Redis db of its own (tests/support/backends.py). TEST_WORKERS=0 runs it in one process.
+# `make test-fast` runs tests/unit alone: no server, no redis-server binary, seconds.
+TEST_WORKERS ?= 4
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+test-fast: venv
+	$(PY) -m pytest -q tests/unit
 
 lint: venv
 	$(VENV)/bin/ruff check meepo meepo_pytest.py tests examples benchmarks migrations chaos
 	$(VENV)/bin/ruff format --check meepo meepo_pytest.py tests examples benchmarks migrations chaos
 	$(VENV)/bin/mypy --strict meepo meepo_pytest.py
+	$(VENV)/bin/mypy --strict tests
 	$(VENV)/bin/lint-imports
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of

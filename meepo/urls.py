@@ -96,13 +96,13 @@ def check_db_url(url: str) -> None:
     try:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(f"invalid database URL {mask_url(url)!r}: {exc}") from None
-    except NoSuchModuleError:
+    except NoSuchModuleError:  # before ArgumentError, its base class
         raise ConfigError(
             f"unknown driver {parsed.drivername!r} in the database URL: use "
             + ", ".join(DB_SCHEMES)
         ) from None
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"invalid database URL {mask_url(url)!r}: {exc}") from None
     try:
         dialect.import_dbapi()
     except ImportError:

@@ -1,74 +1,43 @@
-"""Shared fixtures: every database test runs on SQLite, MariaDB and PostgreSQL.
+"""Fixtures only: every database test runs on SQLite, MariaDB and PostgreSQL.
 
-Server URLs come from the environment (defaults: the local servers). A server that is
-unreachable is a skip, unless MEEPO_REQUIRE_SERVERS=1 (set by .ci/run) makes it a
-failure.
+What the fixtures use (server URLs from the environment, one database and Redis db per
+xdist worker, skip or fail when a server is unreachable) lives in the ``support``
+package; test modules import from there, never from this file.
+
+The unit tier runs with no server and no redis-server binary (``make test-fast``): a
+test under tests/unit that asks for a server's fixture is a collection error, not a skip.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer
-from sqlalchemy import text
+from support import TESTS, backends
+from support.backends import BACKENDS, TaskFactory, backend_url, unique_task_id, unreachable
+from support.helpers import RedisServer
 
 from meepo import Task
-from meepo.connect import engine_for
-from meepo.ledger import migrate
-
-MARIADB_URL = os.environ.get("MEEPO_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
-POSTGRES_URL = os.environ.get(
-    "MEEPO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("MEEPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-REQUIRE = os.environ.get("MEEPO_REQUIRE_SERVERS") == "1"
-
-BACKENDS = ["sqlite", "mariadb", "postgres"]
-SERVERS = ["mariadb", "postgres"]  # the backends with a server (and row locks)
-
-_reachable: dict[str, str | None] = {}
-_counter = itertools.count()
 
 
-def unreachable(what: str, why: object) -> None:
-    msg = f"{what} is unreachable: {why}"
-    if REQUIRE:
-        pytest.fail(msg + " (MEEPO_REQUIRE_SERVERS=1)")
-    pytest.skip(msg)
+@pytest.fixture(autouse=True)
+def _close_idle_connections() -> Iterator[None]:
+    """Under xdist, close the idle pooled connections of every engine after each test
+    (torn down last, after the Tasks stopped). A process keeps one pool per URL and
+    lease (up to 20 + 6 per lease idle connections): N workers would hold N times what a
+    serial run holds, past PostgreSQL's default 100 clients. A serial run keeps its
+    pools, as before."""
+    yield
+    if backends.WORKER is not None:
+        backends.close_idle_connections()
 
 
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'ledger.sqlite3'}"
-
-
-def _prepare(url: str) -> None:
-    engine = engine_for(url)
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
-    migrate.upgrade(engine)
-
-
-def backend_url(backend: str, sqlite_url: str) -> str:
-    """The migrated ledger database URL of ``backend`` (skip or fail if unreachable)."""
-    url = {"sqlite": sqlite_url, "mariadb": MARIADB_URL, "postgres": POSTGRES_URL}[backend]
-    if backend not in _reachable:
-        try:
-            _prepare(url)
-            _reachable[backend] = None
-        except Exception as exc:
-            _reachable[backend] = str(exc).splitlines()[0]
-    why = _reachable[backend]
-    if why is not None:
-        unreachable(backend, why)
-    return url
 
 
 @pytest.fixture(params=BACKENDS)
@@ -82,21 +51,19 @@ def db_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    """This worker's Redis URL (its own db under xdist, see support.backends)."""
+    try:
+        url = backends.redis_url()
+    except ValueError as exc:
+        pytest.fail(str(exc))
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
     try:
         client.ping()
     except redis.RedisError as exc:
         unreachable("redis", exc)
     finally:
         client.close()
-    return REDIS_URL
-
-
-def unique_task_id(prefix: str = "t") -> str:
-    return f"{prefix}_{os.getpid()}_{int(time.time() * 1000) % 10**9}_{next(_counter)}"
-
-
-TaskFactory = Callable[..., Task]
+    return url
 
 
 @pytest.fixture
@@ -138,3 +105,17 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+UNIT = TESTS / "unit"
+SERVER_FIXTURES = {"db_url", "sqlite_url", "redis_url", "make_task", "servers"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        wanted = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if wanted and item.path.is_relative_to(UNIT):
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {', '.join(sorted(wanted))}: a test that needs a "
+                "server belongs in tests/integration or tests/process, not tests/unit"
+            )

@@ -9,7 +9,7 @@ precondition (``status`` and ``commit_id``) in SQL, and it reports back what mat
 There is one driver per server (``meepo/ledger/drivers/``): ``portable`` (SQLAlchemy
 Core, any supported dialect), ``postgres`` (psycopg 3: arrays, autocommit, SQL text on
 the driver's cursor) and ``mysql`` (MariaDB/MySQL through PyMySQL: one-packet scripts,
-primary-key hints). The same conformance suite (``tests/test_conformance.py``) runs
+primary-key hints). The same conformance suite (``tests/integration/test_conformance.py``) runs
 every one of them; see ``docs/drivers.md``.
 
 This module also holds what the rules and the drivers share: the result types, the
