@@ -234,6 +234,7 @@ def test_a_cancel_racing_a_manual_commit_exactly_one_wins(
         go.set()
         rec = wait_status(task, job_id, Status.DONE)
         assert task.cancel(job_id) is False
+        wait_for(lambda: outcome, message="the commit's outcome")  # its return follows the row
         assert outcome == ["committed"]
         assert record(task, job_id).status is Status.DONE
     assert rec.failed_times == 0
