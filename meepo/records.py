@@ -97,7 +97,7 @@ class RunControl:
     report is one tuple, replaced whole.
     """
 
-    __slots__ = ("cancel_requested", "dirty", "latest", "notify")
+    __slots__ = ("cancel_requested", "dirty", "latest", "notify", "on_cancel")
 
     def __init__(self) -> None:
         self.cancel_requested = False
@@ -105,6 +105,20 @@ class RunControl:
         self.latest: tuple[float, str | None] | None = None
         #: Called once when a report arrives with none pending (the consumer's wake-up).
         self.notify: Callable[[], None] | None = None
+        #: Called once when the run is cancelled (the asyncio executor cancels the
+        #: handler's coroutine); thread handlers read :attr:`cancel_requested` instead.
+        self.on_cancel: Callable[[], None] | None = None
+
+    def request_cancel(self) -> bool:
+        """Mark the run cancelled (the heartbeat saw the ledger's flag) and tell
+        :attr:`on_cancel`; False if it was marked already."""
+        if self.cancel_requested:
+            return False
+        self.cancel_requested = True
+        hook = self.on_cancel
+        if hook is not None:
+            hook()
+        return True
 
     def report(self, fraction: float, note: str | None) -> None:
         self.latest = (fraction, note)

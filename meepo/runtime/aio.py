@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import queue
 import sys
@@ -234,6 +235,11 @@ class AsyncioExecutor(Executor):
         result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
+        running = asyncio.current_task()
+        if running is not None:
+            # A cancel the heartbeat sees (in its thread) cancels the coroutine: the
+            # handler sees CancelledError, and the job ends as cancelled.
+            job.control.on_cancel = functools.partial(self._call, running.cancel)
         try:
             if hooks is not None:  # middleware: before_run (raising fails the attempt)
                 hooks.before_run(job)
@@ -247,6 +253,7 @@ class AsyncioExecutor(Executor):
             error = error_summary(exc)
             failure = exc
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
+        job.control.on_cancel = None
         took = time.perf_counter() - began
         if hooks is not None:  # middleware: after_run
             hooks.after_run(job, took, error, failure)

@@ -148,8 +148,7 @@ class Heartbeat(Service):
                     claims.held[i].lease_end = began + self.opts.lease
             for i, c in renewal.cancel:
                 control = claims.held[i].control if claims.holds(i, c) else None
-                if control is not None and not control.cancel_requested:
-                    control.cancel_requested = True
+                if control is not None and control.request_cancel():
                     cancelled.append(i)
         if cancelled:
             log.info(

@@ -25,7 +25,45 @@ from typing import Any
 
 from ..config import PRIORITY_RE
 from ..records import DEFAULT_PRIORITY, Message, Pair
+from .notify import Watch
 from .transport import MESSAGES_PER_CALL, PROMOTE_LIMIT, Transport, decode, encode, new_epoch
+
+
+class LocalNotices:
+    """Finish notices within the process: ``submit`` (the committer's, through
+    ``Dispatcher.notify``) wakes the waiters (``Task.wait``) of those jobs at once. It
+    is both the transport's ``notices`` and its ``listener``; the subscription is
+    always confirmed (there is nothing to subscribe to)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[int, set[Watch]] = {}
+
+    def submit(self, ids: list[int]) -> None:
+        with self._lock:
+            woken = [w for i in ids for w in self._watches.get(i, ())]
+        for w in woken:
+            w.event.set()
+
+    def watch(self, channel: str, job_id: int, confirm_timeout: float) -> tuple[Watch, bool]:
+        w = Watch(channel, job_id)
+        with self._lock:
+            self._watches.setdefault(job_id, set()).add(w)
+        return w, True
+
+    def confirmed(self, channel: str) -> bool:
+        return True
+
+    def unwatch(self, w: Watch) -> None:
+        with self._lock:
+            got = self._watches.get(w.job_id)
+            if got is not None:
+                got.discard(w)
+                if not got:
+                    del self._watches[w.job_id]
+
+    def close(self) -> None:
+        pass
 
 
 class LocalTransport(Transport):
@@ -56,6 +94,8 @@ class LocalTransport(Transport):
         self.counter_key = f"{self._base}:epoch:counter"
         self._recovery_base = f"{self._base}:recovery:"
         self.where = f"in-process queues of task {task_id!r} (pid {os.getpid()})"
+        self.done_channel = f"{self._base}:done"
+        self.notices: Any = LocalNotices()
         self._cv = threading.Condition(threading.Lock())
         self._queues: dict[str, deque[bytes]] = {}
         # (due, member) sorted by due time, then by member: the delayed set.
@@ -226,6 +266,15 @@ class LocalTransport(Transport):
 
     def info(self) -> dict[str, Any]:
         return {"redis_version": "none (in-process transport)"}
+
+    @property
+    def listener(self) -> Any:
+        """Waiters watch the in-process notices (:class:`LocalNotices`)."""
+        return self.notices
+
+    def publish_done(self, ids: Sequence[int]) -> int:
+        self.notices.submit(list(ids))
+        return 1
 
     def close(self) -> None:
         with self._cv:

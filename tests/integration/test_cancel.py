@@ -119,8 +119,40 @@ def test_a_running_handler_sees_the_cancel_and_its_job_ends_cancelled(
     assert seen == [True]
     assert (rec.failed_times, rec.expires_at, rec.cancel_requested) == (0, None, True)
     consumer = task.consumer
-    assert consumer is not None and consumer.counters.cancelled == 1
+    assert consumer is not None
+    # the committer counts after its statement returned: the row may be read first
+    wait_for(lambda: consumer.counters.cancelled == 1, message="the cancelled count")
     assert consumer.counters.done == 0
+
+
+def test_a_running_async_handler_is_cancelled_and_its_job_ends_cancelled(
+    make_task: TaskFactory,
+) -> None:
+    """An ``async def`` handler is not left to notice the flag: its coroutine is
+    cancelled (it sees CancelledError) within a heartbeat, and the job is cancelled,
+    not failed or retried."""
+    import asyncio
+
+    started = threading.Event()
+    saw: list[str] = []
+
+    async def handler(job: Job) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            saw.append("CancelledError")
+            raise
+        saw.append("slept")
+
+    task = make_task(job_func=handler, lease=LEASE, max_failed_times=3)
+    job_id = task.push(b"long")
+    task.start()
+    assert started.wait(30)
+    assert task.cancel(job_id) is True
+    rec = wait_status(task, job_id, Status.CANCELLED)
+    assert saw == ["CancelledError"]
+    assert (rec.failed_times, rec.expires_at) == (0, None)
 
 
 def test_a_cancelled_job_whose_handler_raises_is_not_retried(make_task: TaskFactory) -> None:
@@ -202,6 +234,7 @@ def test_a_cancel_racing_a_manual_commit_exactly_one_wins(
         go.set()
         rec = wait_status(task, job_id, Status.DONE)
         assert task.cancel(job_id) is False
+        wait_for(lambda: outcome, message="the commit's outcome")  # its return follows the row
         assert outcome == ["committed"]
         assert record(task, job_id).status is Status.DONE
     assert rec.failed_times == 0

@@ -79,6 +79,24 @@ def test_inline_push_runs_the_handler_before_it_returns(inline_task: Any) -> Non
     assert set(task.depths().values()) == {0}
 
 
+def test_wait_and_stored_results_work_inline(inline_task: Any) -> None:
+    """The in-process transport carries the finish notices too: ``wait`` returns the
+    job's record with its stored result, and a waiter in another thread is woken by the
+    commit of a job pushed after it began waiting."""
+    task = inline_task(lambda job: job.payload.upper(), store_results=True)
+    job_id = task.push(b"hello")
+    done = task.wait(job_id, timeout=5)
+    assert (done.status, done.result) == (Status.DONE, b"HELLO")
+    later = task.push(b"x", delay=3600)  # stays todo until run_due
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(task.wait(later, timeout=30)))
+    waiter.start()
+    wait_for(lambda: bool(task.transport.notices._watches), message="the waiter's watch")
+    task.repush(later)  # due now: runs inline, and its commit wakes the waiter
+    waiter.join(30)
+    assert [r.status for r in got] == [Status.DONE]
+
+
 def test_a_failing_handler_is_retried_at_once_until_max_failed_times(inline_task: Any) -> None:
     runs: list[int] = []
 

@@ -395,8 +395,9 @@ def test_stats_on_the_embedded_default_reads_a_running_server_and_never_starts_o
         code, out, err = meepo("stats", "--task", "embedded_stats", cwd=tmp_path)
         assert (code, err) == (0, "")
         _header, row = out.splitlines()
-        assert row.split()[:5] == ["embedded_stats", "1", "0", "0", "0"]
-        assert row.split()[6:8] == ["1", "0"]  # QUEUE, DELAYED: read from the server
+        # TASK, the five statuses, OLDEST, then QUEUE and DELAYED: read from the server
+        assert row.split()[:6] == ["embedded_stats", "1", "0", "0", "0", "0"]
+        assert row.split()[7:9] == ["1", "0"]
     finally:
         owner.communicate("\n", timeout=60)
     assert owner.returncode == 0
@@ -407,8 +408,8 @@ def test_stats_on_the_embedded_default_reads_a_running_server_and_never_starts_o
     code, out, err = meepo("stats", "--task", "embedded_stats", cwd=tmp_path)
     assert code == 0, err
     _header, row = out.splitlines()
-    assert row.split()[:5] == ["embedded_stats", "1", "0", "0", "0"]
-    assert row.split()[6:] == ["unavailable"] * 3
+    assert row.split()[:6] == ["embedded_stats", "1", "0", "0", "0", "0"]
+    assert row.split()[7:] == ["unavailable"] * 3
     assert err == (
         "meepo: warning: queue depths unavailable: no embedded Redis server is running "
         "(meepo stats does not start one; a worker does, or set MEEPO_REDIS_URL / --redis)\n"
