@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ..config import Options
 from ..dispatch import Dispatcher
@@ -48,6 +48,10 @@ from .starter import START_RECORD_DELAY, Starter, error_summary
 from .watchdog import Watchdog
 
 log = logging.getLogger("meepo.consumer")
+
+#: How far ahead of now a todo job still counts as due for burst mode (see
+#: :meth:`Consumer.outstanding`).
+DUE_SLACK = timedelta(seconds=1)
 
 #: The longest the process's other duties wait at start for the fetcher's first round
 #: (seconds; see Consumer.settled), and how often they look.
@@ -260,9 +264,14 @@ class Consumer:
         self.watchdog.bound = value
 
     def outstanding(self) -> int:
-        """The task's jobs left for this consumer: due now (todo, by the task's clock) or
-        claimed by it and not committed yet. Burst mode stops at zero. One COUNT."""
-        return self.d.outstanding(self.worker, self.clock())
+        """The task's jobs left for this consumer: due now (todo, by the task's clock,
+        give or take :data:`DUE_SLACK`) or claimed by it and not committed yet. Burst
+        mode stops at zero. One COUNT.
+
+        The slack: a retry due "now" was stamped by the clock estimate of its commit,
+        which the background clock measurement may move back a little before this
+        count; a job due within the slack is waited for, not left behind."""
+        return self.d.outstanding(self.worker, self.clock() + DUE_SLACK)
 
     def heartbeat_once(self) -> set[Pair]:
         """Renew every lease this process holds; returns the claims found lost."""
