@@ -29,11 +29,14 @@ if that fails, their dispatch deadline brings them back): a committed job is nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -234,6 +237,57 @@ class Dispatcher:
                     )
                 poll = WAIT_SAFETY_POLL if listener.confirmed(channel) else WAIT_FALLBACK_POLL
                 watch.event.wait(poll if left is None else min(left, poll))
+        finally:
+            listener.unwatch(watch)
+
+    async def wait_async(
+        self,
+        job_id: int,
+        timeout: float | None,
+        offload: Callable[[Callable[[], Any]], Awaitable[Any]],
+    ) -> JobRecord:
+        """:meth:`wait` for a coroutine: the same watch-then-read loop, but it sleeps on
+        the event loop (the notice's event wakes it through ``call_soon_threadsafe``)
+        and runs its ledger reads with ``offload`` (a bounded thread pool), so the loop
+        is never blocked and a waiter holds no thread while it sleeps."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        class Bridge(threading.Event):
+            """Set by the notice thread; wakes the coroutine on its loop."""
+
+            def set(self) -> None:
+                super().set()
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(woken.set)
+
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        listener = self.transport.listener
+        channel = self.transport.done_channel
+        watch, _ = await offload(functools.partial(listener.watch, channel, job_id, 0.0, Bridge()))
+        try:
+            while True:
+                woken.clear()
+                watch.event.clear()
+                rec: JobRecord | None = await offload(
+                    functools.partial(self.ledger.get, job_id, self.task_id)
+                )
+                if rec is None:
+                    raise JobNotFoundError(f"task {self.task_id!r} has no job {job_id}")
+                if rec.status.terminal:
+                    return rec
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WaitTimeoutError(
+                        f"job {job_id} of task {self.task_id!r} is still {rec.status.value} "
+                        f"after {time.monotonic() - began:.3g}s"
+                    )
+                poll = WAIT_SAFETY_POLL if listener.confirmed(channel) else WAIT_FALLBACK_POLL
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken.wait(), poll if left is None else min(left, poll))
         finally:
             listener.unwatch(watch)
 

@@ -689,6 +689,16 @@ class Task:
         assert out is not None
         return out
 
+    async def wait_async(self, job_id: int, timeout: float | timedelta | None = 30.0) -> JobRecord:
+        """:meth:`wait`, awaited: the waiter sleeps on the event loop (woken by the same
+        notice) and reads the ledger in the offload pool, so it blocks neither the loop
+        nor a thread while it waits. Same arguments, result and errors."""
+        limit = None if timeout is None else config.seconds(timeout, "timeout", allow_zero=True)
+        rec = await self.dispatcher.wait_async(job_id, limit, self.offload.run)
+        out = self._decoded(rec)
+        assert out is not None
+        return out
+
     def depth(self) -> int:
         """Messages waiting in Redis for this task (all priority queues; delayed jobs
         are not counted until they fall due)."""

@@ -45,8 +45,14 @@ class LocalNotices:
         for w in woken:
             w.event.set()
 
-    def watch(self, channel: str, job_id: int, confirm_timeout: float) -> tuple[Watch, bool]:
-        w = Watch(channel, job_id)
+    def watch(
+        self,
+        channel: str,
+        job_id: int,
+        confirm_timeout: float,
+        event: threading.Event | None = None,
+    ) -> tuple[Watch, bool]:
+        w = Watch(channel, job_id) if event is None else Watch(channel, job_id, event)
         with self._lock:
             self._watches.setdefault(job_id, set()).add(w)
         return w, True

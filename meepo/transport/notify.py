@@ -86,13 +86,20 @@ class Listener:
 
     # -- the waiters' side -----------------------------------------------------------
 
-    def watch(self, channel: str, job_id: int, confirm_timeout: float) -> tuple[Watch, bool]:
+    def watch(
+        self,
+        channel: str,
+        job_id: int,
+        confirm_timeout: float,
+        event: threading.Event | None = None,
+    ) -> tuple[Watch, bool]:
         """Register interest in ``job_id``'s notices and make sure the channel is
         subscribed; returns the watch and whether Redis has confirmed the subscription
-        (within ``confirm_timeout`` seconds). Not confirmed: Redis is unreachable (or
+        (within ``confirm_timeout`` seconds; ``event``: the one the notices set, for a
+        waiter that is not a thread). Not confirmed: Redis is unreachable (or
         slow); the caller reads the ledger at its fallback interval. Never raises for
         Redis."""
-        w = Watch(channel, job_id)
+        w = Watch(channel, job_id) if event is None else Watch(channel, job_id, event)
         with self._lock:
             ch = self._channels.setdefault(channel, _Channel())
             ch.watches.setdefault(job_id, set()).add(w)

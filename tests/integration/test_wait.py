@@ -227,3 +227,62 @@ def test_wait_falls_back_to_the_ledger_while_redis_is_down(
     finally:
         task.stop()
         task.transport.close()
+
+
+# -- wait_async ---------------------------------------------------------------------------
+
+
+def test_wait_async_returns_a_finished_job_and_raises_like_wait(make_task: TaskFactory) -> None:
+    import asyncio
+
+    task = make_task()
+    job_id = task.push(b"x")
+    todo = task.push(b"y")
+    (job, *_) = _claim(task)
+    task.commit(job.id, Status.DONE, commit_id=job.commit_id)
+
+    async def main() -> None:
+        rec = await task.wait_async(job_id, timeout=0)
+        assert rec.status is Status.DONE
+        with pytest.raises(WaitTimeoutError, match="still todo"):
+            await task.wait_async(todo, timeout=0.2)
+        with pytest.raises(JobNotFoundError):
+            await task.wait_async(10**12)
+
+    asyncio.run(main())
+
+
+def test_wait_async_is_woken_by_the_commit_and_never_blocks_the_loop(
+    make_task: TaskFactory, no_polling: None
+) -> None:
+    """With polling off, only the commit's notice can end the wait before SLEEP; a
+    ticker on the same loop keeps running while the waiter sleeps (it holds no thread
+    and blocks nothing)."""
+    import asyncio
+
+    task = make_task()
+    job_id = task.push(b"x")
+    (job,) = _claim(task)
+
+    async def main() -> tuple[JobRecord, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        waiting = asyncio.create_task(task.wait_async(job_id, timeout=SLEEP))
+        while not _watching(task, job_id):
+            await asyncio.sleep(0.01)
+        seen = ticks
+        await asyncio.to_thread(task.commit, job_id, Status.DONE, commit_id=job.commit_id)
+        rec = await asyncio.wait_for(waiting, WOKEN_WITHIN)
+        tick.cancel()
+        return rec, ticks - seen
+
+    rec, ticked = asyncio.run(main())
+    assert rec.status is Status.DONE
+    assert ticked > 0
