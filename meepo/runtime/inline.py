@@ -31,9 +31,35 @@ from ..dispatch import Dispatcher
 from ..middleware import Hooks
 from ..records import Job, Status
 from .consumer import Consumer
-from .executor import Slot, ThreadExecutor
+from .executor import Slot, ThreadExecutor, is_async_handler
 
 log = logging.getLogger("meepo.inline")
+
+
+def _run_to_completion(handler: Callable[[Job], Any]) -> Callable[[Job], Any]:
+    """An ``async def`` handler as a plain function: each call runs the coroutine to
+    its end on an event loop of its own, in a thread of its own (so a push from inside
+    the test's own running loop works too), and returns or raises what it did."""
+
+    def call(job: Job) -> Any:
+        import asyncio
+
+        box: dict[str, Any] = {}
+
+        def go() -> None:
+            try:
+                box["result"] = asyncio.run(handler(job))
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=go, name=f"meepo-inline-{job.id}", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    return call
 
 
 class InlineRunner:
@@ -59,9 +85,11 @@ class InlineRunner:
 
         self._interrupted: KeyboardInterrupt | None = None
 
+        call = _run_to_completion(handler) if is_async_handler(handler) else handler
+
         def run(job: Job) -> Any:
             try:
-                return handler(job)
+                return call(job)
             except KeyboardInterrupt as exc:  # Ctrl-C in the test run: after the commit
                 self._interrupted = exc
                 raise

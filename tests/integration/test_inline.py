@@ -97,6 +97,33 @@ def test_wait_and_stored_results_work_inline(inline_task: Any) -> None:
     assert [r.status for r in got] == [Status.DONE]
 
 
+def test_an_async_handler_runs_inline_even_from_a_running_loop(inline_task: Any) -> None:
+    """An ``async def`` handler runs to its end before push returns, from plain code
+    and from inside a coroutine (an async test); its failures are retried as any."""
+    import asyncio
+
+    runs: list[bytes] = []
+
+    async def handler(job: Job) -> bytes:
+        await asyncio.sleep(0)
+        runs.append(job.payload)
+        if job.payload == b"bad" and job.failed_times == 0:
+            raise ValueError("first attempt")
+        return job.payload * 2
+
+    task = inline_task(handler, store_results=True, max_failed_times=2)
+    plain = task.push(b"a")
+
+    async def from_a_loop() -> int:
+        return int(task.push(b"bad"))
+
+    retried = asyncio.run(from_a_loop())
+    assert runs == [b"a", b"bad", b"bad"]
+    assert (rec(task, plain).status, task.wait(plain).result) == (Status.DONE, b"aa")
+    r = rec(task, retried)
+    assert (r.status, r.failed_times) == (Status.DONE, 1)
+
+
 def test_a_failing_handler_is_retried_at_once_until_max_failed_times(inline_task: Any) -> None:
     runs: list[int] = []
 
