@@ -48,7 +48,7 @@ class Status(str, enum.Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
+        return self in _TERMINAL
 
     @classmethod
     def parse(cls, value: str | Status) -> Status:
@@ -60,6 +60,10 @@ class Status(str, enum.Enum):
         except ValueError:
             choices = ", ".join(s.value for s in cls)
             raise ValueError(f"unknown status {value!r}: expected one of {choices}") from None
+
+
+#: The statuses a job ends in (asked once per committed job: a set lookup).
+_TERMINAL = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
 
 
 #: The longest ``note`` of ``Job.progress`` (characters; the column is VARCHAR(255)).

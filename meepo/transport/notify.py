@@ -37,8 +37,12 @@ log = logging.getLogger("meepo.transport")
 LINGER = 10.0
 #: How long the listener's read waits for a message before it looks at its state.
 READ_TIMEOUT = 0.5
-#: How long the notice thread gathers notices while nobody is subscribed (seconds).
+#: How long the notice thread gathers notices while nobody is subscribed (seconds): it
+#: starts at QUIET_GATHER and doubles with every PUBLISH that reached nobody, up to
+#: QUIET_GATHER_MAX (a drain with no waiter then sends about 10 notices a second, not
+#: one per group commit); one that reached a subscriber sends the next at once.
 QUIET_GATHER = 0.005
+QUIET_GATHER_MAX = 0.1
 #: Backoff between reconnection attempts after the pubsub connection failed (seconds).
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 
@@ -247,6 +251,7 @@ class Publisher:
         self._publish = publish
         #: The last notice reached no subscriber (no process is waiting on this task).
         self._quiet = False
+        self._gather = QUIET_GATHER  # the next quiet gathering (see QUIET_GATHER_MAX)
         self.task_id = task_id
         self._queue: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -283,9 +288,11 @@ class Publisher:
                 continue
             if self._quiet:
                 # Nobody was listening last time (PUBLISH says how many did): gather
-                # the notices of a few more batches into one message. A waiter that has
-                # just subscribed pays this once, then notices go out at once again.
-                time.sleep(QUIET_GATHER)
+                # the notices of more batches into one message, longer each time. A
+                # waiter that has just subscribed pays this once (at most
+                # QUIET_GATHER_MAX), then notices go out at once again.
+                time.sleep(self._gather)
+                self._gather = min(QUIET_GATHER_MAX, self._gather * 2)
             while True:  # coalesce what queued meanwhile
                 try:
                     ids = ids + self._queue.get_nowait()
@@ -293,5 +300,7 @@ class Publisher:
                     break
             try:
                 self._quiet = self._publish(ids) == 0
+                if not self._quiet:
+                    self._gather = QUIET_GATHER
             except Exception as exc:  # a notice is a hint: waiters also read the ledger
                 log.debug("task %s: finish notice not sent: %s", self.task_id, exc)
