@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -129,15 +130,7 @@ def repush(
     table: str | None,
     prefix: str | None,
 ) -> int:
-    ids = job_ids(first_id, more_ids)
-    if ids is not None and status is not None:
-        raise UsageError("--status is not allowed with --id")
-    if ids is None and status is None:
-        raise UsageError("one of --id or --status is required")
-    if ids is not None and (since or until or limit):
-        raise UsageError("--since, --until and --limit go with --status, not --id")
-    if since and until and since >= until:
-        raise UsageError("--since must be before --until")
+    ids = _selection(first_id, more_ids, status, since, until, limit)
     admin = admin_for(ctx, table, prefix)
     bar = ProgressBar(sys.stderr, "would repush" if dry_run else "repushing")
     try:
@@ -154,15 +147,43 @@ def repush(
     finally:
         bar.close()
     _print_repush(result)
-    if result.skipped:
-        shown = ", ".join(str(i) for i in result.skipped[:10])
-        more = " …" if len(result.skipped) > 10 else ""
-        stderr(
-            f"warning: {len(result.skipped)} job(s) kept changing while being repushed and "
-            f"were left as they are: {shown}{more}"
-        )
-        return 1
-    return 0
+    return _skipped(result.skipped, "repushed")
+
+
+def _selection(
+    first_id: int | None,
+    more_ids: tuple[int, ...],
+    status: Status | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+) -> list[int] | None:
+    """The ids of ``--id`` (None: the jobs are chosen by ``--status`` and its filters),
+    after the checks ``repush`` and ``cancel`` share."""
+    ids = job_ids(first_id, more_ids)
+    if ids is not None and status is not None:
+        raise UsageError("--status is not allowed with --id")
+    if ids is None and status is None:
+        raise UsageError("one of --id or --status is required")
+    if ids is not None and (since or until or limit):
+        raise UsageError("--since, --until and --limit go with --status, not --id")
+    if since and until and since >= until:
+        raise UsageError("--since must be before --until")
+    return ids
+
+
+def _skipped(skipped: Sequence[int], verb: str) -> int:
+    """The exit code of ``repush``/``cancel``: 1, with a warning naming them, when jobs
+    kept changing while being ``verb`` and were left as they are."""
+    if not skipped:
+        return 0
+    shown = ", ".join(str(i) for i in skipped[:10])
+    more = " …" if len(skipped) > 10 else ""
+    stderr(
+        f"warning: {len(skipped)} job(s) kept changing while being {verb} and were left "
+        f"as they are: {shown}{more}"
+    )
+    return 1
 
 
 # -- cancel -----------------------------------------------------------------------------
@@ -207,15 +228,7 @@ def cancel(
     table: str | None,
     prefix: str | None,
 ) -> int:
-    ids = job_ids(first_id, more_ids)
-    if ids is not None and status is not None:
-        raise UsageError("--status is not allowed with --id")
-    if ids is None and status is None:
-        raise UsageError("one of --id or --status is required")
-    if ids is not None and (since or until or limit):
-        raise UsageError("--since, --until and --limit go with --status, not --id")
-    if since and until and since >= until:
-        raise UsageError("--since must be before --until")
+    ids = _selection(first_id, more_ids, status, since, until, limit)
     admin = admin_for(ctx, table, prefix)
     bar = ProgressBar(sys.stderr, "would cancel" if dry_run else "cancelling")
     try:
@@ -232,15 +245,7 @@ def cancel(
     finally:
         bar.close()
     _print_cancel(result)
-    if result.skipped:
-        shown = ", ".join(str(i) for i in result.skipped[:10])
-        more = " …" if len(result.skipped) > 10 else ""
-        stderr(
-            f"warning: {len(result.skipped)} job(s) kept changing while being cancelled and "
-            f"were left as they are: {shown}{more}"
-        )
-        return 1
-    return 0
+    return _skipped(result.skipped, "cancelled")
 
 
 def _print_cancel(result: CancelResult) -> None:
