@@ -207,6 +207,8 @@ def test_commit_async_lets_the_other_handlers_run_while_it_waits(make_task: Task
     task.start()
     wait_status(task, a, Status.DONE)
     wait_status(task, b, Status.DONE)
+    # after_commit runs once the rows are written: a's may still be on its way
+    wait_for(lambda: waited, message="job a's after_commit")
     assert waited == [True]
 
 
