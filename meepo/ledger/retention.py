@@ -30,10 +30,10 @@ over locks them the other way round).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -56,11 +56,14 @@ from .driver import ROWS_PER_STATEMENT
 from .engine import translate_errors
 from .schema import archive_table, jobs_table, retention_table, unique_table
 
+T = TypeVar("T")
+
 #: Rows a purge chunk (one short transaction) and a delete statement handle at most.
 CHUNK = min(1000, ROWS_PER_STATEMENT)
 #: A row of :meth:`Retention.matching`: ``(id, task_id, commit_id, status)``.
 Found = tuple[int, str, int, Status]
-#: How many times a policy write that lost a deadlock to another writer is tried.
+#: How many times a policy write or a purge chunk that lost a deadlock to another
+#: writer (a racing cleaner) is tried.
 DEADLOCK_RETRIES = 5
 #: Where a purge pass has got to: the ``(updated_at, id)`` of the last row it read.
 Cursor = tuple[datetime, int]
@@ -228,13 +231,7 @@ class Retention:
         not in it lose their retention (kept for ever). Safe to race: the last writer's
         policy is the one every cleaner reads (a deadlock between two writers is
         retried)."""
-        for attempt in range(DEADLOCK_RETRIES):
-            try:
-                self._save_policy(task_id, policy)
-                return
-            except LedgerUnavailableError as exc:
-                if "deadlock" not in str(exc).lower() or attempt == DEADLOCK_RETRIES - 1:
-                    raise
+        _retrying_deadlocks(lambda: self._save_policy(task_id, policy))
 
     def _save_policy(self, task_id: str, policy: Mapping[Status, float]) -> None:
         r = self.retention
@@ -333,7 +330,24 @@ class Retention:
         """Remove up to ``limit`` (at most :data:`CHUNK`) finished rows of the task that
         last changed before ``cutoff``, past ``after``; rows locked by another cleaner
         are skipped, rows still holding a unique key are kept. ``archive`` copies them
-        into ``<table>_archive`` first, in the same transaction."""
+        into ``<table>_archive`` first, in the same transaction. A chunk that lost a
+        deadlock to a racing cleaner (MariaDB) is rolled back and tried again."""
+        return _retrying_deadlocks(
+            lambda: self._purge_chunk(
+                task_id, status, cutoff, after=after, archive=archive, limit=limit
+            )
+        )
+
+    def _purge_chunk(
+        self,
+        task_id: str,
+        status: Status,
+        cutoff: datetime,
+        *,
+        after: Cursor | None = None,
+        archive: bool = False,
+        limit: int = CHUNK,
+    ) -> PurgeChunk:
         if not status.terminal:
             raise ValueError(
                 f"only finished jobs are purged (done, failed, cancelled), not {status}"
@@ -402,3 +416,15 @@ def _record(m: Any) -> JobRecord:
 
 #: The JobRecord fields read from their columns (``data`` is the payload, undecoded).
 _FIELDS = [f for f in JobRecord.__dataclass_fields__ if f not in ("status", "data")]
+
+
+def _retrying_deadlocks(work: Callable[[], T]) -> T:
+    """``work()``, tried again (up to :data:`DEADLOCK_RETRIES` times) when the database
+    chose it as a deadlock's victim: its transaction was rolled back whole."""
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            return work()
+        except LedgerUnavailableError as exc:
+            if "deadlock" not in str(exc).lower() or attempt == DEADLOCK_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

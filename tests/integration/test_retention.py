@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, update
@@ -13,6 +14,7 @@ from support.backends import TaskFactory, unique_task_id
 
 from meepo import Status
 from meepo.connect import engine_for
+from meepo.errors import LedgerUnavailableError
 from meepo.ledger.retention import CHUNK, JobFilter, Retention
 from meepo.runtime.cleaner import Cleaner
 
@@ -396,3 +398,29 @@ def test_a_consumer_whose_running_job_is_deleted_goes_on(make_task: TaskFactory)
     wait_for(lambda: (r := task.get(nxt)) is not None and r.status is Status.DONE, timeout=30)
     assert task.get(job_id) is None
     assert ran == [b"block", b"next"]
+
+
+def test_a_purge_chunk_that_lost_a_deadlock_is_tried_again(
+    store: Retention, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MariaDB may pick one of two racing cleaners as a deadlock's victim (seen in a
+    parallel CI run): its chunk's transaction is rolled back whole, so the chunk is
+    simply run again, and the caller never sees the deadlock."""
+    task_id = unique_task_id("dl")
+    ids = add_rows(store, task_id, 5, Status.DONE, OLD)
+    real = store._purge_chunk
+    lost: list[int] = []
+
+    def first_loses(*args: Any, **kwargs: Any) -> Any:
+        if not lost:
+            lost.append(1)
+            raise LedgerUnavailableError(
+                "database error: (1213, 'Deadlock found when trying to get lock; try "
+                "restarting transaction')"
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_purge_chunk", first_loses)
+    chunk = store.purge_chunk(task_id, Status.DONE, store.db_now() - timedelta(days=1))
+    assert (lost, chunk.removed) == ([1], len(ids))
+    assert count(store, task_id) == 0
