@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -90,6 +90,43 @@ def no_ledger(path: str) -> str:
     return f"no ledger database at {path} yet (`meepo db upgrade` or a first push creates it)"
 
 
+def selection_options(
+    status_type: click.ParamType[Any], metavar: str, verb: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The job selection ``repush`` and ``cancel`` share: ``--id ID...``, or
+    ``--status`` (of ``status_type``) with ``--since``/``--until``/``--limit``/``--task``,
+    and ``--dry-run`` (showing what would be ``verb``); checked by :func:`_selection`."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(
+            [
+                click.option(
+                    "--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5."
+                ),
+                click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]..."),
+                click.option(
+                    "--status",
+                    type=status_type,
+                    metavar=metavar,
+                    help="Jobs in this status (with --since, --until, --limit).",
+                ),
+                click.option(
+                    "--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h)."
+                ),
+                click.option(
+                    "--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h)."
+                ),
+                click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs."),
+                click.option("--task", metavar="TASK", help="Only jobs of this task."),
+                click.option("--dry-run", is_flag=True, help=f"Show what would be {verb}."),
+            ]
+        ):
+            f = option(f)
+        return f
+
+    return decorate
+
+
 # -- repush -----------------------------------------------------------------------------
 
 
@@ -100,19 +137,7 @@ def no_ledger(path: str) -> str:
     "task's Redis queue. By --id (any status; the task is read from each row) or by "
     "--status, where --since/--until bound the time of the job's last change.",
 )
-@click.option("--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5.")
-@click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]...")
-@click.option(
-    "--status",
-    type=REPUSH_STATUS,
-    metavar="{failed,todo,doing}",
-    help="Jobs in this status (with --since, --until, --limit).",
-)
-@click.option("--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h).")
-@click.option("--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h).")
-@click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs.")
-@click.option("--task", metavar="TASK", help="Only jobs of this task.")
-@click.option("--dry-run", is_flag=True, help="Show what would be repushed.")
+@selection_options(REPUSH_STATUS, "{failed,todo,doing}", "repushed")
 @table_option
 @prefix_option
 @common_options
@@ -198,19 +223,7 @@ def _skipped(skipped: Sequence[int], verb: str) -> int:
     "row) or by --status todo|doing, where --since/--until bound the time of the job's "
     "last change.",
 )
-@click.option("--id", "first_id", type=JOB_ID, metavar="ID", help="Job id(s): --id 3 4 5.")
-@click.argument("more_ids", nargs=-1, type=JOB_ID, metavar="[ID]...")
-@click.option(
-    "--status",
-    type=CANCEL_STATUS,
-    metavar="{todo,doing}",
-    help="Jobs in this status (with --since, --until, --limit).",
-)
-@click.option("--since", type=TIME, metavar="T", help="Changed at or after T (ISO or 2h).")
-@click.option("--until", type=TIME, metavar="T", help="Changed before T (ISO or 2h).")
-@click.option("--limit", type=POSITIVE, metavar="N", help="At most N jobs.")
-@click.option("--task", metavar="TASK", help="Only jobs of this task.")
-@click.option("--dry-run", is_flag=True, help="Show what would be cancelled.")
+@selection_options(CANCEL_STATUS, "{todo,doing}", "cancelled")
 @table_option
 @prefix_option
 @common_options
