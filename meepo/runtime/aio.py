@@ -77,7 +77,6 @@ class AsyncioExecutor(Executor):
         task_id: str,
     ) -> None:
         super().__init__(claims, options, handler, committer, starter, task_id)
-        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.submit = self._submit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -131,16 +130,6 @@ class AsyncioExecutor(Executor):
         if not self._woken:
             self._woken = True
             self._call(self._pump)
-
-    def drain(self) -> list[Job]:
-        jobs: list[Job] = []
-        while True:
-            try:
-                job = self._work.get_nowait()
-            except queue.Empty:
-                return jobs
-            if job is not None:
-                jobs.append(job)
 
     def shutdown(self) -> list[Slot]:
         with self.claims.lock:

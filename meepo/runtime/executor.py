@@ -117,6 +117,8 @@ class Executor(abc.ABC):
         self.abandoned: list[Slot] = []  # timed out, their handler still running
         #: Set by :meth:`shutdown`: the watchdog replaces no slot from then on.
         self.stopping = False
+        #: The jobs submitted and not taken by a slot yet (None: a slot's stop signal).
+        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
 
     # -- what an executor implements ----------------------------------------------------
 
@@ -124,9 +126,16 @@ class Executor(abc.ABC):
     def start(self) -> None:
         """Open ``parallel_num`` slots."""
 
-    @abc.abstractmethod
     def drain(self) -> list[Job]:
         """Take back the submitted jobs no slot has taken yet."""
+        jobs: list[Job] = []
+        while True:
+            try:
+                job = self._work.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
 
     @abc.abstractmethod
     def shutdown(self) -> list[Slot]:
@@ -306,7 +315,6 @@ class ThreadExecutor(Executor):
         task_id: str,
     ) -> None:
         super().__init__(claims, options, handler, committer, starter, task_id)
-        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.submit = self._work.put
         self._local = threading.local()
         self._seq = itertools.count()
@@ -340,16 +348,6 @@ class ThreadExecutor(Executor):
 
     def alive(self, slot: Slot) -> bool:
         return slot.thread is not None and slot.thread.is_alive()
-
-    def drain(self) -> list[Job]:
-        jobs: list[Job] = []
-        while True:
-            try:
-                job = self._work.get_nowait()
-            except queue.Empty:
-                return jobs
-            if job is not None:
-                jobs.append(job)
 
     def shutdown(self) -> list[Slot]:
         with self.claims.lock:
