@@ -81,6 +81,21 @@ def test_burst_run_runs_retries_due_now_and_leaves_those_backing_off(
     assert rec.status is (Status.DONE if backoff == 0 else Status.TODO)
 
 
+def test_burst_run_waits_for_a_retry_due_within_a_second(make_task: TaskFactory) -> None:
+    """A retry due in half a second is waited for and run (a job due within the slack
+    counts as due), while one backing off for an hour is left (above)."""
+
+    def flaky(job: Job) -> None:
+        if job.failed_times == 0:
+            raise ValueError("first attempt fails")
+
+    task = make_task(job_func=flaky, retry_backoff=0.5, max_failed_times=3)
+    job_id = task.push(b"x")
+    task.run(burst=True)
+    rec = record(task, job_id)
+    assert (rec.status, rec.failed_times) == (Status.DONE, 1)
+
+
 def test_burst_run_with_an_async_handler(make_task: TaskFactory) -> None:
     async def handler(job: Job) -> None:
         await asyncio.sleep(0.01)
