@@ -137,7 +137,7 @@ def selection_options(
     "task's Redis queue. By --id (any status; the task is read from each row) or by "
     "--status, where --since/--until bound the time of the job's last change.",
 )
-@selection_options(REPUSH_STATUS, "{failed,todo,doing}", "repushed")
+@selection_options(REPUSH_STATUS, "{failed,todo,doing,cancelled}", "repushed")
 @table_option
 @prefix_option
 @common_options
