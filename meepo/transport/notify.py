@@ -149,7 +149,7 @@ class Listener:
         is left to the listener's reconnection."""
         try:
             if self._pubsub is None:
-                self._pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+                self._pubsub = self.client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             self._pubsub.subscribe(*channels)
         except (redis.RedisError, OSError) as exc:
             log.debug("finish notices: subscribe failed on %s: %s", self.where, exc)

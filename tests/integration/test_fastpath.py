@@ -20,6 +20,7 @@ from support.helpers import record, wait_for
 from meepo import Job, LedgerUnavailableError, Status, Task
 from meepo.ledger import Ledger, make_engine
 from meepo.ledger.drivers import MySQLDriver
+from meepo.ledger.drivers.postgres import pair_params
 from meepo.ledger.ledger import Outcome
 from meepo.ledger.types import UTC
 from meepo.records import NewJob
@@ -264,7 +265,7 @@ def test_postgres_claim_of_every_message_reads_each_row_once(postgres_url: str) 
         event.remove(engine, "before_cursor_execute", listener)
     (statement, params), *_ = seen
     fresh = new_rows(ledger, task_id, b"c", b"d", b"e")
-    params.update(ids=fresh, keys=[f"{i}:0" for i in fresh])
+    params.update(pair_params([(i, 0) for i in fresh]))
     with engine.connect() as conn:
         (plan,) = conn.exec_driver_sql(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params

@@ -59,8 +59,8 @@ def set_clause(
             rows = sorted(v.values.items())
             if named:  # PostgreSQL: two arrays; the text does not depend on the batch size
                 sets.append(
-                    f"{col} = (%(v_{col}_vals)s::bytea[])"
-                    f"[array_position(%(v_{col}_ids)s::bigint[], id)]"
+                    f"{col} = (%(v_{col}_vals)b::bytea[])"
+                    f"[array_position(%(v_{col}_ids)b::bigint[], id)]"
                 )
                 args[f"v_{col}_vals"] = [r for _, r in rows]
                 args[f"v_{col}_ids"] = [i for i, _ in rows]
