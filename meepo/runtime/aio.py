@@ -244,11 +244,19 @@ class AsyncioExecutor(Executor):
             log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         job.control.on_cancel = None
         took = time.perf_counter() - began
+        raw: bytes | None = None  # the result as stored
+        final = False
+        # A result that cannot be stored fails the job, and after_run sees that failure;
+        # a cancelled run ends cancelled and stores nothing.
+        stored = self.stores_results and result is not None and error is None
+        if stored and not job.control.cancel_requested:
+            raw, error = self.encode(job, result)
+            final = error is not None
         if hooks is not None:  # middleware: after_run
             hooks.after_run(job, took, error, failure)
         # A coroutine cancelled by job_timeout ended as asked: no warning about it.
         quiet = slot.abandoned and isinstance(failure, asyncio.CancelledError)
-        return self.ended(slot, job, error, took, result, quiet=quiet)
+        return self.ended(slot, job, error, took, raw, quiet=quiet, final=final)
 
 
 class LoopMonitor:

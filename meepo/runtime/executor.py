@@ -34,6 +34,7 @@ from ..config import Options
 from ..errors import MeepoError
 from ..middleware import Hooks
 from ..records import Job
+from ..serializers import BYTES, check_result
 from .claims import Claims
 from .committer import Commit, Committer
 from .starter import Starter, error_summary
@@ -119,6 +120,9 @@ class Executor(abc.ABC):
         self.stopping = False
         #: The jobs submitted and not taken by a slot yet (None: a slot's stop signal).
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        #: A handler's return value is stored (auto-commit only: a manual commit stores
+        #: its own), so it is encoded and checked before after_run (:meth:`encode`).
+        self.stores_results = options.store_results and options.auto_commit
 
     # -- what an executor implements ----------------------------------------------------
 
@@ -216,22 +220,38 @@ class Executor(abc.ABC):
             slot.job, slot.started = job, claims.monotonic()
         return True
 
+    def encode(self, job: Job, result: Any) -> tuple[bytes | None, str | None]:
+        """A handler's return value as the bytes its done commit stores, or why it
+        cannot be stored (the serializer cannot write it, or it is larger than
+        max_result_bytes): the job then fails at once, not retried, as running it again
+        would return the same. Called in the handler's thread (or loop), before
+        after_run, so the middleware sees the failure the job ends with."""
+        try:
+            return check_result(
+                self.opts.serializer or BYTES, result, self.opts.max_result_bytes
+            ), None
+        except Exception as exc:  # PayloadError, or a custom serializer's surprise
+            why = f"{type(exc).__name__}: {exc} (not retried)"
+            log.warning("task %s: job %d failed: %s", self.task_id, job.id, why)
+            return None, why
+
     def ended(
         self,
         slot: Slot,
         job: Job,
         error: str | None,
         took: float,
-        result: Any = None,
+        result: bytes | None = None,
         *,
         quiet: bool = False,
+        final: bool = False,
     ) -> bool:
         """Account for the end of a run (``error``: None, or why it failed; ``took``:
-        seconds; ``result``: what the handler returned, stored with the done commit when
-        the task stores results) and hand its outcome to the committer. False if the run
-        outlived job_timeout (its outcome is ignored: the watchdog failed it already;
-        logged unless ``quiet``, for a handler that ended because the timeout cancelled
-        it)."""
+        seconds; ``result``: the handler's return value as :meth:`encode` made it, stored
+        with the done commit; ``final``: the error fails the job at once, not retried)
+        and hand its outcome to the committer. False if the run outlived job_timeout (its
+        outcome is ignored: the watchdog failed it already; logged unless ``quiet``, for
+        a handler that ended because the timeout cancelled it)."""
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -265,7 +285,8 @@ class Executor(abc.ABC):
         if job.control.dirty:  # its last report, before the commit ends the claim
             self.committer.write_progress(job)
         if self.opts.auto_commit:
-            self.committer.submit(Commit(self.committer.outcome(job, error, result)))
+            outcome = self.committer.outcome(job, error, result, final=final)
+            self.committer.submit(Commit(outcome))
             return True
         if error is not None and error.startswith("HandlerError:"):
             self.committer.fail_now(job, error)  # it cannot have committed: it never ran
@@ -411,9 +432,17 @@ class ThreadExecutor(Executor):
         finally:
             self._local.job = None
         took = time.perf_counter() - began
+        raw: bytes | None = None  # the result as stored
+        final = False
+        # A result that cannot be stored fails the job, and after_run sees that failure;
+        # a cancelled run ends cancelled and stores nothing.
+        stored = self.stores_results and result is not None and error is None
+        if stored and not job.control.cancel_requested:
+            raw, error = self.encode(job, result)
+            final = error is not None
         if hooks is not None:  # middleware: after_run
             hooks.after_run(job, took, error, failure)
-        return self.ended(slot, job, error, took, result)
+        return self.ended(slot, job, error, took, raw, final=final)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must
