@@ -2,11 +2,13 @@
 
 The fetcher hands each claimed job to :attr:`Executor.submit`; an executor admits it
 (:meth:`Executor.admit`), runs the handler, and accounts for the run's end
-(:meth:`Executor.ended`), which hands the outcome to the committer (auto-commit). Those
-two steps are the same for every executor and hold the consumer's lock once each; how
-handlers are run is the executor's own business. :class:`ThreadExecutor` runs plain
-functions in ``parallel_num`` threads; another executor (an asyncio one) implements the
-same few abstract methods without touching the fetcher or the committer.
+(:meth:`Executor.ended`: the error text, the stored result's encoding, the middleware's
+after_run, the slot's release), which hands the outcome to the committer (auto-commit).
+Those two steps are the same for every executor and hold the consumer's lock once each;
+how handlers are run (and before_run around them) is the executor's own business.
+:class:`ThreadExecutor` runs plain functions in ``parallel_num`` threads; another
+executor (an asyncio one) implements the same few abstract methods without touching the
+fetcher or the committer.
 
 A slot is one place a handler runs (a thread here). The watchdog retires a slot whose
 handler outlived job_timeout (:meth:`Executor.retire`): Python cannot stop a thread, so
@@ -239,19 +241,42 @@ class Executor(abc.ABC):
         self,
         slot: Slot,
         job: Job,
-        error: str | None,
-        took: float,
-        result: bytes | None = None,
+        began: float,
+        result: Any = None,
+        error: str | None = None,
+        failure: BaseException | None = None,
         *,
         quiet: bool = False,
-        final: bool = False,
     ) -> bool:
-        """Account for the end of a run (``error``: None, or why it failed; ``took``:
-        seconds; ``result``: the handler's return value as :meth:`encode` made it, stored
-        with the done commit; ``final``: the error fails the job at once, not retried)
-        and hand its outcome to the committer. False if the run outlived job_timeout (its
-        outcome is ignored: the watchdog failed it already; logged unless ``quiet``, for
-        a handler that ended because the timeout cancelled it)."""
+        """The end of a run, the same for every executor; call it in the slot's thread
+        (or on its loop) as soon as the handler has returned or raised.
+
+        ``began``: when the run began (``time.perf_counter``). The handler returned
+        ``result``, or the run failed: ``failure`` is what it raised (its error text is
+        made and logged here unless ``error`` gives it), or ``error`` alone says why
+        (it returned without doing the work). A result the task stores is encoded here
+        (:meth:`encode`): one that cannot be stored fails the job. Then the middleware's
+        after_run, the accounting (one hold of the lock), and the outcome goes to the
+        committer. False if the run outlived job_timeout (its outcome is ignored: the
+        watchdog failed it already; logged unless ``quiet``, for a handler that ended
+        because the timeout cancelled it)."""
+        took = time.perf_counter() - began
+        raw: bytes | None = None  # the result as stored
+        final = False  # the error fails the job at once (a result that cannot be stored)
+        if failure is not None:
+            if error is None:  # any handler failure is the job's, never the worker's
+                error = error_summary(failure)
+                log.warning(
+                    "task %s: job %d raised %s", self.task_id, job.id, error, exc_info=failure
+                )
+        elif self.stores_results and result is not None and error is None:
+            # A cancelled run ends cancelled and stores nothing: no need to encode.
+            cancelled = job.control.cancel_requested
+            raw, error = (None, None) if cancelled else self.encode(job, result)
+            final = error is not None
+        hooks = self.hooks
+        if hooks is not None:  # middleware: after_run
+            hooks.after_run(job, took, error, failure)
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -285,7 +310,7 @@ class Executor(abc.ABC):
         if job.control.dirty:  # its last report, before the commit ends the claim
             self.committer.write_progress(job)
         if self.opts.auto_commit:
-            outcome = self.committer.outcome(job, error, result, final=final)
+            outcome = self.committer.outcome(job, error, raw, final=final)
             self.committer.submit(Commit(outcome))
             return True
         if error is not None and error.startswith("HandlerError:"):
@@ -407,9 +432,9 @@ class ThreadExecutor(Executor):
         """Run one admitted job in the calling thread; False if it outlived job_timeout
         (this thread is then retired)."""
         self._local.job = job
+        result: Any = None
         error: str | None = None
         failure: BaseException | None = None
-        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         try:
@@ -425,24 +450,11 @@ class ThreadExecutor(Executor):
             if error is not None:
                 result = None
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
-        except BaseException as exc:  # any handler failure is the job's, never the worker's
-            error = error_summary(exc)
+        except BaseException as exc:  # the job's failure (ended makes its error text)
             failure = exc
-            log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
-        took = time.perf_counter() - began
-        raw: bytes | None = None  # the result as stored
-        final = False
-        # A result that cannot be stored fails the job, and after_run sees that failure;
-        # a cancelled run ends cancelled and stores nothing.
-        stored = self.stores_results and result is not None and error is None
-        if stored and not job.control.cancel_requested:
-            raw, error = self.encode(job, result)
-            final = error is not None
-        if hooks is not None:  # middleware: after_run
-            hooks.after_run(job, took, error, failure)
-        return self.ended(slot, job, error, took, raw, final=final)
+        return self.ended(slot, job, began, result, error, failure)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must
