@@ -62,7 +62,8 @@ class RunInfo:
     #: Seconds the handler ran (``time.perf_counter``), 0.0 if it did not run.
     duration: float
     #: The job's error text as stored in the ledger (``"ValueError: bad input"``), None
-    #: when the handler returned normally.
+    #: when the handler returned normally (with ``store_results``, a return value that
+    #: cannot be stored is an error too: the job fails with it).
     error: str | None
     #: The exception the handler raised (None if it returned, even with an error
     #: such as a coroutine returned by an ``async def`` handler).

@@ -49,7 +49,7 @@ from ..records import Job
 from .claims import Claims
 from .committer import Committer
 from .executor import Executor, Handler, Slot
-from .starter import Starter, error_summary
+from .starter import Starter
 
 log = logging.getLogger("meepo.consumer")
 
@@ -219,9 +219,9 @@ class AsyncioExecutor(Executor):
     async def run(self, slot: Slot, job: Job) -> bool:
         """Run one admitted job's handler on the loop; False if it outlived job_timeout."""
         _running_job.set((self, job))  # this asyncio Task's own context
+        result: Any = None
         error: str | None = None
         failure: BaseException | None = None
-        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         running = asyncio.current_task()
@@ -238,17 +238,12 @@ class AsyncioExecutor(Executor):
             failure = exc
             if not slot.abandoned:
                 log.warning("task %s: job %d was cancelled", self.task_id, job.id)
-        except BaseException as exc:  # any handler failure is the job's, never the worker's
-            error = error_summary(exc)
+        except BaseException as exc:  # the job's failure (ended makes its error text)
             failure = exc
-            log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         job.control.on_cancel = None
-        took = time.perf_counter() - began
-        if hooks is not None:  # middleware: after_run
-            hooks.after_run(job, took, error, failure)
         # A coroutine cancelled by job_timeout ended as asked: no warning about it.
         quiet = slot.abandoned and isinstance(failure, asyncio.CancelledError)
-        return self.ended(slot, job, error, took, result, quiet=quiet)
+        return self.ended(slot, job, began, result, error, failure, quiet=quiet)
 
 
 class LoopMonitor:

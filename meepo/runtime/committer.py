@@ -26,7 +26,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from ..config import Options
 from ..dispatch import Dispatcher
@@ -34,7 +33,6 @@ from ..errors import MeepoError, StaleCommitError
 from ..ledger import ROWS_PER_STATEMENT, Outcome, Pair
 from ..middleware import Hooks
 from ..records import Job, Status
-from ..serializers import BYTES, check_result
 from .claims import Claims
 from .service import Backoff, Service
 
@@ -229,27 +227,20 @@ class Committer(Service):
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def outcome(self, job: Job, error: str | None, result: Any = None) -> Outcome:
-        """The automatic outcome of a run: done (with ``result``, encoded, when the task
-        stores results), or a failed attempt (retried, after ``retry_delay``, until
-        max_failed_times); cancelled if someone cancelled it while it ran (as the
-        heartbeat last told). A result the serializer cannot write, or larger than
-        max_result_bytes, fails the job at once: running it again would return the same."""
+    def outcome(
+        self, job: Job, error: str | None, result: bytes | None = None, *, final: bool = False
+    ) -> Outcome:
+        """The automatic outcome of a run: done (with ``result``, already encoded by the
+        executor when the task stores results), or a failed attempt (retried, after
+        ``retry_delay``, until max_failed_times; ``final``: failed at once, as for a
+        result the serializer cannot write or larger than max_result_bytes: running it
+        again would return the same); cancelled if someone cancelled it while it ran (as
+        the heartbeat last told)."""
         if job.control.cancel_requested:
             return Outcome(job.id, job.commit_id, Status.CANCELLED, error)
         if error is None:
-            if result is None or not self.opts.store_results:
-                return Outcome(job.id, job.commit_id, Status.DONE)
-            try:
-                raw = check_result(
-                    self.opts.serializer or BYTES, result, self.opts.max_result_bytes
-                )
-            except Exception as exc:  # PayloadError, or a custom serializer's surprise
-                why = f"{type(exc).__name__}: {exc} (not retried)"
-                log.warning("task %s: job %d failed: %s", self.task_id, job.id, why)
-                return Outcome(job.id, job.commit_id, Status.FAILED, why)
-            return Outcome(job.id, job.commit_id, Status.DONE, result=raw)
-        if job.failed_times + 1 >= self.opts.max_failed_times:
+            return Outcome(job.id, job.commit_id, Status.DONE, result=result)
+        if final or job.failed_times + 1 >= self.opts.max_failed_times:
             return Outcome(job.id, job.commit_id, Status.FAILED, error)
         run_at = None
         if self.retry_delay is not None:

@@ -2,11 +2,13 @@
 
 The fetcher hands each claimed job to :attr:`Executor.submit`; an executor admits it
 (:meth:`Executor.admit`), runs the handler, and accounts for the run's end
-(:meth:`Executor.ended`), which hands the outcome to the committer (auto-commit). Those
-two steps are the same for every executor and hold the consumer's lock once each; how
-handlers are run is the executor's own business. :class:`ThreadExecutor` runs plain
-functions in ``parallel_num`` threads; another executor (an asyncio one) implements the
-same few abstract methods without touching the fetcher or the committer.
+(:meth:`Executor.ended`: the error text, the stored result's encoding, the middleware's
+after_run, the slot's release), which hands the outcome to the committer (auto-commit).
+Those two steps are the same for every executor and hold the consumer's lock once each;
+how handlers are run (and before_run around them) is the executor's own business.
+:class:`ThreadExecutor` runs plain functions in ``parallel_num`` threads; another
+executor (an asyncio one) implements the same few abstract methods without touching the
+fetcher or the committer.
 
 A slot is one place a handler runs (a thread here). The watchdog retires a slot whose
 handler outlived job_timeout (:meth:`Executor.retire`): Python cannot stop a thread, so
@@ -34,6 +36,7 @@ from ..config import Options
 from ..errors import MeepoError
 from ..middleware import Hooks
 from ..records import Job
+from ..serializers import BYTES, check_result
 from .claims import Claims
 from .committer import Commit, Committer
 from .starter import Starter, error_summary
@@ -119,6 +122,9 @@ class Executor(abc.ABC):
         self.stopping = False
         #: The jobs submitted and not taken by a slot yet (None: a slot's stop signal).
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        #: A handler's return value is stored (auto-commit only: a manual commit stores
+        #: its own), so it is encoded and checked before after_run (:meth:`encode`).
+        self.stores_results = options.store_results and options.auto_commit
 
     # -- what an executor implements ----------------------------------------------------
 
@@ -216,22 +222,61 @@ class Executor(abc.ABC):
             slot.job, slot.started = job, claims.monotonic()
         return True
 
+    def encode(self, job: Job, result: Any) -> tuple[bytes | None, str | None]:
+        """A handler's return value as the bytes its done commit stores, or why it
+        cannot be stored (the serializer cannot write it, or it is larger than
+        max_result_bytes): the job then fails at once, not retried, as running it again
+        would return the same. Called in the handler's thread (or loop), before
+        after_run, so the middleware sees the failure the job ends with."""
+        try:
+            return check_result(
+                self.opts.serializer or BYTES, result, self.opts.max_result_bytes
+            ), None
+        except Exception as exc:  # PayloadError, or a custom serializer's surprise
+            why = f"{type(exc).__name__}: {exc} (not retried)"
+            log.warning("task %s: job %d failed: %s", self.task_id, job.id, why)
+            return None, why
+
     def ended(
         self,
         slot: Slot,
         job: Job,
-        error: str | None,
-        took: float,
+        began: float,
         result: Any = None,
+        error: str | None = None,
+        failure: BaseException | None = None,
         *,
         quiet: bool = False,
     ) -> bool:
-        """Account for the end of a run (``error``: None, or why it failed; ``took``:
-        seconds; ``result``: what the handler returned, stored with the done commit when
-        the task stores results) and hand its outcome to the committer. False if the run
-        outlived job_timeout (its outcome is ignored: the watchdog failed it already;
-        logged unless ``quiet``, for a handler that ended because the timeout cancelled
-        it)."""
+        """The end of a run, the same for every executor; call it in the slot's thread
+        (or on its loop) as soon as the handler has returned or raised.
+
+        ``began``: when the run began (``time.perf_counter``). The handler returned
+        ``result``, or the run failed: ``failure`` is what it raised (its error text is
+        made and logged here unless ``error`` gives it), or ``error`` alone says why
+        (it returned without doing the work). A result the task stores is encoded here
+        (:meth:`encode`): one that cannot be stored fails the job. Then the middleware's
+        after_run, the accounting (one hold of the lock), and the outcome goes to the
+        committer. False if the run outlived job_timeout (its outcome is ignored: the
+        watchdog failed it already; logged unless ``quiet``, for a handler that ended
+        because the timeout cancelled it)."""
+        took = time.perf_counter() - began
+        raw: bytes | None = None  # the result as stored
+        final = False  # the error fails the job at once (a result that cannot be stored)
+        if failure is not None:
+            if error is None:  # any handler failure is the job's, never the worker's
+                error = error_summary(failure)
+                log.warning(
+                    "task %s: job %d raised %s", self.task_id, job.id, error, exc_info=failure
+                )
+        elif self.stores_results and result is not None and error is None:
+            # A cancelled run ends cancelled and stores nothing: no need to encode.
+            cancelled = job.control.cancel_requested
+            raw, error = (None, None) if cancelled else self.encode(job, result)
+            final = error is not None
+        hooks = self.hooks
+        if hooks is not None:  # middleware: after_run
+            hooks.after_run(job, took, error, failure)
         claims = self.claims
         pair = (job.id, job.commit_id)
         avg = claims.run_time
@@ -265,7 +310,8 @@ class Executor(abc.ABC):
         if job.control.dirty:  # its last report, before the commit ends the claim
             self.committer.write_progress(job)
         if self.opts.auto_commit:
-            self.committer.submit(Commit(self.committer.outcome(job, error, result)))
+            outcome = self.committer.outcome(job, error, raw, final=final)
+            self.committer.submit(Commit(outcome))
             return True
         if error is not None and error.startswith("HandlerError:"):
             self.committer.fail_now(job, error)  # it cannot have committed: it never ran
@@ -386,9 +432,9 @@ class ThreadExecutor(Executor):
         """Run one admitted job in the calling thread; False if it outlived job_timeout
         (this thread is then retired)."""
         self._local.job = job
+        result: Any = None
         error: str | None = None
         failure: BaseException | None = None
-        result: Any = None
         hooks = self.hooks
         began = time.perf_counter()
         try:
@@ -404,16 +450,11 @@ class ThreadExecutor(Executor):
             if error is not None:
                 result = None
                 log.warning("task %s: job %d: %s", self.task_id, job.id, error)
-        except BaseException as exc:  # any handler failure is the job's, never the worker's
-            error = error_summary(exc)
+        except BaseException as exc:  # the job's failure (ended makes its error text)
             failure = exc
-            log.warning("task %s: job %d raised %s", self.task_id, job.id, error, exc_info=True)
         finally:
             self._local.job = None
-        took = time.perf_counter() - began
-        if hooks is not None:  # middleware: after_run
-            hooks.after_run(job, took, error, failure)
-        return self.ended(slot, job, error, took, result)
+        return self.ended(slot, job, began, result, error, failure)
 
     def _exit_if_forked(self, exc: BaseException | None) -> None:
         """A handler that forked returns (or raises) in the child too: the child must

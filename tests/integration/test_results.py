@@ -14,7 +14,7 @@ from sqlalchemy import event
 from support.backends import TaskFactory, backend_url, unique_task_id
 from support.helpers import record, wait_for, wait_status
 
-from meepo import Job, PayloadError, Status, Task
+from meepo import Job, Middleware, PayloadError, RunInfo, Status, Task
 from meepo.connect import engine_for
 from meepo.ledger import Ledger, Outcome
 from meepo.ledger.clock import host_now
@@ -207,6 +207,85 @@ def test_a_result_over_max_result_bytes_fails_the_job_naming_size_and_limit(
     assert rec.last_error is not None
     assert "300 bytes" in rec.last_error and "max_result_bytes=200" in rec.last_error
     assert runs == [job_id]  # not retried
+
+
+class _RunSpy(Middleware):
+    """What after_run and after_commit saw."""
+
+    def __init__(self) -> None:
+        self.runs: list[RunInfo] = []
+        self.commits: list[Outcome] = []
+
+    def after_run(self, task: Any, job: Job, run: RunInfo) -> None:
+        self.runs.append(run)
+
+    def after_commit(self, task: Any, outcome: Outcome, accepted: bool) -> None:
+        self.commits.append(outcome)
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_after_run_sees_a_result_over_max_result_bytes_as_a_failure(
+    make_task: TaskFactory, kind: str
+) -> None:
+    """The result is checked before after_run: the middleware sees the run failed, with
+    the error the job ends with (not a success for a job that is then failed)."""
+    spy = _RunSpy()
+    runs: list[int] = []
+
+    def handler(job: Job) -> bytes:
+        runs.append(job.id)
+        return b"x" * 300
+
+    async def async_handler(job: Job) -> bytes:
+        return handler(job)
+
+    task = make_task(
+        job_func=handler if kind == "thread" else async_handler,
+        store_results=True,
+        max_result_bytes=200,
+        max_failed_times=5,
+        middleware=[spy],
+    )
+    job_id = task.push(b"big")
+    task.start()
+    rec = task.wait(job_id, timeout=30)
+    assert rec.status is Status.FAILED and rec.failed_times == 1 and rec.result is None
+    assert rec.last_error == (
+        "PayloadError: result of 300 bytes exceeds max_result_bytes=200 (not retried)"
+    )
+    (run,) = spy.runs
+    assert not run.ok and run.error == rec.last_error
+    assert run.exception is None  # the handler returned: its result is what failed
+    wait_for(lambda: spy.commits, message="after_commit")
+    assert [(o.status, o.error) for o in spy.commits] == [(Status.FAILED, rec.last_error)]
+    assert runs == [job_id]  # not retried
+    assert task.consumer is not None
+    counters = task.consumer.counters
+    assert (counters.done, counters.failed, counters.retried) == (0, 1, 0)
+
+
+def test_a_manual_commit_handlers_return_value_is_not_checked(make_task: TaskFactory) -> None:
+    """store_results stores an auto-commit's return value only: a handler that commits
+    by hand returns what it likes, however large."""
+    spy = _RunSpy()
+
+    def handler(job: Job) -> bytes:
+        task.commit(job.id, Status.DONE, result=b"small")
+        return b"x" * 300
+
+    task = make_task(
+        job_func=handler,
+        auto_commit=False,
+        store_results=True,
+        max_result_bytes=200,
+        middleware=[spy],
+    )
+    job_id = task.push(b"m")
+    task.start()
+    rec = task.wait(job_id, timeout=30)
+    assert rec.status is Status.DONE and rec.result == b"small"
+    wait_for(lambda: spy.runs, message="after_run")
+    assert [r.error for r in spy.runs] == [None]
 
 
 def test_max_result_bytes_is_checked_at_construction(db_url: str, redis_url: str) -> None:
