@@ -173,6 +173,7 @@ class Committer(Service):
                 log.warning("task %s: commit failed: %s (retrying)", self.task_id, exc)
                 backoff.wait(self.abandon)
         self.claims.forget([(o.job_id, o.commit_id) for o in outcomes])
+        info = log.isEnabledFor(logging.INFO)
         for c in batch:
             o = c.outcome
             pair = (o.job_id, o.commit_id)
@@ -208,7 +209,8 @@ class Committer(Service):
                     counters.failed += 1
                 else:
                     counters.retried += 1
-                log.info("task %s: job %d committed %s", self.task_id, o.job_id, o.status.value)
+                if info:
+                    log.info("task %s: job %d committed %s", self.task_id, o.job_id, o.status.value)
             else:
                 counters.stale += 1
                 if c.future is None:

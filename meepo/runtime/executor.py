@@ -53,6 +53,8 @@ def did_no_work(result: object) -> str | None:
     body never ran (typically an ``async def`` handler): that is a failed attempt. A
     coroutine or generator is closed, so Python does not warn that it was never awaited.
     """
+    if result is None:  # most handlers: no need to ask inspect four questions
+        return None
     if inspect.iscoroutine(result) or inspect.isgenerator(result):
         kind = "a coroutine" if inspect.iscoroutine(result) else "a generator"
         result.close()

@@ -154,7 +154,9 @@ class Fetcher(Service):
                 j.control.notify = wake
                 held[j.id] = Claim(j.commit_id, j.priority, lease_end, j.control)
         submit = self.submit
+        if log.isEnabledFor(logging.INFO):
+            for j in jobs:
+                log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
         for j in jobs:
-            log.info("task %s: job %d claimed (commit_id %d)", self.task_id, j.id, j.commit_id)
             submit(j)
         return popped
