@@ -14,8 +14,10 @@ Statements, by caller:
   :meth:`Retention.count_older`
 
 A purge chunk is one short transaction of at most :data:`CHUNK` rows: it reads the
-candidates by the task index (``task_id, status``, both deadlines NULL, ``updated_at
-< cutoff``) in ``(updated_at, id)`` order, locking
+candidates by the index of finished rows (``task_id, status``, both deadlines NULL,
+``updated_at < cutoff``; on MariaDB/MySQL the same rows as ``task_id,
+finished_status, finished_at < cutoff``, over the generated columns of migration 0008)
+in ``(updated_at, id)`` order, locking
 them ``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB/MySQL (so racing cleaners
 take different rows and none waits on another), leaves out every row that still holds
 a unique key (finished less than its ``unique_for`` ago), optionally copies the rest
@@ -111,6 +113,10 @@ class Retention:
         self.table_name = table
         self.url = engine.url.render_as_string(hide_password=True)
         self.jobs = jobs_table(table)
+        #: The jobs table with its dialect's own columns: on MariaDB/MySQL the generated
+        #: ``finished_status`` and ``finished_at`` the finished rows' index is built on.
+        self.scanned = jobs_table(table, dialect=engine.dialect.name)
+        self.generated = engine.dialect.name == "mysql"
         self.unique = unique_table(table)
         self.archive = archive_table(table)
         self.retention = retention_table(table)
@@ -296,8 +302,24 @@ class Retention:
         """MariaDB/MySQL's hint for the index of finished rows (see :meth:`purge_chunk`)."""
         return f"FORCE INDEX (ix_{self.table_name}_finished)"
 
+    @property
+    def _finished_at(self) -> ColumnElement[datetime]:
+        """A finished row's ``updated_at``, as the finished rows' index holds it (the
+        generated ``finished_at`` on MariaDB/MySQL)."""
+        t = self.scanned
+        return t.c.finished_at if self.generated else t.c.updated_at
+
     def _older(self, task_id: str, status: Status, cutoff: datetime) -> list[ColumnElement[bool]]:
-        t = self.jobs
+        """The finished ``status`` rows of the task that last changed before ``cutoff``,
+        in the terms of the finished rows' index (schema.jobs_table)."""
+        t = self.scanned
+        if self.generated:
+            # NULL unless both deadlines are (schema.FINISHED): the same rows
+            return [
+                t.c.task_id == task_id,
+                t.c.finished_status == status.value,
+                t.c.finished_at < cutoff,
+            ]
         return [
             t.c.task_id == task_id,
             t.c.status == status.value,
@@ -310,9 +332,9 @@ class Retention:
         """How many ``status`` rows of the task last changed before ``cutoff``."""
         stmt = (
             select(func.count())
-            .select_from(self.jobs)
+            .select_from(self.scanned)
             .where(*self._older(task_id, status, cutoff))
-            .with_hint(self.jobs, self._finished_hint, "mysql")
+            .with_hint(self.scanned, self._finished_hint, "mysql")
         )
         with self.begin() as conn:
             return int(conn.execute(stmt).scalar_one())
@@ -352,16 +374,17 @@ class Retention:
             raise ValueError(
                 f"only finished jobs are purged (done, failed, cancelled), not {status}"
             )
-        t, u = self.jobs, self.unique
+        t, u = self.scanned, self.unique
         limit = max(1, min(limit, CHUNK))
         cond = self._older(task_id, status, cutoff)
+        at_col = self._finished_at
         if after is not None:
             at, last = after
-            cond.append(or_(t.c.updated_at > at, and_(t.c.updated_at == at, t.c.id > last)))
+            cond.append(or_(at_col > at, and_(at_col == at, t.c.id > last)))
         pick = (
-            select(t.c.id, t.c.updated_at)
+            select(t.c.id, at_col.label("updated_at"))
             .where(*cond)
-            .order_by(t.c.updated_at, t.c.id)
+            .order_by(at_col, t.c.id)
             .limit(limit)
         )
         # MariaDB/MySQL would rather read (task_id, status, NULL) in the task index and
@@ -390,12 +413,14 @@ class Retention:
                 # since the read.
                 again = [t.c.id.in_(ids), *self._older(task_id, status, cutoff)]
                 if archive:
+                    # the jobs table's own columns (not the generated ones)
                     names = [c.name for c in self.jobs.columns]
                     conn.execute(
                         insert(self.archive).from_select(
                             [*names, "archived_at"],
                             select(
-                                *self.jobs.columns, literal(now, self.archive.c.archived_at.type)
+                                *(t.c[n] for n in names),
+                                literal(now, self.archive.c.archived_at.type),
                             ).where(*again),
                         )
                     )
