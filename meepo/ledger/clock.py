@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 log = logging.getLogger("meepo.clock")
 
@@ -34,8 +35,9 @@ def host_now() -> datetime:
 
 
 def now_sql(dialect: str) -> str | None:
-    """The SQL for the database's current time (UTC) on ``dialect``; None for SQLite and
-    other embedded databases (the host's clock is theirs)."""
+    """The SQL for the database's current time (UTC) on ``dialect`` (an expression the
+    drivers' statements embed); None for SQLite and other embedded databases (the
+    host's clock is theirs)."""
     if dialect == "postgresql":
         return "statement_timestamp()"
     if dialect == "mysql":
@@ -43,29 +45,26 @@ def now_sql(dialect: str) -> str | None:
     return None
 
 
-def read_db_now(conn: Connection) -> datetime:
-    """The database's current time, as an aware UTC datetime (the host's on SQLite)."""
-    sql = now_sql(conn.dialect.name)
-    if sql is None:
-        return host_now()
-    value = conn.execute(text(f"SELECT {sql}")).scalar_one()
-    if isinstance(value, str):  # pragma: no cover - drivers return datetimes
-        value = datetime.fromisoformat(value)
-    assert isinstance(value, datetime)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 class ServerClock:
     """The host's clock plus its measured offset from the database's clock.
 
     :meth:`now` never waits on the database and never raises: the first call (and one
     every ``refresh`` seconds) starts a background measurement, and until one succeeds
-    the offset is 0. :meth:`measure` measures at once (a consumer does it at start)."""
+    the offset is 0. :meth:`measure` measures at once (a consumer does it at start).
+
+    ``read_now`` reads the database's time in a connection: the ledger driver's
+    ``db_now`` (the statement is the driver's, docs/drivers.md)."""
 
     def __init__(
-        self, engine: Engine, *, refresh: float = REFRESH, warn_above: float = WARN_ABOVE
+        self,
+        engine: Engine,
+        read_now: Callable[[Connection], datetime],
+        *,
+        refresh: float = REFRESH,
+        warn_above: float = WARN_ABOVE,
     ) -> None:
         self.engine = engine
+        self.read_now = read_now
         self.refresh = refresh
         self.warn_above = warn_above
         self.embedded = now_sql(engine.dialect.name) is None
@@ -115,7 +114,7 @@ class ServerClock:
             for _ in range(samples):
                 t0 = time.monotonic()
                 h0 = host_now()
-                db = read_db_now(conn)
+                db = self.read_now(conn)
                 rtt = time.monotonic() - t0
                 mid = h0 + timedelta(seconds=rtt / 2)
                 offset = (db - mid).total_seconds()

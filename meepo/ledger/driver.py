@@ -264,11 +264,39 @@ class CommitOne(NamedTuple):
     cancel_requested: bool = False
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """The filters of ``meepo jobs list`` and ``meepo jobs delete``; every one given
+    must match. ``since``/``until`` bound ``updated_at`` (the job's last change), as
+    for ``meepo repush``; ``key`` is the unique key the job holds; ``error_contains``
+    matches ``last_error`` without regard to case."""
+
+    task_id: str | None = None
+    statuses: tuple[Status, ...] = ()
+    priority: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    error_contains: str | None = None
+    ids: tuple[int, ...] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == JobFilter()
+
+
+#: A row found for ``meepo jobs delete``: ``(id, task_id, commit_id, status)``.
+Found = tuple[int, str, int, Status]
+#: Where a purge pass has got to: the ``(updated_at, id)`` of the last row it read.
+Cursor = tuple[datetime, int]
+
+
 # -- the protocol -------------------------------------------------------------------------
 
 
 class LedgerDriver(Protocol):
-    """The statements of one ledger (jobs, unique keys, schedules) on one server.
+    """The statements of one ledger (jobs, unique keys, schedules, retention policies,
+    the archive) on one server.
 
     Pairs handed to a driver are sorted and unique; ``now=None`` means "the database's
     clock". A method without ``conn`` runs in a transaction of its own (or in autocommit,
@@ -281,6 +309,8 @@ class LedgerDriver(Protocol):
     table: Table
     unique: Table
     schedules: Table
+    retention: Table
+    archive: Table
 
     def begin(self) -> AbstractContextManager[Connection]:
         """A transaction on a pooled connection, errors translated to meepo's."""
@@ -506,4 +536,83 @@ class LedgerDriver(Protocol):
 
     def list_schedules(self, task_id: str | None) -> list[ScheduleRecord]:
         """Every schedule of the table, or of one task, by task and name."""
+        ...
+
+    # job management and retention -------------------------------------------------------
+
+    def begin_read_committed(self) -> AbstractContextManager[Connection]:
+        """A transaction at READ COMMITTED on MariaDB/MySQL (no gap locks), as
+        :meth:`begin` elsewhere (the others run at READ COMMITTED or have no row locks)."""
+        ...
+
+    def list_jobs(self, f: JobFilter, *, limit: int, after_id: int | None) -> list[JobRecord]:
+        """``meepo jobs list``: up to ``limit`` rows matching every filter, by id, past
+        ``after_id``."""
+        ...
+
+    def matching(self, f: JobFilter, *, limit: int, after_id: int | None) -> list[Found]:
+        """``meepo jobs delete``'s read: (id, task_id, commit_id, status) of up to
+        ``limit`` rows matching every filter, by id, past ``after_id``."""
+        ...
+
+    def delete_current(self, rows: Sequence[Found]) -> list[int]:
+        """DELETE the rows still at the (commit_id, status) they were read at (locked
+        first), in one transaction; the ids deleted."""
+        ...
+
+    def release_keys(self, task_ids: Sequence[str], job_ids: Sequence[int]) -> None:
+        """DELETE the ``<table>_unique`` rows of these tasks that name these (deleted)
+        jobs, in a READ COMMITTED transaction of its own."""
+        ...
+
+    def save_policy(self, task_id: str, keep_ms: Mapping[Status, int]) -> None:
+        """Make ``keep_ms`` the task's ``<table>_retention`` rows (the others deleted),
+        in one READ COMMITTED transaction; a row another writer inserted meanwhile is
+        overwritten."""
+        ...
+
+    def policies(self, task_id: str | None) -> list[tuple[str, Status, int]]:
+        """(task_id, status, keep_ms) of the stored retention of one task, or of all."""
+        ...
+
+    def count_finished(self, task_id: str, status: Status, cutoff: datetime) -> int:
+        """How many finished ``status`` rows of the task last changed before
+        ``cutoff`` (by the finished rows' index)."""
+        ...
+
+    def finished_page(
+        self,
+        conn: Connection,
+        task_id: str,
+        status: Status,
+        cutoff: datetime,
+        *,
+        after: Cursor | None,
+        limit: int,
+    ) -> list[tuple[int, datetime]]:
+        """A purge chunk's read: (id, updated_at) of up to ``limit`` finished ``status``
+        rows of the task changed before ``cutoff``, past ``after``, in (updated_at, id)
+        order by the finished rows' index, locked (FOR UPDATE SKIP LOCKED) where the
+        server has row locks."""
+        ...
+
+    def key_holds(
+        self, conn: Connection, task_id: str, job_ids: Sequence[int]
+    ) -> list[tuple[int, int]]:
+        """(job id, hold_ms) of the unique keys of the task these jobs hold."""
+        ...
+
+    def remove_finished(
+        self,
+        conn: Connection,
+        task_id: str,
+        status: Status,
+        cutoff: datetime,
+        ids: Sequence[int],
+        *,
+        archived_at: datetime | None,
+    ) -> int:
+        """DELETE these rows if still finished in ``status`` before ``cutoff``, first
+        copied into ``<table>_archive`` (``archived_at`` given) in the same
+        transaction; rows deleted."""
         ...

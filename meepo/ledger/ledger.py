@@ -142,7 +142,7 @@ class Ledger:
         self.table_name = table_name
         self.url = engine.url.render_as_string(hide_password=True)
         #: The database's time as this host estimates it (see clock.py).
-        self.clock = ServerClock(engine)
+        self.clock = ServerClock(engine, self.driver.db_now)
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Computed,
     Float,
     Index,
     Integer,
@@ -45,13 +46,47 @@ ARCHIVE_SUFFIX = "_archive"
 
 #: The predicate of the finished rows' partial index (and of the cleaner's scan).
 FINISHED = "expires_at IS NULL AND dispatch_deadline IS NULL"
+#: MariaDB/MySQL (no partial indexes): two generated STORED columns that hold a row's
+#: ``status`` and ``updated_at`` while it is finished (:data:`FINISHED`), NULL before,
+#: and the finished rows' index over them; it changes only when a job finishes.
+FINISHED_STATUS = "finished_status"
+FINISHED_AT = "finished_at"
+FINISHED_COLUMNS = {FINISHED_STATUS: "status", FINISHED_AT: "updated_at"}
+
+
+def finished_expression(column: str) -> str:
+    """The SQL of a generated column of :data:`FINISHED_COLUMNS` (``column`` while the
+    row is finished, else NULL)."""
+    return f"CASE WHEN {FINISHED} THEN {column} END"
+
+
+def finished_columns() -> list[Column[Any]]:
+    """The MariaDB/MySQL jobs table's generated columns (STORED: an index on VIRTUAL
+    ones measured no faster), never written by an INSERT or UPDATE (SQLAlchemy leaves
+    ``Computed`` columns out)."""
+    return [
+        Column(
+            FINISHED_STATUS,
+            String(STATUS_LENGTH),
+            Computed(finished_expression("status"), persisted=True),
+            nullable=True,
+        ),
+        Column(
+            FINISHED_AT,
+            UTCDateTime,
+            Computed(finished_expression("updated_at"), persisted=True),
+            nullable=True,
+        ),
+    ]
 
 
 def version_table_name(table_name: str) -> str:
     return f"{table_name}{VERSION_TABLE_SUFFIX}"
 
 
-def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False) -> Table:
+def jobs_table(
+    name: str, metadata: MetaData | None = None, *, ddl: bool = False, dialect: str | None = None
+) -> Table:
     """The jobs table called ``name``.
 
     Two deadlines, one per status that has one (both NULL once the job is finished):
@@ -68,6 +103,12 @@ def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False
     are compared with); the runtime's statements never need it, and a worker on
     MariaDB then loads neither dialect.
 
+    ``dialect``: the server's dialect name. ``"mysql"`` (MariaDB/MySQL) adds the
+    generated columns ``finished_status`` and ``finished_at`` (:func:`finished_columns`)
+    that its finished rows' index is built on; the other servers have no such columns.
+    The runtime's tables leave it out (their statements never name those columns), but
+    for the cleaner's on MariaDB/MySQL.
+
     Indexes, and the statement each one serves:
 
     * primary key ``id`` - claim, commit, heartbeat, repush: single-row or ``id IN (…)``.
@@ -78,15 +119,22 @@ def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False
       next key part), and ``stats`` counts. One index for both deadlines: a second one
       would cost every push and claim another entry.
     * ``(task_id, status, updated_at)`` over finished rows only (both deadlines NULL; a
-      partial index on PostgreSQL and SQLite, a full one on MariaDB/MySQL, which has no
-      partial indexes) - the cleaner's ``status = 'done' AND expires_at IS NULL AND
-      dispatch_deadline IS NULL AND updated_at < cutoff``. Partial, it costs a
-      transition nothing until the job finishes.
+      partial index on PostgreSQL and SQLite) - the cleaner's ``status = 'done' AND
+      expires_at IS NULL AND dispatch_deadline IS NULL AND updated_at < cutoff``.
+      Partial, it costs a transition nothing until the job finishes. MariaDB/MySQL have
+      no partial indexes: there it is ``(task_id, finished_status, finished_at)``, over
+      generated columns that are NULL until the job finishes, so that a push or a claim
+      does not change it either (a full index on ``status, updated_at`` cost every
+      transition about 9 µs of server CPU per job); the cleaner asks
+      ``finished_status = 'done' AND finished_at < cutoff``.
     """
     md = metadata if metadata is not None else MetaData()
     ddl_only: list[SchemaItem] = []
     options: dict[str, Any] = {}
-    if ddl:
+    mysql = dialect == "mysql"
+    if ddl and mysql:
+        ddl_only.append(Index(f"ix_{name}_finished", "task_id", FINISHED_STATUS, FINISHED_AT))
+    elif ddl:
         ddl_only.append(
             Index(
                 f"ix_{name}_finished",
@@ -145,6 +193,7 @@ def jobs_table(name: str, metadata: MetaData | None = None, *, ddl: bool = False
         # consumer's heartbeat under the claim's commit_id; NULL when never reported.
         Column("progress", Float, nullable=True),
         Column("progress_note", String(MAX_PROGRESS_NOTE), nullable=True),
+        *(finished_columns() if mysql else []),
         *ddl_only,
         **options,
     )
@@ -240,10 +289,11 @@ def schedules_table(name: str, metadata: MetaData | None = None) -> Table:
     )
 
 
-def ledger_metadata(name: str) -> MetaData:
-    """All the tables of the ledger called ``name``."""
+def ledger_metadata(name: str, dialect: str | None = None) -> MetaData:
+    """All the tables of the ledger called ``name``, as the migrations leave them on
+    ``dialect`` (the jobs table's finished rows' index differs on ``"mysql"``)."""
     md = MetaData()
-    jobs_table(name, md, ddl=True)
+    jobs_table(name, md, ddl=True, dialect=dialect)
     unique_table(name, md)
     schedules_table(name, md)
     retention_table(name, md)

@@ -17,16 +17,17 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import event, update
 from support.backends import backend_url, unique_task_id
 
 from meepo.connect import engine_for
 from meepo.errors import ConfigError, JobNotFoundError, LedgerUnavailableError, StaleCommitError
 from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome
 from meepo.ledger.bounds import Bounds
-from meepo.ledger.clock import host_now, read_db_now
+from meepo.ledger.clock import host_now
 from meepo.ledger.drivers import DRIVERS
 from meepo.ledger.engine import make_engine
+from meepo.ledger.retention import JobFilter, Retention
 from meepo.ledger.schedules import Schedules
 from meepo.records import NewJob, Pair, Status
 from meepo.schedule import Spec
@@ -83,9 +84,10 @@ def test_an_unknown_driver_is_refused_by_name(sqlite_url: str) -> None:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def db_now(engine: Engine) -> datetime:
-    with engine.connect() as conn:
-        return read_db_now(conn)
+def db_now(ledger: Ledger) -> datetime:
+    """The database's time, by the driver under test's statement."""
+    with ledger.engine.connect() as conn:
+        return ledger.driver.db_now(conn)
 
 
 def push(ledger: Ledger, task_id: str, n: int = 1, **job: Any) -> list[int]:
@@ -335,7 +337,7 @@ def test_claim_refuses_a_job_before_its_run_at(ledger: Ledger) -> None:
     """A current message of a job not due yet by the database's clock comes back as
     early (its run_at, the time judged), the row untouched."""
     task_id = unique_task_id("cf")
-    (later,) = push(ledger, task_id, run_at=db_now(ledger.engine) + timedelta(seconds=60))
+    (later,) = push(ledger, task_id, run_at=db_now(ledger) + timedelta(seconds=60))
     (due,) = push(ledger, task_id)
     got = ledger.claim(task_id, [(later, 0), (due, 0)], lease=LEASE, worker="w")
     assert [j.id for j in got] == [due]
@@ -353,15 +355,15 @@ def test_claim_refuses_a_job_before_its_run_at(ledger: Ledger) -> None:
 def test_claim_and_heartbeat_set_the_lease_by_the_database_clock(ledger: Ledger) -> None:
     task_id = unique_task_id("cf")
     (job_id,) = push(ledger, task_id)
-    before = db_now(ledger.engine)
+    before = db_now(ledger)
     (pair,) = claim(ledger, task_id, [job_id])
-    after = db_now(ledger.engine)
+    after = db_now(ledger)
     rec = ledger.get(job_id)
     assert rec is not None and rec.expires_at is not None
     assert before + LEASE <= rec.expires_at <= after + LEASE
-    before = db_now(ledger.engine)
+    before = db_now(ledger)
     assert ledger.heartbeat([pair], lease=2 * LEASE).renewed == {pair}
-    after = db_now(ledger.engine)
+    after = db_now(ledger)
     rec = ledger.get(job_id)
     assert rec is not None and rec.expires_at is not None
     assert before + 2 * LEASE <= rec.expires_at <= after + 2 * LEASE
@@ -528,9 +530,9 @@ def test_start_marks_by_the_database_clock(ledger: Ledger) -> None:
     task_id = unique_task_id("cf")
     (job_id,) = push(ledger, task_id)
     (pair,) = claim(ledger, task_id, [job_id])
-    before = db_now(ledger.engine)
+    before = db_now(ledger)
     assert ledger.start([pair]) == 1
-    after = db_now(ledger.engine)
+    after = db_now(ledger)
     rec = ledger.get(job_id)
     assert rec is not None and rec.started_at is not None
     assert before <= rec.started_at <= after
@@ -1273,3 +1275,170 @@ def test_progress_is_fenced_by_the_claim(ledger: Ledger) -> None:
     rec = ledger.get(a)
     assert rec is not None and rec.status is Status.DOING
     assert (rec.progress, rec.progress_note) == (None, None)
+
+
+# -- job management and retention ---------------------------------------------------------
+
+
+def _retention(ledger: Ledger) -> Retention:
+    """The job management and retention operations on the driver under test."""
+    store = Retention(ledger.engine, "meepo_jobs", driver=ledger.driver.name)
+    assert store.driver.name == ledger.driver.name
+    return store
+
+
+def finished(
+    ledger: Ledger, task_id: str, status: Status, at: datetime, n: int, **job: Any
+) -> list[int]:
+    """``n`` jobs of ``task_id`` run and finished as ``status`` at ``at``; their ids."""
+    ids = push(ledger, task_id, n, **job)
+    pairs = claim(ledger, task_id, ids)
+    outcomes = [
+        Outcome(*p, status, error="boom" if status is Status.FAILED else None) for p in pairs
+    ]
+    assert ledger.finish(outcomes, now=at, redispatch_timeout=TIMEOUT) == set(pairs)
+    return ids
+
+
+def test_jobs_are_listed_and_matched_by_every_filter(ledger: Ledger) -> None:
+    store = _retention(ledger)
+    task_id = unique_task_id("jl")
+    now = db_now(ledger)
+    done = finished(ledger, task_id, Status.DONE, now - timedelta(hours=2), 2)
+    failed = finished(ledger, task_id, Status.FAILED, now - timedelta(hours=1), 1)
+    (keyed,) = push(ledger, task_id, key="k%", priority="high")
+    todo = push(ledger, task_id, 2)
+    every = sorted([*done, *failed, keyed, *todo])
+
+    def listed(**f: Any) -> list[int]:
+        got = store.list_jobs(JobFilter(task_id=task_id, **f), limit=100)
+        assert got == sorted(got, key=lambda r: r.id)
+        return [r.id for r in got]
+
+    assert listed() == every
+    assert listed(statuses=(Status.DONE, Status.FAILED)) == sorted([*done, *failed])
+    assert listed(priority="high") == [keyed]
+    assert listed(key="k%") == [keyed] and listed(key="k") == []
+    assert listed(error_contains="BOO") == failed
+    assert listed(since=now - timedelta(minutes=90), until=now - timedelta(minutes=30)) == failed
+    assert listed(ids=(done[0], keyed, 10**12)) == sorted([done[0], keyed])
+    page = store.list_jobs(JobFilter(task_id=task_id), limit=2, after_id=every[1])
+    assert [r.id for r in page] == every[2:4]
+    (rec,) = store.list_jobs(JobFilter(ids=(failed[0],)), limit=10)
+    assert (rec.task_id, rec.status, rec.last_error, rec.payload) == (
+        task_id, Status.FAILED, "boom", b"p0",
+    )  # fmt: skip
+    found = store.matching(JobFilter(task_id=task_id, statuses=(Status.TODO,)), after_id=keyed)
+    assert found == [(i, task_id, 0, Status.TODO) for i in todo]
+    (first,) = store.list_jobs(JobFilter(task_id=task_id), limit=1)
+    assert store.matching(JobFilter(task_id=task_id), limit=1) == [
+        (every[0], task_id, first.commit_id, Status.DONE)
+    ]
+
+
+def test_a_delete_is_a_compare_and_set_and_releases_the_keys(ledger: Ledger) -> None:
+    store = _retention(ledger)
+    task_id = unique_task_id("jd")
+    (keyed,) = push(ledger, task_id, key="k")
+    moved, kept = push(ledger, task_id, 2)
+    found = store.matching(JobFilter(task_id=task_id))
+    claim(ledger, task_id, [moved])  # moves since it was read
+    assert store.delete(found) == sorted([keyed, kept])
+    assert [r[0] for r in store.matching(JobFilter(task_id=task_id))] == [moved]
+    assert ledger.unique_holder(task_id, "k") is None
+    assert store.delete(found) == []
+
+
+def test_a_retention_policy_is_stored_per_task_and_replaced(ledger: Ledger) -> None:
+    store = _retention(ledger)
+    a, b = unique_task_id("rp"), unique_task_id("rp")
+    store.save_policy(a, {Status.DONE: 60.0, Status.FAILED: 0.5})
+    store.save_policy(b, {Status.CANCELLED: 3600.0})
+    assert store.policy(a) == {Status.DONE: 60.0, Status.FAILED: 0.5}
+    store.save_policy(a, {Status.FAILED: 1.25})
+    assert store.policy(a) == {Status.FAILED: 1.25}
+    every = store.policies()
+    assert (every[a], every[b]) == ({Status.FAILED: 1.25}, {Status.CANCELLED: 3600.0})
+    store.save_policy(a, {})
+    assert store.policy(a) == {} and a not in store.policies()
+
+
+def test_the_purge_statements_take_old_finished_rows_only(ledger: Ledger) -> None:
+    """count_finished, finished_page (order, cursor), key_holds and remove_finished:
+    only finished rows of the status, task and age asked for, in (updated_at, id)
+    order; a row that left its status since the read is not removed; archiving copies
+    every column."""
+    store = _retention(ledger)
+    d = store.driver
+    task_id, other = unique_task_id("pg"), unique_task_id("pg")
+    now = db_now(ledger)
+    cutoff = now - timedelta(hours=1)
+    older = finished(ledger, task_id, Status.DONE, now - timedelta(hours=3), 2)
+    old = finished(ledger, task_id, Status.DONE, now - timedelta(hours=2), 2)
+    (holder,) = finished(
+        ledger, task_id, Status.DONE, now - timedelta(hours=2), 1, key="k", unique_for=10**6
+    )
+    finished(ledger, task_id, Status.DONE, now, 1)  # too recent
+    finished(ledger, task_id, Status.FAILED, now - timedelta(hours=3), 1)
+    finished(ledger, other, Status.DONE, now - timedelta(hours=3), 1)
+    push(ledger, task_id, 1)  # todo
+    claim(ledger, task_id, push(ledger, task_id, 1))  # doing
+    assert d.count_finished(task_id, Status.DONE, cutoff) == 5
+    assert d.count_finished(task_id, Status.FAILED, cutoff) == 1
+    assert d.count_finished(task_id, Status.CANCELLED, cutoff) == 0
+    with d.begin_read_committed() as conn:
+        page = d.finished_page(conn, task_id, Status.DONE, cutoff, after=None, limit=3)
+        assert [i for i, _ in page] == [*older, old[0]]
+        assert [at for _, at in page] == sorted(at for _, at in page)
+        cursor = (page[-1][1], page[-1][0])
+        rest = d.finished_page(conn, task_id, Status.DONE, cutoff, after=cursor, limit=10)
+        assert [i for i, _ in rest] == [old[1], holder]
+        assert d.key_holds(conn, task_id, [*older, *old, holder]) == [(holder, 10**9)]
+    with ledger.begin() as conn:
+        conn.execute(
+            update(ledger.table).where(ledger.table.c.id == old[0]).values(status="failed")
+        )
+    with d.begin_read_committed() as conn:
+        removed = d.remove_finished(
+            conn, task_id, Status.DONE, cutoff, [*older, old[0]], archived_at=now
+        )
+        assert removed == 2
+        removed = d.remove_finished(conn, task_id, Status.DONE, cutoff, [old[1]], archived_at=None)
+        assert removed == 1
+    assert d.count_finished(task_id, Status.DONE, cutoff) == 1
+    a = store.archive
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(a.select().where(a.c.id.in_(older)).order_by(a.c.id)).all()
+        assert [(r.id, r.status, r.task_id, r.archived_at) for r in rows] == [
+            (i, "done", task_id, now) for i in older
+        ]
+        assert conn.execute(a.select().where(a.c.id == old[1])).first() is None
+    d.release_keys([task_id], [holder])
+    assert ledger.unique_holder(task_id, "k") is None
+
+
+def test_a_purge_page_skips_rows_another_session_holds_locked(locking: Ledger) -> None:
+    store = _retention(locking)
+    d = store.driver
+    task_id = unique_task_id("pl")
+    now = db_now(locking)
+    ids = finished(locking, task_id, Status.DONE, now - timedelta(hours=2), 3)
+
+    def page() -> list[int]:
+        with d.begin_read_committed() as conn:
+            rows = d.finished_page(conn, task_id, Status.DONE, now, after=None, limit=10)
+            return [i for i, _ in rows]
+
+    with row_locked(locking, ids[1]):
+        assert within_deadline(page, "a purge page") == [ids[0], ids[2]]
+    chunk = store.purge_chunk(task_id, Status.DONE, now)
+    assert (chunk.removed, chunk.held, chunk.cursor) == (3, 0, None)
+
+
+def test_the_database_clock_is_read_by_the_driver(ledger: Ledger) -> None:
+    before = host_now()
+    with ledger.engine.connect() as conn:
+        got = ledger.driver.db_now(conn)
+    assert got.tzinfo is not None and got.utcoffset() == timedelta(0)
+    assert abs((got - before).total_seconds()) < 60  # the test's servers run on this host
+    assert abs((_retention(ledger).db_now() - got).total_seconds()) < 60

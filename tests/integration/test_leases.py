@@ -23,7 +23,7 @@ def ledger(db_url: str) -> Iterator[Ledger]:
 
 
 def test_server_clock_offset_is_measured(ledger: Ledger) -> None:
-    clock = ServerClock(ledger.engine)
+    clock = ServerClock(ledger.engine, ledger.driver.db_now)
     offset = clock.measure()
     if clock.embedded:
         assert offset == 0.0

@@ -409,3 +409,66 @@ def test_claim_uses_the_primary_key_when_statistics_say_there_is_no_todo_row(
         with plan_engine.begin() as conn:
             for n in (name, version_table_name(name)):
                 conn.execute(DropTable(Table(n, MetaData()), if_exists=True))
+
+
+#: The cleaner's table: finished rows past their retention and newer ones, of two tasks.
+PURGE_ROWS: list[tuple[str, Status, int, datetime | None, datetime]] = [
+    (TASK, Status.DONE, 4_000, None, NOW - timedelta(days=10)),
+    (TASK, Status.DONE, 12_000, None, NOW - timedelta(hours=1)),
+    (TASK, Status.FAILED, 2_000, None, NOW - timedelta(days=10)),
+    (OTHER, Status.DONE, 4_000, None, NOW - timedelta(days=10)),
+    (TASK, Status.TODO, 400, NOW + REDISPATCH, NOW - timedelta(days=10)),
+    (TASK, Status.DOING, 400, NOW + LEASE, NOW - timedelta(days=10)),
+]
+
+
+def test_the_cleaner_reads_the_finished_rows_index(db_url: str, plan_engine: Engine) -> None:
+    """A purge chunk's SELECT (first and next chunk) and ``count_older`` read
+    ``ix_<table>_finished`` by a range (on MariaDB/MySQL over the generated
+    ``finished_status, finished_at``, already in the chunk's order: no filesort)."""
+    from meepo.ledger.retention import Retention
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    migrate.upgrade(plan_engine, name)
+    try:
+        with plan_engine.begin() as conn:
+            fill(conn, jobs_table(name), PURGE_ROWS)
+        with plan_engine.begin() as conn:
+            analyze(conn, name)
+        recorded: list[tuple[str, str, Any]] = []
+        label: list[str] = []
+
+        def listener(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+        ) -> None:
+            jobs = name in statement and f"{name}_unique" not in statement
+            if label and jobs and re.match(r"\s*SELECT\b", statement, re.IGNORECASE):
+                recorded.append((label[0], statement, params))
+
+        store = Retention(plan_engine, name)
+        cutoff = NOW - timedelta(days=1)
+        event.listen(plan_engine, "before_cursor_execute", listener)
+        try:
+            label[:] = ["count_older"]
+            assert store.count_older(TASK, Status.DONE, cutoff) == 4_000
+            label[:] = ["purge_chunk"]
+            first = store.purge_chunk(TASK, Status.DONE, cutoff, limit=100)
+            label[:] = ["purge_chunk_next"]
+            store.purge_chunk(TASK, Status.DONE, cutoff, after=first.cursor, limit=100)
+        finally:
+            event.remove(plan_engine, "before_cursor_execute", listener)
+        assert [r[0] for r in recorded] == ["count_older", "purge_chunk", "purge_chunk_next"]
+        with plan_engine.connect() as conn:
+            for what, sql, params in recorded:
+                got = access(conn, name, sql, params)
+                where = f"{what}: {sql}\n-- plan:\n{got.plan}"
+                assert not got.full_scan, f"full scan of {name} in {where}"
+                assert got.indexes == {f"ix_{name}_finished"}, f"not by the index in {where}"
+                if conn.dialect.name == "mysql":
+                    assert "filesort" not in got.plan, where
+                    assert "'type': 'range'" in got.plan, where
+            conn.rollback()
+    finally:
+        with plan_engine.begin() as conn:
+            for n in (name, version_table_name(name)):
+                conn.execute(DropTable(Table(n, MetaData()), if_exists=True))

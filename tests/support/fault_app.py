@@ -39,7 +39,6 @@ import sys
 import threading
 
 from meepo import Job, Task
-from meepo.ledger.clock import read_db_now
 
 
 def append_line(path: str, line: str) -> None:
@@ -104,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(pid, signal.SIGKILL)
         if job.payload == b"when":
             with task.engine.connect() as conn:
-                append_line(args.log, f"dbtime {job.id} {read_db_now(conn).isoformat()}")
+                append_line(
+                    args.log, f"dbtime {job.id} {task.ledger.driver.db_now(conn).isoformat()}"
+                )
         delay = delay_of(job)
         if job.payload.startswith(b"hangonce:") and not first_hang(args.log):
             delay = 0.0

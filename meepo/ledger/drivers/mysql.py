@@ -27,11 +27,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, Update, literal_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from ...errors import PayloadError
 from ...records import Job, Message, Pair, Status
 from ..driver import ROWS_PER_STATEMENT, Claimed, Group, Renewal, from_statuses
 from ..engine import translate_errors
+from ..schema import jobs_table
 from ..types import UTC
 from .portable import PortableDriver
 from .raw import Raw, bind, driver_cursor, set_clause
@@ -96,6 +98,8 @@ class MySQLDriver(PortableDriver):
     def __init__(self, engine: Engine, table_name: str) -> None:
         super().__init__(engine, table_name)
         self.qname = engine.dialect.identifier_preparer.format_table(self.table)
+        #: With the generated ``finished_status``/``finished_at`` (migration 0008).
+        self.scanned = jobs_table(table_name, dialect="mysql")
         #: Does the engine's driver run scripts? Learnt on the first connection.
         self.scripts: bool | None = None
 
@@ -130,6 +134,31 @@ class MySQLDriver(PortableDriver):
         return out
 
     # -- the portable forms' hooks --------------------------------------------------------
+
+    def finished_where(
+        self, task_id: str, status: Status, cutoff: datetime
+    ) -> list[ColumnElement[bool]]:
+        """``task_id = ? AND finished_status = ? AND finished_at < cutoff``: the
+        generated columns are NULL unless both deadlines are (schema.FINISHED), so
+        these are the portable form's rows, found by a range of the finished rows'
+        index (MariaDB/MySQL has no partial index)."""
+        t = self.scanned
+        return [
+            t.c.task_id == task_id,
+            t.c.finished_status == status.value,
+            t.c.finished_at < cutoff,
+        ]
+
+    def finished_at(self) -> ColumnElement[datetime]:
+        """``finished_at`` (a finished row's ``updated_at``)."""
+        return self.scanned.c.finished_at
+
+    def by_finished_index(self, stmt: Select[Any]) -> Select[Any]:
+        """FORCE INDEX (ix_<table>_finished): MariaDB would rather read ``(task_id,
+        status)`` in the task index and sort, where the finished rows' index is already
+        in the chunk's order."""
+        hint = f"FORCE INDEX (ix_{self.table_name}_finished)"
+        return stmt.with_hint(self.scanned, hint, "mysql")
 
     def by_primary_key(self, stmt: Select[Any]) -> Select[Any]:
         """FORCE INDEX (PRIMARY) on the jobs table."""

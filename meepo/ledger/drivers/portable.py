@@ -10,7 +10,7 @@ inherit the rest. Capabilities are read from the dialect once, at construction
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,9 +28,11 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
+    text,
     true,
     tuple_,
     update,
@@ -39,13 +41,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from ...records import Job, JobRecord, Message, Pair, ScheduleRecord, Status
-from ..clock import host_now, now_sql, read_db_now
+from ..clock import UTC, host_now, now_sql
 from ..driver import (
     ROWS_PER_STATEMENT,
     Claimed,
     CommitOne,
+    Cursor,
+    Found,
     FromStatus,
     Group,
+    JobFilter,
     Progress,
     Renewal,
     TaskStats,
@@ -54,7 +59,7 @@ from ..driver import (
     sa_values,
 )
 from ..engine import translate_errors
-from ..schema import jobs_table, schedules_table, unique_table
+from ..schema import archive_table, jobs_table, retention_table, schedules_table, unique_table
 
 
 class _Mismatch(Exception):
@@ -125,6 +130,11 @@ class PortableDriver:
         self.table: Table = jobs_table(table_name)
         self.unique: Table = unique_table(table_name)
         self.schedules: Table = schedules_table(table_name)
+        self.retention: Table = retention_table(table_name)
+        self.archive: Table = archive_table(table_name)
+        #: The jobs table the cleaner's statements read (the MySQL driver's has the
+        #: generated columns of the finished rows' index).
+        self.scanned: Table = self.table
         self.url = engine.url.render_as_string(hide_password=True)
         dialect = engine.dialect
         #: The server has row locks to wait on (and to skip): not SQLite.
@@ -190,8 +200,16 @@ class PortableDriver:
         return literal_column(self._now_sql, type_=self.table.c.run_at.type)
 
     def db_now(self, conn: Connection) -> datetime:
-        """The database's current time, read in ``conn``."""
-        return read_db_now(conn)
+        """``SELECT statement_timestamp()`` (PostgreSQL), ``SELECT UTC_TIMESTAMP(6)``
+        (MariaDB/MySQL): the database's current time, read in ``conn``, as an aware
+        UTC datetime; the host's on SQLite (embedded: its clock is the host's)."""
+        if self._now_sql is None:
+            return host_now()
+        value = conn.execute(text(f"SELECT {self._now_sql}")).scalar_one()
+        if isinstance(value, str):  # pragma: no cover - drivers return datetimes
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     def status_cond(self, from_status: Iterable[FromStatus]) -> ColumnElement[bool]:
         """``status IN (…)``, and ``cancel_requested`` as ``LIVE`` or
@@ -1061,3 +1079,227 @@ class PortableDriver:
             stmt = stmt.where(s.c.task_id == task_id)
         with self.begin() as conn:
             return [schedule_record(r) for r in conn.execute(stmt)]
+
+    # -- job management and retention ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def begin_read_committed(self) -> Iterator[Connection]:
+        """A transaction at READ COMMITTED on MariaDB/MySQL (no gap locks), as
+        :meth:`begin` elsewhere (the others run at READ COMMITTED or have no row locks)."""
+        with translate_errors(self.url, self.table_name), self.engine.connect() as conn:
+            if self._dialect.name == "mysql":
+                conn = conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                yield conn
+
+    def _filter(self, f: JobFilter, after_id: int | None) -> list[ColumnElement[bool]]:
+        """The WHERE clause of :class:`JobFilter` ``f``, past ``after_id``."""
+        t, u = self.table, self.unique
+        cond: list[ColumnElement[bool]] = []
+        if f.ids is not None:
+            cond.append(t.c.id.in_(list(f.ids)))
+        if f.task_id is not None:
+            cond.append(t.c.task_id == f.task_id)
+        if f.statuses:
+            cond.append(t.c.status.in_([s.value for s in f.statuses]))
+        if f.priority is not None:
+            cond.append(t.c.priority == f.priority)
+        if f.key is not None:
+            holders = select(u.c.job_id).where(u.c.key == f.key)
+            if f.task_id is not None:
+                holders = holders.where(u.c.task_id == f.task_id)
+            cond.append(t.c.id.in_(holders))
+        if f.since is not None:
+            cond.append(t.c.updated_at >= f.since)
+        if f.until is not None:
+            cond.append(t.c.updated_at < f.until)
+        if f.error_contains is not None:
+            cond.append(t.c.last_error.icontains(f.error_contains, autoescape=True))
+        if after_id is not None:
+            cond.append(t.c.id > after_id)
+        return cond
+
+    def list_jobs(self, f: JobFilter, *, limit: int, after_id: int | None) -> list[JobRecord]:
+        """``SELECT *`` of the rows matching every filter, by id, past ``after_id``."""
+        t = self.table
+        stmt = select(t).where(*self._filter(f, after_id)).order_by(t.c.id).limit(limit)
+        with self.begin() as conn:
+            return [job_record(r) for r in conn.execute(stmt)]
+
+    def matching(self, f: JobFilter, *, limit: int, after_id: int | None) -> list[Found]:
+        """``SELECT id, task_id, commit_id, status`` of the rows matching every filter,
+        by id, past ``after_id``."""
+        t = self.table
+        stmt = (
+            select(t.c.id, t.c.task_id, t.c.commit_id, t.c.status)
+            .where(*self._filter(f, after_id))
+            .order_by(t.c.id)
+            .limit(limit)
+        )
+        with self.begin() as conn:
+            return [(r.id, r.task_id, r.commit_id, Status(r.status)) for r in conn.execute(stmt)]
+
+    def delete_current(self, rows: Sequence[Found]) -> list[int]:
+        """Per status: ``SELECT id … WHERE id IN (…) AND status AND (id, commit_id)
+        pairs FOR UPDATE``, then ``DELETE … WHERE id IN (locked)``; one transaction."""
+        t = self.table
+        won: list[int] = []
+        with self.begin() as conn:
+            for status in {s for _, _, _, s in rows}:
+                pairs = [(j, c) for j, _, c, s in rows if s is status]
+                ids = [j for j, _ in pairs]
+                match = or_(*(and_(t.c.id == j, t.c.commit_id == c) for j, c in pairs))
+                lock = select(t.c.id).where(t.c.id.in_(ids), t.c.status == status.value, match)
+                if self.row_locks:
+                    lock = lock.with_for_update()
+                locked = [int(r) for r in conn.execute(lock).scalars()]
+                if locked:
+                    conn.execute(delete(t).where(t.c.id.in_(locked)))
+                    won.extend(locked)
+        return won
+
+    def release_keys(self, task_ids: Sequence[str], job_ids: Sequence[int]) -> None:
+        """``DELETE FROM <table>_unique WHERE task_id IN (…) AND job_id IN (…)`` (a key
+        handed over meanwhile names its new job and stays)."""
+        if not job_ids:
+            return
+        u = self.unique
+        with self.begin_read_committed() as conn:
+            conn.execute(
+                delete(u).where(u.c.task_id.in_(list(task_ids)), u.c.job_id.in_(list(job_ids)))
+            )
+
+    def save_policy(self, task_id: str, keep_ms: Mapping[Status, int]) -> None:
+        """``DELETE`` the task's other statuses, then per status an ``UPDATE``, or an
+        ``INSERT`` in a savepoint when it matched nothing (and the ``UPDATE`` again if
+        another writer inserted it first)."""
+        r = self.retention
+        with self.begin_read_committed() as conn:
+            now = self.db_now(conn)
+            conn.execute(
+                delete(r).where(
+                    r.c.task_id == task_id, r.c.status.not_in([s.value for s in keep_ms])
+                )
+            )
+            for status, ms in sorted(keep_ms.items()):
+                values = {"keep_ms": ms, "updated_at": now}
+                key = and_(r.c.task_id == task_id, r.c.status == status.value)
+                if conn.execute(update(r).where(key).values(**values)).rowcount:
+                    continue
+                savepoint = conn.begin_nested()
+                try:
+                    conn.execute(insert(r).values(task_id=task_id, status=status.value, **values))
+                    savepoint.commit()
+                except IntegrityError:  # another process inserted it first: ours wins
+                    savepoint.rollback()
+                    conn.execute(update(r).where(key).values(**values))
+
+    def policies(self, task_id: str | None) -> list[tuple[str, Status, int]]:
+        """``SELECT task_id, status, keep_ms FROM <table>_retention`` (of one task)."""
+        r = self.retention
+        stmt = select(r.c.task_id, r.c.status, r.c.keep_ms)
+        if task_id is not None:
+            stmt = stmt.where(r.c.task_id == task_id)
+        with self.begin() as conn:
+            return [(t, Status(s), int(ms)) for t, s, ms in conn.execute(stmt)]
+
+    # The finished rows, in the terms of the finished rows' index (schema.jobs_table):
+    # here ``status`` and ``updated_at`` under the partial index's predicate; the MySQL
+    # driver overrides these three hooks with its generated columns.
+
+    def finished_where(
+        self, task_id: str, status: Status, cutoff: datetime
+    ) -> list[ColumnElement[bool]]:
+        """The finished ``status`` rows of the task changed before ``cutoff``."""
+        t = self.scanned
+        return [
+            t.c.task_id == task_id,
+            t.c.status == status.value,
+            t.c.expires_at.is_(None),  # the partial index's predicate (schema.FINISHED)
+            t.c.dispatch_deadline.is_(None),
+            t.c.updated_at < cutoff,
+        ]
+
+    def finished_at(self) -> ColumnElement[datetime]:
+        """A finished row's ``updated_at`` as the finished rows' index holds it."""
+        return self.scanned.c.updated_at
+
+    def by_finished_index(self, stmt: Select[Any]) -> Select[Any]:
+        """A read of finished rows that must go by their index (a hook: the MySQL
+        driver forces it)."""
+        return stmt
+
+    def count_finished(self, task_id: str, status: Status, cutoff: datetime) -> int:
+        """``SELECT count(*)`` of the finished rows before ``cutoff``."""
+        stmt = (
+            select(func.count())
+            .select_from(self.scanned)
+            .where(*self.finished_where(task_id, status, cutoff))
+        )
+        with self.begin() as conn:
+            return int(conn.execute(self.by_finished_index(stmt)).scalar_one())
+
+    def finished_page(
+        self,
+        conn: Connection,
+        task_id: str,
+        status: Status,
+        cutoff: datetime,
+        *,
+        after: Cursor | None,
+        limit: int,
+    ) -> list[tuple[int, datetime]]:
+        """``SELECT id, updated_at … ORDER BY updated_at, id LIMIT n FOR UPDATE SKIP
+        LOCKED`` (no lock on SQLite)."""
+        t = self.scanned
+        at = self.finished_at()
+        cond = self.finished_where(task_id, status, cutoff)
+        if after is not None:
+            last_at, last_id = after
+            cond.append(or_(at > last_at, and_(at == last_at, t.c.id > last_id)))
+        pick = select(t.c.id, at.label("updated_at")).where(*cond).order_by(at, t.c.id)
+        pick = self.by_finished_index(pick.limit(limit))
+        if self.row_locks:
+            pick = pick.with_for_update(skip_locked=True)
+        return [(int(r.id), r.updated_at) for r in conn.execute(pick)]
+
+    def key_holds(
+        self, conn: Connection, task_id: str, job_ids: Sequence[int]
+    ) -> list[tuple[int, int]]:
+        """``SELECT job_id, hold_ms FROM <table>_unique WHERE task_id AND job_id IN``."""
+        u = self.unique
+        rows = conn.execute(
+            select(u.c.job_id, u.c.hold_ms).where(
+                u.c.task_id == task_id, u.c.job_id.in_(list(job_ids))
+            )
+        )
+        return [(int(j), int(ms)) for j, ms in rows]
+
+    def remove_finished(
+        self,
+        conn: Connection,
+        task_id: str,
+        status: Status,
+        cutoff: datetime,
+        ids: Sequence[int],
+        *,
+        archived_at: datetime | None,
+    ) -> int:
+        """``INSERT INTO <table>_archive … SELECT`` (archiving), then ``DELETE … WHERE id
+        IN (…)``, both repeating the conditions (without row locks, on SQLite, a row may
+        have moved since the read)."""
+        t = self.scanned
+        again = [t.c.id.in_(list(ids)), *self.finished_where(task_id, status, cutoff)]
+        if archived_at is not None:
+            # the jobs table's own columns (not the generated ones of MariaDB/MySQL)
+            names = [c.name for c in self.table.columns]
+            conn.execute(
+                insert(self.archive).from_select(
+                    [*names, "archived_at"],
+                    select(
+                        *(t.c[n] for n in names),
+                        literal(archived_at, self.archive.c.archived_at.type),
+                    ).where(*again),
+                )
+            )
+        return int(conn.execute(delete(t).where(*again)).rowcount)
