@@ -75,10 +75,18 @@ def table_name() -> str:
 
 def _revisions(path: Path) -> tuple[str | None, set[str]]:
     """A migration file's ``revision`` and the revisions it follows, read with ``ast``
-    (no import: nothing of Alembic is loaded)."""
+    (no import: nothing of Alembic is loaded). Only the lines that assign them are
+    parsed (a worker reads every file at start-up); the whole file if those lines alone
+    are not valid Python (a value that spans lines)."""
+    source = path.read_text(encoding="utf-8")
+    lines = [ln for ln in source.splitlines() if ln.startswith(("revision", "down_revision"))]
+    try:
+        module = ast.parse("\n".join(lines))
+    except SyntaxError:
+        module = ast.parse(source)
     revision: str | None = None
     follows: set[str] = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+    for node in module.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             name, value = node.target.id, node.value
         elif (
