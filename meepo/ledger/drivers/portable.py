@@ -10,6 +10,7 @@ inherit the rest. Capabilities are read from the dialect once, at construction
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -119,6 +120,20 @@ def schedule_record(row: Row[Any]) -> ScheduleRecord:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _tables(table_name: str) -> tuple[Table, Table, Table, Table, Table]:
+    """One ledger's tables (jobs, unique keys, schedules, retention, archive), described
+    once per process: a Task's five drivers (two engines) share them, as statements only
+    read them."""
+    return (
+        jobs_table(table_name),
+        unique_table(table_name),
+        schedules_table(table_name),
+        retention_table(table_name),
+        archive_table(table_name),
+    )
+
+
 class PortableDriver:
     """Every statement of one ledger as SQLAlchemy Core (see the module docstring)."""
 
@@ -127,11 +142,7 @@ class PortableDriver:
     def __init__(self, engine: Engine, table_name: str) -> None:
         self.engine = engine
         self.table_name = table_name
-        self.table: Table = jobs_table(table_name)
-        self.unique: Table = unique_table(table_name)
-        self.schedules: Table = schedules_table(table_name)
-        self.retention: Table = retention_table(table_name)
-        self.archive: Table = archive_table(table_name)
+        self.table, self.unique, self.schedules, self.retention, self.archive = _tables(table_name)
         #: The jobs table the cleaner's statements read (the MySQL driver's has the
         #: generated columns of the finished rows' index).
         self.scanned: Table = self.table
