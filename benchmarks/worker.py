@@ -3,7 +3,7 @@
 Builds the same Task as the producer with a no-op ``job_func``, connects to both stores,
 prints ``ready``, calls ``task.start()`` on ``go``, and on ``stop`` stops the task and
 prints one JSON line: its peak RSS, the consumer's counters and how many jobs the
-starter marked started (see ``common.py``).
+starter's statements marked started (see ``common.py``).
 
 The other workloads: ``--sleep S`` (a handler that sleeps in its thread),
 ``--async-sleep S`` (an ``async def`` handler awaiting ``asyncio.sleep``),
@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import text
 
 from meepo import Task
+from meepo.dispatch import Dispatcher
 from meepo.runtime import starter
 
 from .common import announce_ready, peak_rss_kb, report
@@ -111,24 +112,27 @@ def main(argv: list[str] | None = None) -> int:
             "rss_kb": peak_rss_kb(),
             "clean": clean,
             "counters": dataclasses.asdict(consumer.counters) if consumer else None,
-            "start_marked": marked[0],
+            "start_statements": marked[0],
+            "start_marked": marked[1],
         }
     )
     return 0
 
 
 def count_start_marks() -> list[int]:
-    """Count the jobs the starter marks started in its batches (``[count]``, updated in
-    place)."""
-    count = [0]
-    real = starter.Starter.run_once
+    """Count the start-mark statements and the jobs they marked (``[statements, jobs]``,
+    updated in place; a job that ended before the starter looked is marked by its commit
+    instead, uncounted)."""
+    count = [0, 0]
+    real = Dispatcher.start
 
-    def run_once(self: starter.Starter) -> int:
-        n = real(self)
-        count[0] += n
+    def start(self: Dispatcher, pairs: Any) -> int:
+        n = real(self, pairs)
+        count[0] += 1
+        count[1] += n
         return n
 
-    starter.Starter.run_once = run_once  # type: ignore[method-assign]
+    Dispatcher.start = start  # type: ignore[method-assign]
     return count
 
 
