@@ -30,7 +30,7 @@ async def noop(ts: float = 0.0) -> None:
 
 class Peer(_Peer):
     name = "taskiq"
-    config = f"Redis streams, max-async-tasks {CONCURRENCY}, --workers 2"
+    config = f"Redis streams, {CONCURRENCY} async tasks x 2 workers"
     processes = 1  # `taskiq worker` forks its own worker processes
 
     def __init__(self, s: PeerSettings) -> None:
@@ -46,6 +46,13 @@ class Peer(_Peer):
             self.loop.run_until_complete(broker.startup())
             self.started = True
         self.loop.run_until_complete(self.task.kiq(ts))
+
+    def clean(self) -> None:
+        """The driver flushed Redis, the stream's consumer group with it: declare it
+        again, or the workers (which declare it at ``$``) would skip the jobs sent
+        before they started."""
+        if self.started:
+            self.loop.run_until_complete(broker._declare_consumer_group())
 
     def worker(self) -> None:
         from taskiq.cli.worker.args import WorkerArgs
