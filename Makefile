@@ -39,7 +39,9 @@ lint: venv
 # their own, as arq pins redis-py below 6 (meepo's tests and type checks use the latest).
 # A full run (3 runs of everything) takes 20-25 minutes; BENCH_ARGS=--quick: ~5 (the
 # other benchmarks below take --quick from BENCH_ARGS too). docs/performance.md says
-# what each one measures and its target.
+# what each one measures and its target. The servers: MEEPO_BENCH_MYSQL_URL,
+# MEEPO_BENCH_PG_URL, MEEPO_BENCH_REDIS_URL (a --redis in BENCH_ARGS reaches
+# benchmarks.run only).
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
 BENCH_QUICK := $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
