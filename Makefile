@@ -37,9 +37,14 @@ lint: venv
 
 # The benchmarks compare meepo with other queues (the `bench` extra): they get a venv of
 # their own, as arq pins redis-py below 6 (meepo's tests and type checks use the latest).
-# A full run (3 runs of everything) takes 15-20 minutes; BENCH_ARGS=--quick: ~2.
+# A full run (3 runs of everything) takes 20-25 minutes; BENCH_ARGS=--quick: ~5 (the
+# other benchmarks below take --quick from BENCH_ARGS too). docs/performance.md says
+# what each one measures and its target. The servers: MEEPO_BENCH_MYSQL_URL,
+# MEEPO_BENCH_PG_URL, MEEPO_BENCH_REDIS_URL (a --redis in BENCH_ARGS reaches
+# benchmarks.run only).
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
+BENCH_QUICK := $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
@@ -48,6 +53,9 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	PY_SPY=$(BENCH_VENV)/bin/py-spy $(BENCH_VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python -m benchmarks.io_bound $(BENCH_QUICK)
+	$(BENCH_VENV)/bin/python -m benchmarks.costs $(BENCH_QUICK)
+	$(BENCH_VENV)/bin/python -m benchmarks.wait_latency $(BENCH_QUICK)
 	$(BENCH_VENV)/bin/python -m benchmarks.lateness
 	$(BENCH_VENV)/bin/python -m benchmarks.async_push
 

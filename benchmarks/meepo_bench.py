@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
 
@@ -38,7 +39,8 @@ class Meepo(System):
 
     ``parallel``/``prefetch`` configure the drain workers (``prefetch=None``: meepo's
     default). ``pushes=False`` measures drains only (a variant of the worker config:
-    pushing does not depend on it)."""
+    pushing does not depend on it). ``worker`` adds arguments to the drain workers'
+    command line (``benchmarks/worker.py``: the handler, results, start marks)."""
 
     def __init__(
         self,
@@ -47,8 +49,10 @@ class Meepo(System):
         *,
         name: str = "meepo",
         pushes: bool = True,
+        worker: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.worker = list(worker)
         self.parallel = parallel
         self.prefetch = prefetch
         self.pushes = pushes
@@ -120,7 +124,7 @@ class Meepo(System):
         ]
         if self.prefetch is not None:
             args += ["--prefetch", str(self.prefetch)]
-        return args
+        return [*args, *self.worker]
 
     def latency(self, ctx: Context, n: int) -> Measure:
         """One idle worker process; ``n`` jobs pushed at ~100/s, each carrying its push

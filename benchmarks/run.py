@@ -256,13 +256,17 @@ def run_backend(
     redis_url: str,
     workdir: Path,
     runs: int,
+    *,
+    alternate: bool = False,
 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every system's metrics, ``runs`` times; ``alternate``: every other run takes the
+    systems in reverse order (rows compared with each other then share the conditions)."""
     out: dict[str, dict[str, dict[str, Any]]] = {s.name: {} for s in systems}
     for run in range(runs):
         ctx = Context(backend, redis_url, workdir, settings, fresh_name("bench"), run)
         if runs > 1:
             print(f"  -- run {run + 1} of {runs}")
-        for system in systems:
+        for system in systems[::-1] if alternate and run % 2 else systems:
             if backend.name not in system.backends:
                 continue
             try:

@@ -14,5 +14,6 @@ PEERS = {
     "arq": "arq_peer",
     "huey": "huey_peer",
     "saq": "saq_peer",
+    "taskiq": "taskiq_peer",
     "procrastinate": "procrastinate_peer",
 }

@@ -1,4 +1,7 @@
-"""arq: its defaults (``max_jobs=10``, ``poll_delay=0.5``), 2 worker processes."""
+"""arq: its defaults (``max_jobs=10``, ``poll_delay=0.5``), 2 worker processes.
+
+For the I/O-bound workload (``MEEPO_PEER_CONCURRENCY``, ``MEEPO_PEER_SLEEP``: see
+``base.py``) ``max_jobs`` is that concurrency and each job awaits ``asyncio.sleep``."""
 
 from __future__ import annotations
 
@@ -10,10 +13,15 @@ from arq.connections import RedisSettings
 
 from .base import QUEUE, PeerSettings
 from .base import Peer as _Peer
+from .base import settings as peer_settings
 from .probe import tick
+
+SLEEP = peer_settings().sleep
 
 
 async def noop(_ctx: Any, ts: float = 0.0) -> None:
+    if SLEEP:
+        await asyncio.sleep(SLEEP)
     tick(ts)
 
 
@@ -27,6 +35,9 @@ class Peer(_Peer):
         self.settings = RedisSettings.from_dsn(s.redis_url)
         self.loop = asyncio.new_event_loop()
         self.pool: Any = None
+        self.max_jobs = s.concurrency or 10  # arq's default
+        if s.concurrency:
+            self.config = f"max_jobs={s.concurrency}, 2 processes"
 
     def push(self, ts: float = 0.0) -> None:
         if self.pool is None:
@@ -36,7 +47,12 @@ class Peer(_Peer):
         self.loop.run_until_complete(self.pool.enqueue_job("noop", ts))
 
     def worker(self) -> None:
-        Worker(functions=[noop], redis_settings=self.settings, queue_name=QUEUE).run()
+        Worker(
+            functions=[noop],
+            redis_settings=self.settings,
+            queue_name=QUEUE,
+            max_jobs=self.max_jobs,
+        ).run()
 
     def close(self) -> None:
         if self.pool is not None:

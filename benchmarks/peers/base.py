@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 REDIS_ENV = "MEEPO_PEER_REDIS"
 PG_ENV = "MEEPO_PEER_PG"
+#: the I/O-bound workload (``benchmarks/io_bound.py``): how long each job awaits
+#: (``asyncio.sleep``; 0: a no-op job) and the worker's concurrency per process (unset:
+#: the peer's no-op configuration). Only the async peers (arq, SAQ, taskiq) read them.
+SLEEP_ENV = "MEEPO_PEER_SLEEP"
+CONCURRENCY_ENV = "MEEPO_PEER_CONCURRENCY"
 #: one queue name for every peer: Redis db and tables are the benchmark's own
 QUEUE = "meepo_bench"
 
@@ -22,12 +27,17 @@ QUEUE = "meepo_bench"
 class PeerSettings:
     redis_url: str
     pg_url: str  # a libpq URL (postgresql://…), for Procrastinate
+    sleep: float = 0.0  # seconds each job awaits (the I/O-bound workload)
+    concurrency: int | None = None  # jobs at once per worker process (None: the default)
 
 
 def settings() -> PeerSettings:
+    concurrency = os.environ.get(CONCURRENCY_ENV)
     return PeerSettings(
         os.environ.get(REDIS_ENV, "redis://127.0.0.1:6379/11"),
         os.environ.get(PG_ENV, "postgresql://postgres@127.0.0.1:5432/bench"),
+        float(os.environ.get(SLEEP_ENV) or 0.0),
+        int(concurrency) if concurrency else None,
     )
 
 

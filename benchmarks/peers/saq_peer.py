@@ -1,4 +1,8 @@
-"""SAQ: Redis queue, its worker (``concurrency=10``, the default) x 2 processes."""
+"""SAQ: Redis queue, its worker (``concurrency=10``, the default) x 2 processes.
+
+For the I/O-bound workload (``MEEPO_PEER_CONCURRENCY``, ``MEEPO_PEER_SLEEP``: see
+``base.py``) the worker's ``concurrency`` is that one and each job awaits
+``asyncio.sleep``."""
 
 from __future__ import annotations
 
@@ -12,8 +16,13 @@ from .base import Peer as _Peer
 from .base import settings as peer_settings
 from .probe import tick
 
+SLEEP = peer_settings().sleep
+CONCURRENCY = peer_settings().concurrency or 10  # SAQ's default
+
 
 async def noop(_ctx: Any, *, ts: float = 0.0) -> None:
+    if SLEEP:
+        await asyncio.sleep(SLEEP)
     tick(ts)
 
 
@@ -21,13 +30,13 @@ async def noop(_ctx: Any, *, ts: float = 0.0) -> None:
 settings = {
     "queue": Queue.from_url(peer_settings().redis_url, name=QUEUE),
     "functions": [noop],
-    "concurrency": 10,
+    "concurrency": CONCURRENCY,
 }
 
 
 class Peer(_Peer):
     name = "saq"
-    config = "Redis, concurrency 10, 2 processes"
+    config = f"Redis, concurrency {CONCURRENCY}, 2 processes"
     processes = 2
 
     def __init__(self, s: PeerSettings) -> None:
