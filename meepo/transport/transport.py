@@ -40,6 +40,7 @@ Nothing here is durable state: everything can be rebuilt from the ledger.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import socket
 import threading
@@ -49,6 +50,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 from ..config import PRIORITY_RE, mask_url
@@ -165,6 +167,25 @@ def make_client(url: str, *, timeout: float = MAX_IO_TIMEOUT) -> redis.Redis:
         )
     except ValueError as exc:
         raise ConfigError(f"invalid Redis URL {mask_url(url)!r}: {exc}") from None
+
+
+#: redis-py 6 and later read a reply within a timeout of the caller's
+#: (``read_response(timeout=)``); 5.3-5.x only within the socket's own.
+READ_TAKES_TIMEOUT = "timeout" in inspect.signature(AbstractConnection.read_response).parameters
+
+
+def _read_within(conn: Any, wait: float | None) -> Any:
+    """redis-py before 6: a blocking pop's reply, read with the socket's timeout set to
+    ``wait`` for this read (then set back), as ``read_response(timeout=)`` does later."""
+    sock = conn._sock
+    if sock is None:  # not connected: nothing sent can be read
+        return conn.read_response()
+    sock.settimeout(wait)
+    try:
+        return conn.read_response()
+    finally:
+        if conn._sock is not None:
+            conn._sock.settimeout(conn.socket_timeout)
 
 
 def encode(pair: Pair) -> bytes:
@@ -375,7 +396,10 @@ class Transport:
             conn.send_command(*args)
             if block > 0:
                 base = pool.connection_kwargs.get("socket_timeout")
-                return conn.read_response(timeout=None if base is None else base + block)
+                wait = None if base is None else base + block
+                if READ_TAKES_TIMEOUT:
+                    return conn.read_response(timeout=wait)
+                return _read_within(conn, wait)
             return conn.read_response()
         except redis.ResponseError:  # the server answered: the connection is fine
             raise
