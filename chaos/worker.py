@@ -46,11 +46,13 @@ from sqlalchemy import text
 from meepo import Task
 from meepo.errors import MeepoError, StaleCommitError
 from meepo.records import Job
-from meepo.runtime.recycle import Recycler
+from meepo.runtime.runner import Runner
 
 from .records import AppendLog
 
 ZOMBIE_STATUSES = ("todo", "done", "failed")
+#: The Runner counts handler runs only with a limit set: one that is never reached.
+RECYCLE_NEVER = 2**62
 
 
 class PlannedFailure(RuntimeError):
@@ -272,39 +274,30 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    # A recycle on demand (SIGUSR2), as `meepo worker --max-jobs` does it, on the
-    # manual-commit task: its running handlers commit during the grace period.
-    recycler = Recycler(manual, None, None)
-    recycled = threading.Event()
+    # Every task runs under one Runner, as `meepo worker app:a app:b` runs them (one
+    # reaper, promoter, scheduler and cleaner shared). A recycle on demand (SIGUSR2) is
+    # `--max-jobs` reached a few jobs later: the running handlers, manual commits among
+    # them, finish (and commit) during the grace period, then the process execs again.
+    runner = Runner([auto, manual, *zombies], max_jobs=RECYCLE_NEVER)
 
     def on_usr2(_signum: int, _frame: FrameType | None) -> None:
-        recycler.max_jobs = recycler.jobs() + 3
+        runner.max_jobs = runner.jobs() + 3
         out.write(e="recycle_asked", pid=os.getpid(), ts=now())
 
-    def watch_recycle() -> None:
-        while recycler.reason is None and not stopping.is_set():
-            pause(0.1)
-        if recycler.reason is not None:
-            recycled.set()
-            stopping.set()
-            auto.stop()
+    def watch_stop() -> None:
+        while not (runner.signalled or runner.reason is not None):
+            pause(0.05)
+        stopping.set()
 
     signal.signal(signal.SIGUSR2, on_usr2)
-    for z in zombies:
-        z.start()
-    manual.start()
-    recycler.start()
-    threading.Thread(target=watch_recycle, name="chaos-recycle", daemon=True).start()
+    threading.Thread(target=watch_stop, name="chaos-stopping", daemon=True).start()
     try:
-        auto.run()
+        outcome = runner.run()
     finally:
         stopping.set()
-        manual.stop()
-        for z in zombies:
-            z.stop()
-        recycler.close()
-    if recycled.is_set():
-        out.write(e="recycle", pid=os.getpid(), ts=now(), reason=recycler.reason)
+    recycled = outcome == "recycle"
+    if recycled:
+        out.write(e="recycle", pid=os.getpid(), ts=now(), reason=runner.reason)
         out.close()
         # The same command line again (meepo's exec_again leaves --db/--redis out, for
         # the CLI that exported them; this script takes them as arguments).
