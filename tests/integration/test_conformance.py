@@ -26,6 +26,7 @@ from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome
 from meepo.ledger.bounds import Bounds
 from meepo.ledger.clock import host_now, read_db_now
 from meepo.ledger.drivers import DRIVERS
+from meepo.ledger.drivers.mysql import OPTIMISTIC_PAIRS
 from meepo.ledger.engine import make_engine
 from meepo.ledger.schedules import Schedules
 from meepo.records import NewJob, Pair, Status
@@ -296,6 +297,33 @@ def test_claim_wins_current_messages_and_drops_stale_duplicate_and_foreign_ones(
     assert ledger.claim(task_id, [(a, 0), (b, 0)], lease=LEASE, worker="w2") == []
     rec = ledger.get(a)
     assert rec is not None and rec.worker == "w" and rec.started_at is None
+
+
+@pytest.mark.parametrize("claims", [1, 3, 6])
+def test_a_commit_of_many_claims_wins_exactly_the_current_pairs(
+    ledger: Ledger, claims: int
+) -> None:
+    """A batch commit whose pairs come from one, a few or many claims (as many distinct
+    commit_ids), with stale pairs among them (an older commit_id of a claimed job, a
+    job already done): exactly the current pairs win; every other row keeps its state.
+    Twice: below and above the MySQL driver's optimistic batch size."""
+    task_id = unique_task_id("cf")
+    for per_claim in (2, OPTIMISTIC_PAIRS // claims + 1):
+        ids = push(ledger, task_id, claims * per_claim + 1)
+        pairs: list[Pair] = []
+        for k in range(claims):  # one claim each: its own commit_id
+            pairs += claim(ledger, task_id, ids[k * per_claim : (k + 1) * per_claim])
+        (done,) = claim(ledger, task_id, ids[-1:])
+        now = host_now()
+        assert ledger.finish([Outcome(*done, Status.DONE)], now=now, redispatch_timeout=TIMEOUT)
+        (older_id, older_cid) = pairs[0]
+        stale = [(older_id, older_cid - 1), done]
+        outcomes = [Outcome(*p, Status.DONE) for p in [*stale, *pairs[1:]]]
+        won = ledger.finish(outcomes, now=now, redispatch_timeout=TIMEOUT)
+        assert won == set(pairs[1:])
+        assert state(ledger, older_id) == (Status.DOING, older_cid)
+        assert state(ledger, done[0]) == (Status.DONE, done[1] + 1)
+        assert all(state(ledger, i) == (Status.DONE, c + 1) for i, c in pairs[1:])
 
 
 def test_a_claim_repeated_after_a_lost_commit_gets_another_token(ledger: Ledger) -> None:
@@ -1096,6 +1124,36 @@ def test_the_mysql_drivers_hot_path_is_one_round_trip_each(sqlite_url: str) -> N
             redispatch_timeout=TIMEOUT,
         )
     assert (won, sent[0]) == ({pa, pb}, 1)
+
+
+def test_a_mysql_batch_commit_is_its_updates_then_commit(sqlite_url: str) -> None:
+    """From OPTIMISTIC_PAIRS pairs on, a commit sends its UPDATEs, then COMMIT once every
+    pair won (two packets, no locked read). With one stale pair among them the UPDATEs
+    are rolled back and the locked script runs (two packets too): exactly the current
+    pairs win, and the stale pair's job is left as it was."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    n = OPTIMISTIC_PAIRS
+    pairs = claim(ledger, task_id, push(ledger, task_id, 2 * n))
+    first, second = pairs[:n], pairs[n:]
+
+    def finish(batch: Sequence[Pair]) -> set[Pair]:
+        outcomes = [Outcome(*p, Status.DONE) for p in batch]
+        return ledger.finish(outcomes, now=host_now(), redispatch_timeout=TIMEOUT)
+
+    with mysql_round_trips() as sent:
+        won = finish(first)
+    assert (won, sent[0]) == (set(first), 2)
+    stale = second[0]
+    ledger.release([stale], now=host_now(), dispatch_deadline=host_now() + TIMEOUT)  # requeued
+    with mysql_round_trips() as sent:
+        won = finish(second)
+    assert (won, sent[0]) == (set(second[1:]), 2)
+    for job_id, commit_id in second:
+        rec = ledger.get(job_id)
+        assert rec is not None
+        want = (Status.TODO, commit_id + 1) if job_id == stale[0] else (Status.DONE, commit_id + 1)
+        assert (rec.status, rec.commit_id) == want
 
 
 def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) -> None:
