@@ -378,6 +378,32 @@ def test_claim_refuses_a_job_before_its_run_at(ledger: Ledger) -> None:
     assert job.id == later
 
 
+@pytest.mark.parametrize("size", [4, OPTIMISTIC_PAIRS + 4])
+def test_a_batch_claim_wins_exactly_the_current_due_pairs(ledger: Ledger, size: int) -> None:
+    """A claim of many messages (below and above the MySQL driver's optimistic batch
+    size): first all current and due, every job won with its payload, failure count,
+    priority and a new commit_id; then with a stale, a duplicate, a foreign and a not-due
+    message among them: exactly the current due jobs are won, the rest left as they were."""
+    task_id, other = unique_task_id("cf"), unique_task_id("cf_other")
+    ids = push(ledger, task_id, size, priority="default")
+    got = ledger.claim(task_id, [(i, 0) for i in ids], lease=LEASE, worker="w")
+    assert [(j.id, j.payload, j.failed_times, j.priority) for j in got] == [
+        (i, b"p%d" % k, 0, "default") for k, i in enumerate(ids)
+    ]
+    assert got.early == [] and all(state(ledger, j.id) == (Status.DOING, j.commit_id) for j in got)
+    fresh = push(ledger, task_id, size)
+    (later,) = push(ledger, task_id, run_at=db_now(ledger.engine) + timedelta(seconds=60))
+    (foreign,) = push(ledger, other)
+    stale = [(ids[0], 0), (fresh[0], 7)]
+    batch = [(i, 0) for i in fresh[1:]] + [(fresh[1], 0), (later, 0), (foreign, 0), *stale]
+    got = ledger.claim(task_id, batch, lease=LEASE, worker="w")
+    assert [j.id for j in got] == fresh[1:]
+    assert [(m.job_id, m.commit_id) for m in got.early] == [(later, 0)]
+    assert all(state(ledger, j.id) == (Status.DOING, j.commit_id) for j in got)
+    for job_id, want in [(fresh[0], 0), (later, 0), (foreign, 0)]:
+        assert state(ledger, job_id) == (Status.TODO, want)
+
+
 def test_claim_and_heartbeat_set_the_lease_by_the_database_clock(ledger: Ledger) -> None:
     task_id = unique_task_id("cf")
     (job_id,) = push(ledger, task_id)
@@ -1154,6 +1180,26 @@ def test_a_mysql_batch_commit_is_its_updates_then_commit(sqlite_url: str) -> Non
         assert rec is not None
         want = (Status.TODO, commit_id + 1) if job_id == stale[0] else (Status.DONE, commit_id + 1)
         assert (rec.status, rec.commit_id) == want
+
+
+def test_a_mysql_batch_claim_is_its_update_then_the_read(sqlite_url: str) -> None:
+    """From OPTIMISTIC_PAIRS pairs on, a claim sends its UPDATE, then a plain read of the
+    rows and COMMIT (two packets, no locked read); a batch with a stale pair rolls the
+    UPDATE back and runs the locked script (two packets too)."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    n = OPTIMISTIC_PAIRS
+    ids = push(ledger, task_id, 2 * n)
+    ledger.claim(task_id, [(ids[0], 0)], lease=LEASE, worker="w")  # a warm connection
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[1 : n + 1]], lease=LEASE, worker="w")
+    assert (len(got), sent[0]) == (n, 2)
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[: n + 1]], lease=LEASE, worker="w")
+    assert (len(got), sent[0]) == (0, 2)  # all stale: claimed above
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[n:]], lease=LEASE, worker="w")
+    assert ([j.id for j in got], sent[0]) == (ids[n + 1 :], 2)
 
 
 def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) -> None:

@@ -16,8 +16,9 @@ everywhere a statement locks, the rest inherited from the portable driver.
 * Start marks: the UPDATE and COMMIT in one packet. Heartbeat: the SKIP LOCKED read,
   the UPDATE of the rows it locked (a prepared statement built in the script) and a
   plain read of the rest, in one packet.
-* Transitions (commits, releases) of a batch: the UPDATEs first, then COMMIT when
-  every pair won; the locked script only when one did not (see ``OPTIMISTIC_PAIRS``).
+* Claims and transitions (commits, releases) of a batch: the UPDATEs first, then
+  COMMIT (a claim: the read of its rows and COMMIT) when every pair won; the locked
+  script only when one did not (see ``OPTIMISTIC_PAIRS``).
 * Time: ``UTC_TIMESTAMP(6)``, in the statement itself (no separate read).
 """
 
@@ -41,10 +42,10 @@ from .raw import Raw, bind, driver_cursor, set_clause
 #: A generous size of a row's SQL text besides its payload (packets).
 ROW_TEXT = 512
 PK = "FORCE INDEX (PRIMARY)"
-#: From this many pairs on, a transition tries its UPDATEs alone first (no locked read,
-#: COMMIT in a second packet; see ``MySQLDriver._transition_script``): one more round
-#: trip (about 60 µs of CPU, client and server) against a locking read and the decoding
-#: of each row (about 6 µs per row).
+#: From this many pairs on, a claim or a transition tries its UPDATEs alone first (no
+#: locked read; the rest in a second packet; see ``MySQLDriver._claim_script`` and
+#: ``_transition_script``): one more round trip (about 60 µs of CPU, client and server)
+#: against a locking read and the decoding of each row (several µs per row).
 OPTIMISTIC_PAIRS = 32
 #: Up to this many distinct commit_ids, a statement names its pairs by commit_id (see
 #: :func:`_current`).
@@ -327,7 +328,10 @@ class MySQLDriver(PortableDriver):
     ) -> Claimed:
         """One script: ``SET @now`` (the database's clock unless ``now`` is given),
         ``SELECT … FOR UPDATE`` of the rows by primary key, the UPDATE of the current
-        and due ones, COMMIT. Without scripts: the portable locked form."""
+        and due ones, COMMIT. From :data:`OPTIMISTIC_PAIRS` pairs on, the UPDATE goes
+        first, alone: when it changed every pair's row, a plain read of those rows
+        and COMMIT follow (no locked read, half the columns); otherwise it is rolled
+        back and the script runs. Without scripts: the portable locked form."""
         with self.script() as sc:
             if sc is not None:
                 return self._claim_script(sc, task_id, pairs, now, lease, step, worker)
@@ -362,22 +366,18 @@ class MySQLDriver(PortableDriver):
             "progress": None,  # a run reports its own progress
             "progress_note": None,
         }
-        _, locked, n = self.run(
-            conn,
-            [
-                ("SET @now = CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))", [now]),
-                self._lock(ids, cols, task_id),
-                self._update(
-                    pairs,
-                    [Status.TODO.value],
-                    values,
-                    task_id,
-                    step=step,
-                    where=" AND run_at <= @now",
-                ),
-            ],
+        clock = ("SET @now = CAST(COALESCE(%s, UTC_TIMESTAMP(6)) AS DATETIME(6))", [now])
+        claim = self._update(
+            pairs, [Status.TODO.value], values, task_id, step=step, where=" AND run_at <= @now"
         )
         wanted = set(pairs)
+        lead: list[tuple[str, Sequence[Any]]] = []
+        if len(wanted) >= OPTIMISTIC_PAIRS:
+            _, n = self.run(conn, [clock, claim], commit=False)
+            if n == len(wanted):  # every pair won (so no two share an id)
+                return Claimed(self._claimed_rows(conn, task_id, dict(wanted), step))
+            lead = [("ROLLBACK", [])]  # someone moved a job, or one is not due yet
+        *_, locked, n = self.run(conn, [*lead, clock, self._lock(ids, cols, task_id), claim])
         current = [r for r in locked if r[2] == Status.TODO.value and (r[0], r[1]) in wanted]
         won = [r for r in current if r[7]]
         if n != len(won):  # the rows were locked: cannot happen
@@ -393,6 +393,24 @@ class MySQLDriver(PortableDriver):
             for r in won
         ]
         return Claimed(jobs, early, judged)
+
+    def _claimed_rows(
+        self, conn: Connection, task_id: str, commit_ids: dict[int, int], step: int
+    ) -> list[Job]:
+        """The jobs of an optimistic claim whose UPDATE changed every row (see
+        :meth:`_claim_script`): a plain read of those rows, now this transaction's own
+        (the read view begins here, after the UPDATE), and COMMIT, in one packet."""
+        sql = (
+            f"SELECT id, failed_times, payload, priority, orphaned_claims FROM {self.qname} "
+            f"{PK} WHERE id IN ({_ints(sorted(commit_ids))}) ORDER BY id"
+        )
+        (rows,) = self.run(conn, [(sql, [])])
+        if len(rows) != len(commit_ids):  # the rows are locked: cannot happen
+            raise RuntimeError(f"claim: {len(rows)} rows read back, {len(commit_ids)} changed")
+        return [
+            Job(int(i), task_id, bytes(p), int(f), commit_ids[int(i)] + step, str(q), int(o))
+            for i, f, p, q, o in rows
+        ]
 
     def heartbeat(
         self, pairs: Sequence[Pair], *, lease: timedelta, now: datetime | None
