@@ -26,6 +26,7 @@ from meepo.ledger import NEVER_DISPATCHED, ROWS_PER_STATEMENT, Ledger, Outcome
 from meepo.ledger.bounds import Bounds
 from meepo.ledger.clock import host_now
 from meepo.ledger.drivers import DRIVERS
+from meepo.ledger.drivers.mysql import OPTIMISTIC_PAIRS
 from meepo.ledger.engine import make_engine
 from meepo.ledger.retention import JobFilter, Retention
 from meepo.ledger.schedules import Schedules
@@ -300,6 +301,33 @@ def test_claim_wins_current_messages_and_drops_stale_duplicate_and_foreign_ones(
     assert rec is not None and rec.worker == "w" and rec.started_at is None
 
 
+@pytest.mark.parametrize("claims", [1, 3, 6])
+def test_a_commit_of_many_claims_wins_exactly_the_current_pairs(
+    ledger: Ledger, claims: int
+) -> None:
+    """A batch commit whose pairs come from one, a few or many claims (as many distinct
+    commit_ids), with stale pairs among them (an older commit_id of a claimed job, a
+    job already done): exactly the current pairs win; every other row keeps its state.
+    Twice: below and above the MySQL driver's optimistic batch size."""
+    task_id = unique_task_id("cf")
+    for per_claim in (2, OPTIMISTIC_PAIRS // claims + 1):
+        ids = push(ledger, task_id, claims * per_claim + 1)
+        pairs: list[Pair] = []
+        for k in range(claims):  # one claim each: its own commit_id
+            pairs += claim(ledger, task_id, ids[k * per_claim : (k + 1) * per_claim])
+        (done,) = claim(ledger, task_id, ids[-1:])
+        now = host_now()
+        assert ledger.finish([Outcome(*done, Status.DONE)], now=now, redispatch_timeout=TIMEOUT)
+        (older_id, older_cid) = pairs[0]
+        stale = [(older_id, older_cid - 1), done]
+        outcomes = [Outcome(*p, Status.DONE) for p in [*stale, *pairs[1:]]]
+        won = ledger.finish(outcomes, now=now, redispatch_timeout=TIMEOUT)
+        assert won == set(pairs[1:])
+        assert state(ledger, older_id) == (Status.DOING, older_cid)
+        assert state(ledger, done[0]) == (Status.DONE, done[1] + 1)
+        assert all(state(ledger, i) == (Status.DONE, c + 1) for i, c in pairs[1:])
+
+
 def test_a_claim_repeated_after_a_lost_commit_gets_another_token(ledger: Ledger) -> None:
     """A failover loses a claim's commit (the row is back at its pre-claim state) and a
     duplicate message is claimed again: the tokens differ, the first one is fenced."""
@@ -350,6 +378,32 @@ def test_claim_refuses_a_job_before_its_run_at(ledger: Ledger) -> None:
         task_id, [(later, 0)], lease=LEASE, worker="w", now=rec.run_at + timedelta(seconds=1)
     )
     assert job.id == later
+
+
+@pytest.mark.parametrize("size", [4, OPTIMISTIC_PAIRS + 4])
+def test_a_batch_claim_wins_exactly_the_current_due_pairs(ledger: Ledger, size: int) -> None:
+    """A claim of many messages (below and above the MySQL driver's optimistic batch
+    size): first all current and due, every job won with its payload, failure count,
+    priority and a new commit_id; then with a stale, a duplicate, a foreign and a not-due
+    message among them: exactly the current due jobs are won, the rest left as they were."""
+    task_id, other = unique_task_id("cf"), unique_task_id("cf_other")
+    ids = push(ledger, task_id, size, priority="default")
+    got = ledger.claim(task_id, [(i, 0) for i in ids], lease=LEASE, worker="w")
+    assert [(j.id, j.payload, j.failed_times, j.priority) for j in got] == [
+        (i, b"p%d" % k, 0, "default") for k, i in enumerate(ids)
+    ]
+    assert got.early == [] and all(state(ledger, j.id) == (Status.DOING, j.commit_id) for j in got)
+    fresh = push(ledger, task_id, size)
+    (later,) = push(ledger, task_id, run_at=db_now(ledger.engine) + timedelta(seconds=60))
+    (foreign,) = push(ledger, other)
+    stale = [(ids[0], 0), (fresh[0], 7)]
+    batch = [(i, 0) for i in fresh[1:]] + [(fresh[1], 0), (later, 0), (foreign, 0), *stale]
+    got = ledger.claim(task_id, batch, lease=LEASE, worker="w")
+    assert [j.id for j in got] == fresh[1:]
+    assert [(m.job_id, m.commit_id) for m in got.early] == [(later, 0)]
+    assert all(state(ledger, j.id) == (Status.DOING, j.commit_id) for j in got)
+    for job_id, want in [(fresh[0], 0), (later, 0), (foreign, 0)]:
+        assert state(ledger, job_id) == (Status.TODO, want)
 
 
 def test_claim_and_heartbeat_set_the_lease_by_the_database_clock(ledger: Ledger) -> None:
@@ -1098,6 +1152,56 @@ def test_the_mysql_drivers_hot_path_is_one_round_trip_each(sqlite_url: str) -> N
             redispatch_timeout=TIMEOUT,
         )
     assert (won, sent[0]) == ({pa, pb}, 1)
+
+
+def test_a_mysql_batch_commit_is_its_updates_then_commit(sqlite_url: str) -> None:
+    """From OPTIMISTIC_PAIRS pairs on, a commit sends its UPDATEs, then COMMIT once every
+    pair won (two packets, no locked read). With one stale pair among them the UPDATEs
+    are rolled back and the locked script runs (two packets too): exactly the current
+    pairs win, and the stale pair's job is left as it was."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    n = OPTIMISTIC_PAIRS
+    pairs = claim(ledger, task_id, push(ledger, task_id, 2 * n))
+    first, second = pairs[:n], pairs[n:]
+
+    def finish(batch: Sequence[Pair]) -> set[Pair]:
+        outcomes = [Outcome(*p, Status.DONE) for p in batch]
+        return ledger.finish(outcomes, now=host_now(), redispatch_timeout=TIMEOUT)
+
+    with mysql_round_trips() as sent:
+        won = finish(first)
+    assert (won, sent[0]) == (set(first), 2)
+    stale = second[0]
+    ledger.release([stale], now=host_now(), dispatch_deadline=host_now() + TIMEOUT)  # requeued
+    with mysql_round_trips() as sent:
+        won = finish(second)
+    assert (won, sent[0]) == (set(second[1:]), 2)
+    for job_id, commit_id in second:
+        rec = ledger.get(job_id)
+        assert rec is not None
+        want = (Status.TODO, commit_id + 1) if job_id == stale[0] else (Status.DONE, commit_id + 1)
+        assert (rec.status, rec.commit_id) == want
+
+
+def test_a_mysql_batch_claim_is_its_update_then_the_read(sqlite_url: str) -> None:
+    """From OPTIMISTIC_PAIRS pairs on, a claim sends its UPDATE, then a plain read of the
+    rows and COMMIT (two packets, no locked read); a batch with a stale pair rolls the
+    UPDATE back and runs the locked script (two packets too)."""
+    ledger = _ledger(("mysql", "mariadb"), sqlite_url)
+    task_id = unique_task_id("cf")
+    n = OPTIMISTIC_PAIRS
+    ids = push(ledger, task_id, 2 * n)
+    ledger.claim(task_id, [(ids[0], 0)], lease=LEASE, worker="w")  # a warm connection
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[1 : n + 1]], lease=LEASE, worker="w")
+    assert (len(got), sent[0]) == (n, 2)
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[: n + 1]], lease=LEASE, worker="w")
+    assert (len(got), sent[0]) == (0, 2)  # all stale: claimed above
+    with mysql_round_trips() as sent:
+        got = ledger.claim(task_id, [(i, 0) for i in ids[n:]], lease=LEASE, worker="w")
+    assert ([j.id for j in got], sent[0]) == (ids[n + 1 :], 2)
 
 
 def test_a_mysql_heartbeat_renews_exactly_the_rows_it_locked(sqlite_url: str) -> None:
