@@ -394,7 +394,7 @@ def test_a_batch_claim_wins_exactly_the_current_due_pairs(ledger: Ledger, size: 
     ]
     assert got.early == [] and all(state(ledger, j.id) == (Status.DOING, j.commit_id) for j in got)
     fresh = push(ledger, task_id, size)
-    (later,) = push(ledger, task_id, run_at=db_now(ledger.engine) + timedelta(seconds=60))
+    (later,) = push(ledger, task_id, run_at=db_now(ledger) + timedelta(seconds=60))
     (foreign,) = push(ledger, other)
     stale = [(ids[0], 0), (fresh[0], 7)]
     batch = [(i, 0) for i in fresh[1:]] + [(fresh[1], 0), (later, 0), (foreign, 0), *stale]
