@@ -42,8 +42,6 @@ from typing import Any
 
 from .common import (
     DEFAULT_REDIS_URL,
-    DEFAULT_URLS,
-    Backend,
     Context,
     Metric,
     Settings,
@@ -51,7 +49,7 @@ from .common import (
     median,
 )
 from .meepo_bench import Meepo
-from .run import RESULTS_DIR, fmt_rate, probe_db, run_backend
+from .run import RESULTS_DIR, fmt_rate, reachable_backends, run_backend
 
 #: a START_RECORD_DELAY longer than any drain here: the starter never marks
 NEVER = 3600.0
@@ -166,15 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     summary: list[str] = []
-    for name in [b for b in args.backends.split(",") if b]:
-        url = f"sqlite:///{workdir / 'ledger.sqlite3'}" if name == "sqlite" else DEFAULT_URLS[name]
-        backend = Backend(name, url)
-        try:
-            server = probe_db(backend)
-        except Exception as exc:
-            print(f"\n{name}: skipped, unreachable ({str(exc).strip().splitlines()[0]})")
-            continue
-        print(f"\n{name}: {server}")
+    for backend, server in reachable_backends(args.backends, workdir):
+        name = backend.name
         # one unmeasured drain first: the first drain on a backend runs colder
         warm = Row("warm-up", "warm", ["--result"], min(args.jobs, 2_000), args.procs)
         run_backend(backend, [warm], settings, args.redis, workdir, 1)

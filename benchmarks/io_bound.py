@@ -50,7 +50,7 @@ from .common import (
 from .meepo_bench import Meepo
 from .peers.base import CONCURRENCY_ENV, SLEEP_ENV
 from .peers.driver import PEERS_BACKEND, PeerSystem
-from .run import RESULTS_DIR, fmt_rate, probe_db, run_backend
+from .run import RESULTS_DIR, fmt_rate, reachable_backends, run_backend
 
 IO_PEERS = ("arq", "saq", "taskiq")
 METRIC = "io_drain"
@@ -156,15 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             configs[peer.name] = peer.config or (peer.unavailable or "not measured")
             if rate:
                 rates[peer.name] = rate
-    for name in [b for b in args.backends.split(",") if b]:
-        url = f"sqlite:///{workdir / 'ledger.sqlite3'}" if name == "sqlite" else DEFAULT_URLS[name]
-        backend = Backend(name, url)
-        try:
-            server = probe_db(backend)
-        except Exception as exc:
-            print(f"\n{name}: skipped, unreachable ({str(exc).strip().splitlines()[0]})")
-            continue
-        print(f"\n{name}: {server}")
+    for backend, _server in reachable_backends(args.backends, workdir):
+        name = backend.name
         system = IoMeepo(args.sleep, args.concurrency, args.procs)
         res = run_backend(backend, [system], settings, args.redis, workdir, args.runs)
         report["results"][name] = res

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,6 +207,22 @@ def probe_db(backend: Backend) -> str:
     if backend.name == "postgres":
         return " ".join(version.split()[:2])  # "PostgreSQL 15.4"
     return f"MariaDB {version}" if "mariadb" in version.lower() else f"MySQL {version}"
+
+
+def reachable_backends(names: str, workdir: Path) -> Iterator[tuple[Backend, str]]:
+    """The backends of a comma-separated list that answer (SQLite in ``workdir``), each
+    announced with its server's version (yielded too); an unreachable one is skipped,
+    and says so."""
+    for name in [b for b in names.split(",") if b]:
+        url = f"sqlite:///{workdir / 'ledger.sqlite3'}" if name == "sqlite" else DEFAULT_URLS[name]
+        backend = Backend(name, url)
+        try:
+            server = probe_db(backend)
+        except Exception as exc:
+            print(f"\n{name}: skipped, unreachable ({str(exc).strip().splitlines()[0]})")
+            continue
+        print(f"\n{name}: {server}")
+        yield backend, server
 
 
 def probe_redis(url: str) -> str:
