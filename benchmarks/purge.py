@@ -41,23 +41,32 @@ PURGER = (
 )
 #: Rows per INSERT when filling the history.
 FILL_CHUNK = 10_000
+#: Rows of the history that finished together (a group commit's size).
+GROUP = 300
 
 
 def fill(engine: Engine, table: str, n: int) -> None:
-    """Make task ``history`` hold exactly ``n`` done rows, finished 30 days ago."""
+    """Make task ``history`` hold exactly ``n`` done rows, finished about 30 days ago as
+    a worker finishes them: in group commits of up to GROUP rows that share their
+    ``updated_at``, one group a millisecond after the other. (Rows that all share one
+    time are no real history: a purge's keyset cursor then re-reads the ties it has
+    already removed, on PostgreSQL, whose index of finished rows ends with the time.)"""
     store = Retention(engine, table)
     t = store.jobs
-    when = datetime.now(timezone.utc) - timedelta(days=30)
+    start = datetime.now(timezone.utc) - timedelta(days=30)
     with engine.begin() as conn:
         conn.execute(delete(t).where(t.c.task_id == HISTORY))
-    row = {
-        "task_id": HISTORY, "status": Status.DONE.value, "payload": b"", "failed_times": 0,
-        "commit_id": 2, "created_at": when, "updated_at": when, "run_at": when,
-        "expires_at": None, "priority": "default",
-    }  # fmt: skip
     for i in range(0, n, FILL_CHUNK):
+        rows = []
+        for k in range(i, min(i + FILL_CHUNK, n)):
+            when = start + timedelta(milliseconds=k // GROUP)
+            rows.append({
+                "task_id": HISTORY, "status": Status.DONE.value, "payload": b"",
+                "failed_times": 0, "commit_id": 2, "created_at": when, "updated_at": when,
+                "run_at": when, "expires_at": None, "priority": "default",
+            })  # fmt: skip
         with engine.begin() as conn:
-            conn.execute(insert(t), [row] * min(FILL_CHUNK, n - i))
+            conn.execute(insert(t), rows)
 
 
 def done_count(engine: Engine, table: str) -> int:

@@ -856,6 +856,10 @@ class PortableDriver:
         ]
         if after is not None:
             last, last_id = after
+            # ``deadline >= last`` is implied by the OR, and starts the index scan at
+            # the cursor (PostgreSQL reads the OR as a filter: every page would walk the
+            # backlog from its start).
+            cond.append(deadline >= last)
             cond.append(or_(deadline > last, and_(deadline == last, t.c.id > last_id)))
         with self.begin() as conn:
             rows = conn.execute(
@@ -1267,6 +1271,10 @@ class PortableDriver:
         cond = self.finished_where(task_id, status, cutoff)
         if after is not None:
             last_at, last_id = after
+            # ``at >= last_at`` is implied by the OR, and is there for the index: it
+            # starts the scan at the cursor (PostgreSQL reads an OR as a filter, and
+            # would walk every entry from the start, the purged ones included).
+            cond.append(at >= last_at)
             cond.append(or_(at > last_at, and_(at == last_at, t.c.id > last_id)))
         pick = select(t.c.id, at.label("updated_at")).where(*cond).order_by(at, t.c.id)
         pick = self.by_finished_index(pick.limit(limit))
