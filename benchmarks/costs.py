@@ -30,9 +30,7 @@ in reverse order every other run, and each ratio compares two rows of the same r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -49,7 +47,7 @@ from .common import (
     median,
 )
 from .meepo_bench import Meepo
-from .run import RESULTS_DIR, fmt_rate, reachable_backends, run_backend
+from .run import fmt_rate, leave_workdir, reachable_backends, run_backend, save_report
 
 #: a START_RECORD_DELAY longer than any drain here: the starter never marks
 NEVER = 3600.0
@@ -197,14 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = list(os.getloadavg())
     print(f"\nload average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
     if not args.no_save and report["backends"]:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / f"costs-{started:%Y%m%dT%H%M%SZ}.json"
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"results: {path}")
-    if args.keep or failed:
-        print(f"worker logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"results: {save_report(report, started, 'costs-')}")
+    leave_workdir(workdir, args.keep or failed)
     return 1 if failed else 0
 
 

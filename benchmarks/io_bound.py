@@ -27,9 +27,7 @@ figure is the median of ``--runs`` (1); the figures go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -50,7 +48,7 @@ from .common import (
 from .meepo_bench import Meepo
 from .peers.base import CONCURRENCY_ENV, SLEEP_ENV
 from .peers.driver import PEERS_BACKEND, PeerSystem
-from .run import RESULTS_DIR, fmt_rate, reachable_backends, run_backend
+from .run import fmt_rate, leave_workdir, reachable_backends, run_backend, save_report
 
 IO_PEERS = ("arq", "saq", "taskiq")
 METRIC = "io_drain"
@@ -191,16 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = list(os.getloadavg())
     print(f"\nload average {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}")
     if not args.no_save and rates:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / f"io_bound-{started:%Y%m%dT%H%M%SZ}.json"
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"results: {path}")
+        print(f"results: {save_report(report, started, 'io_bound-')}")
     # a peer that is missing or failed is reported above; a meepo drain that failed fails
     failed = any(label.startswith("meepo") and label not in rates for label in configs)
-    if args.keep or len(rates) < len(configs):
-        print(f"worker logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    leave_workdir(workdir, args.keep or len(rates) < len(configs))
     return 1 if failed else 0
 
 

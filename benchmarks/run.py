@@ -225,6 +225,22 @@ def reachable_backends(names: str, workdir: Path) -> Iterator[tuple[Backend, str
         yield backend, server
 
 
+def save_report(report: dict[str, Any], started: datetime, prefix: str = "") -> Path:
+    """Write a run's report to ``benchmarks/results/<prefix><timestamp>.json``."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{prefix}{started:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def leave_workdir(workdir: Path, keep: bool) -> None:
+    """Keep the work directory (its worker logs), saying where, or remove it."""
+    if keep:
+        print(f"worker logs: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def probe_redis(url: str) -> str:
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
@@ -668,18 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['seconds']:.0f} s"
     )
     if not args.no_save and tables:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / f"{started:%Y%m%dT%H%M%SZ}.json"
-        text_out = json.dumps(report, indent=2, default=str) + "\n"
-        path.write_text(text_out)
-        (RESULTS_DIR / "latest.json").write_text(text_out)
+        path = save_report(report, started)
+        (RESULTS_DIR / "latest.json").write_text(path.read_text())
         print(
             f"results: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
         )
-    if args.keep or failed:
-        print(f"worker logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    leave_workdir(workdir, args.keep or failed)
     return 1 if failed else 0
 
 
