@@ -99,9 +99,9 @@ def auto_commit_part() -> int:
     say(f"    push() -> job {first}; push_many() -> jobs {more}")
     say(f"    before any consumer runs, the ledger already has {describe(task.get(first))}")
 
-    task.start()
-    say("    consumers started; waiting for every job to finish")
-    try:
+    try:  # from the start on: a Ctrl-C at any point still stops the consumers
+        task.start()
+        say("    consumers started; waiting for every job to finish")
         wait_until("the auto-commit jobs", lambda: finished(task, ids))
     finally:
         task.stop(wait=True)
@@ -141,8 +141,8 @@ def manual_commit_part() -> None:
     )
     ok, abandoned = task.push_many([b"commit me", b"abandon me"])
     say(f"    pushed job {ok} and job {abandoned}")
-    task.start()
-    try:
+    try:  # from the start on, as above
+        task.start()
         wait_until("the manual-commit jobs", lambda: finished(task, [ok, abandoned]))
         say(f"    {describe(task.get(ok))}")
         say(f"    {describe(task.get(abandoned))}")
